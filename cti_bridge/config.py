@@ -1,0 +1,193 @@
+"""Settings: environment variables ``CTI_BRIDGE_*``, optionally a TOML file, validated at start.
+
+Precedence: environment variables over the TOML file (``--config FILE`` or ``CTI_BRIDGE_CONFIG``)
+over the defaults. ``config/cti-bridge.example.toml`` shows every key; README.md documents each.
+An invalid setting raises ``ConfigError`` with one line that names it; the CLI then exits with
+``ExitCode.CONFIG``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from cti_bridge.errors import ConfigError
+
+ENV_PREFIX = "CTI_BRIDGE_"
+DEFAULT_RETRY_SCHEDULE = (0.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 10800.0, 21600.0)
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of the daemon. Field ``foo`` is ``CTI_BRIDGE_FOO`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    # Storage
+    database_url: str = "sqlite:///./cti-bridge.db"
+    secret_key: SecretStr | None = None
+    secret_key_file: str | None = None  # default: "<database>.key" beside an SQLite database
+
+    # Admin API
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(default=8080, ge=0, le=65535)
+    admin_token: SecretStr | None = None
+    session_ttl_seconds: int = Field(default=3600, ge=60)
+    login_failures_before_delay: int = Field(default=5, ge=1)
+    login_lockout_seconds: float = Field(default=30.0, ge=0)
+
+    # Who may POST crm-integrations without the operator token: "host[:port]" entries, "*" for any.
+    allowed_xelion_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Outbound guard (reliability.md §15): allow loopback/private CRM and Xelion addresses.
+    allow_private_targets: bool = False
+
+    # Logging
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    # Xelion source (xelion-protocol.md §2-§3)
+    xelion_ping_interval: float = Field(default=20.0, gt=0)
+    xelion_ping_timeout: float = Field(default=20.0, gt=0)
+    xelion_backoff_min: float = Field(default=1.0, gt=0)
+    xelion_backoff_max: float = Field(default=60.0, gt=0)
+    xelion_healthy_after: float = Field(default=30.0, ge=0)
+    xelion_request_timeout: float = Field(default=10.0, gt=0)
+    xelion_app_key: str | None = None
+
+    # Delivery (reliability.md §6-§9, §20)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    request_timeout: float = Field(default=30.0, gt=0)
+    max_response_bytes: int = Field(default=1024 * 1024, ge=1024)
+    per_host_concurrency: int = Field(default=8, ge=1)
+    worker_concurrency: int = Field(default=64, ge=1)
+    retry_schedule: Annotated[list[float], NoDecode] = Field(default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE))
+    retry_jitter: float = Field(default=0.2, ge=0, le=1)
+    retry_after_cap_seconds: float = Field(default=86400.0, gt=0)
+    lease_seconds: float = Field(default=120.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    token_refresh_margin_seconds: float = Field(default=60.0, ge=0)
+
+    @field_validator("allowed_xelion_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("retry_schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _schedule_positive(cls, value: list[float]) -> list[float]:
+        if not value or any(v < 0 for v in value):
+            raise ValueError("must be a non-empty list of non-negative seconds")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _key_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _db_url(cls, value: str) -> str:
+        if not (value.startswith("sqlite:") or value.startswith("postgresql")):
+            raise ValueError("must start with sqlite:/// or postgresql+psycopg://")
+        if value.startswith("postgresql://"):
+            # One driver for PostgreSQL: psycopg 3.
+            value = "postgresql+psycopg://" + value[len("postgresql://") :]
+        return value
+
+    @model_validator(mode="after")
+    def _key_needed(self) -> Settings:
+        if self.secret_key is None and not self.is_sqlite:
+            raise ValueError("secret_key: must be set when the database is not an embedded SQLite file")
+        if self.xelion_backoff_max < self.xelion_backoff_min:
+            raise ValueError("xelion_backoff_max: must not be smaller than xelion_backoff_min")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite:")
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The database file of an SQLite URL (None for in-memory or another database)."""
+        if not self.is_sqlite:
+            return None
+        rest = self.database_url.split(":///", 1)[1] if ":///" in self.database_url else ""
+        if not rest or rest == ":memory:":
+            return None
+        return Path(rest.split("?", 1)[0])
+
+    def host_allowed(self, host: str) -> bool:
+        """Whether a Xelion ``host[:port]`` is in ``allowed_xelion_hosts`` (``*`` allows any)."""
+        wanted = host.strip().lower()
+        for entry in self.allowed_xelion_hosts:
+            entry = entry.lower()
+            if entry == "*" or entry == wanted:
+                return True
+            # "example.com" allows "example.com:443" too; "example.com:8443" only that port.
+            if ":" not in entry and wanted.rsplit(":", 1)[0] == entry:
+                return True
+        return False
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
+    """Build the settings, or raise ConfigError with one line naming the faulty setting."""
+    path = config_file or os.environ.get(ENV_PREFIX + "CONFIG")
+    cls: type[Settings] = Settings
+    if path:
+        if not Path(path).is_file():
+            raise ConfigError(f"CTI_BRIDGE_CONFIG: the file {path} does not exist")
+
+        class FileSettings(Settings):
+            model_config = SettingsConfigDict(toml_file=path)
+
+        cls = FileSettings
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "settings"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if loc == "settings" and ":" in msg:
+            # Model-level checks name the field themselves: "Value error, field: message".
+            loc, msg = msg.split(":", 1)
+        name = ENV_PREFIX + loc.upper()
+        raise ConfigError(f"{name}: {msg.strip()}") from None
+    except Exception as exc:  # a TOML syntax error, an unreadable file
+        raise ConfigError(f"CTI_BRIDGE_CONFIG: cannot read {path}: {exc}") from None

@@ -1,0 +1,150 @@
+"""Small interfaces between layers, so that ``admin`` and ``store`` never import the running parts.
+
+``app.py`` builds the real implementations and injects them: the admin API asks a
+``XelionDirectory`` to check credentials with Xelion and tells a ``Supervisor`` that configuration
+changed; the Xelion source reports through ``SourceHooks``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class XelionTarget:
+    """Where a tenant's Xelion REST API lives: ``{protocol}://{host}/api/v1/{tenant}/``."""
+
+    protocol: str
+    host: str
+    tenant: str
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.protocol}://{self.host}/api/v1/{self.tenant}/"
+
+
+@dataclass(frozen=True)
+class XelionUser:
+    """A user as Xelion's ``GET users`` lists it."""
+
+    oid: str
+    user_name: str
+    common_name: str | None = None
+    active: bool = True
+
+
+class XelionCheckError(Exception):
+    """Xelion refused or could not answer a check.
+
+    ``kind`` is ``credentials`` (401/10004, wrong user name, password or tenant), ``disabled``
+    (10006), ``unreachable`` (connection failed or timed out), ``protocol`` (an answer we could not
+    read) or ``not_found``. The message never carries a secret.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class XelionDirectory(Protocol):
+    """The checks the admin API makes with Xelion (xelion-protocol.md §2)."""
+
+    async def check_admin(self, target: XelionTarget, username: str, password: str) -> None:
+        """Log in with a short-lived userSpace and log out again; raise XelionCheckError if refused."""
+        ...
+
+    async def find_user(
+        self, target: XelionTarget, admin_username: str, admin_password: str, user_name: str
+    ) -> XelionUser | None:
+        """Look a user up by ``userName`` (``GET users?where=userName=...``); None when unknown."""
+        ...
+
+    async def whoami(self, target: XelionTarget, user_token: str) -> str:
+        """The ``userName`` a Xelion user token belongs to (``GET me/info``); XelionCheckError if invalid."""
+        ...
+
+
+class Supervisor(Protocol):
+    """What the admin API tells the running daemon after it commits a configuration change."""
+
+    def integration_changed(self, xelion_context_id: int) -> None:
+        """Created, or its environment/admin credentials/mappings changed: (re)start or re-subscribe."""
+        ...
+
+    def integration_deleted(self, xelion_context_id: int) -> None:
+        """Stop its source and log out of Xelion."""
+        ...
+
+    def credentials_changed(self, credential_id: int) -> None:
+        """A user's OAuth2 credentials changed: un-park its deliveries and wake the worker."""
+        ...
+
+
+class NullSupervisor:
+    """A supervisor that ignores every change; for tests of the admin API alone."""
+
+    def integration_changed(self, xelion_context_id: int) -> None:
+        return None
+
+    def integration_deleted(self, xelion_context_id: int) -> None:
+        return None
+
+    def credentials_changed(self, credential_id: int) -> None:
+        return None
+
+
+class SourceState(StrEnum):
+    """The life of one integration's websocket source, as health and the API show it."""
+
+    STOPPED = "stopped"
+    CONNECTING = "connecting"
+    SUBSCRIBED = "subscribed"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Everything one source needs to run; rebuilt from the store when configuration changes."""
+
+    xelion_context_id: int
+    target: XelionTarget
+    admin_username: str
+    admin_password: str
+    event_types: frozenset[str] = field(
+        default_factory=lambda: frozenset(
+            {"newCallEvent", "callConnectedEvent", "callHungUpEvent", "missedCallEvent"}
+        )
+    )
+
+
+class SourceHooks(Protocol):
+    """How a Xelion source reports to the rest of the daemon (implemented over the store)."""
+
+    async def on_event(self, xelion_context_id: int, notification_type: str, fields: dict[str, object]) -> None:
+        """Record one call event durably (with its deliveries); returns once committed."""
+        ...
+
+    async def on_state(self, xelion_context_id: int, state: SourceState, error: str | None) -> None:
+        """The source's state changed (``error`` is a human-readable reason, never a secret)."""
+        ...
+
+    async def gap_opened(self, xelion_context_id: int, started_at: datetime, reason: str) -> None:
+        """A period without a live, subscribed socket began."""
+        ...
+
+    async def gap_closed(self, xelion_context_id: int, ended_at: datetime) -> None:
+        """The open gap of this integration ended (the socket is subscribed again)."""
+        ...
+
+    async def load_session_token(self, xelion_context_id: int) -> str | None:
+        """The token of the source's last live Xelion session, to end it on the next login."""
+        ...
+
+    async def save_session_token(self, xelion_context_id: int, token: str | None) -> None:
+        """Remember (or forget, with None) the token of the live session, encrypted at rest."""
+        ...

@@ -1,0 +1,1 @@
+"""Persistence: the SQLModel tables, the engine, secret encryption and the queries over them."""
