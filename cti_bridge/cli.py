@@ -1,0 +1,125 @@
+"""The ``cti-bridge`` command: run | demo | migrate | render | check-config.
+
+Exit codes (README.md): 0 ok, 1 unexpected failure, 2 bad command line, 3 invalid setting (one line
+names it), 4 database unavailable, locked by another instance, or migration failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from cti_bridge import __version__
+from cti_bridge.errors import ConfigError, ExitCode, StoreLockedError
+
+log = logging.getLogger("cti_bridge")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cti-bridge", description="Xelion call events to CRM requests.")
+    parser.add_argument("--version", action="version", version=f"cti-bridge {__version__}")
+    parser.add_argument("--config", help="TOML settings file (also CTI_BRIDGE_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the daemon: admin API, Xelion sources, delivery worker")
+    demo = sub.add_parser("demo", help="run everything against the built-in Xelion and CRM simulators")
+    demo.add_argument("--calls", type=int, default=20, help="calls to place, 0 for until Ctrl-C (default 20)")
+    demo.add_argument("--rate", type=float, default=4.0, help="calls per second (default 4)")
+    demo.add_argument("--database", default=None, help="database URL (default: a fresh SQLite file)")
+    sub.add_parser("migrate", help="bring the database to the newest schema and exit")
+    sub.add_parser("check-config", help="validate the settings and print them (secrets masked)")
+    render = sub.add_parser("render", help="render a mapping for an event and print the request as JSON")
+    render.add_argument("--mapping", required=True, help="a JSON file with one eventUriMapping")
+    render.add_argument("--event", required=True, help="a JSON file with a notification or a websocket frame")
+    render.add_argument("--user", help="the Xelion user name of the party the delivery is for")
+    render.add_argument("--token", help="a JSON file with a token endpoint response")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"cti-bridge: invalid setting: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    except StoreLockedError as exc:
+        print(f"cti-bridge: {exc}", file=sys.stderr)
+        return ExitCode.DATABASE
+    except KeyboardInterrupt:
+        return ExitCode.OK
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from cti_bridge.config import load_settings
+
+    if args.command == "render":
+        from cti_bridge.el import TemplateError
+        from cti_bridge.render import render_command
+
+        try:
+            out = render_command(args.mapping, args.event, args.user, args.token)
+        except (ValueError, TemplateError, OSError) as exc:
+            print(f"cti-bridge render: {exc}", file=sys.stderr)
+            return ExitCode.FAILURE
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return ExitCode.OK
+
+    if args.command == "demo":
+        from cti_bridge.demo import run_demo
+
+        return run_demo(calls=args.calls, rate=args.rate, database_url=args.database, config_file=args.config)
+
+    settings = load_settings(args.config)
+    from cti_bridge.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+
+    if args.command == "check-config":
+        shown = settings.model_dump(mode="json")
+        print(json.dumps(shown, indent=2))
+        return ExitCode.OK
+
+    if args.command == "migrate":
+        from cti_bridge.store import migrate
+        from cti_bridge.store.db import make_engine
+
+        try:
+            engine = make_engine(settings.database_url)
+            migrate.upgrade(engine)
+            engine.dispose()
+        except Exception as exc:
+            log.error("migration failed: %s", type(exc).__name__)
+            print(f"cti-bridge: migration failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return ExitCode.DATABASE
+        print("database is at the newest schema")
+        return ExitCode.OK
+
+    # run
+    from cti_bridge.app import build, install_signal_handlers, serve
+
+    try:
+        daemon = build(settings)
+    except StoreLockedError:
+        raise
+    except Exception as exc:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if isinstance(exc, SQLAlchemyError | OSError):
+            print(f"cti-bridge: database unavailable: {type(exc).__name__}", file=sys.stderr)
+            return ExitCode.DATABASE
+        raise
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await serve(daemon, stop)
+
+    asyncio.run(_main())
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Logging set-up (text or JSON lines) with a last line of defence against secrets.
+
+The code never logs a secret on purpose: it logs ids, hosts and tenants. The ``RedactingFilter``
+masks what slips through anyway in known shapes (``Authorization`` values, ``Bearer``/``xelion``
+tokens, ``access_token=``/``refresh_token=``/``client_secret=``/``password=`` pairs, JSON keys of the
+same names), so a stray exception message or a third-party debug line cannot leak one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+
+_MASK = "***"
+_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(?i)(authorization\s*[:=]\s*)(\S+\s+)?[^\s,;\"']+"), r"\1\2" + _MASK),
+    (re.compile(r"(?i)\b(bearer|xelion_cti|xelion)\s+[A-Za-z0-9._~+/=-]{8,}"), r"\1 " + _MASK),
+    (
+        re.compile(
+            r"(?i)((?:access|refresh|id)_?token|client_?secret|device_?code|password|admin_?password"
+            r"|authentication|renewal_?token)(\"?\s*[:=]\s*\"?)[^\s\"&,;}]+"
+        ),
+        r"\1\2" + _MASK,
+    ),
+    # The one-time secret in a Xelion websocket URL path (xelion-protocol.md §3).
+    (re.compile(r"(/websocket/[^/\s]+/[^/\s]+/[^/\s]+/)[^/\s\"']+"), r"\1" + _MASK),
+)
+
+
+def redact(text: str) -> str:
+    """Mask secrets of known shapes in ``text``."""
+    for pattern, repl in _PATTERNS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's message (and exception text) through ``redact``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not kill logging
+            message = str(record.msg)
+        record.msg = redact(message)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and exception text)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_text:
+            doc["exception"] = record.exc_text
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Configure the root logger once, for the CLI. Tests leave logging to pytest."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # httpx logs every request URL at INFO; URLs may carry a token (CRM.COM's token parameter).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

@@ -1,0 +1,106 @@
+"""Prometheus metrics (reliability.md §21), served as text at ``api/metrics``.
+
+Counters live in the process (attempts by status class, token refreshes, finished deliveries,
+source reconnects). Figures that the database knows better (deliveries by state, the age of the
+oldest due delivery, credentials needing re-authorisation, source states) are read at scrape time
+by a collector, so they are right even after a restart or with several replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlmodel import Session, col
+
+from cti_bridge.clock import utcnow
+from cti_bridge.store.db import Database
+from cti_bridge.store.deliveries import STATES
+from cti_bridge.store.models import Delivery, UserCredentials, XelionContext
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def status_class(status: int | None) -> str:
+    return "error" if status is None else f"{status // 100}xx"
+
+
+class _StoreCollector(Collector):
+    def __init__(self, db: Database, sources: Callable[[], dict[int, tuple[str, int]]] | None) -> None:
+        self.db = db
+        self.sources = sources
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with Session(self.db.engine) as session:
+            yield from self._collect(session)
+
+    def _collect(self, session: Session) -> Iterator[GaugeMetricFamily]:
+        by_state = GaugeMetricFamily("cti_bridge_deliveries", "Deliveries by state", labels=["state"])
+        counts = dict(
+            session.execute(select(Delivery.state, func.count()).group_by(col(Delivery.state))).tuples().all()
+        )
+        for state in STATES:
+            by_state.add_metric([state], float(counts.get(state, 0)))
+        yield by_state
+        oldest = session.execute(
+            select(func.min(Delivery.next_attempt_at)).where(col(Delivery.state) == "pending")
+        ).scalar_one_or_none()
+        age = GaugeMetricFamily(
+            "cti_bridge_oldest_due_delivery_age_seconds", "Age of the oldest due pending delivery"
+        )
+        age.add_metric([], max(0.0, (utcnow() - oldest).total_seconds()) if oldest else 0.0)
+        yield age
+        reauth = session.execute(
+            select(func.count()).select_from(UserCredentials).where(col(UserCredentials.state) == "reauth_required")
+        ).scalar_one()
+        fam = GaugeMetricFamily(
+            "cti_bridge_credentials_reauth_required", "User credentials whose grant is dead (re-authorise)"
+        )
+        fam.add_metric([], float(reauth))
+        yield fam
+        states = GaugeMetricFamily(
+            "cti_bridge_source_up", "1 when the integration's websocket is subscribed", labels=["xelion_context_id", "state"]
+        )
+        rows = session.execute(select(XelionContext.id, XelionContext.source_state)).all()
+        live = self.sources() if self.sources else {}
+        reconnects = GaugeMetricFamily(
+            "cti_bridge_source_reconnects", "Reconnects of the integration's websocket since start", labels=["xelion_context_id"]
+        )
+        for ctx_id, state in rows:
+            state_now, count = live.get(int(ctx_id), (state, 0))
+            states.add_metric([str(ctx_id), state_now], 1.0 if state_now == "subscribed" else 0.0)
+            reconnects.add_metric([str(ctx_id)], float(count))
+        yield states
+        yield reconnects
+
+
+class Metrics:
+    """The daemon's metrics registry: one per app, never module-global (tests stay independent)."""
+
+    def __init__(self, db: Database, sources: Callable[[], dict[int, tuple[str, int]]] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.attempts = Counter(
+            "cti_bridge_delivery_attempts", "Delivery attempts by HTTP status class", ["status_class"], registry=self.registry
+        )
+        self.finished_total = Counter(
+            "cti_bridge_deliveries_finished", "Delivery attempts by resulting state", ["state"], registry=self.registry
+        )
+        self.refreshes = Counter(
+            "cti_bridge_token_refreshes", "Token endpoint calls by result", ["result"], registry=self.registry
+        )
+        self.events = Counter(
+            "cti_bridge_events", "Call events received by result", ["result"], registry=self.registry
+        )
+        self.registry.register(_StoreCollector(db, sources))
+
+    def attempt(self, status: int | None) -> None:
+        self.attempts.labels(status_class(status)).inc()
+
+    def finished(self, state: str) -> None:
+        self.finished_total.labels(state).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,152 @@
+"""Which CRM requests an event makes: the integration's CRM contexts, their compiled mappings and
+their users' credentials, cached in memory so that an event costs no configuration queries.
+
+Mapping rows are immutable (a PUT retires them and inserts new rows), so compiled mappings are
+cached by id forever. The per-integration routing snapshot is dropped whenever the admin API
+reports a change (``invalidate``); a short time-to-live bounds staleness for changes made by another
+replica on a shared PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sqlmodel import Session, col, select
+
+from cti_bridge.render import CompiledMapping, MappingSpec, compile_mapping
+from cti_bridge.store.models import CrmContext, EventUriMapping, UserCredentials
+
+
+def spec_of(row: EventUriMapping) -> MappingSpec:
+    """The template-language view of a stored mapping row."""
+    headers: Mapping[str, str] | None = json.loads(row.headers) if row.headers else None
+    payload: object = json.loads(row.crm_resource_payload) if row.crm_resource_payload is not None else None
+    return MappingSpec(
+        xelion_event=row.xelion_event,
+        crm_resource_uri=row.crm_resource_uri,
+        crm_resource_payload=payload,
+        method=row.method,
+        headers=headers,
+        content_type=row.content_type,
+        condition=row.condition,
+    )
+
+
+@dataclass(frozen=True)
+class CredentialRoute:
+    credential_id: int
+    xelion_username: str
+    xelion_oid: str | None
+    parked: bool
+
+
+@dataclass(frozen=True)
+class MappingRoute:
+    mapping_id: int
+    compiled: CompiledMapping
+
+
+@dataclass
+class CrmRoute:
+    crm_context_id: int
+    mappings: dict[str, list[MappingRoute]] = field(default_factory=dict)
+    by_username: dict[str, CredentialRoute] = field(default_factory=dict)
+    by_oid: dict[str, CredentialRoute] = field(default_factory=dict)
+
+
+@dataclass
+class Routing:
+    xelion_context_id: int
+    crms: list[CrmRoute]
+    loaded_at: float
+
+
+class MappingCache:
+    """Compiled mappings by id. Compiling happens once per mapping row for the process' life."""
+
+    def __init__(self) -> None:
+        self._compiled: dict[int, CompiledMapping] = {}
+        self._lock = threading.Lock()
+
+    def peek(self, mapping_id: int) -> CompiledMapping | None:
+        """The compiled mapping if it is cached (no database access)."""
+        return self._compiled.get(mapping_id)
+
+    def get(self, session: Session, mapping_id: int) -> CompiledMapping:
+        found = self._compiled.get(mapping_id)
+        if found is not None:
+            return found
+        row = session.get(EventUriMapping, mapping_id)
+        if row is None:
+            raise LookupError(f"mapping {mapping_id} does not exist")
+        return self.put(row)
+
+    def put(self, row: EventUriMapping) -> CompiledMapping:
+        assert row.id is not None
+        compiled = compile_mapping(spec_of(row))
+        with self._lock:
+            self._compiled[row.id] = compiled
+        return compiled
+
+
+class RoutingCache:
+    """Routing snapshots per integration, loaded lazily, dropped on change or after ``ttl`` seconds."""
+
+    def __init__(self, mappings: MappingCache, ttl: float = 10.0) -> None:
+        self.mappings = mappings
+        self.ttl = ttl
+        self._routes: dict[int, Routing] = {}
+        self._lock = threading.Lock()
+
+    def invalidate(self, xelion_context_id: int | None = None) -> None:
+        with self._lock:
+            if xelion_context_id is None:
+                self._routes.clear()
+            else:
+                self._routes.pop(xelion_context_id, None)
+
+    def get(self, session: Session, xelion_context_id: int) -> Routing:
+        now = time.monotonic()
+        found = self._routes.get(xelion_context_id)
+        if found is not None and now - found.loaded_at < self.ttl:
+            return found
+        routing = self._load(session, xelion_context_id, now)
+        with self._lock:
+            self._routes[xelion_context_id] = routing
+        return routing
+
+    def _load(self, session: Session, xelion_context_id: int, now: float) -> Routing:
+        crms: list[CrmRoute] = []
+        contexts = session.exec(
+            select(CrmContext).where(col(CrmContext.xelion_context_id) == xelion_context_id)
+        ).all()
+        for ctx in contexts:
+            assert ctx.id is not None
+            route = CrmRoute(crm_context_id=ctx.id)
+            rows = session.exec(
+                select(EventUriMapping)
+                .where(col(EventUriMapping.crm_context_id) == ctx.id, col(EventUriMapping.retired).is_(False))
+                .order_by(col(EventUriMapping.position), col(EventUriMapping.id))
+            ).all()
+            for row in rows:
+                assert row.id is not None
+                compiled = self.mappings.peek(row.id) or self.mappings.put(row)
+                route.mappings.setdefault(row.xelion_event, []).append(MappingRoute(row.id, compiled))
+            creds = session.exec(select(UserCredentials).where(col(UserCredentials.crm_context_id) == ctx.id)).all()
+            for cred in creds:
+                assert cred.id is not None
+                cr = CredentialRoute(
+                    credential_id=cred.id,
+                    xelion_username=cred.xelion_username,
+                    xelion_oid=cred.xelion_oid,
+                    parked=cred.state != "active",
+                )
+                route.by_username[cred.xelion_username] = cr
+                if cred.xelion_oid:
+                    route.by_oid[cred.xelion_oid] = cr
+            crms.append(route)
+        return Routing(xelion_context_id=xelion_context_id, crms=crms, loaded_at=now)

@@ -1,0 +1,81 @@
+"""What the Xelion sources write: their state, their gaps, and the token of their live session.
+
+Also loads the configuration a source runs with (``SourceConfig``) from the stored integration,
+decrypting the admin password only in memory.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlmodel import Session, col, select, update
+
+from cti_bridge.ports import SourceConfig, XelionTarget
+from cti_bridge.store.crypto import SecretBox
+from cti_bridge.store.models import CrmContext, EventUriMapping, SourceGap, XelionContext
+
+BASE_EVENT_TYPES = frozenset({"newCallEvent", "callConnectedEvent", "callHungUpEvent", "missedCallEvent"})
+
+
+def load_source_config(session: Session, box: SecretBox, xelion_context_id: int) -> SourceConfig | None:
+    ctx = session.get(XelionContext, xelion_context_id)
+    if ctx is None or ctx.id is None:
+        return None
+    events = set(BASE_EVENT_TYPES)
+    rows = session.exec(
+        select(EventUriMapping.xelion_event)
+        .join(CrmContext, col(CrmContext.id) == col(EventUriMapping.crm_context_id))
+        .where(col(CrmContext.xelion_context_id) == ctx.id, col(EventUriMapping.retired).is_(False))
+    ).all()
+    events.update(rows)
+    return SourceConfig(
+        xelion_context_id=ctx.id,
+        target=XelionTarget(protocol=ctx.protocol, host=ctx.host, tenant=ctx.tenant),
+        admin_username=ctx.admin_username,
+        admin_password=box.decrypt(ctx.admin_password_enc),
+        event_types=frozenset(events),
+    )
+
+
+def all_context_ids(session: Session) -> list[int]:
+    return [int(i) for i in session.exec(select(XelionContext.id)).all() if i is not None]
+
+
+def set_state(session: Session, xelion_context_id: int, state: str, error: str | None, now: datetime) -> None:
+    session.execute(
+        update(XelionContext)
+        .where(col(XelionContext.id) == xelion_context_id)
+        .values(source_state=state, source_error=(error or None) and error[:1000], updated_at=now)
+    )
+
+
+def open_gap(session: Session, xelion_context_id: int, started_at: datetime, reason: str) -> None:
+    # One open gap at a time: a second "opened" while one is open keeps the first start.
+    exists = session.exec(
+        select(SourceGap.id).where(
+            col(SourceGap.xelion_context_id) == xelion_context_id, col(SourceGap.ended_at).is_(None)
+        )
+    ).first()
+    if exists is None and session.get(XelionContext, xelion_context_id) is not None:
+        session.add(SourceGap(xelion_context_id=xelion_context_id, started_at=started_at, reason=reason[:500]))
+
+
+def close_gap(session: Session, xelion_context_id: int, ended_at: datetime) -> None:
+    session.execute(
+        update(SourceGap)
+        .where(col(SourceGap.xelion_context_id) == xelion_context_id, col(SourceGap.ended_at).is_(None))
+        .values(ended_at=ended_at)
+    )
+
+
+def load_session_token(session: Session, box: SecretBox, xelion_context_id: int) -> str | None:
+    ctx = session.get(XelionContext, xelion_context_id)
+    return box.decrypt_opt(ctx.session_token_enc) if ctx is not None else None
+
+
+def save_session_token(session: Session, box: SecretBox, xelion_context_id: int, token: str | None) -> None:
+    session.execute(
+        update(XelionContext)
+        .where(col(XelionContext.id) == xelion_context_id)
+        .values(session_token_enc=box.encrypt_opt(token))
+    )

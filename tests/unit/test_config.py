@@ -1,0 +1,108 @@
+"""Settings: environment, TOML file, and one clear line with exit code 3 for an invalid setting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cti_bridge.config import load_settings
+from cti_bridge.errors import ConfigError, ExitCode
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults() -> None:
+    s = load_settings()
+    assert s.database_url == "sqlite:///./cti-bridge.db"
+    assert (s.admin_host, s.admin_port) == ("127.0.0.1", 8080)
+    assert s.allow_private_targets is False
+    assert s.retry_schedule[:3] == [0.0, 5.0, 30.0]
+
+
+def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTI_BRIDGE_ADMIN_PORT", "9999")
+    monkeypatch.setenv("CTI_BRIDGE_ALLOWED_XELION_HOSTS", "pbx.example.com, 127.0.0.1:9100")
+    monkeypatch.setenv("CTI_BRIDGE_ALLOW_PRIVATE_TARGETS", "true")
+    monkeypatch.setenv("CTI_BRIDGE_DATABASE_URL", "postgresql://u@h/db")
+    monkeypatch.setenv("CTI_BRIDGE_SECRET_KEY", "k" * 32)
+    s = load_settings()
+    assert s.admin_port == 9999
+    assert s.allowed_xelion_hosts == ["pbx.example.com", "127.0.0.1:9100"]
+    assert s.host_allowed("pbx.example.com") and s.host_allowed("PBX.example.com:443")
+    assert s.host_allowed("127.0.0.1:9100") and not s.host_allowed("127.0.0.1:9101")
+    assert not s.host_allowed("evil.example.com")
+    assert s.allow_private_targets is True
+    assert s.database_url == "postgresql+psycopg://u@h/db"
+
+
+def test_star_allows_any_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTI_BRIDGE_ALLOWED_XELION_HOSTS", "*")
+    assert load_settings().host_allowed("anything.example:8443")
+
+
+def test_example_toml_has_every_key_and_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cti_bridge.config import Settings
+
+    example = ROOT / "config" / "cti-bridge.example.toml"
+    text = example.read_text()
+    for name in Settings.model_fields:
+        assert f"{name} =" in text, f"{name} is missing from {example.name}"
+    s = load_settings(str(example))
+    assert s.admin_port == 8080
+
+
+def test_toml_file_and_env_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('admin_port = 7000\nlog_level = "DEBUG"\n')
+    monkeypatch.setenv("CTI_BRIDGE_CONFIG", str(cfg))
+    monkeypatch.setenv("CTI_BRIDGE_LOG_LEVEL", "WARNING")
+    s = load_settings()
+    assert s.admin_port == 7000
+    assert s.log_level == "WARNING"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"CTI_BRIDGE_ADMIN_PORT": "http"}, "CTI_BRIDGE_ADMIN_PORT"),
+        ({"CTI_BRIDGE_SECRET_KEY": "short"}, "CTI_BRIDGE_SECRET_KEY"),
+        ({"CTI_BRIDGE_DATABASE_URL": "mysql://x"}, "CTI_BRIDGE_DATABASE_URL"),
+        ({"CTI_BRIDGE_DATABASE_URL": "postgresql+psycopg://u@h/db"}, "CTI_BRIDGE_SECRET_KEY"),
+        ({"CTI_BRIDGE_LOG_LEVEL": "LOUD"}, "CTI_BRIDGE_LOG_LEVEL"),
+        ({"CTI_BRIDGE_RETRY_SCHEDULE": "1,-2"}, "CTI_BRIDGE_RETRY_SCHEDULE"),
+        ({"CTI_BRIDGE_NO_SUCH_SETTING_X": "1", "CTI_BRIDGE_CONFIG": "/nonexistent.toml"}, "CTI_BRIDGE_CONFIG"),
+    ],
+)
+def test_invalid_setting_names_it(env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith(named + ":")
+
+
+def test_cli_exits_3_with_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTI_BRIDGE_")}
+    env["CTI_BRIDGE_ADMIN_PORT"] = "not-a-port"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cti_bridge", "check-config"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == ExitCode.CONFIG == 3
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "CTI_BRIDGE_ADMIN_PORT" in lines[0]
+
+
+def test_check_config_masks_secrets(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTI_BRIDGE_")}
+    env["CTI_BRIDGE_ADMIN_TOKEN"] = "operator-token-that-must-not-show"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cti_bridge", "check-config"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "operator-token-that-must-not-show" not in proc.stdout + proc.stderr
+    assert '"admin_port": 8080' in proc.stdout
