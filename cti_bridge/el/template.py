@@ -1,0 +1,180 @@
+"""Compiled templates and expressions: what the rest of cti-bridge holds and evaluates.
+
+``compile_template`` takes a composite string (``"calls?to=${calleePhoneNumber}"``) and
+``compile_expression`` a bare condition (``duration > 0``, or the same inside ``${...}``). Both parse
+once; ``render``/``evaluate`` only run the compiled closures against a context mapping of names
+(the event's fields, ``xelionEvent``, ``user``, ``token``, ``deliveryId``, ``now``). An identifier the
+context does not carry is null.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import simpleeval
+
+from cti_bridge.el.compiler import (
+    _SLIPS,
+    Context,
+    Engine,
+    Evaluator,
+    names_of,
+    slipped,
+    to_closure,
+    to_simpleeval,
+)
+from cti_bridge.el.errors import TemplateError, TemplateEvalError, TemplateSyntaxError
+from cti_bridge.el.parser import Node, parse
+from cti_bridge.el.scanner import MAX_EXPRESSION_LENGTH, ExprSource, split_composite
+from cti_bridge.el.semantics import to_bool, to_str
+
+MAX_TEMPLATE_LENGTH = 65536
+
+
+class Expression:
+    """One compiled ``${...}`` expression."""
+
+    __slots__ = ("_fn", "column", "engine", "names", "node", "start_column", "text")
+
+    def __init__(self, text: str, column: int, node: Node, engine: Engine, start_column: int | None = None):
+        self.text = text
+        self.column = column  # template column of the expression's first character
+        self.start_column = column if start_column is None else start_column  # column of '${'
+        self.node = node
+        self.engine = engine
+        self.names: frozenset[str] = frozenset(names_of(node))
+        self._fn: Evaluator = to_closure(node) if engine == "closures" else to_simpleeval(node)
+
+    def evaluate(self, ctx: Context) -> object:
+        """The expression's value, with its EL type."""
+        try:
+            return self._fn(ctx)
+        except TemplateError:
+            raise
+        except simpleeval.InvalidExpression as exc:
+            raise TemplateEvalError(f"evaluation refused: {exc}", column=self.column) from None
+        except _SLIPS as exc:
+            raise slipped(exc, self.column) from None
+
+    def holds(self, ctx: Context) -> bool:
+        """The expression coerced to a boolean with EL's rules (a number is an error)."""
+        value = self.evaluate(ctx)
+        try:
+            return to_bool(value)
+        except TemplateError as err:
+            if err.column is None:
+                err.column = self.column
+            raise
+
+    def __repr__(self) -> str:
+        return f"Expression({self.text!r})"
+
+
+class Template:
+    """A compiled composite template: literal text and expressions, in order."""
+
+    __slots__ = ("_render", "names", "parts", "text")
+
+    def __init__(self, text: str, parts: tuple[str | Expression, ...]) -> None:
+        self.text = text
+        self.parts = parts
+        names: set[str] = set()
+        for part in parts:
+            if isinstance(part, Expression):
+                names |= part.names
+        self.names: frozenset[str] = frozenset(names)
+        self._render = self._make_render()
+
+    @property
+    def single(self) -> Expression | None:
+        """The expression, when the template is exactly one expression and nothing else."""
+        if len(self.parts) == 1 and isinstance(self.parts[0], Expression):
+            return self.parts[0]
+        return None
+
+    @property
+    def is_constant(self) -> bool:
+        return all(isinstance(p, str) for p in self.parts)
+
+    def _make_render(self) -> Callable[[Context], str]:
+        # Specialise once so that rendering does no per-part type tests.
+        parts = self.parts
+        if not parts:
+            return lambda ctx: ""
+        if self.is_constant:
+            constant = "".join(p for p in parts if isinstance(p, str))
+            return lambda ctx: constant
+        single = self.single
+        if single is not None:
+            fn = single._fn
+            return lambda ctx: to_str(fn(ctx))
+        steps: list[Callable[[Context], str]] = []
+        for part in parts:
+            steps.append(_literal_step(part) if isinstance(part, str) else _expr_step(part._fn))
+
+        def render(ctx: Context) -> str:
+            return "".join([step(ctx) for step in steps])
+
+        return render
+
+    def render(self, ctx: Context) -> str:
+        """The template rendered to a string (null is "", numbers as EL prints them)."""
+        try:
+            return self._render(ctx)
+        except TemplateError:
+            raise
+        except simpleeval.InvalidExpression as exc:
+            raise TemplateEvalError(f"evaluation refused: {exc}") from None
+        except _SLIPS as exc:
+            raise slipped(exc, None) from None
+
+    def evaluate(self, ctx: Context) -> object:
+        """Like ``render``, but a template that is exactly one expression keeps the value's type."""
+        single = self.single
+        if single is not None:
+            return single.evaluate(ctx)
+        return self.render(ctx)
+
+    def __repr__(self) -> str:
+        return f"Template({self.text!r})"
+
+
+def _literal_step(text: str) -> Callable[[Context], str]:
+    return lambda ctx: text
+
+
+def _expr_step(fn: Evaluator) -> Callable[[Context], str]:
+    return lambda ctx: to_str(fn(ctx))
+
+
+def compile_template(text: str, *, engine: Engine = "closures") -> Template:
+    """Compile a composite template; raises ``TemplateSyntaxError`` with the column of the fault."""
+    if len(text) > MAX_TEMPLATE_LENGTH:
+        raise TemplateSyntaxError(f"template longer than {MAX_TEMPLATE_LENGTH} characters", column=1)
+    parts: list[str | Expression] = []
+    for part in split_composite(text):
+        if isinstance(part, str):
+            parts.append(part)
+        else:
+            parts.append(_compile_source(part, engine))
+    return Template(text, tuple(parts))
+
+
+def _compile_source(src: ExprSource, engine: Engine) -> Expression:
+    node = parse(src.text, src.column)
+    return Expression(src.text, src.column, node, engine, src.start_column)
+
+
+def compile_expression(text: str, *, engine: Engine = "closures") -> Expression:
+    """Compile a bare expression (``duration > 0``) or one written as ``${duration > 0}``."""
+    if "${" in text or "#{" in text:
+        template = compile_template(text, engine=engine)
+        exprs = [p for p in template.parts if isinstance(p, Expression)]
+        others = [p for p in template.parts if isinstance(p, str) and p.strip()]
+        if len(exprs) != 1 or others:
+            raise TemplateSyntaxError("a condition must be one expression", column=1)
+        return exprs[0]
+    if len(text) > MAX_EXPRESSION_LENGTH:
+        raise TemplateSyntaxError(f"expression longer than {MAX_EXPRESSION_LENGTH} characters", column=1)
+    node = parse(text, 1)
+    return Expression(text, 1, node, engine)

@@ -1,0 +1,690 @@
+"""Rendering: one event-URI mapping plus one event (and the user and token it is for) becomes the exact
+HTTP request to send: method, URL, headers and body.
+
+A mapping is compiled once (``compile_mapping``: every template parsed, the payload's JSON tree turned
+into a tree of closures, the output rules checked as far as they can be before an event exists) and
+then rendered per delivery (``CompiledMapping.render``), which is pure and fast: no parsing, no regular
+expression on the common path, one JSON encoder built once. Output rules (el-templates.md §6):
+
+- URI: every substituted value is percent-encoded as a URI component (``quote(value, safe="")``),
+  except an expression at the very start, which may supply the base URL; the result must be an
+  absolute http(s) URL.
+- Payload: keys literal; a leaf that is exactly one expression keeps its type; any other leaf is a
+  string; serialised by the JSON encoder (compact, UTF-8), or as a form when ``contentType`` is
+  ``application/x-www-form-urlencoded`` (then the payload must be a flat object).
+- Headers: values are composite templates and may not contain CR or LF.
+- Every rendered string is at most 64 KiB.
+
+``Authorization`` and ``Idempotency-Key`` are the delivery worker's business, not this module's. Values
+read from ``token`` are reported in ``RenderedRequest.secret_values`` so that logs can mask them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+from urllib.parse import quote, quote_plus, urlencode, urlsplit
+
+from cti_bridge.el import (
+    Expression,
+    RenderError,
+    Template,
+    TemplateError,
+    TemplateEvalError,
+    TemplateSyntaxError,
+    compile_expression,
+    compile_template,
+)
+from cti_bridge.el.compiler import _SLIPS, Engine, slipped
+from cti_bridge.el.semantics import to_str
+
+__all__ = [
+    "CompiledMapping",
+    "MappingFileError",
+    "MappingSpec",
+    "RenderContext",
+    "RenderError",
+    "RenderedRequest",
+    "TemplateEvalError",
+    "TemplateSyntaxError",
+    "compile_mapping",
+    "mapping_spec_from_json",
+    "now_text",
+    "render_command",
+    "request_preview",
+]
+
+METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+JSON_TYPE: Final = "application/json"
+FORM_TYPE: Final = "application/x-www-form-urlencoded"
+MAX_RENDERED_BYTES: Final = 65536
+# Below this many characters a string cannot exceed 64 KiB in UTF-8 (at most 4 bytes a character),
+# so the common case skips encoding it.
+_CHEAP_LENGTH: Final = MAX_RENDERED_BYTES // 4
+
+_HEADER_NAME_RE: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL_RE: Final = re.compile(r"[\x00-\x20\x7f]")
+_URI_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
+_STATIC_BASE_RE: Final = re.compile(r"https?://[^/?#\s]+", re.IGNORECASE)
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+Names = dict[str, object]
+
+
+def now_text() -> str:
+    """The current UTC time as templates see it: ``YYYY-MM-DD HH:MM:SS``."""
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass(frozen=True, slots=True)
+class MappingSpec:
+    """One ``eventUriMapping`` as stored (the manual's fields plus cti-bridge's optional extensions)."""
+
+    xelion_event: str
+    crm_resource_uri: str
+    crm_resource_payload: object  # the parsed JSON tree; None sends no body
+    method: str = "POST"
+    headers: Mapping[str, str] | None = None
+    content_type: str | None = None  # None means application/json
+    condition: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RenderContext:
+    """What a template can name for one delivery (el-templates.md §4)."""
+
+    event: Mapping[str, object]  # the notification's fields, top level
+    xelion_event: str
+    user: Mapping[str, object] | None = None  # xelionUsername, xelionOid, role
+    token: Mapping[str, object] | None = None  # accessToken plus the token response's other fields
+    delivery_id: str | None = None
+    now: str = field(default_factory=now_text)
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedRequest:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes | None
+    warnings: tuple[str, ...] = ()
+    secret_values: tuple[str, ...] = ()
+
+
+class MappingFileError(ValueError):
+    """A mapping, event or token file that cannot be read or is not what it should be."""
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+
+
+def _check_size(text: str, where: str) -> str:
+    if len(text) > _CHEAP_LENGTH and len(text.encode("utf-8", "surrogatepass")) > MAX_RENDERED_BYTES:
+        raise RenderError("rendered string longer than 64 KiB", where=where)
+    return text
+
+
+def _pointer(parent: str, key: str | int) -> str:
+    # RFC 6901 escaping, so that a key holding '/' still names one leaf.
+    return parent + "/" + str(key).replace("~", "~0").replace("/", "~1")
+
+
+class _SecretMap(Mapping[str, object]):
+    """The token as templates see it: records every string read from it, so that the request's
+    ``secret_values`` name exactly what was drawn from the token."""
+
+    __slots__ = ("_data", "_seen")
+
+    def __init__(self, data: Mapping[str, object], seen: list[str]) -> None:
+        self._data = data
+        self._seen = seen
+
+    def __getitem__(self, key: str) -> object:
+        return _track(self._data[key], self._seen)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def _track(value: object, seen: list[str]) -> object:
+    if type(value) is str:
+        if value:
+            seen.append(value)
+        return value
+    if isinstance(value, Mapping):
+        return _SecretMap(value, seen)
+    if isinstance(value, list | tuple):
+        return [_track(v, seen) for v in value]
+    return value
+
+
+def _jsonable(value: object) -> object:
+    """Plain JSON types for a value that is not one already (a token map, a tuple)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+_PLAIN: Final = frozenset({str, int, float, bool, type(None)})
+
+
+def _form_value(value: object, where: str) -> str:
+    if value is None:
+        return ""
+    if type(value) in _PLAIN:
+        return to_str(value)
+    raise RenderError("a form payload must be a flat object (this value is a list or map)", where=where)
+
+
+def _const(value: object) -> Callable[[Names], object]:
+    return lambda names: value
+
+
+def _const_str(value: str) -> Callable[[Names], str]:
+    return lambda names: value
+
+
+def _raw_step(expr: Expression) -> Callable[[Names], str]:
+    fn = expr._fn
+    return lambda names: to_str(fn(names))
+
+
+def _encoded_step(expr: Expression) -> Callable[[Names], str]:
+    fn = expr._fn
+    return lambda names: quote(to_str(fn(names)), safe="")
+
+
+# -- compiling ---------------------------------------------------------------------------------------------
+
+PayloadFn = Callable[[Names], object]
+
+
+class CompiledMapping:
+    """A mapping ready to render. Build with ``compile_mapping``."""
+
+    def __init__(self, spec: MappingSpec, engine: Engine = "closures") -> None:
+        self.spec = spec
+        self.engine: Engine = engine
+        self.xelion_event = spec.xelion_event
+        self._places: list[tuple[str, str]] = []  # (name, where) for warnings
+
+        method = spec.method.strip().upper() if isinstance(spec.method, str) else ""
+        if method not in METHODS:
+            raise TemplateSyntaxError(
+                f"method must be one of {', '.join(sorted(METHODS))}, not {spec.method!r}", where="method"
+            )
+        self.method = method
+
+        content_type = JSON_TYPE if spec.content_type is None else spec.content_type.strip().lower()
+        if content_type not in (JSON_TYPE, FORM_TYPE):
+            raise TemplateSyntaxError(
+                f"contentType must be {JSON_TYPE} or {FORM_TYPE}, not {spec.content_type!r}",
+                where="contentType",
+            )
+        self.content_type = content_type
+
+        self.uri = self._compile_uri(spec.crm_resource_uri)
+        self._headers = self._compile_headers(spec.headers)
+        self._payload = self._compile_payload(spec.crm_resource_payload)
+
+        self.condition: Expression | None = None
+        if spec.condition is not None and spec.condition.strip():
+            try:
+                # Conditions run once per delivery, off the hot path: the simpleeval engine.
+                self.condition = compile_expression(spec.condition, engine="simpleeval")
+            except TemplateError as err:
+                err.locate(where="condition")
+                raise
+            self._places += [(n, "condition") for n in sorted(self.condition.names)]
+
+        self.names: frozenset[str] = frozenset(n for n, _ in self._places)
+        self._uses_token = "token" in self.names
+
+    # URI ---------------------------------------------------------------------------------------------
+    def _template(self, text: object, where: str) -> Template:
+        if not isinstance(text, str):
+            raise TemplateSyntaxError(f"must be a string, not {type(text).__name__}", where=where)
+        try:
+            template = compile_template(text, engine=self.engine)
+        except TemplateError as err:
+            err.locate(where=where)
+            raise
+        self._places += [(n, where) for n in sorted(template.names)]
+        return template
+
+    def _compile_uri(self, text: str) -> Callable[[Names], str]:
+        where = "crmResourceUri"
+        template = self._template(text, where)
+        bad = _URI_CONTROL_RE.search(text)
+        if bad is not None:
+            raise TemplateSyntaxError("control character in the URI", column=bad.start() + 1, where=where)
+        steps: list[Callable[[Names], str]] = []
+        for index, part in enumerate(template.parts):
+            if isinstance(part, str):
+                steps.append(_const_str(part))
+            elif index == 0:
+                # An expression at the very start may supply the base URL: not encoded.
+                steps.append(_raw_step(part))
+            else:
+                steps.append(_encoded_step(part))
+        first = template.parts[0] if template.parts else ""
+        if template.is_constant:
+            url = "".join(p for p in template.parts if isinstance(p, str))
+            try:
+                self._check_url(url)
+            except RenderError as err:
+                raise TemplateSyntaxError(err.message, where=where) from None
+        # When the literal start already fixes scheme and host, encoded substitutions cannot make the
+        # URL relative: skip the runtime parse.
+        static = isinstance(first, str) and _STATIC_BASE_RE.match(first) is not None
+        check = self._check_size_only if static else self._check_url
+
+        def render_uri(names: Names) -> str:
+            try:
+                url = "".join([step(names) for step in steps])
+            except TemplateError as err:
+                err.locate(where=where)
+                raise
+            return check(url)
+
+        return render_uri
+
+    @staticmethod
+    def _check_size_only(url: str) -> str:
+        return _check_size(url, "crmResourceUri")
+
+    @staticmethod
+    def _check_url(url: str) -> str:
+        _check_size(url, "crmResourceUri")
+        if _CONTROL_RE.search(url):
+            raise RenderError(
+                f"the URI contains white space or a control character: {url[:80]!r}", where="crmResourceUri"
+            )
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+        except ValueError:
+            host = None
+            parts = None
+        if parts is None or parts.scheme.lower() not in ("http", "https") or not host:
+            raise RenderError(
+                f"the URI must be an absolute http or https URL, not {url[:80]!r}", where="crmResourceUri"
+            )
+        return url
+
+    # headers -----------------------------------------------------------------------------------------
+    def _compile_headers(self, headers: Mapping[str, str] | None) -> list[tuple[str, str, Template]]:
+        out: list[tuple[str, str, Template]] = []
+        if headers is None:
+            return out
+        if not isinstance(headers, Mapping):
+            raise TemplateSyntaxError("headers must be an object of name: value", where="headers")
+        for name, value in headers.items():
+            where = f"headers/{name}"
+            if not isinstance(name, str) or not _HEADER_NAME_RE.fullmatch(name):
+                raise TemplateSyntaxError(f"invalid header name {name!r}", where=where)
+            if name.lower() == "content-type":
+                raise TemplateSyntaxError("set the content type with contentType, not a header", where=where)
+            out.append((name, where, self._template(value, where)))
+        return out
+
+    # payload -----------------------------------------------------------------------------------------
+    def _compile_payload(self, payload: object) -> PayloadFn | None:
+        if payload is None:
+            return None
+        form = self.content_type == FORM_TYPE
+        if form:
+            if not isinstance(payload, dict):
+                raise TemplateSyntaxError(
+                    "a form payload must be a flat JSON object", where="crmResourcePayload"
+                )
+            for key, value in payload.items():
+                if isinstance(value, dict | list):
+                    raise TemplateSyntaxError(
+                        "a form payload must be a flat object",
+                        where=_pointer("crmResourcePayload", key),
+                    )
+        is_const, result = self._node(payload, "crmResourcePayload", 0)
+        return _const(result) if is_const else result  # type: ignore[return-value]
+
+    def _node(self, value: object, where: str, depth: int) -> tuple[bool, object]:
+        """(True, value) for a constant subtree, else (False, closure building it)."""
+        if depth > 64:
+            raise TemplateSyntaxError("payload nested deeper than 64 levels", where=where)
+        if isinstance(value, str):
+            return self._leaf(value, where)
+        if isinstance(value, dict):
+            items = [(k, self._node(v, _pointer(where, k), depth + 1)) for k, v in value.items()]
+            if all(c for _, (c, _) in items):
+                return True, value
+            keys = tuple(k for k, _ in items)
+            fns: tuple[PayloadFn, ...] = tuple(
+                _const(v) if c else v  # type: ignore[misc]
+                for _, (c, v) in items
+            )
+
+            def build_object(names: Names) -> object:
+                return dict(zip(keys, [f(names) for f in fns], strict=True))
+
+            return False, build_object
+        if isinstance(value, list):
+            elems = [self._node(v, _pointer(where, i), depth + 1) for i, v in enumerate(value)]
+            if all(c for c, _ in elems):
+                return True, value
+            efns: tuple[PayloadFn, ...] = tuple(
+                _const(v) if c else v  # type: ignore[misc]
+                for c, v in elems
+            )
+
+            def build_list(names: Names) -> object:
+                return [f(names) for f in efns]
+
+            return False, build_list
+        if value is None or isinstance(value, bool | int | float):
+            return True, value
+        raise TemplateSyntaxError(f"not a JSON value: {type(value).__name__}", where=where)
+
+    def _leaf(self, text: str, where: str) -> tuple[bool, object]:
+        template = self._template(text, where)
+        if template.is_constant:
+            return True, template.render({})
+        single = template.single
+        if single is not None:
+            fn = single._fn
+
+            def typed_leaf(names: Names) -> object:
+                try:
+                    value = fn(names)
+                except TemplateError as err:
+                    err.locate(where=where)
+                    raise
+                t = type(value)
+                if t is str:
+                    return _check_size(value, where)  # type: ignore[arg-type]
+                if t in _PLAIN or t is list or t is dict:
+                    return value
+                return _jsonable(value)
+
+            return False, typed_leaf
+        render = template._render
+
+        def string_leaf(names: Names) -> object:
+            try:
+                return _check_size(render(names), where)
+            except TemplateError as err:
+                err.locate(where=where)
+                raise
+
+        return False, string_leaf
+
+    # rendering ---------------------------------------------------------------------------------------
+    def context_names(self, ctx: RenderContext, seen: list[str] | None = None) -> Names:
+        """The names a template sees: the event's fields, then cti-bridge's own names (which win)."""
+        names: Names = dict(ctx.event)
+        names["xelionEvent"] = ctx.xelion_event
+        names["now"] = ctx.now
+        if ctx.user is not None:
+            names["user"] = ctx.user
+        if ctx.token is not None:
+            names["token"] = ctx.token if seen is None else _SecretMap(ctx.token, seen)
+        if ctx.delivery_id is not None:
+            names["deliveryId"] = ctx.delivery_id
+        return names
+
+    def condition_holds(self, ctx: RenderContext) -> bool:
+        """Whether the mapping applies to this event (true when it has no condition)."""
+        if self.condition is None:
+            return True
+        try:
+            return self.condition.holds(self.context_names(ctx))
+        except TemplateError as err:
+            err.locate(where="condition", xelion_event=self.xelion_event)
+            raise
+
+    def warnings_for(self, ctx: RenderContext) -> tuple[str, ...]:
+        return self._warnings(self.context_names(ctx))
+
+    def _warnings(self, names: Names) -> tuple[str, ...]:
+        if all(n in names for n in self.names):
+            return ()
+        return tuple(f"unknown name {n!r} in {where}" for n, where in self._places if n not in names)
+
+    def render(self, ctx: RenderContext) -> RenderedRequest:
+        """The request for this event. Raises ``TemplateEvalError`` or ``RenderError``, located."""
+        seen: list[str] | None = [] if self._uses_token else None
+        names = self.context_names(ctx, seen)
+        try:
+            url = self.uri(names)
+            headers: dict[str, str] = {}
+            for name, where, template in self._headers:
+                try:
+                    value = template._render(names)
+                except TemplateError as err:
+                    err.locate(where=where)
+                    raise
+                if "\r" in value or "\n" in value or "\0" in value:
+                    raise RenderError("a header value may not contain CR, LF or NUL", where=where)
+                headers[name] = _check_size(value, where)
+            body: bytes | None = None
+            if self._payload is not None:
+                tree = self._payload(names)
+                if self.content_type == JSON_TYPE:
+                    try:
+                        body = _ENCODER.encode(tree).encode("utf-8", "surrogatepass")
+                    except ValueError:
+                        raise RenderError(
+                            "the payload holds a value JSON cannot carry", where="crmResourcePayload"
+                        ) from None
+                else:
+                    body = self._form(tree).encode("utf-8", "surrogatepass")
+                headers["Content-Type"] = self.content_type
+        except TemplateError as err:
+            err.locate(xelion_event=self.xelion_event)
+            raise
+        except _SLIPS as exc:
+            err2 = slipped(exc, None)
+            err2.locate(xelion_event=self.xelion_event)
+            raise err2 from None
+        secrets = _secret_values(seen, url, headers, body) if seen else ()
+        return RenderedRequest(self.method, url, headers, body, self._warnings(names), secrets)
+
+    @staticmethod
+    def _form(tree: object) -> str:
+        if not isinstance(tree, dict):
+            raise RenderError("a form payload must be a flat object", where="crmResourcePayload")
+        return urlencode([(k, _form_value(v, _pointer("crmResourcePayload", k))) for k, v in tree.items()])
+
+
+def _secret_values(
+    seen: list[str], url: str, headers: Mapping[str, str], body: bytes | None
+) -> tuple[str, ...]:
+    """Every string read from the token, plus each encoded form of it that appears in the request."""
+    text = "\n".join([url, *headers.values(), body.decode("utf-8", "replace") if body else ""])
+    out: dict[str, None] = {}
+    for raw in seen:
+        out[raw] = None
+        for variant in (quote(raw, safe=""), quote_plus(raw), json.dumps(raw, ensure_ascii=False)[1:-1]):
+            if variant != raw and variant in text:
+                out[variant] = None
+    return tuple(out)
+
+
+def compile_mapping(spec: MappingSpec, *, engine: Engine = "closures") -> CompiledMapping:
+    """Compile every template of a mapping; ``TemplateSyntaxError`` names the event, place and column.
+
+    ``engine`` selects the evaluator of the URI, header and payload templates (see
+    ``cti_bridge.el.compiler``); the default is the fast one. Conditions always use simpleeval.
+    """
+    try:
+        return CompiledMapping(spec, engine)
+    except TemplateError as err:
+        err.locate(xelion_event=spec.xelion_event)
+        raise
+
+
+# -- preview and the CLI's render command ---------------------------------------------------------------
+
+
+def request_preview(req: RenderedRequest) -> dict[str, object]:
+    """A JSON-able view of a request with every secret value replaced by ``***``."""
+    secrets = sorted({s for s in req.secret_values if s}, key=len, reverse=True)
+
+    def mask(text: str) -> str:
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def mask_tree(value: object) -> object:
+        if isinstance(value, str):
+            return mask(value)
+        if isinstance(value, dict):
+            return {mask(str(k)): mask_tree(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mask_tree(v) for v in value]
+        return value
+
+    body: object = None
+    if req.body is not None:
+        text = req.body.decode("utf-8", "replace")
+        content_type = next((v for k, v in req.headers.items() if k.lower() == "content-type"), "")
+        body = mask(text)
+        if content_type.startswith(JSON_TYPE):
+            with contextlib.suppress(ValueError):
+                body = mask_tree(json.loads(text))
+    return {
+        "method": req.method,
+        "url": mask(req.url),
+        "headers": {k: mask(v) for k, v in req.headers.items()},
+        "body": body,
+        "warnings": list(req.warnings),
+    }
+
+
+def _load_json(path: str, what: str) -> object:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise MappingFileError(f"{what} file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise MappingFileError(f"{what} file {path}: not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MappingFileError(
+            f"{what} file {path}: line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+
+
+def mapping_spec_from_json(obj: object) -> MappingSpec:
+    """A ``MappingSpec`` from one mapping object in the manual's JSON shape; ``ValueError`` if malformed."""
+    if not isinstance(obj, dict):
+        raise ValueError("a mapping must be a JSON object")
+
+    def text(key: str, required: bool = False) -> str | None:
+        value = obj.get(key)
+        if value is None:
+            if required:
+                raise ValueError(f"mapping field {key!r} is required")
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"mapping field {key!r} must be a string")
+        return value
+
+    headers = obj.get("headers")
+    if headers is not None and not (
+        isinstance(headers, dict) and all(isinstance(v, str) for v in headers.values())
+    ):
+        raise ValueError("mapping field 'headers' must be an object of string values")
+    return MappingSpec(
+        xelion_event=text("xelionEvent", True) or "",
+        crm_resource_uri=text("crmResourceUri", True) or "",
+        crm_resource_payload=obj.get("crmResourcePayload"),
+        method=text("method") or "POST",
+        headers=headers,
+        content_type=text("contentType"),
+        condition=text("condition"),
+    )
+
+
+def _party(ref: object) -> tuple[str | None, str | None]:
+    """(user name, oid) of a callerUser/calleeUser, a name or an object reference."""
+    if isinstance(ref, str):
+        return ref, None
+    if isinstance(ref, dict):
+        name = ref.get("commonName") or ref.get("userName")
+        oid = ref.get("oid")
+        return (name if isinstance(name, str) else None), (str(oid) if oid is not None else None)
+    return None, None
+
+
+def render_command(
+    mapping_path: str, event_path: str, user: str | None, token_path: str | None
+) -> dict[str, object]:
+    """``cti-bridge render``: the request a mapping makes for an event, previewed, sending nothing.
+
+    The event file is a bare notification or a whole websocket frame; ``user`` picks the party
+    (``caller`` when it is the event's ``callerUser``, else ``callee``); the token file is an OAuth2
+    token response (``access_token`` becomes ``token.accessToken``). ``deliveryId`` is ``preview``.
+    Raises ``MappingFileError`` (a ``ValueError``) for unreadable or malformed files and
+    ``TemplateError`` subclasses for templates that do not compile or render.
+    """
+    try:
+        spec = mapping_spec_from_json(_load_json(mapping_path, "mapping"))
+    except MappingFileError:
+        raise
+    except ValueError as exc:
+        raise MappingFileError(f"mapping file {mapping_path}: {exc}") from None
+    raw_event = _load_json(event_path, "event")
+    if not isinstance(raw_event, dict):
+        raise MappingFileError(f"event file {event_path}: not a JSON object")
+    extra_warnings: list[str] = []
+    xelion_event = spec.xelion_event
+    event: dict[str, object] = raw_event
+    if isinstance(raw_event.get("notification"), dict):
+        event = raw_event["notification"]
+        frame_type = raw_event.get("notificationType")
+        if isinstance(frame_type, str) and frame_type:
+            if frame_type != spec.xelion_event:
+                extra_warnings.append(f"the event is a {frame_type}, the mapping is for {spec.xelion_event}")
+            xelion_event = frame_type
+    user_map: dict[str, object] | None = None
+    if user is not None:
+        caller_name, caller_oid = _party(event.get("callerUser"))
+        _callee_name, callee_oid = _party(event.get("calleeUser"))
+        is_caller = user in (caller_name, caller_oid)
+        user_map = {
+            "xelionUsername": user,
+            "xelionOid": caller_oid if is_caller else callee_oid,
+            "role": "caller" if is_caller else "callee",
+        }
+    token_map: dict[str, object] | None = None
+    if token_path is not None:
+        raw_token = _load_json(token_path, "token")
+        if not isinstance(raw_token, dict):
+            raise MappingFileError(f"token file {token_path}: not a JSON object")
+        token_map = {("accessToken" if k == "access_token" else k): v for k, v in raw_token.items()}
+    compiled = compile_mapping(spec)
+    ctx = RenderContext(
+        event=event,
+        xelion_event=xelion_event,
+        user=user_map,
+        token=token_map,
+        delivery_id="preview",
+        now=now_text(),
+    )
+    request = compiled.render(ctx)
+    preview = request_preview(request)
+    preview["warnings"] = extra_warnings + list(request.warnings)
+    preview["condition"] = compiled.condition_holds(ctx)
+    return preview

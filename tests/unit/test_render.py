@@ -1,0 +1,504 @@
+"""Rendering mappings into requests: the manual's mappings, the output rules of el-templates.md §6,
+limits, secrets, the preview and the ``cti-bridge render`` command."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from cti_bridge.el import TemplateEvalError, TemplateSyntaxError
+from cti_bridge.render import (
+    MappingFileError,
+    MappingSpec,
+    RenderContext,
+    RenderError,
+    compile_mapping,
+    mapping_spec_from_json,
+    render_command,
+    request_preview,
+)
+
+NOW = "2026-11-24 09:14:03"
+HUNG_UP = {
+    "callId": "1732443153.1021",
+    "initiation": "incoming",
+    "date": "2026-11-24 09:14:02",
+    "callerPhoneNumber": "+31612345678",
+    "calleePhoneNumber": "+31152511411",
+    "callerUser": None,
+    "calleeUser": "anne",
+    "calleeFlowId": "f-77812",
+    "duration": 89,
+}
+
+
+def ctx(event: dict[str, object] | None = None, **kw: object) -> RenderContext:
+    return RenderContext(
+        event=HUNG_UP if event is None else event,
+        xelion_event=str(kw.pop("xelion_event", "callHungUpEvent")),
+        now=NOW,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def spec(uri: str = "https://crm.example.org/calls", payload: object = None, **kw: object) -> MappingSpec:
+    return MappingSpec(
+        xelion_event=str(kw.pop("xelion_event", "callHungUpEvent")),
+        crm_resource_uri=uri,
+        crm_resource_payload=payload,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+# -- the manual's mappings ------------------------------------------------------------------------------
+
+
+def test_manual_new_call_event_mapping() -> None:
+    # xelion-cti-server-api.txt, POST api/crm-integrations, eventUriMappings[0], after JSON decoding.
+    mapping = json.loads(
+        r"""{"xelionEvent": "newCallEvent",
+             "crmResourceUri": "https://example.org/services/apexrest/Call",
+             "crmResourcePayload": {
+                 "initiation" : "${(initiation==\"outgoing\")?\"calldialed\":\"callreceived\"}",
+                 "to" : "${calleePhoneNumber}", "callId" : "${callId}", "eventType" : "newCallEvent"}}"""
+    )
+    compiled = compile_mapping(mapping_spec_from_json(mapping))
+    request = compiled.render(ctx(xelion_event="newCallEvent"))
+    assert request.method == "POST"
+    assert request.url == "https://example.org/services/apexrest/Call"
+    assert request.headers == {"Content-Type": "application/json"}
+    assert json.loads(request.body or b"") == {
+        "initiation": "callreceived",
+        "to": "+31152511411",
+        "callId": "1732443153.1021",
+        "eventType": "newCallEvent",
+    }
+    outgoing = compiled.render(ctx({**HUNG_UP, "initiation": "outgoing"}))
+    assert json.loads(outgoing.body or b"")["initiation"] == "calldialed"
+
+
+def test_manual_conditional_inside_the_uri() -> None:
+    compiled = compile_mapping(
+        spec(
+            'https://example.org/services/apexrest/Call?initiation=${(initiation=="outgoing")?"calldialed":"callreceived"}',
+            {"to": "${calleePhoneNumber}", "callId": "${callId}", "eventType": "callHungUpEvent"},
+        )
+    )
+    assert compiled.render(ctx()).url == "https://example.org/services/apexrest/Call?initiation=callreceived"
+
+
+def test_manual_zoho_uri_is_percent_encoded_and_has_no_body() -> None:
+    # PUT event-uri-mappings example; crmResourcePayload null sends no body.
+    uri = json.loads(
+        r'"https://example.org/cti-server-stub/api/zoho/services/crm/v2/phonebridge/callhungup?callrefid=${callId}&fromnumber=${callerPhoneNumber}&tonumber=${calleePhoneNumber}&callstarttime=${date}&direction=${(initiation==\"outgoing\")?\"outbound\":\"inbound\"}&duration=30"'
+    )
+    request = compile_mapping(spec(uri, None)).render(ctx())
+    assert request.url == (
+        "https://example.org/cti-server-stub/api/zoho/services/crm/v2/phonebridge/callhungup"
+        "?callrefid=1732443153.1021&fromnumber=%2B31612345678&tonumber=%2B31152511411"
+        "&callstarttime=2026-11-24%2009%3A14%3A02&direction=inbound&duration=30"
+    )
+    assert request.body is None
+    assert "Content-Type" not in request.headers
+
+
+def test_manual_nested_payload_object() -> None:
+    payload = {
+        "fromNumber": "${callerPhoneNumber}",
+        "callerUser": "${callerUser}",
+        "calleeUser": "${calleeUser}",
+        "myObject": {"callId": "${callId}"},
+        "calleeFlowId": "${calleeFlowId}",
+        "toNumber": "${calleePhoneNumber}",
+        "callerFlowId": "${callerFlowId}",
+    }
+    request = compile_mapping(spec(payload=payload)).render(ctx())
+    body = json.loads(request.body or b"")
+    assert body["myObject"] == {"callId": "1732443153.1021"}
+    assert body["callerUser"] is None  # a leaf that is one expression keeps null
+    assert body["callerFlowId"] is None
+    assert request.warnings == ("unknown name 'callerFlowId' in crmResourcePayload/callerFlowId",)
+
+
+def test_manual_unescaped_quotes_are_refused_with_line_and_column(tmp_path: Path) -> None:
+    # The manual's callHungUpEvent mapping has bare '"' inside a JSON string: never guessed at.
+    text = (
+        "{\n"
+        '    "xelionEvent": "callHungUpEvent",\n'
+        '    "crmResourceUri": "https://example.org/services/apexrest/Call?initiation=${(initiation=="outgoing")?"calldialed":"callreceived"}",\n'
+        '    "crmResourcePayload": {"to" : "${calleePhoneNumber}"}\n'
+        "}\n"
+    )
+    mapping = tmp_path / "hungup.json"
+    mapping.write_text(text)
+    event = tmp_path / "event.json"
+    event.write_text(json.dumps(HUNG_UP))
+    with pytest.raises(MappingFileError) as info:
+        render_command(str(mapping), str(event), None, None)
+    assert isinstance(info.value, ValueError)
+    assert "hungup.json" in str(info.value)
+    assert "line 3, column 94" in str(info.value)  # the "o" of outgoing, after the bare quote
+
+
+# -- payload ------------------------------------------------------------------------------------------
+
+
+def test_payload_types_and_strings() -> None:
+    payload = {
+        "n": "${duration}",
+        "s": "${duration}s",
+        "f": "${duration / 2}",
+        "b": "${duration > 0}",
+        "lit": "plain",
+        "num": 5,
+        "nul": None,
+        "arr": ["${callId}", 1, {"k": "${initiation}"}],
+        "${notAKey}": "keys are literal",
+    }
+    body = json.loads(compile_mapping(spec(payload=payload)).render(ctx()).body or b"")
+    assert body == {
+        "n": 89,
+        "s": "89s",
+        "f": 44.5,
+        "b": True,
+        "lit": "plain",
+        "num": 5,
+        "nul": None,
+        "arr": ["1732443153.1021", 1, {"k": "incoming"}],
+        "${notAKey}": "keys are literal",
+    }
+
+
+def test_values_never_break_json() -> None:
+    nasty = 'quote " backslash \\ newline \n tab \t unicode é 😀 </script>'
+    request = compile_mapping(spec(payload={"a": "${x}", "b": "x=${x}"})).render(ctx({"x": nasty}))
+    assert request.body is not None
+    assert json.loads(request.body) == {"a": nasty, "b": "x=" + nasty}
+    assert "é".encode() in request.body  # UTF-8, not \u escapes
+    compact = json.dumps(json.loads(request.body), separators=(",", ":"), ensure_ascii=False)
+    assert request.body == compact.encode()
+
+
+def test_scalar_payload() -> None:
+    request = compile_mapping(spec(payload="${duration}")).render(ctx())
+    assert request.body == b"89"
+
+
+def test_payload_syntax_error_names_the_leaf_and_event() -> None:
+    payload = {"myObject": {"callId": "${callId +}"}}
+    with pytest.raises(TemplateSyntaxError) as info:
+        compile_mapping(spec(payload=payload, xelion_event="newCallEvent"))
+    err = info.value
+    assert err.where == "crmResourcePayload/myObject/callId"
+    assert err.xelion_event == "newCallEvent"
+    assert err.column == 11
+    assert (
+        str(err)
+        == "newCallEvent: crmResourcePayload/myObject/callId: column 11: unexpected end of expression"
+    )
+
+
+def test_json_pointer_escapes_keys() -> None:
+    with pytest.raises(TemplateSyntaxError) as info:
+        compile_mapping(spec(payload={"a/b": [{"c~d": "${)}"}]}))
+    assert info.value.where == "crmResourcePayload/a~1b/0/c~0d"
+
+
+def test_evaluation_error_is_located() -> None:
+    compiled = compile_mapping(spec(payload={"x": "${'a' + 1}"}, xelion_event="newCallEvent"))
+    with pytest.raises(TemplateEvalError) as info:
+        compiled.render(ctx(xelion_event="newCallEvent"))
+    assert (
+        str(info.value)
+        == "newCallEvent: crmResourcePayload/x: column 7: cannot coerce the string 'a' to a number"
+    )
+
+
+# -- URI ----------------------------------------------------------------------------------------------
+
+
+def test_substituted_uri_values_are_encoded_as_components() -> None:
+    compiled = compile_mapping(spec("https://crm.example/p/${a}?q=${b}&r=${c}"))
+    request = compiled.render(ctx({"a": "x/y", "b": "+31 6?&=#", "c": "é"}))
+    assert request.url == "https://crm.example/p/x%2Fy?q=%2B31%206%3F%26%3D%23&r=%C3%A9"
+
+
+def test_base_url_from_an_expression_at_position_zero() -> None:
+    compiled = compile_mapping(spec("${token.instance_url}/services/data/v60.0/sobjects/Task?x=${callId}"))
+    token = {"accessToken": "at-secret", "instance_url": "https://eu1.example.my"}
+    request = compiled.render(ctx(token=token))
+    assert request.url == "https://eu1.example.my/services/data/v60.0/sobjects/Task?x=1732443153.1021"
+
+
+@pytest.mark.parametrize(
+    "base", ["eu1.example.my", "/relative", "ftp://x.example", "javascript:alert(1)", "https://", ""]
+)
+def test_uri_must_be_absolute_http(base: str) -> None:
+    compiled = compile_mapping(spec("${base}/path"))
+    with pytest.raises(RenderError) as info:
+        compiled.render(ctx({"base": base}))
+    assert info.value.where == "crmResourceUri"
+    assert "absolute http or https" in info.value.message
+
+
+def test_uri_base_may_not_smuggle_white_space() -> None:
+    with pytest.raises(RenderError, match="white space or a control"):
+        compile_mapping(spec("${base}/p")).render(ctx({"base": "https://a.example/\r\nX-Evil: 1"}))
+
+
+def test_constant_uri_is_checked_when_compiled() -> None:
+    with pytest.raises(TemplateSyntaxError) as info:
+        compile_mapping(spec("crm.example.org/calls"))
+    assert info.value.where == "crmResourceUri"
+    with pytest.raises(TemplateSyntaxError, match="control character"):
+        compile_mapping(spec("https://crm.example.org/\ncalls"))
+
+
+# -- form, method, headers, condition -----------------------------------------------------------------
+
+
+def test_form_encoding() -> None:
+    compiled = compile_mapping(
+        spec(
+            "https://www.zohoapis.eu/phonebridge/v3/callhungup",
+            {
+                "from": "${callerPhoneNumber}",
+                "user": "${callerUser}",
+                "ok": "${duration > 0}",
+                "n": "${duration}",
+            },
+            content_type="application/x-www-form-urlencoded",
+        )
+    )
+    request = compiled.render(ctx())
+    assert request.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert request.body == b"from=%2B31612345678&user=&ok=true&n=89"
+
+
+def test_form_payload_must_be_flat() -> None:
+    with pytest.raises(TemplateSyntaxError) as info:
+        compile_mapping(spec(payload={"a": {"b": "c"}}, content_type="application/x-www-form-urlencoded"))
+    assert info.value.where == "crmResourcePayload/a"
+    compiled = compile_mapping(
+        spec(payload={"a": "${list}"}, content_type="application/x-www-form-urlencoded")
+    )
+    with pytest.raises(RenderError, match="flat"):
+        compiled.render(ctx({"list": [1, 2]}))
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [("put", "PUT"), ("PATCH", "PATCH"), (" get ", "GET"), ("DELETE", "DELETE")]
+)
+def test_method(given: str, expected: str) -> None:
+    assert compile_mapping(spec(method=given)).render(ctx()).method == expected
+
+
+@pytest.mark.parametrize("field", [{"method": "TRACE"}, {"content_type": "text/xml"}])
+def test_invalid_method_or_content_type(field: dict[str, str]) -> None:
+    with pytest.raises(TemplateSyntaxError):
+        compile_mapping(spec(**field))
+
+
+def test_headers_are_templates_and_refuse_crlf() -> None:
+    compiled = compile_mapping(
+        spec(payload={}, headers={"X-Call": "call ${callId}", "X-Dir": "${initiation}"})
+    )
+    request = compiled.render(ctx())
+    assert request.headers == {
+        "X-Call": "call 1732443153.1021",
+        "X-Dir": "incoming",
+        "Content-Type": "application/json",
+    }
+    with pytest.raises(RenderError) as info:
+        compiled.render(ctx({**HUNG_UP, "callId": "1\r\nX-Evil: yes"}))
+    assert info.value.where == "headers/X-Call"
+
+
+@pytest.mark.parametrize("headers", [{"Bad Name": "x"}, {"Content-Type": "text/plain"}, {"X-A": "${(}"}])
+def test_invalid_headers_refused_at_compile_time(headers: dict[str, str]) -> None:
+    with pytest.raises(TemplateSyntaxError) as info:
+        compile_mapping(spec(headers=headers))
+    assert info.value.where == f"headers/{next(iter(headers))}"
+
+
+@pytest.mark.parametrize(
+    "condition", ["${duration > 0}", "duration > 0", "#{duration gt 0 and initiation == 'incoming'}"]
+)
+def test_condition(condition: str) -> None:
+    compiled = compile_mapping(spec(condition=condition))
+    assert compiled.condition_holds(ctx()) is True
+    assert compiled.condition_holds(ctx({**HUNG_UP, "duration": 0})) is False
+    assert "duration" in compiled.names
+
+
+def test_no_condition_always_holds_and_bad_condition_is_located() -> None:
+    assert compile_mapping(spec()).condition_holds(ctx()) is True
+    with pytest.raises(TemplateSyntaxError) as info:
+        compile_mapping(spec(condition="duration >"))
+    assert info.value.where == "condition"
+    compiled = compile_mapping(spec(condition="duration"))
+    with pytest.raises(TemplateEvalError) as err:
+        compiled.condition_holds(ctx())
+    assert (err.value.where, err.value.xelion_event) == ("condition", "callHungUpEvent")
+
+
+# -- limits --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("place", "mapping"),
+    [
+        ("crmResourcePayload/a", spec(payload={"a": "${big}"})),
+        ("crmResourcePayload/a", spec(payload={"a": "x${big}"})),
+        ("crmResourceUri", spec("https://crm.example/${big}")),
+        ("headers/X-Big", spec(headers={"X-Big": "${big}"})),
+    ],
+)
+def test_rendered_strings_are_at_most_64_kib(place: str, mapping: MappingSpec) -> None:
+    compiled = compile_mapping(mapping)
+    compiled.render(ctx({"big": "é" * 5000}))  # 10,000 bytes (30,000 percent-encoded): fine
+    with pytest.raises(RenderError) as info:
+        compiled.render(ctx({"big": "é" * 40000}))  # 80,000 bytes
+    assert info.value.where == place
+
+
+# -- names, warnings, now ------------------------------------------------------------------------------
+
+
+def test_names_and_warnings() -> None:
+    compiled = compile_mapping(
+        spec(
+            "https://crm.example/${foo}",
+            {
+                "a": "${callId}",
+                "u": "${user.role}",
+                "e": "${xelionEvent}",
+                "d": "${deliveryId}",
+                "t": "${now}",
+            },
+            headers={"X-Bar": "${bar}"},
+            condition="duration > 0",
+        )
+    )
+    assert compiled.names == frozenset(
+        {"foo", "callId", "user", "xelionEvent", "deliveryId", "now", "bar", "duration"}
+    )
+    request = compiled.render(ctx(user={"role": "callee"}, delivery_id="d-1"))
+    assert request.warnings == ("unknown name 'foo' in crmResourceUri", "unknown name 'bar' in headers/X-Bar")
+    assert json.loads(request.body or b"") == {
+        "a": "1732443153.1021",
+        "u": "callee",
+        "e": "callHungUpEvent",
+        "d": "d-1",
+        "t": NOW,
+    }
+    assert compiled.warnings_for(ctx(user={"role": "callee"})) == (
+        "unknown name 'foo' in crmResourceUri",
+        "unknown name 'bar' in headers/X-Bar",
+        "unknown name 'deliveryId' in crmResourcePayload/d",
+    )
+
+
+def test_now_defaults_to_the_current_utc_time() -> None:
+    context = RenderContext(event={}, xelion_event="newCallEvent")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", context.now)
+
+
+# -- secrets and preview -------------------------------------------------------------------------------
+
+
+def test_token_values_are_secret_and_masked_in_the_preview() -> None:
+    token = {"accessToken": "s3cr3t+/tok", "api_domain": "https://www.zohoapis.eu", "expires_in": 3600}
+    compiled = compile_mapping(
+        spec(
+            "${token.api_domain}/crm/v2/calls?token=${token.accessToken}",
+            {"token": "${token.accessToken}", "also": "Bearer ${token.accessToken}", "n": "${callId}"},
+            headers={"X-Token": "${token.accessToken}"},
+        )
+    )
+    request = compiled.render(ctx(token=token))
+    assert "s3cr3t+/tok" in request.secret_values
+    assert "s3cr3t%2B%2Ftok" in request.secret_values  # the form it has in the URL
+    assert "https://www.zohoapis.eu" in request.secret_values
+    assert "s3cr3t%2B%2Ftok" in request.url
+    preview = request_preview(request)
+    text = json.dumps(preview)
+    assert "s3cr3t" not in text and "zohoapis" not in text
+    assert preview == {
+        "method": "POST",
+        "url": "***/crm/v2/calls?token=***",
+        "headers": {"X-Token": "***", "Content-Type": "application/json"},
+        "body": {"token": "***", "also": "Bearer ***", "n": "1732443153.1021"},
+        "warnings": [],
+    }
+
+
+def test_no_token_no_secrets() -> None:
+    request = compile_mapping(spec(payload={"a": "${callId}"})).render(ctx(token={"accessToken": "x"}))
+    assert request.secret_values == ()
+
+
+# -- cti-bridge render ---------------------------------------------------------------------------------
+
+
+def test_render_command(tmp_path: Path) -> None:
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text(
+        json.dumps(
+            {
+                "xelionEvent": "callHungUpEvent",
+                "crmResourceUri": "https://crm.example/calls/${callId}?role=${user.role}&oid=${user.xelionOid}",
+                "crmResourcePayload": {"duration": "${fn:mmss(duration)}", "auth": "${token.accessToken}"},
+                "method": "PUT",
+                "condition": "${duration > 0}",
+            }
+        )
+    )
+    event = tmp_path / "event.json"
+    event.write_text(
+        json.dumps(
+            {
+                "notificationType": "callHungUpEvent",
+                "notification": {
+                    **HUNG_UP,
+                    "calleeUser": {"commonName": "anne", "oid": "1001", "objectType": "User"},
+                },
+            }
+        )
+    )
+    token = tmp_path / "token.json"
+    token.write_text(json.dumps({"access_token": "AT-123", "token_type": "Bearer", "expires_in": 3600}))
+    out = render_command(str(mapping), str(event), "anne", str(token))
+    assert out == {
+        "method": "PUT",
+        "url": "https://crm.example/calls/1732443153.1021?role=callee&oid=1001",
+        "headers": {"Content-Type": "application/json"},
+        "body": {"duration": "01:29", "auth": "***"},
+        "warnings": [],
+        "condition": True,
+    }
+    json.dumps(out)  # JSON-able
+
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({**HUNG_UP, "duration": 0, "callerUser": "bob"}))
+    out = render_command(str(mapping), str(bare), "bob", None)
+    assert out["condition"] is False
+    assert out["url"] == "https://crm.example/calls/1732443153.1021?role=caller&oid="
+    assert out["warnings"] == ["unknown name 'token' in crmResourcePayload/auth"]
+
+
+def test_render_command_reports_bad_files(tmp_path: Path) -> None:
+    event = tmp_path / "event.json"
+    event.write_text('{\n  "callId": 1,\n  oops\n}')
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text(json.dumps({"xelionEvent": "newCallEvent", "crmResourceUri": "https://x.example/"}))
+    with pytest.raises(MappingFileError, match=r"event\.json: line 3, column 3"):
+        render_command(str(mapping), str(event), None, None)
+    with pytest.raises(MappingFileError, match="missing.json"):
+        render_command(str(tmp_path / "missing.json"), str(event), None, None)
+    mapping.write_text(json.dumps({"crmResourceUri": "https://x.example/"}))
+    with pytest.raises(MappingFileError, match="xelionEvent"):
+        render_command(str(mapping), str(event), None, None)
