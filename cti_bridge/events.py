@@ -1,0 +1,189 @@
+"""Xelion call notifications as data: parsing, parties, deduplication keys. Pure, no I/O.
+
+The websocket source hands every frame it reads to :func:`parse_notification`; the pipeline uses
+:func:`parties` to find the Xelion users an event belongs to and :func:`dedupe_key` to record the
+attended-transfer double hang-up once (xelion-protocol.md §4).
+
+Parsing is tolerant on purpose (xelion-protocol.md §3.4): a frame of any other shape (a ``test``
+echo, non-JSON, no ``notificationType``, a call event without ``callId``) yields ``None`` and a debug
+log line, never an exception. Every field the server sent is kept, known or not, because mapping
+templates may name any of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+logger = logging.getLogger(__name__)
+
+#: The notification types that describe a call; all of them carry a ``callId`` (xelion-protocol.md §4).
+CALL_EVENT_TYPES: frozenset[str] = frozenset(
+    {"newCallEvent", "callConnectedEvent", "callHungUpEvent", "missedCallEvent", "channelHungUpEvent"}
+)
+
+#: The fields of a call event that name an internal party, and the role each one gives.
+_PARTY_FIELDS: tuple[tuple[str, str], ...] = (("caller", "callerUser"), ("callee", "calleeUser"))
+
+
+@dataclass(frozen=True)
+class ParsedNotification:
+    """One ``{"notificationType": ..., "notification": {...}}`` frame (xelion-protocol.md §3.4).
+
+    ``fields`` is the ``notification`` object exactly as the server sent it.
+    """
+
+    notification_type: str
+    fields: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def is_call_event(self) -> bool:
+        return self.notification_type in CALL_EVENT_TYPES
+
+    @property
+    def call_id(self) -> str | None:
+        value = self.fields.get("callId")
+        if value is None:
+            return None
+        return str(value)
+
+
+@dataclass(frozen=True)
+class Party:
+    """An internal party of a call: a Xelion user named by ``callerUser`` or ``calleeUser``.
+
+    Xelion sends the user either as a user name string or as an object reference
+    ``{"commonName", "oid", "objectType"}`` (xelion-protocol.md §4); whichever identifiers arrived are
+    kept, so that users can be matched by ``userName``/``commonName`` or by ``oid``.
+    """
+
+    role: str  # "caller" | "callee"
+    username: str | None
+    oid: str | None
+    common_name: str | None
+
+
+def parse_notification(frame: str | bytes) -> ParsedNotification | None:
+    """Parse one websocket frame; ``None`` for anything that is not a notification we can use.
+
+    Call events (:data:`CALL_EVENT_TYPES`) must carry a ``callId`` (a string, or a number that the
+    server chose to send unquoted); other notification types are returned as they are, so the caller
+    decides what to do with them.
+    """
+    if isinstance(frame, bytes | bytearray):
+        try:
+            frame = bytes(frame).decode("utf-8")
+        except UnicodeDecodeError:
+            logger.debug("ignored a binary frame that is not UTF-8 (%d bytes)", len(frame))
+            return None
+    try:
+        data = json.loads(frame)
+    except ValueError:
+        logger.debug("ignored a frame that is not JSON (%d characters)", len(frame))
+        return None
+    if not isinstance(data, dict):
+        logger.debug("ignored a JSON frame that is not an object")
+        return None
+    notification_type = data.get("notificationType")
+    if not isinstance(notification_type, str) or not notification_type:
+        # Test echoes ({"messageType": "test", ...}) and anything else land here (§3.3, §3.4).
+        logger.debug("ignored a frame without notificationType (keys: %s)", sorted(data)[:10])
+        return None
+    notification = data.get("notification")
+    if notification is None:
+        notification = {}
+    if not isinstance(notification, dict):
+        logger.debug("ignored a %s frame whose notification is not an object", notification_type)
+        return None
+    fields: dict[str, object] = {str(k): v for k, v in notification.items()}
+    if notification_type in CALL_EVENT_TYPES:
+        call_id = fields.get("callId")
+        if isinstance(call_id, bool) or not isinstance(call_id, str | int) or call_id == "":
+            logger.debug("ignored a %s frame without a usable callId", notification_type)
+            return None
+    return ParsedNotification(notification_type=notification_type, fields=fields)
+
+
+def _opt_str(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def parties(fields: Mapping[str, object]) -> list[Party]:
+    """The internal parties of a call event, caller first; outside parties (null users) are left out.
+
+    A user given as a string is a ``userName`` (xelion-protocol.md §4). A user given as an object
+    reference contributes its ``oid`` and ``commonName`` (and a ``userName`` if the server added one).
+    """
+    result: list[Party] = []
+    for role, key in _PARTY_FIELDS:
+        value = fields.get(key)
+        if isinstance(value, str):
+            if value:
+                result.append(Party(role=role, username=value, oid=None, common_name=None))
+        elif isinstance(value, Mapping):
+            username = _opt_str(value.get("userName"))
+            oid = _opt_str(value.get("oid"))
+            common_name = _opt_str(value.get("commonName"))
+            if username or oid or common_name:
+                result.append(Party(role=role, username=username, oid=oid, common_name=common_name))
+    return result
+
+
+def dedupe_key(xelion_context_id: int, notification_type: str, fields: Mapping[str, object]) -> str:
+    """The deduplication key of an event: a sha256 hex digest (xelion-protocol.md §4, chosen).
+
+    It covers (integration, ``notificationType``, ``callId``, ``callerPhoneNumber``,
+    ``calleePhoneNumber``), so the attended transfer's second A-B hang-up gets the same key as the
+    first. The tuple is serialised as canonical JSON (no spaces, UTF-8) so the key is stable across
+    processes and versions; absent fields count as ``null``.
+    """
+    canonical = json.dumps(
+        [
+            xelion_context_id,
+            notification_type,
+            fields.get("callId"),
+            fields.get("callerPhoneNumber"),
+            fields.get("calleePhoneNumber"),
+        ],
+        separators=(",", ":"),
+        ensure_ascii=False,
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def normalise_fields(fields: Mapping[str, object]) -> dict[str, object]:
+    """The fields templates see: every field the server sent, values unchanged (a deep copy).
+
+    User references stay as they arrived (string, null or object) because templates may name them;
+    matching users goes through :func:`parties` instead (xelion-protocol.md §4).
+    """
+    return {str(k): copy.deepcopy(v) for k, v in fields.items()}
+
+
+def parse_xelion_time(s: str) -> datetime:
+    """Parse a Xelion date-time into a timezone-aware UTC datetime (the convention of clock.py).
+
+    Accepts ``YYYY-MM-DD HH:MM:SS`` (UTC, no zone marker: xelion-protocol.md §1) and ISO-8601,
+    with or without a zone (``Z`` or an offset, converted to UTC; no zone means UTC).
+    Raises ``ValueError`` otherwise.
+    """
+    text = s.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        return dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)

@@ -1,0 +1,566 @@
+"""The Xelion notification websocket source: one per integration, and the manager that runs them.
+
+A :class:`XelionSource` logs in as the integration's admin (userSpace ``cti-bridge-<id>``), fetches a
+one-time websocket URL, connects, subscribes, and hands every call event to
+``SourceHooks.on_event`` — awaiting it, because that commits the event to the database; it never waits
+on a CRM (DESIGN.md §1). After any close it fetches a fresh URL and reconnects with jittered
+exponential backoff that resets only after a connection stayed healthy (xelion-protocol.md §3.6,
+reliability.md §16-§18). Bad credentials stop the loop and show as ``FAILED``. Every period without a
+live, subscribed socket is reported as a gap.
+
+:class:`SourceManager` owns one asyncio task per integration and is what the application's
+supervisor drives (start, stop, update, stop_all on SIGTERM, reliability.md §20).
+
+Secrets: the admin password, the session tokens and the websocket URL (whose path is a credential,
+§3.1) never reach a log line or a state/gap reason; the websockets library's debug logging, which
+prints the request path, is switched off for our connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from cti_bridge.clock import Clock, SystemClock
+from cti_bridge.events import CALL_EVENT_TYPES, normalise_fields, parse_notification
+from cti_bridge.ports import SourceConfig, SourceHooks, SourceState
+from cti_bridge.xelion.rest import XelionError, XelionSession
+
+logger = logging.getLogger(__name__)
+
+SOURCE_USER_SPACE_PREFIX = "cti-bridge-"
+
+
+class _QuietLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger for the websockets library that never reports DEBUG as enabled.
+
+    websockets logs the handshake request line (which carries the one-time secret of §3.1) and every
+    frame at DEBUG; it checks ``isEnabledFor(DEBUG)`` once per connection, so this keeps them out.
+    """
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level > logging.DEBUG and self.logger.isEnabledFor(level)
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Timing and injectables of the sources; the defaults are the protocol's (§3.3, §3.6).
+
+    ``random`` returns a float in [0, 1) and ``sleep`` is awaited for every backoff delay, so tests can
+    make the backoff deterministic or fast. ``backoff_min``/``backoff_max`` bound the delay before the
+    jitter; ``healthy_after`` is how long a connection must stay up before the backoff resets.
+    """
+
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+    close_timeout: float = 5.0
+    open_timeout: float = 10.0
+    backoff_min: float = 1.0
+    backoff_max: float = 60.0
+    healthy_after: float = 30.0
+    logout_timeout: float = 5.0
+    renew_retry_delay: float = 5.0
+    app_key: str | None = None
+    #: Proxy for the websocket (``None``: connect directly; ``True``: from the environment).
+    proxy: str | Literal[True] | None = None
+    random: Callable[[], float] = random.random
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    clock: Clock = field(default_factory=SystemClock)
+
+    def backoff_delay(self, attempt: int) -> float:
+        """The delay before reconnect ``attempt`` (0-based): between half and all of
+        ``min(backoff_max, backoff_min * 2**attempt)`` ("equal jitter"), so a storm of reconnects
+        spreads out but never comes faster than half the exponential schedule."""
+        base = min(self.backoff_max, self.backoff_min * (2.0 ** min(attempt, 30)))
+        return base * (0.5 + 0.5 * self.random())
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    """What health, metrics and the admin API show about one source."""
+
+    state: SourceState
+    since: datetime | None = None
+    last_event_at: datetime | None = None
+    last_error: str | None = None
+    reconnects: int = 0
+    connected_since: datetime | None = None
+
+
+def subscription_frame(event_types: Iterable[str], toggle: bool = True) -> str:
+    """The one ``multiNotificationRequest`` sent after every (re)connect (§3.2)."""
+    return json.dumps(
+        {
+            "messageType": "multiNotificationRequest",
+            "notifications": [
+                {"notificationType": event_type, "toggle": toggle} for event_type in sorted(event_types)
+            ],
+        }
+    )
+
+
+def _is_echo(message: str | bytes, probe: dict[str, str]) -> bool:
+    """Whether a frame is the echo of our probe (compared as JSON: whitespace may differ)."""
+    if isinstance(message, bytes) or '"test"' not in message:
+        return False
+    try:
+        return bool(json.loads(message) == probe)
+    except ValueError:
+        return False
+
+
+class _NoEcho(Exception):
+    """The server did not echo the subscription probe within ``open_timeout``."""
+
+
+class _HookFailed(Exception):
+    """``on_event`` raised: the event was not recorded, so the socket is dropped and a gap opened."""
+
+
+class XelionSource:
+    """The websocket source of one integration (xelion-protocol.md §3).
+
+    Run it with :meth:`run` (the manager does, in its own task). It returns only when the source
+    failed for good (bad credentials: state ``FAILED``); otherwise it runs until cancelled or
+    :meth:`stop` is awaited, then closes the socket, logs out and reports ``STOPPED``.
+    """
+
+    def __init__(
+        self,
+        config: SourceConfig,
+        hooks: SourceHooks,
+        client: httpx.AsyncClient,
+        options: SourceOptions | None = None,
+    ) -> None:
+        self.config = config
+        self._hooks = hooks
+        self._client = client
+        self._options = options or SourceOptions()
+        self._clock = self._options.clock
+        self._id = config.xelion_context_id
+        self._event_types: frozenset[str] = frozenset(config.event_types)
+        self._state = SourceState.STOPPED
+        self._since: datetime | None = None
+        self._last_event_at: datetime | None = None
+        self._last_error: str | None = None
+        self._reconnects = 0
+        self._connected_since: datetime | None = None
+        self._gap_open = False
+        self._ws: ClientConnection | None = None
+        self._session: XelionSession | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._connected_at: float | None = None  # monotonic time of the last subscription
+        self._probes = 0
+        self._where = f"{config.target.host}/{config.target.tenant}"
+
+    # -- what others read -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SourceState:
+        return self._state
+
+    @property
+    def event_types(self) -> frozenset[str]:
+        return self._event_types
+
+    def status(self) -> SourceStatus:
+        return SourceStatus(
+            state=self._state,
+            since=self._since,
+            last_event_at=self._last_event_at,
+            last_error=self._last_error,
+            reconnects=self._reconnects,
+            connected_since=self._connected_since,
+        )
+
+    # -- control ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, subscribe and forward events until stopped, cancelled or failed.
+
+        Cancellation: the socket is closed, the session logged out (bounded by
+        ``logout_timeout``), ``STOPPED`` reported, and the ``CancelledError`` re-raised. An open gap is
+        left open: nothing listens until the next start closes it.
+        """
+        self._task = asyncio.current_task()
+        try:
+            await self._run()
+        finally:
+            await self._shutdown()
+
+    async def stop(self) -> None:
+        """Stop :meth:`run` (cancel its task) and wait until it has logged out.
+
+        Cancellation: cancelling the caller does not interrupt the source's own shutdown.
+        """
+        task = self._task
+        if task is None or task.done():
+            return
+        if task is asyncio.current_task():
+            raise RuntimeError("stop() called from the source's own task; cancel it instead")
+        task.cancel()
+        await asyncio.wait([task])
+
+    async def set_event_types(self, event_types: frozenset[str]) -> None:
+        """Change the subscribed types; re-subscribes on the live socket at once (§3.2).
+
+        Types dropped are switched off with one ``notificationRequest`` each (toggle false); the
+        new full list is sent as one ``multiNotificationRequest``. Without a live socket the new list
+        simply applies to the next subscription. Cancellation: the frames sent so far stay sent.
+        """
+        removed = self._event_types - event_types
+        self._event_types = frozenset(event_types)
+        ws = self._ws
+        if ws is None or self._state is not SourceState.SUBSCRIBED:
+            return
+        try:
+            for event_type in sorted(removed):
+                await ws.send(
+                    json.dumps(
+                        {
+                            "messageType": "notificationRequest",
+                            "notificationType": event_type,
+                            "toggle": False,
+                        }
+                    )
+                )
+            await ws.send(subscription_frame(self._event_types))
+            logger.info("re-subscribed to Xelion %s (%d event types)", self._where, len(self._event_types))
+        except ConnectionClosed:
+            pass  # the read loop notices and the next subscription carries the new list
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        options = self._options
+        stored = await self._call_hook("load_session_token", self._hooks.load_session_token(self._id))
+        self._session = XelionSession(
+            self._client,
+            self.config.target,
+            self.config.admin_username,
+            self.config.admin_password,
+            f"{SOURCE_USER_SPACE_PREFIX}{self._id}",
+            app_key=options.app_key,
+            stored_token=stored if isinstance(stored, str) and stored else None,
+            on_token=self._save_token,
+            clock=self._clock,
+        )
+        await self._open_gap("starting")
+        attempt = 0
+        while True:
+            await self._set_state(SourceState.CONNECTING, self._last_error)
+            self._connected_at = None
+            try:
+                await self._connect_once()
+                reason = "Xelion closed the websocket"
+            except XelionError as exc:
+                if exc.permanent:
+                    # §3.6: bad credentials stop the retries until the credentials change.
+                    logger.error("Xelion %s refused the admin login (%s); giving up", self._where, exc.kind)
+                    self._last_error = exc.message
+                    await self._set_state(SourceState.FAILED, exc.message)
+                    return
+                reason = exc.message
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd is not None else (exc.sent.code if exc.sent else 1006)
+                reason = f"websocket closed ({code})"
+            except InvalidStatus as exc:
+                reason = f"websocket refused: HTTP {exc.response.status_code}"
+            except (InvalidURI, InvalidHandshake) as exc:
+                reason = f"websocket handshake failed: {type(exc).__name__}"
+            except (OSError, TimeoutError) as exc:
+                reason = f"websocket connection failed: {type(exc).__name__}"
+            except _NoEcho:
+                reason = "websocket did not answer the subscription probe"
+            except _HookFailed as exc:
+                reason = f"an event could not be recorded: {exc}"
+            except Exception as exc:
+                # A bug must not end the integration's only listener: log it, back off, try again.
+                logger.exception("unexpected error in the Xelion %s source", self._where)
+                reason = f"unexpected error: {type(exc).__name__}"
+            finally:
+                self._ws = None
+                self._connected_since = None
+            connected_at = self._connected_at
+            self._last_error = reason
+            await self._open_gap(reason)
+            if connected_at is not None and self._clock.monotonic() - connected_at >= options.healthy_after:
+                attempt = 0  # §3.6: reset only after a connection stayed up long enough
+            delay = options.backoff_delay(attempt)
+            attempt += 1
+            self._reconnects += 1
+            logger.warning(
+                "Xelion %s websocket down (%s); reconnecting in %.1f s", self._where, reason, delay
+            )
+            await self._set_state(SourceState.BACKOFF, reason)
+            await options.sleep(delay)
+
+    async def _connect_once(self) -> None:
+        """Log in if needed, fetch a fresh URL, connect, subscribe, read until the socket closes.
+
+        Sets ``_connected_at`` (monotonic) once subscribed, which decides the backoff reset.
+        """
+        session = self._session
+        assert session is not None
+        options = self._options
+        if not session.logged_in:
+            await session.login()
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(
+                session.keep_alive(options.renew_retry_delay), name=f"xelion-renew-{self._id}"
+            )
+        url = await session.websocket_url()  # a 401 logs in again inside (§3.6)
+        async with connect(
+            url,
+            ping_interval=options.ping_interval,
+            ping_timeout=options.ping_timeout,
+            close_timeout=options.close_timeout,
+            open_timeout=options.open_timeout,
+            proxy=options.proxy,
+            logger=_QuietLogger(logging.getLogger("cti_bridge.xelion.websocket"), {}),
+            compression=None,
+        ) as ws:
+            self._ws = ws
+            await ws.send(subscription_frame(self._event_types))
+            # §3.2 has no acknowledgement, but §3.3 echoes "test" frames in order: the echo of a
+            # probe sent after the subscription proves the server read it. Only then is the socket
+            # "subscribed" (and the gap closed), so a server that accepts and closes at once is one
+            # long gap, not a flicker of tiny ones.
+            self._probes += 1
+            probe = {"messageType": "test", "probe": f"cti-bridge-{self._id}-{self._probes}"}
+            await ws.send(json.dumps(probe))
+            confirmed = False
+            try:
+                async with asyncio.timeout(options.open_timeout) as deadline:
+                    async for message in ws:
+                        if not confirmed and _is_echo(message, probe):
+                            confirmed = True
+                            deadline.reschedule(None)
+                            await self._subscribed()
+                            continue
+                        await self._handle(message)  # events may come before the echo
+            except TimeoutError:
+                if confirmed:
+                    raise
+                raise _NoEcho() from None
+
+    async def _subscribed(self) -> None:
+        self._connected_at = self._clock.monotonic()
+        self._connected_since = self._clock.now()
+        self._last_error = None
+        logger.info("subscribed to Xelion %s (%d event types)", self._where, len(self._event_types))
+        await self._set_state(SourceState.SUBSCRIBED, None)
+        await self._close_gap()
+
+    async def _handle(self, message: str | bytes) -> None:
+        parsed = parse_notification(message)
+        if parsed is None:
+            return
+        if parsed.notification_type not in CALL_EVENT_TYPES:
+            logger.debug("ignored a %s notification (not a call event)", parsed.notification_type)
+            return
+        if parsed.notification_type not in self._event_types:
+            logger.debug("ignored a %s notification (not subscribed)", parsed.notification_type)
+            return
+        self._last_event_at = self._clock.now()
+        try:
+            await self._hooks.on_event(self._id, parsed.notification_type, normalise_fields(parsed.fields))
+        except Exception as exc:
+            logger.exception(
+                "recording a %s event from Xelion %s failed", parsed.notification_type, self._where
+            )
+            raise _HookFailed(type(exc).__name__) from exc
+
+    async def _shutdown(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._renewer
+            self._renewer = None
+        ws = self._ws
+        self._ws = None
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        if self._session is not None and self._session.logged_in:
+            try:
+                async with asyncio.timeout(self._options.logout_timeout):
+                    await self._session.logout()
+            except (TimeoutError, Exception):
+                logger.warning("logging out of Xelion %s did not finish", self._where)
+        self._connected_since = None
+        if self._state is not SourceState.FAILED:
+            await self._set_state(SourceState.STOPPED, None)
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+    async def _save_token(self, token: str | None) -> None:
+        await self._call_hook("save_session_token", self._hooks.save_session_token(self._id, token))
+
+    async def _set_state(self, state: SourceState, error: str | None) -> None:
+        if state is self._state and state is not SourceState.BACKOFF:
+            return
+        self._state = state
+        self._since = self._clock.now()
+        await self._call_hook("on_state", self._hooks.on_state(self._id, state, error))
+
+    async def _open_gap(self, reason: str) -> None:
+        if self._gap_open:
+            return
+        self._gap_open = True
+        await self._call_hook("gap_opened", self._hooks.gap_opened(self._id, self._clock.now(), reason))
+
+    async def _close_gap(self) -> None:
+        if not self._gap_open:
+            return
+        self._gap_open = False
+        await self._call_hook("gap_closed", self._hooks.gap_closed(self._id, self._clock.now()))
+
+    async def _call_hook(self, name: str, awaitable: Awaitable[Any]) -> Any:
+        """Await a reporting hook; a failing one is logged, never fatal to the source."""
+        try:
+            return await awaitable
+        except Exception:
+            logger.exception("source hook %s failed for Xelion %s", name, self._where)
+            return None
+
+
+@dataclass
+class _Entry:
+    source: XelionSource
+    task: asyncio.Task[None]
+
+
+class SourceManager:
+    """Runs one :class:`XelionSource` per integration, each in its own asyncio task.
+
+    Every public coroutine is serialised by one lock, so concurrent calls for the same integration
+    cannot race. Cancelling a caller while it waits for a source to stop does not interrupt that
+    source's shutdown (it finishes in its own task).
+    """
+
+    def __init__(
+        self, hooks: SourceHooks, client: httpx.AsyncClient, options: SourceOptions | None = None
+    ) -> None:
+        self._hooks = hooks
+        self._client = client
+        self._options = options or SourceOptions()
+        self._entries: dict[int, _Entry] = {}
+        self._lock = asyncio.Lock()
+
+    async def start(self, config: SourceConfig) -> None:
+        """Start the source of ``config.xelion_context_id``.
+
+        If it is already running this is :meth:`update`; if it had failed, it starts afresh.
+        Cancellation: nothing is left half-started (the task is created without awaiting).
+        """
+        async with self._lock:
+            entry = self._entries.get(config.xelion_context_id)
+            if entry is not None and not entry.task.done():
+                await self._update_locked(entry, config)
+                return
+            self._start_locked(config)
+
+    async def stop(self, xelion_context_id: int) -> None:
+        """Stop that integration's source and log it out; a no-op if it is not running.
+
+        Cancellation: the source still finishes stopping in its own task.
+        """
+        async with self._lock:
+            entry = self._entries.pop(xelion_context_id, None)
+            if entry is not None:
+                await self._stop_entry(entry)
+
+    async def restart(self, config: SourceConfig) -> None:
+        """Stop (with logout) and start again with ``config``. Cancellation: as :meth:`stop`."""
+        async with self._lock:
+            entry = self._entries.pop(config.xelion_context_id, None)
+            if entry is not None:
+                await self._stop_entry(entry)
+            self._start_locked(config)
+
+    async def update(self, config: SourceConfig) -> None:
+        """Apply a configuration change without needless reconnects.
+
+        Only the event types changed: re-subscribe on the live socket. Target or admin credentials
+        changed: restart (so a ``FAILED`` source runs again once its credentials change, §3.6).
+        Nothing changed: no-op (a failed source stays failed). Not running: start.
+        Cancellation: as :meth:`restart`.
+        """
+        async with self._lock:
+            entry = self._entries.get(config.xelion_context_id)
+            if entry is None:
+                self._start_locked(config)
+                return
+            await self._update_locked(entry, config)
+
+    async def stop_all(self) -> None:
+        """Stop every source at once and log each out (what SIGTERM triggers, reliability.md §20).
+
+        Cancellation: the sources still finish stopping in their own tasks.
+        """
+        async with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+            await asyncio.gather(*(self._stop_entry(entry) for entry in entries), return_exceptions=True)
+
+    def status(self, xelion_context_id: int) -> SourceStatus:
+        """The status of one source; ``STOPPED`` for an integration without a running source."""
+        entry = self._entries.get(xelion_context_id)
+        if entry is None:
+            return SourceStatus(state=SourceState.STOPPED)
+        return entry.source.status()
+
+    def statuses(self) -> dict[int, SourceStatus]:
+        return {context_id: entry.source.status() for context_id, entry in self._entries.items()}
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _start_locked(self, config: SourceConfig) -> None:
+        source = XelionSource(config, self._hooks, self._client, self._options)
+        task = asyncio.create_task(source.run(), name=f"xelion-source-{config.xelion_context_id}")
+        task.add_done_callback(self._task_done)
+        self._entries[config.xelion_context_id] = _Entry(source=source, task=task)
+
+    async def _update_locked(self, entry: _Entry, config: SourceConfig) -> None:
+        old = entry.source.config
+        same_connection = (
+            old.target == config.target
+            and old.admin_username == config.admin_username
+            and old.admin_password == config.admin_password
+        )
+        if not same_connection:
+            self._entries.pop(config.xelion_context_id, None)
+            await self._stop_entry(entry)
+            self._start_locked(config)
+            return
+        entry.source.config = config
+        if frozenset(config.event_types) != entry.source.event_types and not entry.task.done():
+            await entry.source.set_event_types(frozenset(config.event_types))
+
+    @staticmethod
+    async def _stop_entry(entry: _Entry) -> None:
+        # Cancel the task itself, not through the source: a task that has not started running yet
+        # has no source-side handle, and cancelling it before it runs is a complete stop.
+        entry.task.cancel()
+        await asyncio.wait([entry.task])
+
+    @staticmethod
+    def _task_done(task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            logger.error("a Xelion source stopped unexpectedly: %s", type(exc).__name__, exc_info=exc)

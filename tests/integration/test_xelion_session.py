@@ -1,0 +1,281 @@
+"""The Xelion REST session and directory against the simulator (xelion-protocol.md §1-§2)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+import pytest
+from xelion_helpers import (
+    ADMIN_PASSWORD,
+    RecordingHooks,
+    client,
+    config_for,
+    fast_options,
+    hooks,
+    sim,
+    wait_for,
+)
+
+from cti_bridge.ports import SourceState, XelionCheckError, XelionTarget
+from cti_bridge.sim.xelion import XelionSimulator
+from cti_bridge.xelion.directory import HttpXelionDirectory
+from cti_bridge.xelion.rest import XelionApiError, XelionSession, XelionUnreachable
+from cti_bridge.xelion.source import SourceManager
+
+__all__ = ["client", "hooks", "sim"]  # fixtures
+
+
+def admin_session(
+    sim: XelionSimulator, client: httpx.AsyncClient, user_space: str = "cti-bridge-1", **kwargs: object
+) -> XelionSession:
+    return XelionSession(client, sim.target("master"), "admin", ADMIN_PASSWORD, user_space, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_login_gives_a_session_in_the_fixed_user_space(
+    sim: XelionSimulator, client: httpx.AsyncClient
+) -> None:
+    saved: list[str | None] = []
+
+    async def on_token(token: str | None) -> None:
+        saved.append(token)
+
+    session = admin_session(sim, client, on_token=on_token)
+    await session.login()
+    assert session.logged_in
+    assert sim.stats.logins == 1
+    assert sim.sessions_by_user_space() == {"cti-bridge-1": 1}
+    assert saved == [session.token]
+    info = await session.me_info()
+    assert info["userName"] == "admin"
+
+
+async def test_wrong_password_is_a_credentials_error(sim: XelionSimulator, client: httpx.AsyncClient) -> None:
+    session = XelionSession(client, sim.target("master"), "admin", "wrong", "cti-bridge-1")
+    with pytest.raises(XelionApiError) as caught:
+        await session.login()
+    assert (caught.value.kind, caught.value.status, caught.value.error_code) == ("credentials", 401, 10004)
+    assert caught.value.permanent
+    assert sim.stats.login_attempts == 1
+
+
+async def test_disabled_account_is_permanent(sim: XelionSimulator, client: httpx.AsyncClient) -> None:
+    sim.add_user("master", "gone", "gone-password", admin=True, active=False)
+    session = XelionSession(client, sim.target("master"), "gone", "gone-password", "cti-bridge-1")
+    with pytest.raises(XelionApiError) as caught:
+        await session.login()
+    assert (caught.value.kind, caught.value.error_code, caught.value.permanent) == ("disabled", 10006, True)
+
+
+async def test_unreachable_server() -> None:
+    async with httpx.AsyncClient(trust_env=False) as http:
+        # Port 1 on loopback: nothing listens, the connection is refused at once.
+        session = XelionSession(
+            http, XelionTarget("http", "127.0.0.1:1", "master"), "admin", "pw", "cti-bridge-1", timeout=2
+        )
+        with pytest.raises(XelionUnreachable) as caught:
+            await session.login()
+    assert caught.value.kind == "unreachable"
+
+
+async def test_renews_before_expiry_with_the_rotating_renewal_token(client: httpx.AsyncClient) -> None:
+    async with XelionSimulator(token_lifetime=3.0) as sim:
+        sim.add_user("master", "admin", ADMIN_PASSWORD, admin=True)
+        session = admin_session(sim, client)
+        await session.login()
+        first = session.token
+        keeper = asyncio.create_task(session.keep_alive(retry_delay=0.2))
+        try:
+            started = time.monotonic()
+            # The second renewal can only succeed with the rotated renewal token of the first.
+            await wait_for(lambda: sim.stats.renews >= 2, timeout=6.0, what="two renewals")
+            # Go past the first token's lifetime: only the renewals keep the session alive.
+            await asyncio.sleep(max(0.0, 3.3 - (time.monotonic() - started)))
+            assert sim.stats.logins == 1
+            assert session.token != first
+            assert (await session.me_info())["userName"] == "admin"
+            assert sim.stats.logins == 1  # me_info did not need a re-login
+        finally:
+            keeper.cancel()
+
+
+async def test_relogin_after_401(sim: XelionSimulator, client: httpx.AsyncClient) -> None:
+    session = admin_session(sim, client)
+    await session.login()
+    await sim.expire_all_sessions()
+    info = await session.me_info()
+    assert info["userName"] == "admin"
+    assert sim.stats.logins == 2
+    assert sim.active_sessions() == 1
+
+
+async def test_renew_after_expiry_logs_in_again(sim: XelionSimulator, client: httpx.AsyncClient) -> None:
+    session = admin_session(sim, client)
+    await session.login()
+    await sim.expire_all_sessions()
+    await session.renew()
+    assert sim.stats.logins == 2
+    assert sim.stats.renews == 0
+    assert (await session.me_info())["userName"] == "admin"
+
+
+async def test_10005_stored_token_ends_the_old_session(
+    sim: XelionSimulator, client: httpx.AsyncClient
+) -> None:
+    crashed = admin_session(sim, client)
+    await crashed.login()  # a previous run that died without logging out
+    old_token = crashed.token
+    session = admin_session(sim, client, stored_token=old_token)
+    await session.login()
+    assert session.active_user_space == "cti-bridge-1"
+    assert sim.sessions_by_user_space() == {"cti-bridge-1": 1}
+    # The old session is gone: its token no longer works.
+    response = await client.get(
+        sim.base_url("master") + "me/info", headers={"Authorization": f"xelion {old_token}"}
+    )
+    assert response.status_code == 401
+    assert response.json()["errorCode"] == 10000
+
+
+async def test_10005_without_token_tries_suffixes_then_fails_clearly(
+    sim: XelionSimulator, client: httpx.AsyncClient
+) -> None:
+    holders = [admin_session(sim, client) for _ in range(6)]
+    for holder in holders:
+        await holder.login()
+    assert [h.active_user_space for h in holders] == ["cti-bridge-1"] + [
+        f"cti-bridge-1-{i}" for i in range(1, 6)
+    ]
+    attempts_before = sim.stats.login_attempts
+    late = admin_session(sim, client)
+    with pytest.raises(XelionApiError) as caught:
+        await late.login()
+    assert caught.value.kind == "already_logged_in"
+    assert caught.value.error_code == 10005
+    assert "cti-bridge-1" in caught.value.message
+    assert sim.stats.login_attempts - attempts_before == 6  # base + five suffixes, no more
+
+
+async def test_relogin_on_a_suffixed_space_stays_there(
+    sim: XelionSimulator, client: httpx.AsyncClient
+) -> None:
+    other = admin_session(sim, client)
+    await other.login()
+    session = admin_session(sim, client)
+    await session.login()
+    assert session.active_user_space == "cti-bridge-1-1"
+    await session.login()  # presents its own token on its own space: ends and replaces it
+    assert session.active_user_space == "cti-bridge-1-1"
+    assert sim.sessions_by_user_space() == {"cti-bridge-1": 1, "cti-bridge-1-1": 1}
+
+
+async def test_logout(sim: XelionSimulator, client: httpx.AsyncClient) -> None:
+    saved: list[str | None] = []
+
+    async def on_token(token: str | None) -> None:
+        saved.append(token)
+
+    session = admin_session(sim, client, on_token=on_token)
+    await session.login()
+    await session.logout()
+    assert not session.logged_in
+    assert sim.stats.logouts == 1
+    assert sim.active_sessions() == 0
+    assert saved[-1] is None
+
+
+async def test_users_lookup_and_paging(sim: XelionSimulator, client: httpx.AsyncClient) -> None:
+    session = admin_session(sim, client)
+    await session.login()
+    anne = sim.tenants["master"].users["anne"]
+    found = await session.find_users("anne", page_size=1)
+    assert [(u.oid, u.user_name, u.common_name) for u in found] == [(anne.oid, "anne", "Anne Hunter")]
+    assert await session.find_users("nobody") == []
+    # The simulator pages with limit/after=nextId as §1 describes.
+    seen: list[str] = []
+    after: str | None = None
+    while True:
+        params = {"limit": "2", **({"after": after} if after else {})}
+        body = (await session.request("GET", "users", params=params)).json()
+        seen += [item["object"]["userName"] for item in body["data"]]
+        after = body["meta"]["paging"].get("nextId")
+        if not after:
+            break
+    assert sorted(seen) == ["admin", "anne", "bob", "carol"]
+
+
+async def test_users_needs_an_admin(sim: XelionSimulator, client: httpx.AsyncClient) -> None:
+    session = XelionSession(client, sim.target("master"), "anne", "anne-password", "x")
+    with pytest.raises(XelionApiError) as caught:
+        await session.find_users("bob")
+    assert (caught.value.kind, caught.value.status, caught.value.error_code) == ("forbidden", 403, 10101)
+
+
+async def test_directory_checks(sim: XelionSimulator, client: httpx.AsyncClient) -> None:
+    directory = HttpXelionDirectory(client)
+    target = sim.target("master")
+    await directory.check_admin(target, "admin", ADMIN_PASSWORD)
+    assert sim.stats.logins == 1 and sim.stats.logouts == 1
+    assert sim.active_sessions() == 0
+    with pytest.raises(XelionCheckError) as caught:
+        await directory.check_admin(target, "admin", "wrong")
+    assert caught.value.kind == "credentials"
+    user = await directory.find_user(target, "admin", ADMIN_PASSWORD, "bob")
+    assert user is not None and user.user_name == "bob" and user.oid == sim.tenants["master"].users["bob"].oid
+    assert await directory.find_user(target, "admin", ADMIN_PASSWORD, "nobody") is None
+    assert sim.active_sessions() == 0  # every check logged out
+    # The check sessions use their own userSpaces, so they never collide with a source's session.
+    anne = XelionSession(client, target, "anne", "anne-password", "webchat")
+    await anne.login()
+    assert anne.token is not None
+    assert await directory.whoami(target, anne.token) == "anne"
+    with pytest.raises(XelionCheckError) as caught:
+        await directory.whoami(target, "not-a-token")
+    assert caught.value.kind == "credentials"
+    with pytest.raises(XelionCheckError) as caught:
+        await directory.check_admin(XelionTarget("http", "127.0.0.1:1", "master"), "admin", "pw")
+    assert caught.value.kind == "unreachable"
+
+
+async def test_check_does_not_collide_with_the_source_session(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    manager = SourceManager(hooks, client, fast_options())
+    await manager.start(config_for(sim))
+    await wait_for(lambda: manager.status(1).state is SourceState.SUBSCRIBED, what="subscribed")
+    await HttpXelionDirectory(client).check_admin(sim.target("master"), "admin", ADMIN_PASSWORD)
+    assert manager.status(1).state is SourceState.SUBSCRIBED
+    assert sim.stats.websocket_connects == 1
+    await manager.stop_all()
+
+
+async def test_secrets_never_logged(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    manager = SourceManager(hooks, client, fast_options())
+    await manager.start(config_for(sim))
+    await wait_for(lambda: manager.status(1).state is SourceState.SUBSCRIBED, what="subscribed")
+    await sim.place_call("incoming", callee="anne")
+    await wait_for(lambda: len(hooks.events) == 3, what="events")
+    await sim.drop_all_sockets()  # a reconnect: a second URL, more log lines
+    await wait_for(
+        lambda: sim.stats.websocket_connects == 2 and manager.status(1).state is SourceState.SUBSCRIBED
+    )
+    await manager.stop_all()
+    directory = HttpXelionDirectory(client)
+    await directory.check_admin(sim.target("master"), "admin", ADMIN_PASSWORD)
+    with pytest.raises(XelionCheckError):
+        await directory.check_admin(sim.target("master"), "admin", "wrong-password-secret")
+
+    tokens = [t for _, t in hooks.token_saves if t]
+    assert tokens, "the source saved its session token"
+    url_secrets = [url.rsplit("/", 1)[1] for url in sim.stats.issued_urls]
+    assert len(url_secrets) == 2
+    text = caplog.text + "".join(str(r.args) for r in caplog.records)
+    assert caplog.records, "something was logged"
+    assert "127.0.0.1" in text  # the host is named ...
+    for secret in [ADMIN_PASSWORD, "wrong-password-secret", *tokens, *url_secrets]:
+        assert secret not in text  # ... the secrets never are

@@ -1,0 +1,405 @@
+"""The notification websocket source and its manager against the simulator (xelion-protocol.md §3-§4,
+reliability.md §16-§18, §20). Real sockets on 127.0.0.1, port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import httpx
+import pytest
+from xelion_helpers import RecordingHooks, client, config_for, fast_options, hooks, sim, wait_for
+
+from cti_bridge.events import dedupe_key
+from cti_bridge.ports import SourceState
+from cti_bridge.sim.xelion import XelionSimulator
+from cti_bridge.xelion.rest import XelionSession
+from cti_bridge.xelion.source import SourceManager, SourceOptions, XelionSource
+
+__all__ = ["client", "hooks", "sim"]  # fixtures
+
+DEFAULT_TYPES = ["callConnectedEvent", "callHungUpEvent", "missedCallEvent", "newCallEvent"]
+
+
+def subscribed(manager: SourceManager, context_id: int = 1) -> bool:
+    return manager.status(context_id).state is SourceState.SUBSCRIBED
+
+
+async def started(
+    sim: XelionSimulator,
+    client: httpx.AsyncClient,
+    hooks: RecordingHooks,
+    options: SourceOptions | None = None,
+) -> SourceManager:
+    manager = SourceManager(hooks, client, options or fast_options())
+    await manager.start(config_for(sim))
+    await wait_for(lambda: subscribed(manager), what="the source to subscribe")
+    return manager
+
+
+async def test_subscribes_with_one_multi_notification_request(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    manager = await started(sim, client, hooks)
+    await wait_for(lambda: sim.subscriptions() == [frozenset(DEFAULT_TYPES)], what="the subscription")
+    assert len(sim.stats.subscription_frames) == 1
+    frame = sim.stats.subscription_frames[0]
+    assert frame["messageType"] == "multiNotificationRequest"
+    assert sorted(frame["notifications"], key=lambda n: n["notificationType"]) == [
+        {"notificationType": t, "toggle": True} for t in DEFAULT_TYPES
+    ]
+    # Logged in as the integration's admin in its fixed userSpace (§2).
+    assert sim.sessions_by_user_space() == {"cti-bridge-1": 1}
+    await manager.stop_all()
+
+
+async def test_events_arrive_as_hook_calls_with_every_field(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    manager = await started(sim, client, hooks)
+    await wait_for(lambda: bool(sim.subscriptions()), what="subscription on the server")
+    call = await sim.place_call("incoming", callee="anne", fields={"customerRef": "K-17", "queue": {"id": 3}})
+    await wait_for(lambda: len(hooks.events) == 3, what="three events")
+    assert [(cid, t) for cid, t, _ in hooks.events] == [(1, t) for t, _ in call.frames]
+    for (_, _, fields), (_, sent) in zip(hooks.events, call.frames, strict=True):
+        assert fields == sent  # every field kept, unknown ones too
+    assert hooks.events[0][2]["calleeUser"] == "anne"
+    assert hooks.events[2][2]["duration"] == 30
+    # Not subscribed: never sent by the server, never recorded.
+    assert await sim.push("channelHungUpEvent", {"callId": "x"}) == 0
+    status = manager.status(1)
+    assert status.last_event_at is not None and status.connected_since is not None
+    await manager.stop_all()
+
+
+async def test_object_user_references_and_other_shapes(
+    client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    async with XelionSimulator(user_refs="object") as sim:
+        sim.add_user("master", "admin", "admin-password", admin=True)
+        anne = sim.add_user("master", "anne", "anne-password", common_name="Anne Hunter")
+        manager = await started(sim, client, hooks)
+        await wait_for(lambda: bool(sim.subscriptions()))
+        # Frames of other shapes are ignored, never fatal (§3.4).
+        for sock in list(sim._sockets):
+            await sock.ws.send_str("not json")
+            await sock.ws.send_str('{"messageType": "test", "x": 1}')
+            await sock.ws.send_str('{"notificationType": "newCallEvent", "notification": {"date": "x"}}')
+        await sim.place_call("missed", callee="anne")
+        await wait_for(lambda: len(hooks.events) == 3, what="three events")
+        assert [t for _, t, _ in hooks.events] == ["newCallEvent", "missedCallEvent", "callHungUpEvent"]
+        assert hooks.events[0][2]["calleeUser"] == {
+            "commonName": "Anne Hunter",
+            "oid": anne.oid,
+            "objectType": "User",
+        }
+        assert sim.stats.websocket_connects == 1  # the odd frames did not cost a reconnect
+        await manager.stop_all()
+
+
+async def test_reconnect_storm_is_bounded_by_the_backoff(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    # random() == 0 gives the shortest delays the backoff allows: half of 0.1, 0.2, 0.4, 0.8, 0.8, ...
+    options = fast_options(backoff_min=0.1, backoff_max=0.8, random=lambda: 0.0)
+    window = 2.0
+    sim.accept_then_close(window)
+    started_at = time.monotonic()
+    manager = SourceManager(hooks, client, options)
+    await manager.start(config_for(sim))
+    await asyncio.sleep(window - (time.monotonic() - started_at))
+    connects_in_window = sim.stats.websocket_connects
+    # Connect times at the shortest delays: 0, .05, .15, .35, .75, 1.15, 1.55, 1.95 -> at most 8.
+    allowed = 0
+    t, attempt = 0.0, 0
+    while t < window:
+        allowed += 1
+        t += options.backoff_delay(attempt)
+        attempt += 1
+    assert allowed == 8
+    assert 3 <= connects_in_window <= allowed
+    assert sim.stats.login_attempts == 1  # the session outlives the storm
+    # No subscription was ever confirmed (no probe echo): the storm is one gap, not a flicker.
+    assert [(kind, reason) for kind, _, _, reason in hooks.gaps] == [("open", "starting")]
+    assert SourceState.SUBSCRIBED not in [state for _, state, _ in hooks.states]
+    # Once the server behaves, the source settles on one subscribed socket.
+    await wait_for(lambda: subscribed(manager) and bool(sim.subscriptions()), timeout=3.0, what="recovery")
+    assert manager.status(1).reconnects >= connects_in_window - 1
+    await manager.stop_all()
+
+
+async def test_backoff_resets_only_after_a_healthy_connection() -> None:
+    options = SourceOptions(backoff_min=1.0, backoff_max=60.0, random=lambda: 1.0 - 1e-12)
+    delays = [round(options.backoff_delay(n), 3) for n in range(8)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    low = SourceOptions(backoff_min=1.0, backoff_max=60.0, random=lambda: 0.0)
+    assert [low.backoff_delay(n) for n in range(3)] == [0.5, 1.0, 2.0]
+
+
+async def test_backoff_resets_after_the_connection_stayed_up(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    delays: list[float] = []
+
+    async def record_sleep(delay: float) -> None:
+        delays.append(delay)
+
+    options = fast_options(
+        backoff_min=0.01, backoff_max=10.0, random=lambda: 0.0, healthy_after=0.5, sleep=record_sleep
+    )
+    manager = await started(sim, client, hooks, options)
+    for n in range(1, 4):  # quick drops: the backoff grows
+        await wait_for(lambda: bool(sim.subscriptions()))
+        await sim.drop_all_sockets()
+        await wait_for(lambda: len(delays) == n and sim.stats.websocket_connects == n + 1)
+    await wait_for(lambda: subscribed(manager) and bool(sim.subscriptions()))
+    await asyncio.sleep(0.6)  # now it stays up longer than healthy_after
+    await sim.drop_all_sockets()
+    await wait_for(lambda: len(delays) == 4 and subscribed(manager))
+    assert delays == [0.005, 0.01, 0.02, 0.005]
+    await manager.stop_all()
+
+
+async def test_half_open_socket_is_noticed_and_replaced(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    options = fast_options(ping_interval=0.5, ping_timeout=0.5, close_timeout=0.3)
+    manager = await started(sim, client, hooks, options)
+    gaps_before = len(hooks.gaps)
+    sim.pause_pongs()
+    took = await wait_for(lambda: len(hooks.gaps) > gaps_before, timeout=4.0, what="the dead socket noticed")
+    # ping_interval + ping_timeout (+ the close handshake, bounded by close_timeout).
+    assert took <= 0.5 + 0.5 + 0.3 + 0.5
+    assert hooks.gaps[-1][0] == "open"
+    sim.pause_pongs(False)
+    await wait_for(
+        lambda: sim.stats.websocket_connects == 2 and subscribed(manager) and bool(sim.subscriptions())
+    )
+    await sim.place_call("incoming", callee="bob")
+    await wait_for(lambda: len(hooks.events) == 3, what="events on the new socket")
+    await manager.stop_all()
+
+
+async def test_unconfirmed_subscription_counts_as_a_gap(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    # The source confirms its subscription with a "test" probe (§3.3); unanswered, it is no socket.
+    sim.pause_echoes()
+    manager = SourceManager(hooks, client, fast_options(open_timeout=0.3))
+    await manager.start(config_for(sim))
+    await wait_for(lambda: manager.status(1).state is SourceState.BACKOFF, what="backoff")
+    assert manager.status(1).last_error == "websocket did not answer the subscription probe"
+    assert [kind for kind, *_ in hooks.gaps] == ["open"]
+    sim.pause_echoes(False)
+    await wait_for(lambda: subscribed(manager), what="subscribed once echoes return")
+    assert [kind for kind, *_ in hooks.gaps] == ["open", "close"]
+    assert sim.stats.websocket_connects >= 2
+    await manager.stop_all()
+
+
+async def test_bad_admin_credentials_fail_without_hammering(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    manager = SourceManager(hooks, client, fast_options())
+    await manager.start(config_for(sim, admin_password="wrong"))
+    await wait_for(lambda: manager.status(1).state is SourceState.FAILED, what="FAILED")
+    await asyncio.sleep(0.5)  # many backoff periods at the test's scale
+    assert sim.stats.login_attempts == 1
+    assert sim.stats.websocket_urls == 0
+    status = manager.status(1)
+    assert status.state is SourceState.FAILED
+    assert status.last_error is not None and "10004" in status.last_error
+    assert hooks.states[-1][1] is SourceState.FAILED and hooks.states[-1][2] == status.last_error
+    assert "wrong" not in status.last_error
+    # The same configuration again changes nothing; new credentials start it (§3.6).
+    await manager.update(config_for(sim, admin_password="wrong"))
+    await asyncio.sleep(0.1)
+    assert sim.stats.login_attempts == 1
+    await manager.update(config_for(sim))
+    await wait_for(lambda: subscribed(manager), what="subscribed with the right password")
+    await manager.stop_all()
+
+
+async def test_gaps_are_recorded_and_resubscribed_after_reconnect(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    manager = await started(sim, client, hooks)
+    await wait_for(lambda: bool(sim.subscriptions()))
+    assert [(kind, reason) for kind, _, _, reason in hooks.gaps] == [("open", "starting"), ("close", None)]
+    await sim.drop_all_sockets()
+    await wait_for(lambda: len(hooks.gaps) == 4 and bool(sim.subscriptions()), what="a second gap closed")
+    kinds = [kind for kind, *_ in hooks.gaps]
+    assert kinds == ["open", "close", "open", "close"]
+    assert hooks.gaps[2][3] is not None and "closed" in hooks.gaps[2][3]
+    assert hooks.gaps[2][2] <= hooks.gaps[3][2]
+    # Re-subscribed on the new socket: a fresh URL, a second frame, events flow again.
+    assert sim.stats.websocket_urls == 2
+    assert len(sim.stats.subscription_frames) == 2
+    assert sim.subscriptions() == [frozenset(DEFAULT_TYPES)]
+    await sim.place_call("outgoing", caller="carol")
+    await wait_for(lambda: len(hooks.events) == 3)
+    states = [state for _, state, _ in hooks.states]
+    assert states[:2] == [SourceState.CONNECTING, SourceState.SUBSCRIBED]
+    assert SourceState.BACKOFF in states
+    await manager.stop_all()
+
+
+async def test_expired_session_logs_in_again_and_reconnects(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    manager = await started(sim, client, hooks)
+    await sim.expire_all_sessions()  # the server closes the session's socket too
+    await wait_for(
+        lambda: sim.stats.websocket_connects == 2 and subscribed(manager) and bool(sim.subscriptions())
+    )
+    assert sim.stats.logins == 2
+    assert sim.sessions_by_user_space() == {"cti-bridge-1": 1}
+    await manager.stop_all()
+
+
+async def test_stored_token_ends_the_crashed_run_session(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    crashed = XelionSession(client, sim.target("master"), "admin", "admin-password", "cti-bridge-1")
+    await crashed.login()  # a previous run killed with -9: no logout
+    hooks.tokens[1] = crashed.token
+    manager = await started(sim, client, hooks)
+    assert sim.sessions_by_user_space() == {"cti-bridge-1": 1}  # no suffix needed
+    assert hooks.tokens[1] not in (None, crashed.token)
+    await manager.stop_all()
+    assert hooks.tokens[1] is None
+
+
+async def test_failing_event_hook_drops_the_socket_and_records_a_gap(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    manager = await started(sim, client, hooks)
+    await wait_for(lambda: bool(sim.subscriptions()))
+    hooks.fail_events = True
+    await sim.place_call("incoming", callee="anne")
+    await wait_for(lambda: hooks.gaps[-1][0] == "open", what="a gap")
+    assert "could not be recorded" in str(hooks.gaps[-1][3])
+    hooks.fail_events = False
+    await wait_for(
+        lambda: subscribed(manager) and sim.stats.websocket_connects == 2 and bool(sim.subscriptions())
+    )
+    await manager.stop_all()
+
+
+async def test_manager_start_update_stop(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    sim.add_user("master", "admin2", "admin2-password", admin=True)
+    manager = await started(sim, client, hooks)
+    await wait_for(lambda: bool(sim.subscriptions()))
+    assert manager.status(2).state is SourceState.STOPPED  # unknown integration
+    # Only the event types change: re-subscribe on the live socket, no reconnect.
+    new_types = frozenset({"newCallEvent", "callHungUpEvent", "channelHungUpEvent"})
+    await manager.update(config_for(sim, event_types=new_types))
+    await wait_for(lambda: sim.subscriptions() == [new_types], what="re-subscription")
+    assert sim.stats.websocket_connects == 1
+    await sim.place_call("missed", callee="anne")  # missedCallEvent no longer subscribed
+    await sim.push("channelHungUpEvent", {"callId": "c-1", "callerPhoneNumber": "+1"})
+    await wait_for(lambda: len(hooks.events) == 3)
+    assert [t for _, t, _ in hooks.events] == ["newCallEvent", "callHungUpEvent", "channelHungUpEvent"]
+    # The same configuration again: nothing happens.
+    await manager.update(config_for(sim, event_types=new_types))
+    assert sim.stats.websocket_connects == 1 and sim.stats.logins == 1
+    # Other admin credentials: restart (old session logged out, new one in the same userSpace).
+    await manager.update(config_for(sim, admin_username="admin2", admin_password="admin2-password"))
+    await wait_for(lambda: subscribed(manager) and sim.stats.websocket_connects == 2)
+    assert sim.stats.logouts == 1 and sim.stats.logins == 2
+    assert sim.sessions_by_user_space() == {"cti-bridge-1": 1}
+    # restart(): a fresh source, counters reset.
+    await manager.restart(config_for(sim, admin_username="admin2", admin_password="admin2-password"))
+    await wait_for(lambda: subscribed(manager) and sim.stats.websocket_connects == 3)
+    assert manager.status(1).reconnects == 0
+    assert set(manager.statuses()) == {1}
+    await manager.stop(1)
+    assert manager.status(1).state is SourceState.STOPPED
+    assert hooks.state_of(1) is SourceState.STOPPED
+    assert sim.stats.logouts == 3 and sim.active_sessions() == 0
+    assert manager.statuses() == {}
+    await manager.stop(1)  # a no-op
+
+
+async def test_stop_all_logs_out_every_source(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    """What SIGTERM triggers (reliability.md §20): every source closes its socket and logs out."""
+    manager = SourceManager(hooks, client, fast_options())
+    await manager.start(config_for(sim, 1))
+    await manager.start(config_for(sim, 2))
+    await wait_for(lambda: subscribed(manager, 1) and subscribed(manager, 2))
+    assert sim.sessions_by_user_space() == {"cti-bridge-1": 1, "cti-bridge-2": 1}
+    await manager.stop_all()
+    assert sim.stats.logouts == 2
+    assert sim.active_sessions() == 0
+    await wait_for(lambda: sim.open_sockets == 0, what="sockets closed")
+    assert hooks.state_of(1) is SourceState.STOPPED and hooks.state_of(2) is SourceState.STOPPED
+    assert hooks.tokens == {1: None, 2: None}
+
+
+async def test_source_stop_and_cancellation(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    source = XelionSource(config_for(sim), hooks, client, fast_options())
+    task = asyncio.create_task(source.run())
+    await wait_for(lambda: source.state is SourceState.SUBSCRIBED)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert source.state is SourceState.STOPPED
+    assert sim.stats.logouts == 1
+    source2 = XelionSource(config_for(sim), hooks, client, fast_options())
+    task2 = asyncio.create_task(source2.run())
+    await wait_for(lambda: source2.state is SourceState.SUBSCRIBED)
+    await source2.stop()
+    assert task2.cancelled() and sim.stats.logouts == 2
+
+
+async def test_hundred_calls_arrive_with_the_right_dedupe_keys(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    manager = await started(sim, client, hooks)
+    await wait_for(lambda: bool(sim.subscriptions()))
+    kinds = ["incoming", "outgoing", "internal", "missed", "attended_transfer"]
+    sent = []
+    for n in range(100):
+        kind = kinds[n % len(kinds)]
+        if kind == "outgoing":
+            call = await sim.place_call(kind, caller="anne", callee=f"+3161234{n:04d}")
+        elif kind == "internal":
+            call = await sim.place_call(kind, caller="carol", callee="anne")
+        else:
+            call = await sim.place_call(kind, caller=f"+3161234{n:04d}", callee="anne", transfer_to="bob")
+        sent += call.frames
+    await wait_for(lambda: len(hooks.events) == len(sent), timeout=10.0, what="every event")
+    assert len({fields["callId"] for _, _, fields in hooks.events}) == 100
+    for (context_id, event_type, fields), (sent_type, sent_fields) in zip(hooks.events, sent, strict=True):
+        assert (event_type, fields) == (sent_type, sent_fields)
+    keys = [dedupe_key(cid, t, f) for cid, t, f in hooks.events]
+    expected = [dedupe_key(1, t, f) for t, f in sent]
+    assert keys == expected
+    # Each attended transfer's A-B hang-up arrives twice with one key; everything else is unique.
+    transfers = sum(1 for n in range(100) if kinds[n % len(kinds)] == "attended_transfer")
+    assert transfers == 20
+    assert len(set(keys)) == len(keys) - transfers
+    for n in range(len(hooks.events) - 1):
+        if keys[n] == keys[n + 1]:
+            assert hooks.events[n][1] == "callHungUpEvent"
+            assert hooks.events[n][2]["callerUser"] == "anne" and hooks.events[n][2]["calleeUser"] == "bob"
+    await manager.stop_all()
+
+
+def test_options_are_frozen() -> None:
+    options = SourceOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.backoff_min = 5  # type: ignore[misc]
+    assert (options.ping_interval, options.ping_timeout, options.backoff_max, options.healthy_after) == (
+        20.0,
+        20.0,
+        60.0,
+        30.0,
+    )
