@@ -22,6 +22,8 @@ class ErrorCode(IntEnum):
     INVALID_TEMPLATE = 10202  # 422: a template does not compile (mapping, place and column in info)
     HOST_NOT_ALLOWED = 10203  # 403: the Xelion host is not in CTI_BRIDGE_ALLOWED_XELION_HOSTS
     UNKNOWN_XELION_USER = 10204  # 422: the Xelion user does not exist on the phone system
+    BODY_TOO_LARGE = 10205  # 413: the request body exceeds the admin API's limit
+    METHOD_NOT_ALLOWED = 10206  # 405: the path exists but not with this HTTP method
     CONFLICT = 10300  # 409: already exists (integration for host+tenant, user in a CRM context)
     TOO_MANY_REQUESTS = 10400  # 429: slowed down after failed logins
     XELION_UNREACHABLE = 10500  # 502: Xelion did not answer the check

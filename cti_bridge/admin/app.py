@@ -1,0 +1,173 @@
+"""The admin API application: ``create_admin_app(AdminDeps)`` builds a FastAPI app around injected parts.
+
+Every error leaves in Xelion's shape, ``{"errorCode", "message", "info"}`` (xelion-protocol.md §1),
+with the status and code of ``cti_bridge.errors``:
+
+- ``ApiError`` as raised (its ``headers``, e.g. ``Retry-After``, included);
+- ``RequestValidationError`` (a bad path or query parameter) → 422/10201 naming it;
+- Starlette's ``HTTPException`` (an unknown path → 404/10100, a wrong method → 405/10206);
+- anything else → 500/11000 "Internal error", logged with its traceback; the answer carries neither
+  the traceback nor the exception's text (which could hold a secret).
+
+The last one is a plain ASGI middleware rather than an ``Exception`` handler: Starlette re-raises
+after running such a handler, so the server would log the error a second time.
+
+OpenAPI: FastAPI's own ``/docs`` and ``/openapi.json``. The routes read their bodies themselves
+(``admin.body``, for line/column errors), so the request models are added to the schema components
+here and referenced from each route's ``openapi_extra``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cti_bridge.admin import schemas
+from cti_bridge.admin.auth import LoginLimiter
+from cti_bridge.admin.body import loc_text
+from cti_bridge.admin.deps import AdminDeps, Readiness, get_deps
+from cti_bridge.admin.routes import environment, health, integrations, session, users
+from cti_bridge.errors import ApiError, ErrorCode
+
+__all__ = ["AdminDeps", "Readiness", "create_admin_app", "get_deps"]
+
+log = logging.getLogger(__name__)
+
+_STATUS_CODES = {
+    401: ErrorCode.NOT_AUTHENTICATED,
+    403: ErrorCode.FORBIDDEN,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.BODY_TOO_LARGE,
+    429: ErrorCode.TOO_MANY_REQUESTS,
+}
+
+
+def error_response(status: int, code: ErrorCode, message: str, info: str = "", **kw: Any) -> JSONResponse:
+    return JSONResponse({"errorCode": int(code), "message": message, "info": info}, status_code=status, **kw)
+
+
+async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    headers: dict[str, str] | None = getattr(exc, "headers", None)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for err in exc.errors():
+        loc = [p for p in err.get("loc", ()) if isinstance(p, int | str)]
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        problems.append(f"{loc_text(loc)}: {msg[:1].lower() + msg[1:]}")
+    first = problems[0] if problems else "the request is invalid"
+    return error_response(
+        422, ErrorCode.INVALID_REQUEST, f"Invalid request: {first}", "; ".join(problems[:10])
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _STATUS_CODES.get(exc.status_code, ErrorCode.INVALID_REQUEST)
+    if exc.status_code == 404:
+        message, info = "Not found", f"no resource at {request.url.path[:200]}"
+    elif exc.status_code == 405:
+        message, info = "Method not allowed", f"{request.method} is not allowed on {request.url.path[:200]}"
+    else:
+        message, info = str(exc.detail)[:200], ""
+    return error_response(exc.status_code, code, message, info, headers=exc.headers)
+
+
+class CatchAllMiddleware:
+    """Answer 500/11000 for any exception no handler took, and log it once (see module docstring)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            log.exception("admin API: unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise  # too late for an error body: let the server drop the connection
+            body = json.dumps(
+                {"errorCode": int(ErrorCode.INTERNAL), "message": "Internal error", "info": ""}
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    _, defs = models_json_schema(
+        [(m, "validation") for m in schemas.REQUEST_MODELS], ref_template="#/components/schemas/{model}"
+    )
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in defs.get("$defs", {}).items():
+        components.setdefault(name, schema)
+    app.openapi_schema = spec
+    return spec
+
+
+def create_admin_app(deps: AdminDeps) -> FastAPI:
+    """The admin API over ``deps`` (stored on ``app.state.deps``), with ``deps.extra_routers`` included."""
+    app = FastAPI(
+        title="cti-bridge admin API",
+        version="1",
+        description=(
+            "The REST admin API of the Xelion CTI server (same paths and JSON shapes), plus cti-bridge's "
+            'extensions. Authenticate with "Authorization: xelion <token>".'
+        ),
+    )
+    app.state.deps = deps
+    app.state.login_limiter = LoginLimiter(
+        deps.clock,
+        max_failures=deps.settings.login_failures_before_delay,
+        lockout_seconds=deps.settings.login_lockout_seconds,
+    )
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(CatchAllMiddleware)
+    for module in (integrations, users, environment, session, health):
+        app.include_router(module.router)
+    for router in deps.extra_routers:
+        app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        return _openapi(app)
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

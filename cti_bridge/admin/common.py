@@ -1,0 +1,57 @@
+"""Small helpers shared by the admin API's route modules: paging, query strings, Xelion failures."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Query
+from fastapi.responses import JSONResponse
+
+from cti_bridge.errors import ApiError, ErrorCode
+from cti_bridge.ports import XelionCheckError, XelionTarget
+
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 10000
+MAX_OFFSET = 2**31 - 1
+
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="at most this many items")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="skip this many items")]
+
+
+def paged(items: list[dict[str, object]], total: int) -> JSONResponse:
+    """A bare JSON array, as the manual shows its lists, with the total in ``X-Total-Count``."""
+    return JSONResponse(items, headers={"X-Total-Count": str(total)})
+
+
+def query_text(value: str | None, name: str, max_length: int = 255) -> str | None:
+    """A query-string value checked for what the database cannot compare (NUL) or need not see."""
+    if value is None:
+        return None
+    if "\x00" in value or len(value) > max_length:
+        raise ApiError(
+            422,
+            ErrorCode.INVALID_REQUEST,
+            f"Invalid request: query.{name}: must be at most {max_length} characters without NUL",
+            f"query.{name}",
+        )
+    return value
+
+
+def xelion_failure(exc: XelionCheckError, target: XelionTarget, *, what: str = "admin") -> ApiError:
+    """A failed Xelion check as an API error (xelion-protocol.md §1 codes)."""
+    where = f"{target.host} tenant {target.tenant}"
+    if exc.kind in ("credentials", "disabled"):
+        reason = (
+            "the account is disabled" if exc.kind == "disabled" else "wrong user name, password or tenant"
+        )
+        return ApiError(
+            401, ErrorCode.WRONG_CREDENTIALS, f"Xelion refused the {what} credentials", f"{where}: {reason}"
+        )
+    if exc.kind == "unreachable":
+        return ApiError(502, ErrorCode.XELION_UNREACHABLE, "Xelion did not answer", f"{where}: {exc.message}")
+    return ApiError(
+        502,
+        ErrorCode.UPSTREAM_FAILED,
+        "Xelion gave an answer that could not be used",
+        f"{where}: {exc.message}",
+    )

@@ -1,0 +1,202 @@
+"""``api/deliveries``: see what was sent and what failed, replay and dismiss (beyond the manual).
+
+Lists answer ``{"total": N, "offset": k, "items": [...]}`` (DESIGN.md §4). A session token sees only
+its own integration's deliveries; another integration's delivery id is a 404. Attempt records carry
+request and response excerpts whose secrets were masked when they were recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field
+
+from cti_bridge.admin.app import AdminDeps, get_deps
+from cti_bridge.admin.auth import Principal, require_principal
+from cti_bridge.errors import ApiError, ErrorCode, invalid_request, not_found
+from cti_bridge.store import deliveries as store
+from cti_bridge.store.models import CallEvent, Delivery, DeliveryAttempt
+
+router = APIRouter(prefix="/api/deliveries", tags=["deliveries"])
+
+
+def _iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _parse_time(name: str, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise invalid_request(
+            f"{name}: not a date-time", f"{name} must be ISO-8601, e.g. 2026-11-24T09:00:00Z"
+        ) from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def delivery_json(d: Delivery) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "state": d.state,
+        "xelionContextId": d.xelion_context_id,
+        "crmContextId": d.crm_context_id,
+        "mappingId": d.mapping_id,
+        "eventId": d.event_id,
+        "callId": d.call_id,
+        "xelionUsername": d.xelion_username,
+        "userCredentialsId": str(d.credential_id) if d.credential_id is not None else None,
+        "role": d.user_role,
+        "attempts": d.attempts,
+        "nextAttemptAt": _iso(d.next_attempt_at) if d.state == "pending" else None,
+        "lastStatus": d.last_status,
+        "lastError": d.last_error,
+        "createdAt": _iso(d.created_at),
+        "updatedAt": _iso(d.updated_at),
+        "deliveredAt": _iso(d.delivered_at),
+    }
+
+
+def attempt_json(a: DeliveryAttempt) -> dict[str, Any]:
+    return {
+        "attempt": a.attempt_no,
+        "startedAt": _iso(a.started_at),
+        "durationMs": a.duration_ms,
+        "outcome": a.outcome,
+        "httpStatus": a.http_status,
+        "error": a.error,
+        "request": {"method": a.request_method, "url": a.request_url, "bodyExcerpt": a.request_excerpt},
+        "responseExcerpt": a.response_excerpt,
+    }
+
+
+def _scope(principal: Principal, xelion_context_id: int | None) -> int | None:
+    if principal.xelion_context_id is not None:
+        if xelion_context_id is not None and xelion_context_id != principal.xelion_context_id:
+            raise not_found("integration", xelion_context_id)
+        return principal.xelion_context_id
+    return xelion_context_id
+
+
+Deps = Annotated[AdminDeps, Depends(get_deps)]
+Auth = Annotated[Principal, Depends(require_principal)]
+
+
+@router.get("", summary="List deliveries, newest first")
+async def list_deliveries(
+    deps: Deps,
+    principal: Auth,
+    state: Annotated[
+        str | None, Query(description="pending, sending, delivered, dead, parked, dismissed")
+    ] = None,
+    xelionContextId: int | None = None,  # noqa: N803 - the API's camelCase
+    username: str | None = None,
+    callId: str | None = None,  # noqa: N803
+    since: str | None = None,
+    until: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    if state is not None and state not in store.STATES:
+        raise invalid_request("state: unknown state", f"state must be one of {', '.join(store.STATES)}")
+    f = store.DeliveryFilter(
+        state=state,
+        xelion_context_id=_scope(principal, xelionContextId),
+        username=username,
+        call_id=callId,
+        since=_parse_time("since", since),
+        until=_parse_time("until", until),
+    )
+    total, rows = await deps.database.run(lambda s: store.list_deliveries(s, f, limit=limit, offset=offset))
+    return {"total": total, "offset": offset, "items": [delivery_json(d) for d in rows]}
+
+
+async def _load(
+    deps: AdminDeps, principal: Principal, delivery_id: str
+) -> tuple[Delivery, CallEvent, list[DeliveryAttempt]]:
+    found = await deps.database.run(lambda s: store.get_delivery(s, delivery_id))
+    if found is None or (
+        principal.xelion_context_id is not None and found[0].xelion_context_id != principal.xelion_context_id
+    ):
+        raise not_found("delivery", delivery_id)
+    return found
+
+
+@router.get("/{delivery_id}", summary="One delivery with its event and every attempt")
+async def get_delivery(delivery_id: str, deps: Deps, principal: Auth) -> dict[str, Any]:
+    delivery, event, attempts = await _load(deps, principal, delivery_id)
+    body = delivery_json(delivery)
+    body["event"] = {
+        "id": event.id,
+        "xelionEvent": event.notification_type,
+        "receivedAt": _iso(event.received_at),
+        "notification": json.loads(event.payload),
+        "duplicates": event.duplicates,
+    }
+    body["attemptLog"] = [attempt_json(a) for a in attempts]
+    return body
+
+
+def _wake(request: Request) -> None:
+    worker = getattr(request.app.state, "worker", None)
+    if worker is not None:
+        worker.wake()
+
+
+@router.post("/{delivery_id}/replay", summary="Send a finished delivery again (same Idempotency-Key)")
+async def replay_one(delivery_id: str, deps: Deps, principal: Auth, request: Request) -> dict[str, Any]:
+    delivery, _, _ = await _load(deps, principal, delivery_id)
+    now = deps.clock.now()
+    if not await deps.database.run(lambda s: store.replay(s, delivery_id, now)):
+        raise ApiError(
+            409,
+            ErrorCode.CONFLICT,
+            "delivery cannot be replayed now",
+            f"it is {delivery.state}; only {', '.join(store.REPLAYABLE)} deliveries can be replayed",
+        )
+    _wake(request)
+    return {"id": delivery_id, "state": "pending"}
+
+
+class ReplayRequest(BaseModel):
+    state: str = Field(default="dead", description="dead (default), dismissed or delivered")
+    since: datetime | None = Field(default=None, description="only deliveries created at or after this time")
+    until: datetime | None = None
+    xelionContextId: int | None = None  # noqa: N815
+
+
+@router.post("/replay", summary="Replay every delivery in a state (dead by default) since a time")
+async def replay_many(body: ReplayRequest, deps: Deps, principal: Auth, request: Request) -> dict[str, Any]:
+    if body.state not in store.REPLAYABLE:
+        raise invalid_request(
+            "state: cannot be replayed", f"state must be one of {', '.join(store.REPLAYABLE)}"
+        )
+    since = body.since if body.since is None or body.since.tzinfo else body.since.replace(tzinfo=UTC)
+    until = body.until if body.until is None or body.until.tzinfo else body.until.replace(tzinfo=UTC)
+    f = store.DeliveryFilter(
+        state=body.state, xelion_context_id=_scope(principal, body.xelionContextId), since=since, until=until
+    )
+    now = deps.clock.now()
+    count = await deps.database.run(lambda s: store.replay_many(s, f, now))
+    _wake(request)
+    return {"replayed": count}
+
+
+@router.post("/{delivery_id}/dismiss", summary="Give up on a delivery")
+async def dismiss_one(delivery_id: str, deps: Deps, principal: Auth) -> dict[str, Any]:
+    delivery, _, _ = await _load(deps, principal, delivery_id)
+    now = deps.clock.now()
+    if not await deps.database.run(lambda s: store.dismiss(s, delivery_id, now)):
+        raise ApiError(
+            409,
+            ErrorCode.CONFLICT,
+            "delivery cannot be dismissed now",
+            f"it is {delivery.state}; only {', '.join(store.DISMISSABLE)} deliveries can be dismissed",
+        )
+    return {"id": delivery_id, "state": "dismissed"}

@@ -1,0 +1,272 @@
+"""Request and response models of the admin API, with the Xelion CTI server manual's camelCase names.
+
+The request models validate what ``admin.body`` parsed (a missing or mistyped field becomes 422/10201
+naming it); the response models document the answers in OpenAPI (the routes build the JSON
+themselves, because the manual's lists are bare arrays with extension keys beside the manual's own).
+
+Length limits match the columns of ``store.models``, so a value the API accepts always fits the
+database (PostgreSQL would refuse a too-long ``VARCHAR`` with an error instead of a 422).
+Unknown keys are ignored, as the manual's Java server (Jackson) did for the examples it shows.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+# Secrets (client secrets, tokens, device codes) may be long JWTs; 16 KiB is far beyond any real one.
+SECRET_MAX = 16384
+TEMPLATE_MAX = 65536
+
+Str255 = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+Secret = Annotated[str, StringConstraints(min_length=1, max_length=SECRET_MAX)]
+
+# host[:port] as a DNS name, an IPv4 address or a bracketed IPv6 address. Anything else (a slash, an
+# "@", a space) could change the meaning of the URL ``{protocol}://{host}/api/v1/{tenant}/`` that is
+# built from it (xelion-protocol.md §1), so it is refused.
+_HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$")
+# The tenant is one path segment of that URL.
+_TENANT_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]{1,255}$")
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def check_host(value: str) -> str:
+    if not _HOST_RE.match(value):
+        raise ValueError("must be a host name or address, optionally with :port")
+    return value
+
+
+def check_tenant(value: str) -> str:
+    if not _TENANT_RE.match(value) or value in (".", ".."):
+        raise ValueError("must be one URL path segment (letters, digits, '.', '_', '-', ...)")
+    return value
+
+
+def check_http_uri(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an absolute http:// or https:// URI")
+    return value
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# --- POST api/crm-integrations -------------------------------------------------------------------
+
+
+class XelionContextIn(_In):
+    adminUsername: Str255
+    adminPassword: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    host: Str255
+    tenant: Str255
+    protocol: Literal["http", "https"] = "https"
+
+    _host = field_validator("host")(check_host)
+    _tenant = field_validator("tenant")(check_tenant)
+
+
+class CrmContextIn(_In):
+    authorizationServerUri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    # May end in a space ("Bearer "): the manual says the caller sets it explicitly when wanted.
+    authorizationHeaderPrefix: Annotated[str, StringConstraints(max_length=255)] = "Bearer "
+    # Extension: how the token endpoint authenticates the client (RFC 6749 §2.3.1).
+    tokenEndpointAuthMethod: Literal["client_secret_post", "client_secret_basic"] = "client_secret_post"
+
+    _uri = field_validator("authorizationServerUri")(check_http_uri)
+
+
+class UserCredentialsIn(_In):
+    xelionUsername: Str255
+    clientId: Annotated[str, StringConstraints(max_length=1024)] | None = None
+    clientSecret: Annotated[str, StringConstraints(max_length=SECRET_MAX)] | None = None
+    deviceCode: Annotated[str, StringConstraints(max_length=SECRET_MAX)] | None = None
+    refreshToken: Annotated[str, StringConstraints(max_length=SECRET_MAX)] | None = None
+
+
+class EventUriMappingIn(_In):
+    xelionEvent: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    crmResourceUri: Annotated[str, StringConstraints(min_length=1, max_length=TEMPLATE_MAX)]
+    # An object or array (a JSON template tree), a string (a raw body template) or null (no body).
+    crmResourcePayload: Any = None
+    # Extensions beyond the manual.
+    method: str | None = None
+    headers: dict[str, Annotated[str, StringConstraints(max_length=TEMPLATE_MAX)]] | None = None
+    contentType: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    condition: Annotated[str, StringConstraints(min_length=1, max_length=TEMPLATE_MAX)] | None = None
+
+    @field_validator("crmResourcePayload")
+    @classmethod
+    def _payload(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, dict | list | str):
+            raise ValueError("must be an object, an array, a string or null")
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        upper = value.upper()
+        if upper not in HTTP_METHODS:
+            raise ValueError("must be one of " + ", ".join(HTTP_METHODS))
+        return upper
+
+
+class CrmIntegrationIn(_In):
+    xelionContext: XelionContextIn
+    crmContext: CrmContextIn
+    userCredentials: list[UserCredentialsIn] = Field(default_factory=list)
+    eventUriMappings: list[EventUriMappingIn] = Field(default_factory=list)
+
+
+# --- responses of api/crm-integrations -----------------------------------------------------------
+
+
+class CrmContextOut(_Out):
+    authorizationHeaderPrefix: str
+    authorizationServerUri: str
+    id: int
+
+
+class XelionContextOut(_Out):
+    host: str
+    id: int
+    protocol: str
+    tenant: str
+
+
+class SourceGapOut(_Out):
+    start: str
+    end: str | None
+    reason: str | None
+
+
+class SourceStatusOut(_Out):
+    state: str
+    error: str | None
+    lastEventAt: str | None
+    gaps: list[SourceGapOut]
+
+
+class CrmIntegrationOut(_Out):
+    crmContext: CrmContextOut
+    xelionContext: XelionContextOut
+    source: SourceStatusOut | None = None
+
+
+# --- user credentials and users ------------------------------------------------------------------
+
+
+class UserCredentialsOut(_Out):
+    xelionUsername: str
+    xelionOid: str | None
+    # A string, as the manual shows it ("userCredentialsId": "5").
+    userCredentialsId: str
+    state: str | None = None
+
+
+class XelionUserOut(_Out):
+    xelionOid: str | None
+    xelionUsername: str
+
+
+class XelionUserUpdateIn(_In):
+    xelionUsername: Str255 | None = None
+    xelionOid: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+
+
+class UpdateValueIn(_In):
+    value: Secret
+
+
+# --- event uri mappings --------------------------------------------------------------------------
+
+
+class EventUriMappingOut(_Out):
+    createdAt: str
+    crmResourcePayload: Any
+    crmResourceUri: str
+    id: int
+    xelionEvent: str
+
+
+# --- xelion environment and admin credentials ----------------------------------------------------
+
+
+class XelionEnvironment(_In):
+    host: Str255
+    tenant: Str255
+    # Optional on PUT: the current protocol stays when it is left out.
+    protocol: Literal["http", "https"] | None = None
+
+    _host = field_validator("host")(check_host)
+    _tenant = field_validator("tenant")(check_tenant)
+
+
+class XelionEnvironmentOut(_Out):
+    host: str
+    protocol: str
+    tenant: str
+
+
+class AdminUsernameUpdateIn(_In):
+    oldUsername: Str255
+    newUsername: Str255
+
+
+class AdminPasswordUpdateIn(_In):
+    oldPassword: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    newPassword: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+
+
+# --- session -------------------------------------------------------------------------------------
+
+
+class LoginIn(_In):
+    adminUsername: Str255
+    adminPassword: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    host: Str255
+    tenant: Str255
+    protocol: Literal["http", "https"] | None = None
+
+
+class LoginOut(_Out):
+    authentication: str
+    validUntil: str
+
+
+# --- errors and probes ---------------------------------------------------------------------------
+
+
+class ErrorOut(_Out):
+    """Xelion's error shape (xelion-protocol.md §1)."""
+
+    errorCode: int
+    message: str
+    info: str
+
+
+class StatusOut(_Out):
+    status: str
+
+
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    CrmIntegrationIn,
+    UserCredentialsIn,
+    EventUriMappingIn,
+    XelionUserUpdateIn,
+    UpdateValueIn,
+    XelionEnvironment,
+    AdminUsernameUpdateIn,
+    AdminPasswordUpdateIn,
+    LoginIn,
+)

@@ -1,0 +1,255 @@
+"""user-credentials and event-uri-mappings under api/crm-integrations/{x}/crm-contexts/{c}/."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from cti_bridge.store.models import EventUriMapping
+from tests.api.conftest import (
+    MANUAL_POST_RAW,
+    MANUAL_USER_CREDENTIALS_POST_RAW,
+    MANUAL_ZOHO_PUT_RAW,
+    OPERATOR,
+    InMemoryXelionDirectory,
+    RecordingSupervisor,
+    assert_error,
+    auth,
+    make_integration,
+    raw_json,
+    rows,
+)
+
+
+def creds_url(x: int, c: int) -> str:
+    return f"/api/crm-integrations/{x}/crm-contexts/{c}/user-credentials"
+
+
+def maps_url(x: int, c: int) -> str:
+    return f"/api/crm-integrations/{x}/crm-contexts/{c}/event-uri-mappings"
+
+
+async def test_manual_user_credentials_post_verbatim(
+    client: httpx.AsyncClient, xelion_directory: InMemoryXelionDirectory
+) -> None:
+    # The manual's integration without users, then the manual's user-credentials POST.
+    body = json.loads(MANUAL_POST_RAW)
+    body["userCredentials"] = []
+    r = await client.post("/api/crm-integrations", json=body)
+    assert r.status_code == 200, r.text
+    x, c = r.json()["xelionContext"]["id"], r.json()["crmContext"]["id"]
+    r = await client.post(creds_url(x, c), **raw_json(MANUAL_USER_CREDENTIALS_POST_RAW, OPERATOR))
+    assert r.status_code == 200, r.text
+    created = r.json()
+    # The manual answers the created object (not an array) for its one-element array.
+    assert set(created) - {"state"} == {"xelionUsername", "xelionOid", "userCredentialsId"}
+    assert created["xelionUsername"] == "xelionUsername"
+    assert created["xelionOid"] == "111222333"
+    assert isinstance(created["userCredentialsId"], str) and created["userCredentialsId"].isdigit()
+
+
+async def test_get_user_credentials_with_username_oid_paging(client: httpx.AsyncClient) -> None:
+    a = await make_integration(client, "a", users=["anne", "bob"])
+    r = await client.get(creds_url(a.xelion_id, a.crm_id), headers=auth(a.token))
+    assert r.status_code == 200
+    assert r.headers["X-Total-Count"] == "2"
+    items = r.json()
+    assert [(i["xelionUsername"], i["xelionOid"]) for i in items] == [("anne", "1001"), ("bob", "1002")]
+    for item in items:
+        assert set(item) == {"xelionUsername", "xelionOid", "userCredentialsId", "state"}
+        assert isinstance(item["userCredentialsId"], str)
+        assert item["state"] == "active"
+
+    r = await client.get(creds_url(a.xelion_id, a.crm_id), params={"username": "bob"}, headers=auth(a.token))
+    assert [i["xelionUsername"] for i in r.json()] == ["bob"]
+    r = await client.get(creds_url(a.xelion_id, a.crm_id), params={"oid": "1001"}, headers=auth(a.token))
+    assert [i["xelionUsername"] for i in r.json()] == ["anne"]
+    r = await client.get(creds_url(a.xelion_id, a.crm_id), params={"username": "zed"}, headers=auth(a.token))
+    assert r.json() == [] and r.headers["X-Total-Count"] == "0"
+
+    r = await client.get(
+        creds_url(a.xelion_id, a.crm_id), params={"limit": 1, "offset": 1}, headers=auth(a.token)
+    )
+    assert r.headers["X-Total-Count"] == "2"
+    assert [i["xelionUsername"] for i in r.json()] == ["bob"]
+    assert_error(
+        await client.get(creds_url(a.xelion_id, a.crm_id), params={"limit": 0}, headers=auth(a.token)),
+        422,
+        10201,
+    )
+    err = assert_error(
+        await client.get(creds_url(a.xelion_id, a.crm_id), params={"offset": "x"}, headers=auth(a.token)),
+        422,
+        10201,
+    )
+    assert "query.offset" in err["message"]
+
+
+async def test_post_user_credentials_checks_users_and_duplicates(
+    client: httpx.AsyncClient, supervisor: RecordingSupervisor
+) -> None:
+    a = await make_integration(client, "a", users=["anne"])
+    url = creds_url(a.xelion_id, a.crm_id)
+    # A single object is accepted too; the answer is the object.
+    r = await client.post(
+        url, json={"xelionUsername": "bob", "refreshToken": "rt-bob"}, headers=auth(a.token)
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["xelionOid"] == "1002"
+    assert ("integration_changed", a.xelion_id) in supervisor.calls
+    # Already there: 409.
+    assert_error(await client.post(url, json=[{"xelionUsername": "anne"}], headers=auth(a.token)), 409, 10300)
+    # Not a Xelion user: 422 naming it (the manual's server said 500).
+    err = assert_error(
+        await client.post(url, json=[{"xelionUsername": "ghost"}], headers=auth(a.token)), 422, 10204
+    )
+    assert "ghost" in err["message"]
+    # Missing user name: 422 naming the field.
+    err = assert_error(await client.post(url, json=[{"clientId": "x"}], headers=auth(a.token)), 422, 10201)
+    assert "[0].xelionUsername" in err["message"]
+    assert_error(await client.post(url, json=[], headers=auth(a.token)), 422, 10201)
+    # Several at once: an array back.
+    b = await make_integration(client, "b", users=[])
+    r = await client.post(
+        creds_url(b.xelion_id, b.crm_id),
+        json=[{"xelionUsername": "carol"}, {"xelionUsername": "dave"}],
+        headers=auth(b.token),
+    )
+    assert r.status_code == 200, r.text
+    assert [u["xelionOid"] for u in r.json()] == ["2001", "2002"]
+
+
+async def test_unknown_or_mismatched_ids_are_404(client: httpx.AsyncClient) -> None:
+    a = await make_integration(client, "a")
+    b = await make_integration(client, "b")
+    for url in (
+        creds_url(a.xelion_id, 999),
+        creds_url(999, a.crm_id),
+        creds_url(a.xelion_id, b.crm_id),  # b's CRM context is not a's
+        creds_url(2**40, 1),  # beyond any id the database can hold
+        maps_url(a.xelion_id, b.crm_id),
+        maps_url(999, 999),
+    ):
+        assert_error(await client.get(url, headers=OPERATOR), 404, 10100)
+    assert_error(await client.put(maps_url(a.xelion_id, b.crm_id), json=[], headers=OPERATOR), 404, 10100)
+
+
+async def test_manual_zoho_mappings_put_verbatim_then_get(
+    client: httpx.AsyncClient, supervisor: RecordingSupervisor, database
+) -> None:
+    a = await make_integration(client, "a")
+    old = rows(database, EventUriMapping)
+    url = maps_url(a.xelion_id, a.crm_id)
+    r = await client.put(url, **raw_json(MANUAL_ZOHO_PUT_RAW, auth(a.token)))
+    assert r.status_code == 200, r.text
+    put_items = r.json()
+    assert [m["xelionEvent"] for m in put_items] == [
+        "missedCallEvent",
+        "callConnectedEvent",
+        "callHungUpEvent",
+        "newCallEvent",
+    ]
+    assert put_items[0]["crmResourcePayload"] is None
+    assert supervisor.calls[-1] == ("integration_changed", a.xelion_id)
+
+    r = await client.get(url, headers=auth(a.token))
+    assert r.status_code == 200
+    assert r.headers["X-Total-Count"] == "4"
+    items = r.json()
+    assert items == put_items
+    for item in items:
+        # The manual's keys and nothing else: no extension was set.
+        assert set(item) == {"createdAt", "crmResourcePayload", "crmResourceUri", "id", "xelionEvent"}
+        assert isinstance(item["id"], int)
+        assert item["createdAt"] == "2026-01-05T09:00:00.000000"
+    assert items[1]["crmResourcePayload"]["myObject"] == {"myPayload": "${callId}"}
+    assert 'direction=${(initiation=="outgoing")?"outbound":"inbound"}' in items[2]["crmResourceUri"]
+
+    # The old rows were retired, not rewritten; their ids are gone from the list.
+    stored = {m.id: m for m in rows(database, EventUriMapping)}
+    assert all(stored[m.id].retired for m in old)
+    assert not ({m.id for m in old} & {i["id"] for i in items})
+    # null payload is stored as NULL, not as the text "null".
+    assert stored[items[0]["id"]].crm_resource_payload is None
+
+    r = await client.get(url, params={"limit": 2, "offset": 1}, headers=auth(a.token))
+    assert r.headers["X-Total-Count"] == "4"
+    assert [m["id"] for m in r.json()] == [items[1]["id"], items[2]["id"]]
+
+
+async def test_mapping_extensions_are_stored_and_shown_only_when_set(client: httpx.AsyncClient) -> None:
+    a = await make_integration(client, "a")
+    url = maps_url(a.xelion_id, a.crm_id)
+    body = [
+        {
+            "xelionEvent": "callHungUpEvent",
+            "crmResourceUri": "https://crm.example.org/calls/${callId}",
+            "crmResourcePayload": {"callId": "${callId}"},
+            "method": "patch",
+            "headers": {"X-Source": "cti-bridge"},
+            "contentType": "application/x-www-form-urlencoded",
+            "condition": "${initiation == 'outgoing'}",
+        },
+        {
+            "xelionEvent": "newCallEvent",
+            "crmResourceUri": "https://crm.example.org/notes",
+            "crmResourcePayload": "call ${callId} from ${callerPhoneNumber}",
+        },
+    ]
+    r = await client.put(url, json=body, headers=OPERATOR)
+    assert r.status_code == 200, r.text
+    item, note = (await client.get(url, headers=OPERATOR)).json()
+    assert item["method"] == "PATCH"
+    assert item["headers"] == {"X-Source": "cti-bridge"}
+    assert item["contentType"] == "application/x-www-form-urlencoded"
+    assert item["condition"] == "${initiation == 'outgoing'}"
+    assert item["crmResourcePayload"] == {"callId": "${callId}"}
+    assert note["crmResourcePayload"] == "call ${callId} from ${callerPhoneNumber}"
+    assert set(note) == {"createdAt", "crmResourcePayload", "crmResourceUri", "id", "xelionEvent"}
+    err = assert_error(
+        await client.put(url, json=[{**body[0], "method": "TRACE"}], headers=OPERATOR), 422, 10201
+    )
+    assert "[0].method" in err["message"]
+    err = assert_error(
+        await client.put(url, json=[{**body[0], "headers": {"X": 1}}], headers=OPERATOR), 422, 10201
+    )
+    assert "[0].headers.X" in err["message"]
+    # A PUT body must be an array.
+    assert_error(await client.put(url, json=body[0], headers=OPERATOR), 422, 10201)
+
+
+async def test_a_template_that_does_not_compile_is_422_naming_mapping_place_and_column(
+    client: httpx.AsyncClient, database
+) -> None:
+    pytest.importorskip("cti_bridge.render")
+    a = await make_integration(client, "a")
+    url = maps_url(a.xelion_id, a.crm_id)
+    before = (await client.get(url, headers=OPERATOR)).json()
+    body = [
+        {
+            "xelionEvent": "newCallEvent",
+            "crmResourceUri": "https://crm.example.org/a",
+            "crmResourcePayload": None,
+        },
+        {
+            "xelionEvent": "callHungUpEvent",
+            "crmResourceUri": "https://crm.example.org/b",
+            "crmResourcePayload": {"to": "${calleePhoneNumber +}"},
+        },
+    ]
+    err = assert_error(await client.put(url, json=body, headers=OPERATOR), 422, 10202)
+    assert "callHungUpEvent" in err["message"]
+    assert "column" in err["message"]
+    assert "to" in err["info"] and "eventUriMappings[1]" in err["info"]
+    # Nothing changed.
+    assert (await client.get(url, headers=OPERATOR)).json() == before
+
+    # The same check guards POST crm-integrations, before anything is saved or Xelion is asked.
+    from tests.api.conftest import integration_body
+
+    post = integration_body("b", mappings=[{**body[1], "crmResourceUri": "https://crm.example.org/${("}])
+    err = assert_error(await client.post("/api/crm-integrations", json=post), 422, 10202)
+    assert "crmResourceUri" in err["message"]
+    assert "column" in err["message"]

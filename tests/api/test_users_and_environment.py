@@ -1,0 +1,230 @@
+"""api/users/{userId} (+ credential updates) and api/xelion-environment/{x} (+ admin updates)."""
+
+from __future__ import annotations
+
+import httpx
+
+from cti_bridge.store.crypto import SecretBox
+from cti_bridge.store.models import UserCredentials, XelionContext
+from tests.api.conftest import (
+    OPERATOR,
+    InMemoryXelionDirectory,
+    RecordingSupervisor,
+    assert_error,
+    auth,
+    make_integration,
+    rows,
+)
+
+
+async def user_ids(client: httpx.AsyncClient, x: int, c: int) -> dict[str, int]:
+    r = await client.get(f"/api/crm-integrations/{x}/crm-contexts/{c}/user-credentials", headers=OPERATOR)
+    return {u["xelionUsername"]: int(u["userCredentialsId"]) for u in r.json()}
+
+
+async def test_get_put_delete_user(client: httpx.AsyncClient, supervisor: RecordingSupervisor) -> None:
+    a = await make_integration(client, "a", users=["anne", "bob"])
+    ids = await user_ids(client, a.xelion_id, a.crm_id)
+    r = await client.get(f"/api/users/{ids['anne']}", headers=auth(a.token))
+    assert r.status_code == 200
+    # The manual's keys, each with its own value (the manual's example swaps them).
+    assert r.json() == {"xelionOid": "1001", "xelionUsername": "anne"}
+
+    r = await client.put(
+        f"/api/users/{ids['anne']}",
+        json={"xelionUsername": "myNewXelionUsername", "xelionOid": "333444555"},
+        headers=auth(a.token),
+    )
+    assert r.status_code == 200, r.text
+    assert supervisor.calls[-1] == ("integration_changed", a.xelion_id)
+    r = await client.get(f"/api/users/{ids['anne']}", headers=auth(a.token))
+    assert r.json() == {"xelionOid": "333444555", "xelionUsername": "myNewXelionUsername"}
+    # Renaming onto another user of the same CRM context: 409.
+    assert_error(
+        await client.put(f"/api/users/{ids['anne']}", json={"xelionUsername": "bob"}, headers=auth(a.token)),
+        409,
+        10300,
+    )
+    err = assert_error(
+        await client.put(f"/api/users/{ids['anne']}", json={"xelionOid": 5}, headers=auth(a.token)),
+        422,
+        10201,
+    )
+    assert "xelionOid" in err["message"]
+
+    assert (await client.delete(f"/api/users/{ids['bob']}", headers=auth(a.token))).status_code == 200
+    assert_error(await client.get(f"/api/users/{ids['bob']}", headers=auth(a.token)), 404, 10100)
+    assert_error(await client.delete(f"/api/users/{ids['bob']}", headers=auth(a.token)), 404, 10100)
+    assert_error(await client.get("/api/users/999999", headers=OPERATOR), 404, 10100)
+    assert_error(await client.get(f"/api/users/{2**63}", headers=OPERATOR), 404, 10100)
+    assert_error(await client.get("/api/users/abc", headers=OPERATOR), 422, 10201)
+
+
+async def test_credential_updates_encrypt_and_reactivate(
+    client: httpx.AsyncClient, supervisor: RecordingSupervisor, database, secret_box: SecretBox
+) -> None:
+    a = await make_integration(client, "a", users=["anne"])
+    uid = (await user_ids(client, a.xelion_id, a.crm_id))["anne"]
+    with database.session() as s:
+        row = s.get(UserCredentials, uid)
+        row.state = "reauth_required"
+        row.state_reason = "invalid_grant"
+        row.access_token_enc = secret_box.encrypt("old-access-token")
+        s.add(row)
+    version = rows(database, UserCredentials)[0].version
+
+    for kind, value in (
+        ("clientid", "new-client-id"),
+        ("clientsecret", "new-client-secret"),
+        ("devicecode", "new-device-code"),
+        ("refreshtoken", "new-refresh-token"),
+    ):
+        r = await client.post(f"/api/users/{uid}/{kind}/update", json={"value": value}, headers=auth(a.token))
+        assert r.status_code == 200, r.text
+
+    (row,) = rows(database, UserCredentials)
+    assert row.client_id == "new-client-id"
+    assert secret_box.decrypt(row.client_secret_enc) == "new-client-secret"
+    assert secret_box.decrypt(row.device_code_enc) == "new-device-code"
+    assert secret_box.decrypt(row.refresh_token_enc) == "new-refresh-token"
+    assert row.state == "active" and row.state_reason is None
+    assert row.access_token_enc is None  # belonged to the old refresh token
+    assert row.version == version + 4
+    assert [c for c in supervisor.calls if c[0] == "credentials_changed"] == [
+        ("credentials_changed", uid),
+        ("credentials_changed", uid),
+    ]
+
+    assert_error(
+        await client.post(f"/api/users/{uid}/accesstoken/update", json={"value": "x"}, headers=auth(a.token)),
+        404,
+        10100,
+    )
+    err = assert_error(
+        await client.post(f"/api/users/{uid}/clientsecret/update", json={"val": "x"}, headers=auth(a.token)),
+        422,
+        10201,
+    )
+    assert "value: field required" in err["message"]
+    assert_error(
+        await client.post(f"/api/users/{uid}/clientsecret/update", json={"value": ""}, headers=auth(a.token)),
+        422,
+        10201,
+    )
+    assert_error(
+        await client.post("/api/users/424242/refreshtoken/update", json={"value": "x"}, headers=OPERATOR),
+        404,
+        10100,
+    )
+
+
+async def test_environment_get_and_put(
+    client: httpx.AsyncClient, supervisor: RecordingSupervisor, xelion_directory: InMemoryXelionDirectory
+) -> None:
+    a = await make_integration(client, "a")
+    b = await make_integration(client, "b")
+    r = await client.get(f"/api/xelion-environment/{a.xelion_id}", headers=auth(a.token))
+    assert r.status_code == 200
+    assert r.json() == {"host": "pbx-a.example.com", "protocol": "https", "tenant": "alpha"}
+
+    # The manual's example body, with a host the configuration allows.
+    body = {"host": "pbx-a.example.com", "tenant": "mynewxeliontenant", "protocol": "http"}
+    r = await client.put(f"/api/xelion-environment/{a.xelion_id}", json=body, headers=auth(a.token))
+    assert r.status_code == 200, r.text
+    assert supervisor.calls[-1] == ("integration_changed", a.xelion_id)
+    r = await client.get(f"/api/xelion-environment/{a.xelion_id}", headers=auth(a.token))
+    assert r.json() == {"host": "pbx-a.example.com", "protocol": "http", "tenant": "mynewxeliontenant"}
+
+    # Onto B's host and tenant: 409.
+    r = await client.put(
+        f"/api/xelion-environment/{a.xelion_id}",
+        json={"host": "pbx-b.example.com", "tenant": "beta"},
+        headers=OPERATOR,
+    )
+    assert_error(r, 409, 10300)
+    # A host the configuration does not allow: 403 for a session, fine for the operator.
+    other = {"host": "www.mynewxelionhost.com", "tenant": "mynewxeliontenant", "protocol": "https"}
+    assert_error(
+        await client.put(f"/api/xelion-environment/{a.xelion_id}", json=other, headers=auth(a.token)),
+        403,
+        10203,
+    )
+    r = await client.put(f"/api/xelion-environment/{a.xelion_id}", json=other, headers=OPERATOR)
+    assert r.status_code == 200
+    err = assert_error(
+        await client.put(
+            f"/api/xelion-environment/{b.xelion_id}", json={"host": "a b", "tenant": "t"}, headers=OPERATOR
+        ),
+        422,
+        10201,
+    )
+    assert "host" in err["message"]
+    assert_error(await client.get("/api/xelion-environment/9999", headers=OPERATOR), 404, 10100)
+
+
+async def test_admin_password_and_username_updates(
+    client: httpx.AsyncClient, database, secret_box: SecretBox, xelion_directory: InMemoryXelionDirectory
+) -> None:
+    a = await make_integration(client, "a")
+    url = f"/api/xelion-environment/{a.xelion_id}/admin"
+    # The admin's password is changed on Xelion first; then the stored one follows.
+    xelion_directory.tenants[("pbx-a.example.com", "alpha")].admin_password = "pw-a-new"
+    # The wrong old password: 422 that never shows the stored one.
+    r = await client.post(
+        f"{url}/password/update",
+        json={"oldPassword": "nope", "newPassword": "pw-a-new"},
+        headers=auth(a.token),
+    )
+    err = assert_error(r, 422, 10201)
+    assert "pw-a-secret" not in r.text and "oldPassword" in err["message"]
+    # A new password Xelion refuses: 401/10004, nothing stored.
+    r = await client.post(
+        f"{url}/password/update",
+        json={"oldPassword": "pw-a-secret", "newPassword": "pw-wrong"},
+        headers=auth(a.token),
+    )
+    assert_error(r, 401, 10004)
+    # The manual's body for this path is the username one: refused, saying why.
+    r = await client.post(
+        f"{url}/password/update", json={"oldUsername": "admin-a", "newUsername": "x"}, headers=auth(a.token)
+    )
+    err = assert_error(r, 422, 10201)
+    assert "swaps" in err["info"]
+    r = await client.post(
+        f"{url}/password/update",
+        json={"oldPassword": "pw-a-secret", "newPassword": "pw-a-new"},
+        headers=auth(a.token),
+    )
+    assert r.status_code == 200, r.text
+    (row,) = rows(database, XelionContext)
+    assert secret_box.decrypt(row.admin_password_enc) == "pw-a-new"
+
+    tenant = xelion_directory.tenants[("pbx-a.example.com", "alpha")]
+    tenant.admin_username = "root-a"
+    r = await client.post(
+        f"{url}/username/update",
+        json={"oldPassword": "pw-a-new", "newPassword": "root-a"},
+        headers=auth(a.token),
+    )
+    assert_error(r, 422, 10201)
+    r = await client.post(
+        f"{url}/username/update",
+        json={"oldUsername": "admin-x", "newUsername": "root-a"},
+        headers=auth(a.token),
+    )
+    assert_error(r, 422, 10201)
+    r = await client.post(
+        f"{url}/username/update",
+        json={"oldUsername": "admin-a", "newUsername": "root-a"},
+        headers=auth(a.token),
+    )
+    assert r.status_code == 200, r.text
+    assert rows(database, XelionContext)[0].admin_username == "root-a"
+    # Logging in now takes the new credentials.
+    login = {
+        "adminUsername": "root-a",
+        "adminPassword": "pw-a-new",
+        "host": "pbx-a.example.com",
+        "tenant": "alpha",
+    }
+    assert (await client.post("/api/session/login", json=login)).status_code == 200
