@@ -1,0 +1,513 @@
+"""The per-credential OAuth2 token manager: access tokens for deliveries, refreshed once at a time.
+
+reliability.md §10-§14 are the contract:
+
+- §10 single flight: one token-endpoint call per credential at a time. Concurrent callers join the
+  one refresh in flight for that key (a task per key), so 100 deliveries meeting an expired token
+  make exactly one call.
+- §11 persist before use: the new tokens (a rotated refresh token included) are committed through
+  ``TokenStore.save_tokens`` before the access token is handed to anyone. The refresh runs as its
+  own task, shielded from the callers' cancellation, so a delivery cancelled mid-refresh (shutdown,
+  lease loss) cannot drop a rotated refresh token between the answer and the commit.
+- §12 proactive and reactive: a token with less than ``margin_seconds`` (60 s) left is refreshed
+  before use; a token without expiry (Salesforce gives none) is used until a CRM answers 401 and
+  the caller asks ``refresh_after_401``.
+- §13 dead grants park: ``invalid_grant``, ``invalid_client`` and Zoho's ``invalid_code`` (and, for
+  the device grant, ``access_denied``/``expired_token``) mark the credential ``reauth_required``
+  after that one attempt and raise ``ReauthRequired``; the worker parks the user's deliveries.
+- §14 secrets stay secret: log lines and exception texts name the credential and the token
+  endpoint's host, never a token, secret or device code; the token classes hide them from repr.
+
+The OAuth2 protocol work (client authentication ``client_secret_post``/``client_secret_basic``,
+the token request bodies) is authlib's (``ClientAuth``, ``prepare_token_request``); the request
+goes through the one shared, guarded HTTP client (delivery/egress.py, §15).
+
+Persistence is a small protocol, ``TokenStore``, so that another kind of credential (the
+``app_context`` table) can use the same manager; ``store/tokens.py`` implements it for
+``user_credentials``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Generic, Protocol, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+from authlib.oauth2.auth import ClientAuth
+from authlib.oauth2.rfc6749.parameters import prepare_token_request
+
+from cti_bridge.clock import Clock
+from cti_bridge.delivery.egress import EgressRefused, check_url, read_limited
+from cti_bridge.errors import CtiBridgeError
+
+log = logging.getLogger(__name__)
+
+DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+STATE_ACTIVE = "active"
+STATE_REAUTH_REQUIRED = "reauth_required"
+AUTH_METHODS = frozenset({"client_secret_post", "client_secret_basic"})
+# Answers that mean the grant itself is dead: only an operator (a new refresh token or device
+# code) can fix it (reliability.md §13). invalid_code is Zoho's invalid_grant (answered with 200).
+REAUTH_ERRORS = frozenset({"invalid_grant", "invalid_client", "invalid_code", "unauthorized_client"})
+DEVICE_REAUTH_ERRORS = frozenset({"access_denied", "expired_token"})
+DEVICE_WAIT_ERRORS = frozenset({"authorization_pending", "slow_down"})
+DEFAULT_DEVICE_INTERVAL = 5.0  # RFC 8628 §3.2: 5 s when the server does not say
+MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
+_TOKEN_FIELDS = frozenset({"access_token", "refresh_token", "expires_in", "expires_at"})
+_SAFE_CODE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+KeyT = TypeVar("KeyT", bound=Hashable)
+KeyT_contra = TypeVar("KeyT_contra", bound=Hashable, contravariant=True)
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+class TokenError(CtiBridgeError):
+    """Root of the token manager's errors. Texts name the credential, never a secret."""
+
+
+class ReauthRequired(TokenError):
+    """The credential needs a new refresh token or device code; it is marked ``reauth_required``."""
+
+    def __init__(self, key: object, reason: str) -> None:
+        super().__init__(f"credential {key} needs re-authorisation: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class TokenNotReady(TokenError):
+    """The device-code grant is still waiting for the user (``authorization_pending``/``slow_down``).
+    Retryable: ask again after ``retry_after`` seconds; not a failed attempt."""
+
+    def __init__(self, key: object, retry_after: float) -> None:
+        super().__init__(f"credential {key}: device authorisation pending, retry in {retry_after:g} s")
+        self.key = key
+        self.retry_after = retry_after
+
+
+class TokenEndpointError(TokenError):
+    """The token endpoint failed: ``retryable`` for 5xx, 408/429, timeouts and connection errors;
+    not for other 4xx, malformed answers or a token endpoint refused by the outbound guard."""
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+
+
+class CredentialNotFound(TokenEndpointError):
+    """The credential no longer exists (deleted meanwhile). Not retryable."""
+
+    def __init__(self, key: object) -> None:
+        super().__init__(f"credential {key} does not exist", retryable=False)
+        self.key = key
+
+
+# --- the persistence protocol ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialSnapshot:
+    """One credential as stored, secrets decrypted. ``repr`` leaves the secrets out."""
+
+    client_id: str | None
+    client_secret: str | None = field(repr=False)
+    refresh_token: str | None = field(repr=False)
+    device_code: str | None = field(repr=False)
+    access_token: str | None = field(repr=False)
+    expires_at: datetime | None
+    extra: Mapping[str, Any] = field(repr=False)
+    state: str
+    version: int
+    token_endpoint: str
+    auth_method: str = "client_secret_post"
+    state_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    """An access token in force: what a delivery presents, and every extra field of the token
+    answer (``instance_url``, ``api_domain``, ``token_type``, ...) for templates (el-templates.md
+    §4). ``version`` is the credential version it was stored with."""
+
+    access_token: str = field(repr=False)
+    expires_at: datetime | None
+    extra: Mapping[str, Any] = field(repr=False)
+    version: int
+
+
+class TokenStore(Protocol[KeyT_contra]):
+    """Where a kind of credential lives. Implementations encrypt the secrets at rest (§14)."""
+
+    def describe(self, key: KeyT_contra) -> str:
+        """How log lines name the credential (an id, never a secret)."""
+        ...
+
+    async def load(self, key: KeyT_contra) -> CredentialSnapshot:
+        """The credential as stored now; ``CredentialNotFound`` if it does not exist."""
+        ...
+
+    async def save_tokens(
+        self,
+        key: KeyT_contra,
+        snapshot_version: int,
+        *,
+        access_token: str,
+        expires_at: datetime | None,
+        refresh_token: str | None,
+        extra: Mapping[str, Any],
+        device_code_used: bool,
+    ) -> int | None:
+        """Commit new tokens if the credential is still at ``snapshot_version``; returns the new
+        version, or None when the version moved (an operator changed the credential meanwhile:
+        nothing is overwritten). A successful save also makes the credential ``active``.
+        ``device_code_used``: the device code was exchanged (it is single-use) and is cleared."""
+        ...
+
+    async def mark_reauth_required(self, key: KeyT_contra, snapshot_version: int, reason: str) -> bool:
+        """Set the state ``reauth_required`` with ``reason`` if still at ``snapshot_version``
+        (False when the version moved: the operator's new secrets are not condemned)."""
+        ...
+
+
+# --- the manager -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Granted:
+    access_token: str
+    expires_at: datetime | None
+    refresh_token: str | None
+    extra: dict[str, Any]
+    device_code_used: bool
+
+
+class TokenManager(Generic[KeyT]):
+    """Access tokens per credential key, refreshed single-flight and persisted before use.
+
+    One instance per kind of credential, built by ``app.py`` with the shared HTTP client. The
+    in-memory cache is only a shortcut: every refresh decision re-reads the store, so several
+    replicas (or an operator's change) are seen.
+    """
+
+    def __init__(
+        self,
+        store: TokenStore[KeyT],
+        http: httpx.AsyncClient,
+        clock: Clock,
+        margin_seconds: float = 60.0,
+        *,
+        allow_private: bool = False,
+        max_response_bytes: int = MAX_TOKEN_RESPONSE_BYTES,
+        on_refresh: Callable[[str], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._http = http
+        self._clock = clock
+        self._margin = timedelta(seconds=margin_seconds)
+        self._allow_private = allow_private
+        self._max_response_bytes = max_response_bytes
+        self._cache: dict[KeyT, AccessToken] = {}
+        self._inflight: dict[KeyT, asyncio.Task[AccessToken]] = {}
+        # Device-code polling: not before this monotonic time, and the current interval (§3.5).
+        self._device_not_before: dict[KeyT, float] = {}
+        self._device_interval: dict[KeyT, float] = {}
+        self.refreshes = 0  # token-endpoint calls made (metrics, reliability.md §21)
+        # Called once per token-endpoint call with its result: "ok", "reauth_required",
+        # "pending" (device grant waiting) or "error" (metrics, reliability.md §21).
+        self._on_refresh = on_refresh
+
+    # --- public API -------------------------------------------------------------------------------
+
+    async def get(self, key: KeyT) -> AccessToken:
+        """An access token for ``key`` with more than the margin left (or without expiry).
+
+        Refreshes when needed, joining a refresh already in flight for ``key``. Raises
+        ``ReauthRequired``, ``TokenNotReady`` or ``TokenEndpointError``.
+
+        Cancellation: the caller stops waiting; a refresh it started runs on to its commit (it is
+        shielded), and other callers still get its result.
+        """
+        cached = self._cache.get(key)
+        if cached is not None and self._fresh(cached.expires_at):
+            return cached
+        return await self._join(key, None)
+
+    async def refresh_after_401(self, key: KeyT, rejected: str) -> AccessToken:
+        """A token other than ``rejected`` (the one a CRM just answered 401 to).
+
+        If the current token already differs (another delivery refreshed meanwhile), that one;
+        otherwise one forced refresh, single-flight like ``get``. Cancellation: as for ``get``.
+        """
+        cached = self._cache.get(key)
+        if cached is not None and cached.access_token != rejected and self._fresh(cached.expires_at):
+            return cached
+        token = await self._join(key, rejected)
+        if token.access_token == rejected:
+            # We joined a refresh that had not seen this 401 and handed back the same token.
+            token = await self._join(key, rejected)
+        return token
+
+    def invalidate(self, key: KeyT) -> None:
+        """Forget the cached token of ``key`` (an operator changed the credential)."""
+        self._cache.pop(key, None)
+        self._device_not_before.pop(key, None)
+        self._device_interval.pop(key, None)
+
+    async def aclose(self) -> None:
+        """Wait for refreshes in flight to commit (each is bounded by the request timeout).
+
+        Cancellation: stops waiting; the refresh tasks keep running until the loop ends.
+        """
+        tasks = list(self._inflight.values())
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- single flight -------------------------------------------------------------------------------
+
+    async def _join(self, key: KeyT, rejected: str | None) -> AccessToken:
+        task = self._inflight.get(key)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self._obtain(key, rejected))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._finished(key, t))
+        return await asyncio.shield(task)
+
+    def _finished(self, key: KeyT, task: asyncio.Task[AccessToken]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning when every caller left
+
+    def _report(self, result: str) -> None:
+        if self._on_refresh is not None:
+            try:
+                self._on_refresh(result)
+            except Exception:  # metrics must never break a refresh
+                log.exception("token refresh metrics callback failed")
+
+    def _fresh(self, expires_at: datetime | None) -> bool:
+        # §12: no expiry given → use until a 401; otherwise refresh with less than the margin left.
+        return expires_at is None or expires_at - self._clock.now() > self._margin
+
+    async def _obtain(self, key: KeyT, rejected: str | None) -> AccessToken:
+        # A version conflict means someone else changed the credential during our refresh: reload
+        # and decide again (a few times at most; it is an operator's or another replica's change).
+        for _ in range(3):
+            snap = await self._store.load(key)
+            if snap.state == STATE_REAUTH_REQUIRED:
+                self._cache.pop(key, None)
+                raise ReauthRequired(key, snap.state_reason or "re-authorisation required")
+            if snap.access_token and snap.access_token != rejected and self._fresh(snap.expires_at):
+                token = AccessToken(snap.access_token, snap.expires_at, dict(snap.extra), snap.version)
+                self._cache[key] = token
+                return token
+            granted = await self._grant(key, snap)
+            if granted is None:
+                continue  # marking reauth_required lost against a newer version: reload
+            version = await self._store.save_tokens(
+                key,
+                snap.version,
+                access_token=granted.access_token,
+                expires_at=granted.expires_at,
+                refresh_token=granted.refresh_token,
+                extra=granted.extra,
+                device_code_used=granted.device_code_used,
+            )
+            if version is None:
+                log.warning(
+                    "token refresh for %s: the credential changed during the refresh; reloading",
+                    self._store.describe(key),
+                )
+                continue
+            token = AccessToken(granted.access_token, granted.expires_at, granted.extra, version)
+            self._cache[key] = token
+            return token
+        raise TokenEndpointError(
+            f"{self._store.describe(key)} kept changing during the token refresh", retryable=True
+        )
+
+    # --- one token request -------------------------------------------------------------------------
+
+    async def _grant(self, key: KeyT, snap: CredentialSnapshot) -> _Granted | None:
+        """One call to the token endpoint. None when the credential changed before it could be
+        marked ``reauth_required``."""
+        who = self._store.describe(key)
+        try:
+            check_url(snap.token_endpoint, self._allow_private)
+        except EgressRefused as exc:
+            raise TokenEndpointError(f"{who}: token endpoint {exc}", retryable=False) from None
+        host = urlsplit(snap.token_endpoint).hostname or "?"
+        if not snap.client_id:
+            await self._reauth(key, snap, "no client id is set")
+            return None
+        device = False
+        if snap.refresh_token:
+            body = prepare_token_request("refresh_token", refresh_token=snap.refresh_token)
+        elif snap.device_code:
+            now = self._clock.monotonic()
+            not_before = self._device_not_before.get(key)
+            if not_before is not None and now < not_before:
+                # RFC 8628 §3.5: do not poll faster than the interval.
+                raise TokenNotReady(key, round(not_before - now, 3))
+            device = True
+            body = prepare_token_request(DEVICE_CODE_GRANT, device_code=snap.device_code)
+        else:
+            await self._reauth(key, snap, "no refresh token or device code is set")
+            return None
+
+        method = snap.auth_method if snap.auth_method in AUTH_METHODS else "client_secret_post"
+        if snap.client_secret is None:
+            method = "none"  # a public client: client_id in the body only
+        auth = ClientAuth(snap.client_id, snap.client_secret, method)
+        headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+        uri, headers, body = auth.prepare("POST", snap.token_endpoint, headers, body)
+        grant = "device_code" if device else "refresh_token"
+        self.refreshes += 1
+        try:
+            request = self._http.build_request("POST", uri, headers=headers, content=body.encode())
+            response = await self._http.send(request, stream=True)
+            status = response.status_code
+            raw, _truncated = await read_limited(response, self._max_response_bytes)
+        except EgressRefused as exc:
+            self._report("error")
+            raise TokenEndpointError(f"{who}: token endpoint {exc}", retryable=False) from None
+        except (httpx.HTTPError, OSError) as exc:
+            self._report("error")
+            log.warning("token %s grant for %s at %s failed: %s", grant, who, host, type(exc).__name__)
+            raise TokenEndpointError(
+                f"{who}: token endpoint {host} unreachable ({type(exc).__name__})", retryable=True
+            ) from None
+
+        doc = _json_object(raw)
+        error = _safe_code(doc.get("error")) if doc is not None else None
+        if error is not None or not 200 <= status < 300:
+            return await self._failed(key, snap, who, host, grant, status, error)
+        assert doc is not None
+        access_token = doc.get("access_token")
+        if not isinstance(access_token, str) or not access_token:
+            self._report("error")
+            log.warning("token %s grant for %s at %s: answer without access_token", grant, who, host)
+            raise TokenEndpointError(
+                f"{who}: token endpoint {host} answered without an access token",
+                retryable=False,
+                status=status,
+            )
+        refresh_token = doc.get("refresh_token")
+        if not isinstance(refresh_token, str) or not refresh_token:
+            refresh_token = snap.refresh_token  # not rotated: keep the one we have
+        expires_at = self._expiry(doc)
+        extra = {k: v for k, v in doc.items() if k not in _TOKEN_FIELDS}
+        self._report("ok")
+        if device:
+            self._device_not_before.pop(key, None)
+            self._device_interval.pop(key, None)
+        log.info(
+            "token %s grant for %s at %s: ok%s%s",
+            grant,
+            who,
+            host,
+            "" if expires_at is None else f", expires {expires_at.isoformat(timespec='seconds')}",
+            ", refresh token issued"
+            if device
+            else (", refresh token rotated" if refresh_token != snap.refresh_token else ""),
+        )
+        return _Granted(access_token, expires_at, refresh_token, extra, device)
+
+    async def _failed(
+        self,
+        key: KeyT,
+        snap: CredentialSnapshot,
+        who: str,
+        host: str,
+        grant: str,
+        status: int,
+        error: str | None,
+    ) -> _Granted | None:
+        device = grant == "device_code"
+        # Waiting for the user is the normal course of a device grant, not a warning.
+        level = logging.INFO if device and error in DEVICE_WAIT_ERRORS else logging.WARNING
+        log.log(
+            level, "token %s grant for %s at %s: HTTP %d, error %s", grant, who, host, status, error or "-"
+        )
+        if error in REAUTH_ERRORS or (device and error in DEVICE_REAUTH_ERRORS):
+            self._report("reauth_required")
+            await self._reauth(key, snap, f"the token endpoint answered {error}")
+            return None
+        if device and error in DEVICE_WAIT_ERRORS:
+            self._report("pending")
+            interval = self._device_interval.get(key, DEFAULT_DEVICE_INTERVAL)
+            if error == "slow_down":
+                interval += 5.0  # RFC 8628 §3.5
+            self._device_interval[key] = interval
+            self._device_not_before[key] = self._clock.monotonic() + interval
+            raise TokenNotReady(key, interval)
+        self._report("error")
+        retryable = status >= 500 or status in (408, 425, 429)
+        raise TokenEndpointError(
+            f"{who}: token endpoint {host} answered HTTP {status}" + (f" ({error})" if error else ""),
+            retryable=retryable,
+            status=status,
+        )
+
+    async def _reauth(self, key: KeyT, snap: CredentialSnapshot, reason: str) -> None:
+        """Mark the credential and raise ReauthRequired; returns when the credential changed first
+        (the operator's newer secrets are not condemned; the caller reloads)."""
+        marked = await self._store.mark_reauth_required(key, snap.version, reason)
+        if not marked:
+            log.info(
+                "%s changed before it could be marked reauth_required; reloading", self._store.describe(key)
+            )
+            return None
+        self._cache.pop(key, None)
+        log.warning("%s needs re-authorisation: %s", self._store.describe(key), reason)
+        raise ReauthRequired(key, reason)
+
+    def _expiry(self, doc: Mapping[str, Any]) -> datetime | None:
+        now = self._clock.now()
+        expires_in = _number(doc.get("expires_in"))
+        if expires_in is not None and expires_in > 0:
+            return now + timedelta(seconds=expires_in)
+        expires_at = _number(doc.get("expires_at"))
+        if expires_at is not None and expires_at > 0:
+            return datetime.fromtimestamp(expires_at, tz=now.tzinfo)
+        return None  # no expiry given (Salesforce): used until a 401 (§12)
+
+
+def _number(value: object) -> float | None:
+    # Some providers send numbers as strings ("3600").
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _safe_code(value: object) -> str | None:
+    """An OAuth2 error code fit for a log line: short and of safe characters only (a provider's
+    error text is never echoed, in case it carries what we sent)."""
+    if value is None:
+        return None
+    text = _SAFE_CODE.sub("", str(value))[:64]
+    return text or "unknown_error"

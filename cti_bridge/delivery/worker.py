@@ -1,0 +1,416 @@
+"""The delivery worker: claims due deliveries with leases, renders, sends, records, schedules.
+
+One loop claims batches of due deliveries (store/deliveries.py keeps per-call-and-user order) and
+runs each in its own task, bounded by ``worker_concurrency``. Each delivery: fetch the user's token
+(single-flight refresh in delivery/oauth.py), render the mapping with it (render.py), check the URL
+against the outbound guard (delivery/egress.py), send it through the one shared httpx client under
+the per-host cap, classify the outcome with the one pure function (delivery/retry.py), and record
+the attempt and the new state in one transaction that only counts if the lease is still ours.
+
+The loop wakes at once when the pipeline commits work (``wake()``), when a task finishes, and
+otherwise when the earliest retry or lease comes due (at most a second later).
+
+Graceful stop (reliability.md §20): stop claiming, let in-flight requests finish for up to the grace
+period, cancel the rest and return their deliveries to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import partial
+from urllib.parse import urlsplit
+
+import httpx
+from sqlmodel import Session
+
+from cti_bridge.clock import Clock, SystemClock, xelion_time
+from cti_bridge.config import Settings
+from cti_bridge.delivery.egress import EgressRefused, HostLimiter, check_url, read_limited
+from cti_bridge.delivery.oauth import (
+    AccessToken,
+    ReauthRequired,
+    TokenEndpointError,
+    TokenManager,
+    TokenNotReady,
+)
+from cti_bridge.delivery.retry import Outcome, classify, next_delay, parse_retry_after
+from cti_bridge.el import TemplateError
+from cti_bridge.metrics import Metrics
+from cti_bridge.render import CompiledMapping, RenderContext, RenderedRequest
+from cti_bridge.routing import MappingCache
+from cti_bridge.store.db import Database
+from cti_bridge.store.deliveries import (
+    AttemptRecord,
+    Claimed,
+    claim_due,
+    complete,
+    next_due_at,
+    park_credential,
+    release,
+    release_all_leases,
+    unpark_credential,
+)
+
+log = logging.getLogger(__name__)
+
+EXCERPT_BYTES = 4096
+MASK = "***"
+
+
+def mask(text: str, secrets: Iterable[str]) -> str:
+    """Replace every secret value in ``text`` (longest first, so no secret is half-masked)."""
+    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
+
+
+def excerpt(data: bytes | None, secrets: Iterable[str]) -> str | None:
+    if data is None:
+        return None
+    return mask(data[:EXCERPT_BYTES].decode("utf-8", errors="replace"), secrets)
+
+
+@dataclass
+class _Result:
+    """How one delivery attempt ended; turned into a state change by ``_finish``."""
+
+    state: str  # delivered | pending | dead | parked
+    outcome: str
+    status: int | None = None
+    error: str | None = None
+    delay: float | None = None
+    count_attempt: bool = True
+    method: str = "POST"
+    url: str = ""
+    request_body: bytes | None = None
+    response_body: bytes | None = None
+    secrets: tuple[str, ...] = ()
+
+
+class DeliveryWorker:
+    """Sends deliveries until stopped. One per process; several processes may share PostgreSQL."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        mappings: MappingCache,
+        tokens: TokenManager[int],
+        http: httpx.AsyncClient,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        sole_owner: bool = False,
+    ) -> None:
+        self.db = db
+        self.mappings = mappings
+        self.tokens = tokens
+        self.http = http
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        # With an embedded SQLite database this process is the only worker (the instance lock
+        # guarantees it), so leases left by a crashed predecessor can be released at once.
+        self.sole_owner = sole_owner
+        self.limiter = HostLimiter(settings.per_host_concurrency)
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._inflight: dict[str, tuple[asyncio.Task[None], Claimed]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # -- control -----------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """New work was committed: claim now rather than at the next timer."""
+        self._wake.set()
+
+    async def unpark(self, credential_id: int) -> int:
+        """Make a credential's parked deliveries due again (its refresh token or device code changed)."""
+        now = self.clock.now()
+        count = await self.db.run(lambda s: unpark_credential(s, credential_id=credential_id, now=now))
+        if count:
+            log.info("credential %s: %d parked deliveries resumed", credential_id, count)
+        self.wake()
+        return count
+
+    async def run(self) -> None:
+        """Claim and send until ``stop()``.
+
+        Cancellation: cancels in-flight sends and returns their deliveries to the queue.
+        """
+        if self.sole_owner:
+            now = self.clock.now()
+            released = await self.db.run(lambda s: release_all_leases(s, now=now))
+            if released:
+                log.info("returned %d deliveries leased by a previous run to the queue", released)
+        try:
+            await self._loop()
+        finally:
+            await self._drain(0.0)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop claiming, give in-flight requests ``grace`` seconds, return the rest to the queue."""
+        self._stopping.set()
+        self._wake.set()
+        await self._drain(self.settings.shutdown_grace_seconds if grace is None else grace)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        concurrency = self.settings.worker_concurrency
+        lease = self.settings.lease_seconds
+        while not self._stopping.is_set():
+            self._wake.clear()
+            free = concurrency - len(self._inflight)
+            claimed: list[Claimed] = []
+            if free > 0:
+                now = self.clock.now()
+                claimed = await self.db.run(partial(claim_due, now=now, limit=free, lease_seconds=lease))
+                for item in claimed:
+                    task = asyncio.create_task(self._process(item), name=f"delivery-{item.id}")
+                    self._inflight[item.id] = (task, item)
+                    task.add_done_callback(partial(self._done, item.id))
+            if free > 0 and len(claimed) == free:
+                continue  # a full batch: there may be more due right now
+            timeout = 1.0
+            if not claimed and free > 0:
+                due = await self.db.run(next_due_at)
+                if due is not None:
+                    timeout = min(1.0, max(0.05, (due - self.clock.now()).total_seconds()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _done(self, delivery_id: str, _task: asyncio.Task[None]) -> None:
+        self._inflight.pop(delivery_id, None)
+        self._wake.set()
+
+    async def _drain(self, grace: float) -> None:
+        if not self._inflight:
+            return
+        tasks = [t for t, _ in self._inflight.values()]
+        if grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        left = list(self._inflight.values())
+        for task, _ in left:
+            task.cancel()
+        await asyncio.gather(*(t for t, _ in left), return_exceptions=True)
+        if left:
+            now = self.clock.now()
+            by_claim: dict[str, list[str]] = {}
+            for _, item in left:
+                by_claim.setdefault(item.claim, []).append(item.id)
+            for claim, ids in by_claim.items():
+                await self.db.run(partial(release, delivery_ids=ids, claim=claim, now=now))
+            log.info("returned %d unfinished deliveries to the queue", len(left))
+
+    # -- one delivery ------------------------------------------------------------------------
+
+    async def _process(self, item: Claimed) -> None:
+        started = self.clock.now()
+        t0 = time.monotonic()
+        try:
+            result = await self._attempt(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not kill the worker nor lose the delivery
+            log.exception("delivery %s failed unexpectedly", item.id)
+            result = _Result(state="pending", outcome="retry", error=f"internal error: {type(exc).__name__}")
+            result.delay = 30.0
+        duration_ms = int((time.monotonic() - t0) * 1000)
+        await self._finish(item, result, started, duration_ms)
+
+    async def _compiled(self, mapping_id: int) -> CompiledMapping:
+        cached = self.mappings.peek(mapping_id)
+        if cached is not None:
+            return cached
+        return await self.db.run(lambda s: self.mappings.get(s, mapping_id))
+
+    def _context(self, item: Claimed, token: AccessToken | None) -> RenderContext:
+        token_view: dict[str, object] | None = None
+        if token is not None:
+            token_view = dict(token.extra)
+            token_view["accessToken"] = token.access_token
+        return RenderContext(
+            event=item.payload,
+            xelion_event=item.notification_type,
+            user={
+                "xelionUsername": item.xelion_username,
+                "xelionOid": item.xelion_oid,
+                "role": item.user_role,
+            },
+            token=token_view,
+            delivery_id=item.id,
+            now=xelion_time(self.clock.now()),
+        )
+
+    async def _attempt(self, item: Claimed) -> _Result:
+        if item.credential_id is None:
+            return _Result(state="dead", outcome="dead", error="the user's credentials were deleted")
+        try:
+            compiled = await self._compiled(item.mapping_id)
+        except (LookupError, TemplateError) as exc:
+            return _Result(state="dead", outcome="dead", error=f"mapping: {exc}")
+        try:
+            token = await self.tokens.get(item.credential_id)
+        except ReauthRequired as exc:
+            return _Result(state="parked", outcome="parked", error=f"re-authorisation required: {exc.reason}")
+        except TokenNotReady as exc:
+            return _Result(
+                state="pending", outcome="retry", error=str(exc), delay=exc.retry_after, count_attempt=False
+            )
+        except TokenEndpointError as exc:
+            if exc.retryable:
+                return self._retry(
+                    item, _Result(state="pending", outcome="retry", error=f"token endpoint: {exc}")
+                )
+            return _Result(state="dead", outcome="dead", error=f"token endpoint: {exc}")
+
+        result = await self._send(item, compiled, token)
+        if result.outcome == "refresh":
+            try:
+                token = await self.tokens.refresh_after_401(item.credential_id, token.access_token)
+            except ReauthRequired as exc:
+                return _Result(
+                    state="parked", outcome="parked", error=f"re-authorisation required: {exc.reason}"
+                )
+            except (TokenEndpointError, TokenNotReady) as exc:
+                return self._retry(
+                    item, _Result(state="pending", outcome="retry", status=401, error=f"token refresh: {exc}")
+                )
+            result = await self._send(item, compiled, token, second_try=True)
+        if result.state == "pending":
+            return self._retry(item, result)
+        return result
+
+    def _retry(self, item: Claimed, result: _Result) -> _Result:
+        delay = next_delay(
+            item.attempts + 1,
+            self.settings.retry_schedule,
+            self.settings.retry_jitter,
+            self.rng,
+            result.delay,
+            self.settings.retry_after_cap_seconds,
+        )
+        if delay is None:
+            result.state = "dead"
+            result.outcome = "dead"
+            result.error = f"gave up after {item.attempts + 1} attempts: {result.error}"
+        else:
+            result.delay = delay
+        return result
+
+    async def _send(
+        self, item: Claimed, compiled: CompiledMapping, token: AccessToken, *, second_try: bool = False
+    ) -> _Result:
+        secrets: tuple[str, ...] = (token.access_token,)
+        try:
+            req: RenderedRequest = compiled.render(self._context(item, token))
+        except TemplateError as exc:
+            return _Result(state="dead", outcome="dead", error=f"render: {exc}", secrets=secrets)
+        secrets = (token.access_token, *req.secret_values)
+        base = _Result(
+            state="dead",
+            outcome="dead",
+            method=req.method,
+            url=req.url,
+            request_body=req.body,
+            secrets=secrets,
+        )
+        try:
+            check_url(req.url, self.settings.allow_private_targets)
+        except EgressRefused as exc:
+            base.error = f"refused by the outbound guard: {exc}"
+            return base
+        headers = dict(req.headers)
+        headers["Authorization"] = item.authorization_header_prefix + token.access_token
+        headers["Idempotency-Key"] = item.id
+        host = urlsplit(req.url).netloc
+        status: int | None = None
+        error: Exception | None = None
+        body: bytes | None = None
+        retry_after: float | None = None
+        try:
+            async with self.limiter.slot(host):
+                request = self.http.build_request(req.method, req.url, headers=headers, content=req.body)
+                response = await self.http.send(request, stream=True)
+                try:
+                    status = response.status_code
+                    body, _truncated = await read_limited(response, self.settings.max_response_bytes)
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"), self.clock.now())
+                finally:
+                    await response.aclose()
+        except (httpx.HTTPError, EgressRefused, OSError) as exc:
+            error = exc
+        if self.metrics is not None:
+            self.metrics.attempt(status)
+        base.status = status
+        base.response_body = body
+        outcome = classify(status, error)
+        if outcome is Outcome.SUCCESS:
+            base.state, base.outcome = "delivered", "delivered"
+            return base
+        reason = f"HTTP {status}" if status is not None else f"{type(error).__name__}: {error}"
+        base.error = mask(reason, secrets)
+        if outcome is Outcome.REFRESH_AND_RETRY and not second_try:
+            base.state, base.outcome = "pending", "refresh"
+            return base
+        if outcome is Outcome.RETRY:
+            base.state, base.outcome, base.delay = "pending", "retry", retry_after
+            return base
+        if outcome is Outcome.REFRESH_AND_RETRY:
+            base.error = "HTTP 401 again with a freshly refreshed token"
+        return base  # permanent: dead, with the status and the response excerpt
+
+    async def _finish(self, item: Claimed, result: _Result, started: datetime, duration_ms: int) -> None:
+        now = self.clock.now()
+        attempt = AttemptRecord(
+            started_at=started,
+            duration_ms=duration_ms,
+            outcome=result.outcome,
+            http_status=result.status,
+            error=result.error,
+            request_method=result.method,
+            request_url=mask(result.url, result.secrets),
+            request_excerpt=excerpt(result.request_body, result.secrets),
+            response_excerpt=excerpt(result.response_body, result.secrets),
+        )
+        next_at = now + timedelta(seconds=result.delay) if result.delay is not None else None
+        state = result.state
+
+        def write(session: Session) -> bool:
+            ok = complete(
+                session,
+                delivery_id=item.id,
+                claim=item.claim,
+                state=state,
+                now=now,
+                attempt=attempt,
+                next_attempt_at=next_at if state == "pending" else None,
+                count_attempt=result.count_attempt,
+            )
+            if ok and state == "parked" and item.credential_id is not None:
+                park_credential(session, credential_id=item.credential_id, reason=result.error or "", now=now)
+            return ok
+
+        ok = await self.db.run(write)
+        if not ok:
+            log.info("delivery %s: lease lost before completion; the newer claim decides", item.id)
+        elif self.metrics is not None:
+            self.metrics.finished(state)
+        if state == "delivered":
+            log.debug("delivery %s delivered (HTTP %s) in %d ms", item.id, result.status, duration_ms)
+        elif state != "pending" or result.outcome != "retry":
+            log.info("delivery %s %s: %s", item.id, state, result.error)

@@ -1,0 +1,127 @@
+"""The token manager's persistence for ``user_credentials`` (delivery/oauth.py ``TokenStore``).
+
+Secrets are encrypted with ``SecretBox`` before they reach the database (reliability.md §14).
+Writes are compare-and-set on ``version`` (reliability.md §11, §13): a refresh that started before
+an operator set a new refresh token or device code neither overwrites those secrets nor marks them
+``reauth_required``; the manager reloads and decides again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import update
+from sqlmodel import Session, col
+
+from cti_bridge.clock import utcnow
+from cti_bridge.delivery.oauth import (
+    STATE_ACTIVE,
+    STATE_REAUTH_REQUIRED,
+    CredentialNotFound,
+    CredentialSnapshot,
+)
+from cti_bridge.store.crypto import SecretBox
+from cti_bridge.store.db import Database
+from cti_bridge.store.models import CrmContext, UserCredentials
+
+_MAX_REASON = 1000  # the width of user_credentials.state_reason
+
+
+class UserCredentialTokenStore:
+    """``TokenStore[int]`` over ``user_credentials``: the key is the credential id, the token
+    endpoint and its client-authentication method come from the credential's CRM context."""
+
+    def __init__(self, db: Database, box: SecretBox) -> None:
+        self._db = db
+        self._box = box
+
+    def describe(self, key: int) -> str:
+        return f"user credential {key}"
+
+    async def load(self, key: int) -> CredentialSnapshot:
+        """The credential, secrets decrypted. Cancellation: as ``Database.run`` (the read finishes
+        in its thread; the caller stops waiting)."""
+        box = self._box
+
+        def read(session: Session) -> CredentialSnapshot:
+            row = session.get(UserCredentials, key)
+            if row is None:
+                raise CredentialNotFound(key)
+            context = session.get(CrmContext, row.crm_context_id)
+            if context is None:
+                raise CredentialNotFound(key)
+            extra_text = box.decrypt_opt(row.token_extra_enc)
+            extra: dict[str, Any] = json.loads(extra_text) if extra_text else {}
+            return CredentialSnapshot(
+                client_id=row.client_id,
+                client_secret=box.decrypt_opt(row.client_secret_enc),
+                refresh_token=box.decrypt_opt(row.refresh_token_enc),
+                device_code=box.decrypt_opt(row.device_code_enc),
+                access_token=box.decrypt_opt(row.access_token_enc),
+                expires_at=row.access_token_expires_at,
+                extra=extra,
+                state=row.state,
+                version=row.version,
+                token_endpoint=context.authorization_server_uri,
+                auth_method=context.token_auth_method,
+                state_reason=row.state_reason,
+            )
+
+        return await self._db.run(read)
+
+    async def save_tokens(
+        self,
+        key: int,
+        snapshot_version: int,
+        *,
+        access_token: str,
+        expires_at: datetime | None,
+        refresh_token: str | None,
+        extra: Mapping[str, Any],
+        device_code_used: bool,
+    ) -> int | None:
+        """Commit the new tokens if still at ``snapshot_version`` (then bump it); None otherwise.
+
+        Cancellation: the transaction handed to the database thread commits or rolls back whole;
+        the caller (the manager's shielded refresh task) is not cancelled by its callers anyway.
+        """
+        values: dict[str, Any] = {
+            "access_token_enc": self._box.encrypt(access_token),
+            "access_token_expires_at": expires_at,
+            "refresh_token_enc": self._box.encrypt_opt(refresh_token),
+            "token_extra_enc": self._box.encrypt(json.dumps(dict(extra))) if extra else None,
+            "state": STATE_ACTIVE,
+            "state_reason": None,
+            "version": snapshot_version + 1,
+            "updated_at": utcnow(),
+        }
+        if device_code_used:
+            values["device_code_enc"] = None  # single-use (RFC 8628): no reason to keep it
+        statement = (
+            update(UserCredentials)
+            .where(col(UserCredentials.id) == key, col(UserCredentials.version) == snapshot_version)
+            .values(**values)
+        )
+
+        def write(session: Session) -> int:
+            return int(session.exec(statement).rowcount)
+
+        changed = await self._db.run(write)
+        return snapshot_version + 1 if changed == 1 else None
+
+    async def mark_reauth_required(self, key: int, snapshot_version: int, reason: str) -> bool:
+        """Set ``reauth_required`` with ``reason`` if still at ``snapshot_version``. The version is
+        not bumped: no secret changed. Cancellation: as ``save_tokens``."""
+        statement = (
+            update(UserCredentials)
+            .where(col(UserCredentials.id) == key, col(UserCredentials.version) == snapshot_version)
+            .values(state=STATE_REAUTH_REQUIRED, state_reason=reason[:_MAX_REASON], updated_at=utcnow())
+        )
+
+        def write(session: Session) -> int:
+            return int(session.exec(statement).rowcount)
+
+        return await self._db.run(write) == 1

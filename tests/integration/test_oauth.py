@@ -1,0 +1,532 @@
+"""The token manager (reliability.md §10-§14) against the CRM simulator's token endpoint over real
+HTTP on 127.0.0.1, with the token store on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from oauth_helpers import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    FakeClock,
+    add_credential,
+    operator_sets_refresh_token,
+    read_credential,
+)
+
+from cti_bridge.config import Settings
+from cti_bridge.delivery.egress import build_http_client
+from cti_bridge.delivery.oauth import (
+    DEVICE_CODE_GRANT,
+    ReauthRequired,
+    TokenEndpointError,
+    TokenManager,
+    TokenNotReady,
+)
+from cti_bridge.sim.crm import CrmSimulator, Failure
+from cti_bridge.store.crypto import SecretBox
+from cti_bridge.store.db import Database
+from cti_bridge.store.tokens import UserCredentialTokenStore
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[CrmSimulator]:
+    async with CrmSimulator() as s:
+        s.add_client(CLIENT_ID, CLIENT_SECRET)
+        yield s
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with build_http_client(Settings(allow_private_targets=True)) as client:
+        yield client
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def manager(
+    database: Database, box: SecretBox, http: httpx.AsyncClient, clock: FakeClock, **kw: object
+) -> TokenManager[int]:
+    return TokenManager(
+        UserCredentialTokenStore(database, box),
+        http,
+        clock,
+        60.0,
+        allow_private=True,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def crm_status(http: httpx.AsyncClient, sim: CrmSimulator, token: str) -> int:
+    response = await http.post(
+        f"{sim.url}/services/apexrest/Call", json={"x": 1}, headers={"Authorization": "Bearer " + token}
+    )
+    return response.status_code
+
+
+async def test_100_deliveries_on_an_expired_token_make_one_token_request(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    refresh = sim.issue_refresh_token(CLIENT_ID)
+    cred = await add_credential(
+        database,
+        secret_box,
+        sim.token_url,
+        refresh_token=refresh,
+        access_token="expired-access-token",
+        expires_at=clock.now() - timedelta(minutes=5),
+    )
+    tokens = manager(database, secret_box, http, clock)
+    results = await asyncio.gather(*(tokens.get(cred.id) for _ in range(100)))
+    assert sim.token_counts == {"refresh_token": 1}
+    assert len({t.access_token for t in results}) == 1
+    assert results[0].access_token != "expired-access-token"
+    assert await crm_status(http, sim, results[0].access_token) == 201
+
+
+async def test_returned_token_is_already_persisted(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    sim.extra_fields = {"instance_url": "https://eu1.example.my.salesforce.com"}
+    cred = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    token = await manager(database, secret_box, http, clock).get(cred.id)
+    row = await read_credential(database, cred.id)
+    assert secret_box.decrypt_opt(row.access_token_enc) == token.access_token
+    assert row.access_token_expires_at == token.expires_at
+    assert row.version == token.version == 2
+    assert token.extra["instance_url"] == "https://eu1.example.my.salesforce.com"
+    assert token.extra["token_type"] == "Bearer"
+    # A fresh manager (a restart) uses the stored token and its extra fields without a request.
+    again = await manager(database, secret_box, http, clock).get(cred.id)
+    assert again.access_token == token.access_token
+    assert again.extra["instance_url"] == "https://eu1.example.my.salesforce.com"
+    assert sim.token_counts == {"refresh_token": 1}
+
+
+async def test_rotated_refresh_token_is_persisted(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    sim.rotate_refresh_tokens = True
+    old = sim.issue_refresh_token(CLIENT_ID)
+    cred = await add_credential(database, secret_box, sim.token_url, refresh_token=old)
+    await manager(database, secret_box, http, clock).get(cred.id)
+    (new,) = sim.current_refresh_tokens(CLIENT_ID)
+    assert new != old and not sim.refresh_token_valid(old)
+    row = await read_credential(database, cred.id)
+    assert secret_box.decrypt_opt(row.refresh_token_enc) == new
+    # The rotated token works for the next refresh (by a restarted manager, long after).
+    clock.advance(7200)
+    token = await manager(database, secret_box, http, clock).get(cred.id)
+    assert sim.token_counts == {"refresh_token": 2}
+    assert await crm_status(http, sim, token.access_token) == 201
+
+
+async def test_no_token_in_plain_text_in_the_sqlite_file(
+    sqlite_database: Database,
+    secret_box: SecretBox,
+    sim: CrmSimulator,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
+) -> None:
+    sim.rotate_refresh_tokens = True
+    sim.extra_fields = {"api_domain": "https://www.zohoapis.eu"}
+    old = sim.issue_refresh_token(CLIENT_ID)
+    cred = await add_credential(sqlite_database, secret_box, sim.token_url, refresh_token=old)
+    token = await manager(sqlite_database, secret_box, http, clock).get(cred.id)
+    (new,) = sim.current_refresh_tokens(CLIENT_ID)
+    path = Path(sqlite_database.url.split(":///", 1)[1])
+    raw = b"".join(p.read_bytes() for p in (path, path.with_name(path.name + "-wal")) if p.exists())
+    assert b"client-one" in raw  # the file is readable and holds this credential
+    for secret in (old, new, token.access_token, CLIENT_SECRET, "www.zohoapis.eu"):
+        assert secret.encode() not in raw
+
+
+async def test_invalid_grant_marks_reauth_required_after_one_attempt(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    cred = await add_credential(database, secret_box, sim.token_url, refresh_token="rt-revoked-by-the-user")
+    tokens = manager(database, secret_box, http, clock)
+    results = await asyncio.gather(*(tokens.get(cred.id) for _ in range(20)), return_exceptions=True)
+    assert all(isinstance(r, ReauthRequired) for r in results)
+    assert sim.token_counts == {"refresh_token": 1}
+    row = await read_credential(database, cred.id)
+    assert row.state == "reauth_required"
+    assert "invalid_grant" in (row.state_reason or "")
+    # Parked: later deliveries do not hammer the token endpoint.
+    with pytest.raises(ReauthRequired):
+        await tokens.get(cred.id)
+    assert sim.token_counts == {"refresh_token": 1}
+    # An operator sets a new refresh token: the credential works again.
+    await operator_sets_refresh_token(database, secret_box, cred.id, sim.issue_refresh_token(CLIENT_ID))
+    token = await tokens.get(cred.id)
+    assert await crm_status(http, sim, token.access_token) == 201
+    assert (await read_credential(database, cred.id)).state == "active"
+
+
+@pytest.mark.parametrize("style", ["invalid_client", "zoho"])
+async def test_other_dead_grants_mark_reauth_required(
+    style: str,
+    database: Database,
+    secret_box: SecretBox,
+    sim: CrmSimulator,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
+) -> None:
+    refresh = sim.issue_refresh_token(CLIENT_ID)
+    secret = CLIENT_SECRET
+    if style == "zoho":
+        sim.error_style = "zoho"  # 200 {"error": "invalid_code"}
+        sim.revoke_refresh_token(refresh)
+    else:
+        secret = "a-wrong-client-secret"
+    cred = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=refresh, client_secret=secret
+    )
+    with pytest.raises(ReauthRequired) as info:
+        await manager(database, secret_box, http, clock).get(cred.id)
+    assert ("invalid_code" if style == "zoho" else "invalid_client") in info.value.reason
+    assert (await read_credential(database, cred.id)).state == "reauth_required"
+    assert sum(sim.token_counts.values()) == 1
+
+
+async def test_proactive_refresh_when_less_than_a_minute_is_left(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    sim.expires_in = 120
+    cred = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    tokens = manager(database, secret_box, http, clock)
+    first = await tokens.get(cred.id)
+    assert first.expires_at == clock.now() + timedelta(seconds=120)
+    clock.advance(59)  # 61 s left: still used
+    assert (await tokens.get(cred.id)).access_token == first.access_token
+    assert sim.token_counts == {"refresh_token": 1}
+    clock.advance(2)  # 59 s left: refreshed before use, while the old one is still valid
+    second = await tokens.get(cred.id)
+    assert second.access_token != first.access_token
+    assert sim.access_token_valid(first.access_token)
+    assert sim.token_counts == {"refresh_token": 2}
+
+
+async def test_token_without_expiry_is_refreshed_only_after_a_401(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    sim.expires_in = None  # Salesforce gives no expires_in
+    cred = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    tokens = manager(database, secret_box, http, clock)
+    first = await tokens.get(cred.id)
+    assert first.expires_at is None
+    clock.advance(30 * 86400)
+    assert (await tokens.get(cred.id)).access_token == first.access_token
+    assert sim.token_counts == {"refresh_token": 1}
+
+    sim.revoke_access_tokens()  # the session expired on the CRM side
+    assert await crm_status(http, sim, first.access_token) == 401
+    # Ten deliveries meet the 401 at once: one refresh.
+    renewed = await asyncio.gather(
+        *(tokens.refresh_after_401(cred.id, first.access_token) for _ in range(10))
+    )
+    assert len({t.access_token for t in renewed}) == 1
+    assert sim.token_counts == {"refresh_token": 2}
+    assert await crm_status(http, sim, renewed[0].access_token) == 201
+    # A late 401 on the old token: the current one, no new request.
+    late = await tokens.refresh_after_401(cred.id, first.access_token)
+    assert late.access_token == renewed[0].access_token
+    assert sim.token_counts == {"refresh_token": 2}
+    assert (await tokens.get(cred.id)).access_token == renewed[0].access_token
+
+
+async def test_device_code_grant(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    device_code = sim.add_device_code(CLIENT_ID, pending=1, slow_down=1)
+    cred = await add_credential(database, secret_box, sim.token_url, device_code=device_code)
+    tokens = manager(database, secret_box, http, clock)
+
+    with pytest.raises(TokenNotReady) as info:
+        await tokens.get(cred.id)
+    assert info.value.retry_after == 10.0  # slow_down: 5 s + 5 s (RFC 8628 §3.5)
+    with pytest.raises(TokenNotReady):
+        await tokens.get(cred.id)  # too early: no request
+    assert sim.token_counts == {DEVICE_CODE_GRANT: 1}
+
+    clock.advance(10)
+    with pytest.raises(TokenNotReady) as info:
+        await tokens.get(cred.id)  # authorization_pending
+    assert sim.token_counts == {DEVICE_CODE_GRANT: 2}
+
+    clock.advance(info.value.retry_after)
+    token = await tokens.get(cred.id)
+    assert sim.token_counts == {DEVICE_CODE_GRANT: 3}
+    assert await crm_status(http, sim, token.access_token) == 201
+    row = await read_credential(database, cred.id)
+    (issued,) = sim.current_refresh_tokens(CLIENT_ID)
+    assert secret_box.decrypt_opt(row.refresh_token_enc) == issued
+    assert row.device_code_enc is None  # single-use: consumed
+    # From now on the refresh-token grant is used.
+    clock.advance(7200)
+    await tokens.get(cred.id)
+    assert sim.token_counts == {DEVICE_CODE_GRANT: 3, "refresh_token": 1}
+
+
+async def test_expired_device_code_marks_reauth_required(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    cred = await add_credential(database, secret_box, sim.token_url, device_code="dc-unknown-or-expired")
+    with pytest.raises(ReauthRequired):
+        await manager(database, secret_box, http, clock).get(cred.id)
+    assert (await read_credential(database, cred.id)).state == "reauth_required"
+
+
+async def test_no_refresh_token_nor_device_code_marks_reauth_required(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    cred = await add_credential(database, secret_box, sim.token_url)
+    with pytest.raises(ReauthRequired):
+        await manager(database, secret_box, http, clock).get(cred.id)
+    assert sim.token_counts == {}
+    assert (await read_credential(database, cred.id)).state == "reauth_required"
+
+
+@pytest.mark.parametrize("method", ["client_secret_post", "client_secret_basic"])
+async def test_client_authentication_method(
+    method: str,
+    database: Database,
+    secret_box: SecretBox,
+    sim: CrmSimulator,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
+) -> None:
+    cred = await add_credential(
+        database,
+        secret_box,
+        sim.token_url,
+        refresh_token=sim.issue_refresh_token(CLIENT_ID),
+        auth_method=method,
+    )
+    await manager(database, secret_box, http, clock).get(cred.id)
+    (request,) = sim.token_requests
+    assert (request.auth_method, request.client_id, request.status) == (method, CLIENT_ID, 200)
+
+
+async def test_operator_update_during_a_refresh_is_not_overwritten(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    old = sim.issue_refresh_token(CLIENT_ID)
+    operators = sim.issue_refresh_token(CLIENT_ID)
+    cred = await add_credential(database, secret_box, sim.token_url, refresh_token=old)
+    updated = False
+
+    async def operator_acts(grant_type: str) -> None:
+        nonlocal updated
+        if not updated:
+            updated = True
+            await operator_sets_refresh_token(database, secret_box, cred.id, operators)
+
+    sim.token_hook = operator_acts
+    token = await manager(database, secret_box, http, clock).get(cred.id)
+    row = await read_credential(database, cred.id)
+    assert secret_box.decrypt_opt(row.refresh_token_enc) == operators
+    assert secret_box.decrypt_opt(row.access_token_enc) == token.access_token
+    assert row.version == token.version == 3  # 1, operator 2, our save 3
+    assert sim.token_counts == {"refresh_token": 2}  # the first answer was not stored; redone
+
+
+async def test_invalid_grant_during_an_operator_update_does_not_park_the_new_token(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    old = sim.issue_refresh_token(CLIENT_ID)
+    operators = sim.issue_refresh_token(CLIENT_ID)
+    cred = await add_credential(database, secret_box, sim.token_url, refresh_token=old)
+    updated = False
+
+    async def operator_acts(grant_type: str) -> None:
+        nonlocal updated
+        if not updated:
+            updated = True
+            sim.revoke_refresh_token(old)
+            await operator_sets_refresh_token(database, secret_box, cred.id, operators)
+
+    sim.token_hook = operator_acts
+    token = await manager(database, secret_box, http, clock).get(cred.id)
+    assert await crm_status(http, sim, token.access_token) == 201
+    row = await read_credential(database, cred.id)
+    assert row.state == "active"
+    assert secret_box.decrypt_opt(row.refresh_token_enc) == operators
+
+
+@pytest.mark.parametrize(
+    ("failure", "retryable"),
+    [
+        (Failure.http(503), True),
+        (Failure.http(500), True),
+        (Failure.retry_after(30), True),
+        (Failure.http(400, b'{"error":"invalid_request"}'), False),
+        (Failure.http(404, b"not found"), False),
+        (Failure.http(200, b'{"token_type":"Bearer"}'), False),  # no access_token
+        (Failure.dropped(), True),
+    ],
+)
+async def test_token_endpoint_failures(
+    failure: Failure,
+    retryable: bool,
+    database: Database,
+    secret_box: SecretBox,
+    sim: CrmSimulator,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
+) -> None:
+    sim.token_failures.append(failure)
+    cred = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    tokens = manager(database, secret_box, http, clock)
+    with pytest.raises(TokenEndpointError) as info:
+        await tokens.get(cred.id)
+    assert info.value.retryable is retryable
+    row = await read_credential(database, cred.id)
+    assert (row.state, row.version) == ("active", 1)
+    # The failure was transient: the next attempt succeeds.
+    assert await crm_status(http, sim, (await tokens.get(cred.id)).access_token) == 201
+
+
+async def test_unreachable_token_endpoint_is_retryable(
+    database: Database, secret_box: SecretBox, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cred = await add_credential(
+        database, secret_box, f"http://127.0.0.1:{port}/oauth2/token", refresh_token="rt-some-refresh-token"
+    )
+    with pytest.raises(TokenEndpointError) as info:
+        await manager(database, secret_box, http, clock).get(cred.id)
+    assert info.value.retryable
+    assert (await read_credential(database, cred.id)).state == "active"
+
+
+async def test_token_endpoint_goes_through_the_outbound_guard(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, clock: FakeClock
+) -> None:
+    cred = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    async with build_http_client(Settings(allow_private_targets=False)) as guarded:
+        tokens = TokenManager(UserCredentialTokenStore(database, secret_box), guarded, clock, 60.0)
+        with pytest.raises(TokenEndpointError) as info:
+            await tokens.get(cred.id)
+    assert not info.value.retryable
+    assert sim.token_counts == {}
+
+
+async def test_cancelled_caller_does_not_lose_a_rotated_refresh_token(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    sim.rotate_refresh_tokens = True
+    cred = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    answering = asyncio.Event()
+
+    async def slow_answer(grant_type: str) -> None:
+        answering.set()
+        await asyncio.sleep(0.2)
+
+    sim.token_hook = slow_answer
+    tokens = manager(database, secret_box, http, clock)
+    caller = asyncio.create_task(tokens.get(cred.id))
+    await answering.wait()
+    caller.cancel()  # e.g. shutdown while the token endpoint is answering
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await tokens.aclose()  # the refresh went on to its commit
+    (rotated,) = sim.current_refresh_tokens(CLIENT_ID)
+    assert secret_box.decrypt_opt((await read_credential(database, cred.id)).refresh_token_enc) == rotated
+
+
+async def test_secrets_never_logged_nor_in_exception_texts(
+    database: Database,
+    secret_box: SecretBox,
+    sim: CrmSimulator,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    sim.rotate_refresh_tokens = True
+    sim.expires_in = 120
+    refresh = sim.issue_refresh_token(CLIENT_ID)
+    device_code = sim.add_device_code(CLIENT_ID, pending=1)
+    good = await add_credential(database, secret_box, sim.token_url, refresh_token=refresh, username="alice")
+    dev = await add_credential(database, secret_box, sim.token_url, device_code=device_code, username="bob")
+    dead = await add_credential(
+        database, secret_box, sim.token_url, refresh_token="rt-dead-refresh-token-value", username="carol"
+    )
+    tokens = manager(database, secret_box, http, clock)
+    seen: list[str] = []
+    first = await tokens.get(good.id)
+    seen.append(first.access_token)
+    clock.advance(100)
+    seen.append((await tokens.get(good.id)).access_token)
+    seen.append((await tokens.refresh_after_401(good.id, seen[-1])).access_token)
+    errors: list[BaseException] = []
+    for key in (dev.id, dead.id):
+        try:
+            await tokens.get(key)
+        except Exception as exc:
+            errors.append(exc)
+    clock.advance(5)
+    seen.append((await tokens.get(dev.id)).access_token)
+    sim.token_failures.append(Failure.http(503))
+    clock.advance(7200)
+    try:
+        await tokens.get(good.id)
+    except TokenEndpointError as exc:
+        errors.append(exc)
+    assert len(errors) == 3
+    secrets = [CLIENT_SECRET, refresh, device_code, "rt-dead-refresh-token-value", *seen]
+    secrets += sim.current_refresh_tokens(CLIENT_ID)
+    texts = caplog.text + "\n".join(f"{e!s} {e!r}" for e in errors) + repr(first)
+    assert "user credential" in caplog.text  # the log names the credential...
+    for secret in secrets:
+        assert secret not in texts  # ...never a secret
+
+
+async def test_every_token_endpoint_call_is_reported(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    results: list[str] = []
+    good = await add_credential(
+        database,
+        secret_box,
+        sim.token_url,
+        refresh_token=sim.issue_refresh_token(CLIENT_ID),
+        username="alice",
+    )
+    dead = await add_credential(
+        database, secret_box, sim.token_url, refresh_token="rt-revoked", username="bob"
+    )
+    tokens = manager(database, secret_box, http, clock, on_refresh=results.append)
+    sim.token_failures.append(Failure.http(503))
+    with pytest.raises(TokenEndpointError):
+        await tokens.get(good.id)
+    await tokens.get(good.id)
+    with pytest.raises(ReauthRequired):
+        await tokens.get(dead.id)
+    assert results == ["error", "ok", "reauth_required"]
+    assert tokens.refreshes == 3
