@@ -39,9 +39,12 @@ class _StoreCollector(Collector):
 
     def _collect(self, session: Session) -> Iterator[GaugeMetricFamily]:
         by_state = GaugeMetricFamily("cti_bridge_deliveries", "Deliveries by state", labels=["state"])
-        counts = dict(
-            session.execute(select(Delivery.state, func.count()).group_by(col(Delivery.state))).tuples().all()
-        )
+        counts: dict[str, int] = {
+            str(state): int(n)
+            for state, n in session.execute(
+                select(col(Delivery.state), func.count()).group_by(col(Delivery.state))
+            )
+        }
         for state in STATES:
             by_state.add_metric([state], float(counts.get(state, 0)))
         yield by_state
@@ -54,7 +57,9 @@ class _StoreCollector(Collector):
         age.add_metric([], max(0.0, (utcnow() - oldest).total_seconds()) if oldest else 0.0)
         yield age
         reauth = session.execute(
-            select(func.count()).select_from(UserCredentials).where(col(UserCredentials.state) == "reauth_required")
+            select(func.count())
+            .select_from(UserCredentials)
+            .where(col(UserCredentials.state) == "reauth_required")
         ).scalar_one()
         fam = GaugeMetricFamily(
             "cti_bridge_credentials_reauth_required", "User credentials whose grant is dead (re-authorise)"
@@ -62,12 +67,16 @@ class _StoreCollector(Collector):
         fam.add_metric([], float(reauth))
         yield fam
         states = GaugeMetricFamily(
-            "cti_bridge_source_up", "1 when the integration's websocket is subscribed", labels=["xelion_context_id", "state"]
+            "cti_bridge_source_up",
+            "1 when the integration's websocket is subscribed",
+            labels=["xelion_context_id", "state"],
         )
-        rows = session.execute(select(XelionContext.id, XelionContext.source_state)).all()
+        rows = session.execute(select(col(XelionContext.id), col(XelionContext.source_state))).all()
         live = self.sources() if self.sources else {}
         reconnects = GaugeMetricFamily(
-            "cti_bridge_source_reconnects", "Reconnects of the integration's websocket since start", labels=["xelion_context_id"]
+            "cti_bridge_source_reconnects",
+            "Reconnects of the integration's websocket since start",
+            labels=["xelion_context_id"],
         )
         for ctx_id, state in rows:
             state_now, count = live.get(int(ctx_id), (state, 0))
@@ -83,10 +92,16 @@ class Metrics:
     def __init__(self, db: Database, sources: Callable[[], dict[int, tuple[str, int]]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.attempts = Counter(
-            "cti_bridge_delivery_attempts", "Delivery attempts by HTTP status class", ["status_class"], registry=self.registry
+            "cti_bridge_delivery_attempts",
+            "Delivery attempts by HTTP status class",
+            ["status_class"],
+            registry=self.registry,
         )
         self.finished_total = Counter(
-            "cti_bridge_deliveries_finished", "Delivery attempts by resulting state", ["state"], registry=self.registry
+            "cti_bridge_deliveries_finished",
+            "Delivery attempts by resulting state",
+            ["state"],
+            registry=self.registry,
         )
         self.refreshes = Counter(
             "cti_bridge_token_refreshes", "Token endpoint calls by result", ["result"], registry=self.registry

@@ -78,7 +78,9 @@ def insert_event(
     }
     table: Any = CallEvent.__table__  # type: ignore[attr-defined]
     dialect = session.get_bind().dialect.name
-    ins: Any = (postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)).values(**values)
+    ins: Any = (postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)).values(
+        **values
+    )
     ins = ins.on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(table.c.id)
     event_id = session.execute(ins).scalar_one_or_none()
     if event_id is None:
@@ -176,7 +178,7 @@ def claim_due(session: Session, *, now: datetime, limit: int, lease_seconds: flo
         .limit(limit)
     )
     if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True, of=Delivery)  # type: ignore[arg-type]
+        query = query.with_for_update(skip_locked=True, of=Delivery)
     ids = [row[0] for row in session.execute(query)]
     if not ids:
         return []
@@ -193,18 +195,18 @@ def claim_due(session: Session, *, now: datetime, limit: int, lease_seconds: flo
     )
     rows = session.execute(
         select(
-            Delivery.id,
-            Delivery.attempts,
-            Delivery.event_id,
-            CallEvent.notification_type,
-            CallEvent.payload,
-            Delivery.mapping_id,
-            Delivery.credential_id,
-            Delivery.xelion_username,
-            UserCredentials.xelion_oid,
-            Delivery.user_role,
-            CrmContext.authorization_header_prefix,
-            Delivery.ordering_key,
+            col(Delivery.id),
+            col(Delivery.attempts),
+            col(Delivery.event_id),
+            col(CallEvent.notification_type),
+            col(CallEvent.payload),
+            col(Delivery.mapping_id),
+            col(Delivery.credential_id),
+            col(Delivery.xelion_username),
+            col(UserCredentials.xelion_oid),
+            col(Delivery.user_role),
+            col(CrmContext.authorization_header_prefix),
+            col(Delivery.ordering_key),
         )
         .join(CallEvent, col(CallEvent.id) == col(Delivery.event_id))
         .join(CrmContext, col(CrmContext.id) == col(Delivery.crm_context_id))
@@ -279,7 +281,11 @@ def complete(
         values["delivered_at"] = now
     result: Any = session.execute(
         update(Delivery)
-        .where(col(Delivery.id) == delivery_id, col(Delivery.lease_owner) == claim, col(Delivery.state) == "sending")
+        .where(
+            col(Delivery.id) == delivery_id,
+            col(Delivery.lease_owner) == claim,
+            col(Delivery.state) == "sending",
+        )
         .values(**values)
     )
     if result.rowcount != 1:
@@ -289,7 +295,9 @@ def complete(
         # (``attempts``) but not the attempt log.
         attempt_no = (
             session.execute(
-                select(func.count()).select_from(DeliveryAttempt).where(col(DeliveryAttempt.delivery_id) == delivery_id)
+                select(func.count())
+                .select_from(DeliveryAttempt)
+                .where(col(DeliveryAttempt.delivery_id) == delivery_id)
             ).scalar_one()
             + 1
         )
@@ -392,25 +400,40 @@ def _filtered(query: Any, f: DeliveryFilter) -> Any:
     return query
 
 
-def list_deliveries(session: Session, f: DeliveryFilter, *, limit: int, offset: int) -> tuple[int, list[Delivery]]:
+def list_deliveries(
+    session: Session, f: DeliveryFilter, *, limit: int, offset: int
+) -> tuple[int, list[Delivery]]:
     total = session.execute(_filtered(select(func.count()).select_from(Delivery), f)).scalar_one()
-    rows = session.execute(
-        _filtered(select(Delivery), f).order_by(col(Delivery.created_at).desc(), col(Delivery.id)).limit(limit).offset(offset)
-    ).scalars().all()
+    rows = (
+        session.execute(
+            _filtered(select(Delivery), f)
+            .order_by(col(Delivery.created_at).desc(), col(Delivery.id))
+            .limit(limit)
+            .offset(offset)
+        )
+        .scalars()
+        .all()
+    )
     return int(total), list(rows)
 
 
-def get_delivery(session: Session, delivery_id: str) -> tuple[Delivery, CallEvent, list[DeliveryAttempt]] | None:
+def get_delivery(
+    session: Session, delivery_id: str
+) -> tuple[Delivery, CallEvent, list[DeliveryAttempt]] | None:
     delivery = session.get(Delivery, delivery_id)
     if delivery is None:
         return None
     event = session.get(CallEvent, delivery.event_id)
     assert event is not None
-    attempts = session.execute(
-        select(DeliveryAttempt)
-        .where(col(DeliveryAttempt.delivery_id) == delivery_id)
-        .order_by(col(DeliveryAttempt.attempt_no), col(DeliveryAttempt.id))
-    ).scalars().all()
+    attempts = (
+        session.execute(
+            select(DeliveryAttempt)
+            .where(col(DeliveryAttempt.delivery_id) == delivery_id)
+            .order_by(col(DeliveryAttempt.attempt_no), col(DeliveryAttempt.id))
+        )
+        .scalars()
+        .all()
+    )
     return delivery, event, list(attempts)
 
 
@@ -432,7 +455,8 @@ def replay_many(session: Session, f: DeliveryFilter, now: datetime) -> int:
     state = f.state or "dead"
     if state not in REPLAYABLE:
         raise ValueError(f"only deliveries in state {', '.join(REPLAYABLE)} can be replayed")
-    ids = [row[0] for row in session.execute(_filtered(select(Delivery.id), DeliveryFilter(**{**f.__dict__, "state": state})))]
+    scoped = DeliveryFilter(**{**f.__dict__, "state": state})
+    ids = [row[0] for row in session.execute(_filtered(select(col(Delivery.id)), scoped))]
     if not ids:
         return 0
     total = 0

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from cti_bridge.logs import redact
-from cti_bridge.store.crypto import SecretBox, SecretDecryptError, constant_time_equal, hash_token, load_or_create_key_file
+from cti_bridge.store.crypto import (
+    SecretBox,
+    SecretDecryptError,
+    constant_time_equal,
+    hash_token,
+    load_or_create_key_file,
+)
 
 
 def test_round_trip_and_no_plaintext() -> None:

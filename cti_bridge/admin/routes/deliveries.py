@@ -95,9 +95,9 @@ async def list_deliveries(
     state: Annotated[
         str | None, Query(description="pending, sending, delivered, dead, parked, dismissed")
     ] = None,
-    xelionContextId: int | None = None,  # noqa: N803 - the API's camelCase
+    xelionContextId: int | None = None,
     username: str | None = None,
-    callId: str | None = None,  # noqa: N803
+    callId: str | None = None,
     since: str | None = None,
     until: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -168,7 +168,7 @@ class ReplayRequest(BaseModel):
     state: str = Field(default="dead", description="dead (default), dismissed or delivered")
     since: datetime | None = Field(default=None, description="only deliveries created at or after this time")
     until: datetime | None = None
-    xelionContextId: int | None = None  # noqa: N815
+    xelionContextId: int | None = None
 
 
 @router.post("/replay", summary="Replay every delivery in a state (dead by default) since a time")

@@ -22,14 +22,14 @@ from cti_bridge.admin.mappings import mapping_spec_from_json
 from cti_bridge.clock import xelion_time
 from cti_bridge.el import TemplateError
 from cti_bridge.errors import ApiError, ErrorCode, invalid_request, not_found
-from cti_bridge.render import RenderContext, compile_mapping, request_preview
+from cti_bridge.render import MappingSpec, RenderContext, compile_mapping, request_preview
 from cti_bridge.routing import spec_of
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.models import CrmContext, EventUriMapping, UserCredentials
 
 router = APIRouter(tags=["event-uri-mappings"])
 
-TOKEN_PLACEHOLDER = "preview-access-token"
+TOKEN_PLACEHOLDER = "preview-access-token"  # noqa: S105 - shown masked, never sent
 
 
 def _load(
@@ -111,7 +111,7 @@ async def preview(
     )
     if username is not None and cred is None:
         raise not_found("user credentials", username)
-    specs = []
+    specs: list[tuple[int | None, MappingSpec]] = []
     if mapping_json is not None:
         specs.append((None, mapping_spec_from_json(mapping_json, "mapping")))
     else:
@@ -136,7 +136,7 @@ async def preview(
         delivery_id="00000000-0000-0000-0000-000000000000",
         now=xelion_time(deps.clock.now()),
     )
-    results = []
+    results: list[dict[str, object]] = []
     for mapping_id, spec in specs:
         try:
             compiled = compile_mapping(spec)

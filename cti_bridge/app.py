@@ -1,0 +1,330 @@
+"""The composition root: builds every part from the settings, runs them in one TaskGroup, stops them
+in order.
+
+Start: take the instance lock (embedded SQLite), migrate to head, open the secret box, build the
+shared HTTP clients, the token manager, the delivery worker, the pipeline, the Xelion sources (one per
+stored integration) and the admin API. Stop (SIGTERM/SIGINT, reliability.md §20): stop the sources
+(no new events; each logs out of Xelion), let the worker finish in-flight requests for up to the grace
+period and return the rest to the queue, stop the admin API, close the clients, release the lock.
+Nothing else in the package knows all the parts; everything else receives what it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from cti_bridge.admin.app import AdminDeps, create_admin_app
+from cti_bridge.clock import Clock, SystemClock
+from cti_bridge.config import Settings
+from cti_bridge.delivery.egress import build_http_client
+from cti_bridge.delivery.oauth import TokenManager
+from cti_bridge.delivery.worker import DeliveryWorker
+from cti_bridge.metrics import Metrics
+from cti_bridge.pipeline import Pipeline
+from cti_bridge.ports import SourceState
+from cti_bridge.routing import MappingCache, RoutingCache
+from cti_bridge.store import migrate
+from cti_bridge.store import sources as source_store
+from cti_bridge.store.crypto import SecretBox, load_or_create_key_file
+from cti_bridge.store.db import Database, InstanceLock, make_engine
+from cti_bridge.store.tokens import UserCredentialTokenStore
+from cti_bridge.xelion.directory import HttpXelionDirectory
+from cti_bridge.xelion.source import SourceManager, SourceOptions
+
+log = logging.getLogger(__name__)
+
+
+def secret_key_for(settings: Settings) -> str:
+    """The configured secret key, or the generated key file beside an embedded SQLite database."""
+    if settings.secret_key is not None:
+        return settings.secret_key.get_secret_value()
+    if settings.secret_key_file:
+        return load_or_create_key_file(Path(settings.secret_key_file))
+    db_path = settings.sqlite_path
+    if db_path is None:  # in-memory SQLite: secrets live as long as the process
+        import secrets
+
+        return secrets.token_urlsafe(48)
+    return load_or_create_key_file(db_path.with_name(db_path.name + ".key"))
+
+
+class StoreSourceHooks:
+    """``ports.SourceHooks`` over the store and the pipeline."""
+
+    def __init__(self, db: Database, box: SecretBox, pipeline: Pipeline, metrics: Metrics) -> None:
+        self.db = db
+        self.box = box
+        self.pipeline = pipeline
+        self.metrics = metrics
+
+    async def on_event(
+        self, xelion_context_id: int, notification_type: str, fields: dict[str, object]
+    ) -> None:
+        result = await self.pipeline.ingest(xelion_context_id, notification_type, fields)
+        self.metrics.events.labels("duplicate" if result.duplicate else "stored").inc()
+
+    async def on_state(self, xelion_context_id: int, state: SourceState, error: str | None) -> None:
+        now = datetime.now().astimezone()
+        await self.db.run(lambda s: source_store.set_state(s, xelion_context_id, str(state), error, now))
+
+    async def gap_opened(self, xelion_context_id: int, started_at: datetime, reason: str) -> None:
+        await self.db.run(lambda s: source_store.open_gap(s, xelion_context_id, started_at, reason))
+
+    async def gap_closed(self, xelion_context_id: int, ended_at: datetime) -> None:
+        await self.db.run(lambda s: source_store.close_gap(s, xelion_context_id, ended_at))
+
+    async def load_session_token(self, xelion_context_id: int) -> str | None:
+        return await self.db.run(lambda s: source_store.load_session_token(s, self.box, xelion_context_id))
+
+    async def save_session_token(self, xelion_context_id: int, token: str | None) -> None:
+        await self.db.run(lambda s: source_store.save_session_token(s, self.box, xelion_context_id, token))
+
+
+class DaemonSupervisor:
+    """``ports.Supervisor``: applies configuration changes from the admin API to the running parts."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.daemon.background.add(task)
+        task.add_done_callback(self.daemon.background.discard)
+        task.add_done_callback(_log_failure)
+
+    def integration_changed(self, xelion_context_id: int) -> None:
+        self.daemon.routing.invalidate(xelion_context_id)
+        self._spawn(self.daemon.apply_integration(xelion_context_id))
+
+    def integration_deleted(self, xelion_context_id: int) -> None:
+        self.daemon.routing.invalidate(xelion_context_id)
+        self._spawn(self.daemon.sources.stop(xelion_context_id))
+
+    def credentials_changed(self, credential_id: int) -> None:
+        self.daemon.routing.invalidate()
+        self.daemon.tokens.invalidate(credential_id)
+
+        async def resume() -> None:
+            await self.daemon.worker.unpark(credential_id)
+
+        self._spawn(resume())
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a configuration change could not be applied", exc_info=task.exception())
+
+
+@dataclass
+class Daemon:
+    """Every running part of cti-bridge, built by ``build``."""
+
+    settings: Settings
+    db: Database
+    box: SecretBox
+    clock: Clock
+    crm_http: httpx.AsyncClient
+    xelion_http: httpx.AsyncClient
+    routing: RoutingCache
+    metrics: Metrics
+    tokens: TokenManager[int]
+    worker: DeliveryWorker
+    pipeline: Pipeline
+    sources: SourceManager
+    lock: InstanceLock | None
+    background: set[asyncio.Future[None]] = field(default_factory=set)
+    admin_app: FastAPI | None = None
+
+    async def apply_integration(self, xelion_context_id: int) -> None:
+        config = await self.db.run(lambda s: source_store.load_source_config(s, self.box, xelion_context_id))
+        if config is None:
+            await self.sources.stop(xelion_context_id)
+        else:
+            await self.sources.update(config)
+
+    async def start_sources(self) -> None:
+        ids = await self.db.run(source_store.all_context_ids)
+        for ctx_id in ids:
+            await self.apply_integration(ctx_id)
+
+    async def readiness(self) -> tuple[bool, dict[str, object]]:
+        db_ok = await asyncio.get_running_loop().run_in_executor(None, self.db.ping)
+        statuses = {str(k): str(v.state) for k, v in self.sources.statuses().items()}
+        ok = db_ok and all(s == SourceState.SUBSCRIBED for s in statuses.values())
+        return ok, {"database": "ok" if db_ok else "unavailable", "sources": statuses}
+
+    def source_metrics(self) -> dict[int, tuple[str, int]]:
+        return {k: (str(v.state), v.reconnects) for k, v in self.sources.statuses().items()}
+
+    async def close(self) -> None:
+        await self.crm_http.aclose()
+        await self.xelion_http.aclose()
+        self.db.dispose()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
+    """Build every part (synchronously: lock, migrate, keys). Raises StoreLockedError, ConfigError."""
+    clock = clock or SystemClock()
+    lock: InstanceLock | None = None
+    if settings.sqlite_path is not None:
+        lock = InstanceLock(settings.sqlite_path.resolve())
+        lock.acquire()
+    try:
+        engine = make_engine(settings.database_url)
+        migrate.upgrade(engine)
+        db = Database(settings.database_url, engine=engine)
+        box = SecretBox(secret_key_for(settings))
+        crm_http = build_http_client(settings)
+        xelion_http = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.xelion_request_timeout, connect=settings.connect_timeout),
+            follow_redirects=False,
+        )
+        mappings = MappingCache()
+        routing = RoutingCache(mappings)
+        metrics_holder: list[Daemon] = []
+        metrics = Metrics(db, sources=lambda: metrics_holder[0].source_metrics() if metrics_holder else {})
+        tokens = TokenManager(
+            UserCredentialTokenStore(db, box),
+            crm_http,
+            clock=clock,
+            margin_seconds=settings.token_refresh_margin_seconds,
+            allow_private=settings.allow_private_targets,
+            on_refresh=lambda result: metrics.refreshes.labels(result).inc(),
+        )
+        worker = DeliveryWorker(
+            db=db,
+            mappings=mappings,
+            tokens=tokens,
+            http=crm_http,
+            settings=settings,
+            metrics=metrics,
+            clock=clock,
+            sole_owner=lock is not None,
+        )
+        pipeline = Pipeline(db, routing, clock=clock, on_committed=lambda _r: worker.wake())
+        hooks = StoreSourceHooks(db, box, pipeline, metrics)
+        sources = SourceManager(
+            hooks,
+            xelion_http,
+            SourceOptions(
+                ping_interval=settings.xelion_ping_interval,
+                ping_timeout=settings.xelion_ping_timeout,
+                backoff_min=settings.xelion_backoff_min,
+                backoff_max=settings.xelion_backoff_max,
+                healthy_after=settings.xelion_healthy_after,
+                app_key=settings.xelion_app_key,
+            ),
+        )
+        daemon = Daemon(
+            settings=settings,
+            db=db,
+            box=box,
+            clock=clock,
+            crm_http=crm_http,
+            xelion_http=xelion_http,
+            routing=routing,
+            metrics=metrics,
+            tokens=tokens,
+            worker=worker,
+            pipeline=pipeline,
+            sources=sources,
+            lock=lock,
+        )
+        metrics_holder.append(daemon)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    from cti_bridge.admin.routes.deliveries import router as deliveries_router
+    from cti_bridge.admin.routes.ops import ops_router
+    from cti_bridge.admin.routes.preview import router as preview_router
+
+    daemon.admin_app = create_admin_app(
+        AdminDeps(
+            settings=settings,
+            database=db,
+            secret_box=box,
+            directory=HttpXelionDirectory(xelion_http),
+            supervisor=DaemonSupervisor(daemon),
+            clock=clock,
+            readiness=daemon.readiness,
+            extra_routers=[deliveries_router, preview_router, ops_router],
+        )
+    )
+    # What the lead's routes need beyond AdminDeps (deliveries, metrics): on the app's state.
+    daemon.admin_app.state.metrics = metrics
+    daemon.admin_app.state.worker = worker
+    return daemon
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns SIGTERM/SIGINT and stops in order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(
+    daemon: Daemon, stop: asyncio.Event, *, on_started: Callable[[int], None] | None = None
+) -> None:
+    """Run the daemon until ``stop`` is set, then stop every part in order."""
+    settings = daemon.settings
+    assert daemon.admin_app is not None
+    config = uvicorn.Config(
+        daemon.admin_app,
+        host=settings.admin_host,
+        port=settings.admin_port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+    )
+    server = _Server(config)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            server_task = tg.create_task(server.serve(), name="admin-api")
+            worker_task = tg.create_task(daemon.worker.run(), name="delivery-worker")
+            await daemon.start_sources()
+            while not server.started:
+                if server_task.done():
+                    break
+                await asyncio.sleep(0.02)
+            if server.started and on_started is not None:
+                port = (
+                    server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.admin_port
+                )
+                on_started(int(port))
+            log.info("cti-bridge is running; admin API on %s:%s", settings.admin_host, settings.admin_port)
+            stop_task = tg.create_task(stop.wait(), name="stop-signal")
+            await asyncio.wait({stop_task, server_task, worker_task}, return_when=asyncio.FIRST_COMPLETED)
+            log.info(
+                "stopping: sources first, then the worker (grace %.0f s)", settings.shutdown_grace_seconds
+            )
+            await daemon.sources.stop_all()
+            await daemon.worker.stop()
+            worker_task.cancel()
+            server.should_exit = True
+            stop_task.cancel()
+    finally:
+        for task in list(daemon.background):
+            task.cancel()
+        await daemon.close()
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

@@ -1,0 +1,162 @@
+"""The process edge: `cti-bridge run` starts, answers api/health, stops cleanly on SIGTERM and
+SIGINT (exit 0), refuses a second instance on the same SQLite database, and the Dockerfile's steps
+install and start the package in a fresh virtual environment."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cti_bridge.errors import ExitCode
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def base_env(tmp_path: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTI_BRIDGE_")}
+    env.update(
+        CTI_BRIDGE_DATABASE_URL=f"sqlite:///{tmp_path / 'cti-bridge.db'}",
+        CTI_BRIDGE_ADMIN_HOST="127.0.0.1",
+        CTI_BRIDGE_ADMIN_PORT=str(port),
+        CTI_BRIDGE_SECRET_KEY="lifecycle-test-secret-key-0123456789abcdef",
+    )
+    return env
+
+
+def wait_healthy(port: int, proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"exited early with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}"
+            )
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("api/health never answered")
+
+
+def start(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_health_and_clean_stop(tmp_path: Path, sig: signal.Signals) -> None:
+    port = free_port()
+    proc = start([sys.executable, "-m", "cti_bridge", "run"], base_env(tmp_path, port), tmp_path)
+    try:
+        wait_healthy(port, proc)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_second_instance_on_same_sqlite_fails_fast(tmp_path: Path) -> None:
+    port = free_port()
+    env = base_env(tmp_path, port)
+    first = start([sys.executable, "-m", "cti_bridge", "run"], env, tmp_path)
+    try:
+        wait_healthy(port, first)
+        env2 = dict(env, CTI_BRIDGE_ADMIN_PORT=str(free_port()))
+        t0 = time.monotonic()
+        second = subprocess.run(
+            [sys.executable, "-m", "cti_bridge", "run"],
+            env=env2,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == ExitCode.DATABASE
+        assert "already running" in second.stderr
+        assert time.monotonic() - t0 < 20  # fails fast rather than waiting on locks
+        assert first.poll() is None  # the first one is unharmed
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+    assert first.returncode == 0
+
+
+def test_migrate_command(tmp_path: Path) -> None:
+    env = base_env(tmp_path, free_port())
+    proc = subprocess.run(
+        [sys.executable, "-m", "cti_bridge", "migrate"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "cti-bridge.db").exists()
+
+
+def test_dockerfile_shape() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r'^CMD \["cti-bridge", "run"\]$', text, re.M), "exec-form CMD"
+    user = re.findall(r"^USER (\S+)$", text, re.M)
+    assert user and user[-1] not in ("root", "0")
+    assert "CTI_BRIDGE_ADMIN_HOST=0.0.0.0" in text
+    assert re.search(r"^VOLUME \[\"/data\"\]$", text, re.M)
+    assert "sqlite:////data/" in text
+
+
+@pytest.mark.slow
+def test_dockerfile_steps_install_and_start_in_fresh_venv(tmp_path: Path) -> None:
+    """Run the Dockerfile's own COPY and RUN steps (pip install of the package with the lock file) in a
+    fresh virtual environment, outside the source tree, then start the installed `cti-bridge run`."""
+    text = (ROOT / "Dockerfile").read_text()
+    app = tmp_path / "app"
+    app.mkdir()
+    for line in re.findall(r"^COPY (.+)$", text, re.M):
+        *sources, _dest = line.split()
+        for src in sources:
+            path = ROOT / src
+            if path.is_dir():
+                shutil.copytree(path, app / src, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(path, app / src)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = re.search(r"/opt/venv/bin/pip install (.+?) \\$", text, re.M)
+    assert install, "the Dockerfile installs with /opt/venv/bin/pip"
+    args = install.group(1).split()
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", *args], cwd=app, check=True, timeout=600)
+    port = free_port()
+    env = base_env(tmp_path, port)
+    env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
+    # From a directory without the sources: the installed package must carry its migrations.
+    workdir = tmp_path / "data"
+    workdir.mkdir()
+    proc = start([str(venv / "bin" / "cti-bridge"), "run"], env, workdir)
+    try:
+        wait_healthy(port, proc, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
