@@ -512,8 +512,10 @@ def update_secret(
 
     Every change bumps ``version``, so a token refresh that began before it cannot overwrite it.
     A new refresh token or device code is the operator's answer to ``reauth_required``: the user
-    becomes ``active`` again; a new refresh token also drops the cached access token, which belonged
-    to the old grant.
+    becomes ``active`` again and the cached access token, which belonged to the old grant, is
+    dropped. A new device code also drops the refresh token: the token manager uses a device code
+    only when there is no refresh token (RFC 8628 then yields a new one), so keeping a dead refresh
+    token would leave the new code unused.
     """
     if kind not in SECRET_KINDS:
         raise ValueError(f"unknown credential type {kind}")
@@ -531,6 +533,9 @@ def update_secret(
         row.access_token_expires_at = None
     else:
         row.device_code_enc = box.encrypt(value)
+        row.refresh_token_enc = None
+        row.access_token_enc = None
+        row.access_token_expires_at = None
     if kind in ("refreshtoken", "devicecode"):
         row.state = "active"
         row.state_reason = None

@@ -1,12 +1,17 @@
 """Fixtures for the admin API tests: the app over a real database (SQLite and PostgreSQL), a client,
-and the one Xelion directory every test goes through (``xelion_directory``).
+and the one Xelion directory every test goes through (``xelion_directory``): the production
+``HttpXelionDirectory`` talking to real Xelion simulators over real sockets (``xelion``, a
+``tests.api.xelion_world.XelionWorld``; one simulator per host name, mapped like ``/etc/hosts``).
 
-Known Xelion tenants of the in-memory directory:
+The Xelion hosts every test starts with (non-admin users have password ``<name>-password``):
 
 - the manual's example: host ``www.xelionHost.com``, tenant ``tenantToBeUsed``, admin
   ``admin``/``adminPassword``, user ``xelionUsername``;
 - tenant A: ``pbx-a.example.com`` / ``alpha``, admin ``admin-a``/``pw-a-secret``, users anne, bob;
-- tenant B: ``pbx-b.example.com`` / ``beta``, admin ``admin-b``/``pw-b-secret``, users carol, dave.
+- tenant B: ``pbx-b.example.com`` / ``beta``, admin ``admin-b``/``pw-b-secret``, users carol, dave;
+- ``down.example.com``: nothing listens there (connection refused).
+
+User oids are fixed (xelionUsername 111222333, anne 1001, bob 1002, carol 2001, dave 2002).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,9 +28,10 @@ import pytest
 
 from cti_bridge.admin.app import AdminDeps, create_admin_app
 from cti_bridge.config import Settings
-from cti_bridge.ports import XelionCheckError, XelionTarget, XelionUser
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.db import Database
+from cti_bridge.xelion.directory import HttpXelionDirectory
+from tests.api.xelion_world import XelionWorld, xelion_world
 from tests.conftest import TEST_SECRET_KEY
 
 OPERATOR_TOKEN = "operator-token-0123456789abcdef"
@@ -33,64 +39,32 @@ ALLOWED_HOSTS = ["www.xelionHost.com", "pbx-a.example.com", "pbx-b.example.com",
 
 MANUAL_HOST = "www.xelionHost.com"
 MANUAL_TENANT = "tenantToBeUsed"
-
-
-@dataclass
-class _Tenant:
-    admin_username: str
-    admin_password: str
-    users: dict[str, str] = field(default_factory=dict)  # userName -> oid
-    disabled: bool = False
-
-
-class InMemoryXelionDirectory:
-    """``ports.XelionDirectory`` over a dict of known tenants.
-
-    A stand-in until the Xelion simulator (``cti_bridge.sim.xelion``) with
-    ``cti_bridge.xelion.directory.HttpXelionDirectory`` is wired in: the lead swaps this class for
-    the simulator in the ``xelion_directory`` fixture, the one place every test gets Xelion from.
-    Hosts named ``down.*`` are unreachable.
-    """
-
-    def __init__(self) -> None:
-        self.tenants: dict[tuple[str, str], _Tenant] = {}
-        self.admin_checks: list[tuple[str, str, str]] = []
-
-    def add_tenant(self, host: str, tenant: str, admin: str, password: str, users: dict[str, str]) -> None:
-        self.tenants[(host.lower(), tenant)] = _Tenant(admin, password, dict(users))
-
-    def _tenant(self, target: XelionTarget, username: str, password: str) -> _Tenant:
-        if target.host.lower().startswith("down."):
-            raise XelionCheckError("unreachable", f"cannot connect to {target.host}")
-        tenant = self.tenants.get((target.host.lower(), target.tenant))
-        if tenant is None or tenant.admin_username != username or tenant.admin_password != password:
-            raise XelionCheckError("credentials", "Wrong user name, password or tenant")
-        if tenant.disabled:
-            raise XelionCheckError("disabled", "the account is disabled")
-        return tenant
-
-    async def check_admin(self, target: XelionTarget, username: str, password: str) -> None:
-        self.admin_checks.append((target.host, target.tenant, username))
-        self._tenant(target, username, password)
-
-    async def find_user(
-        self, target: XelionTarget, admin_username: str, admin_password: str, user_name: str
-    ) -> XelionUser | None:
-        tenant = self._tenant(target, admin_username, admin_password)
-        oid = tenant.users.get(user_name)
-        return None if oid is None else XelionUser(oid=oid, user_name=user_name)
-
-    async def whoami(self, target: XelionTarget, user_token: str) -> str:
-        raise XelionCheckError("credentials", "not supported by the in-memory directory")
+DOWN_HOST = "down.example.com"
 
 
 @pytest.fixture
-def xelion_directory() -> InMemoryXelionDirectory:
-    d = InMemoryXelionDirectory()
-    d.add_tenant(MANUAL_HOST, MANUAL_TENANT, "admin", "adminPassword", {"xelionUsername": "111222333"})
-    d.add_tenant("pbx-a.example.com", "alpha", "admin-a", "pw-a-secret", {"anne": "1001", "bob": "1002"})
-    d.add_tenant("pbx-b.example.com", "beta", "admin-b", "pw-b-secret", {"carol": "2001", "dave": "2002"})
-    return d
+async def xelion() -> AsyncIterator[XelionWorld]:
+    """The test's Xelion hosts, each a real simulator on 127.0.0.1 (see the module docstring)."""
+    async with xelion_world() as world:
+        await world.add_host(
+            MANUAL_HOST, MANUAL_TENANT, "admin", "adminPassword", {"xelionUsername": "111222333"}
+        )
+        await world.add_host(
+            "pbx-a.example.com", "alpha", "admin-a", "pw-a-secret", {"anne": "1001", "bob": "1002"}
+        )
+        await world.add_host(
+            "pbx-b.example.com", "beta", "admin-b", "pw-b-secret", {"carol": "2001", "dave": "2002"}
+        )
+        world.add_down_host(DOWN_HOST)
+        yield world
+        # Every check logged in with its own userSpace and logged out again at once.
+        assert world.live_sessions() == {}
+
+
+@pytest.fixture
+def xelion_directory(xelion: XelionWorld) -> HttpXelionDirectory:
+    """The production ``ports.XelionDirectory``, reaching the simulators over real sockets."""
+    return xelion.directory
 
 
 class FakeClock:
@@ -164,7 +138,7 @@ def deps(
     settings: Settings,
     database: Database,
     secret_box: SecretBox,
-    xelion_directory: InMemoryXelionDirectory,
+    xelion_directory: HttpXelionDirectory,
     supervisor: RecordingSupervisor,
     clock: FakeClock,
 ) -> AdminDeps:

@@ -12,13 +12,13 @@ from cti_bridge.store.models import AdminSession
 from tests.api.conftest import (
     OPERATOR,
     FakeClock,
-    InMemoryXelionDirectory,
     assert_error,
     auth,
     integration_body,
     make_integration,
     rows,
 )
+from tests.api.xelion_world import XelionWorld
 
 LOGIN_A = {
     "adminUsername": "admin-a",
@@ -44,9 +44,7 @@ async def test_login_answers_the_manual_shape_and_stores_only_a_hash(
     assert body["authentication"] not in hashes
 
 
-async def test_login_failures_are_401_10004(
-    client: httpx.AsyncClient, xelion_directory: InMemoryXelionDirectory
-) -> None:
+async def test_login_failures_are_401_10004(client: httpx.AsyncClient, xelion: XelionWorld) -> None:
     await make_integration(client, "a")
     for bad in (
         {**LOGIN_A, "adminPassword": "wrong"},
@@ -56,7 +54,7 @@ async def test_login_failures_are_401_10004(
         assert_error(await client.post("/api/session/login", json=bad), 401, 10004)
         await client.post("/api/session/login", json=LOGIN_A)  # a success resets the limiter
     # Stored credentials match but Xelion no longer accepts them (changed on the phone system).
-    xelion_directory.tenants[("pbx-a.example.com", "alpha")].admin_password = "changed"
+    xelion.set_password("pbx-a.example.com", "alpha", "admin-a", "changed")
     assert_error(await client.post("/api/session/login", json=LOGIN_A), 401, 10004)
     err = assert_error(await client.post("/api/session/login", json={"adminUsername": "x"}), 422, 10201)
     assert "adminPassword: field required" in err["info"]

@@ -8,12 +8,12 @@ import httpx
 
 from cti_bridge.store.models import EventUriMapping, UserCredentials, XelionContext
 from tests.api.conftest import (
+    DOWN_HOST,
     MANUAL_HOST,
     MANUAL_POST_RAW,
     MANUAL_POST_RAW_BROKEN,
     MANUAL_TENANT,
     OPERATOR,
-    InMemoryXelionDirectory,
     RecordingSupervisor,
     assert_error,
     auth,
@@ -23,6 +23,7 @@ from tests.api.conftest import (
     raw_json,
     rows,
 )
+from tests.api.xelion_world import XelionWorld
 
 
 async def test_manual_post_example_verbatim_creates_the_integration(
@@ -166,16 +167,16 @@ async def test_listing_without_query_operator_sees_all_session_sees_its_own(
 
 
 async def test_unauthenticated_post_for_a_host_not_allowed_is_403(
-    client: httpx.AsyncClient, xelion_directory: InMemoryXelionDirectory
+    client: httpx.AsyncClient, xelion: XelionWorld
 ) -> None:
-    xelion_directory.add_tenant("pbx-z.example.com", "zeta", "admin-z", "pw-z", {"zoe": "9"})
+    await xelion.add_host("pbx-z.example.com", "zeta", "admin-z", "pw-z", {"zoe": "9"})
     body = integration_body("a", users=[])
     body["xelionContext"].update(
         host="pbx-z.example.com", tenant="zeta", adminUsername="admin-z", adminPassword="pw-z"
     )
     r = await client.post("/api/crm-integrations", json=body)
     assert_error(r, 403, 10203)
-    assert xelion_directory.admin_checks == []  # refused before any login to that host
+    assert xelion.login_attempts == 0  # refused before any login to that host (or any other)
     # A session token does not help (the manual: a token on this resource is ignored) ...
     a = await make_integration(client, "a")
     r = await client.post("/api/crm-integrations", json=body, headers=auth(a.token))
@@ -206,7 +207,7 @@ async def test_wrong_admin_password_is_401_and_nothing_is_saved(client: httpx.As
 
 async def test_unreachable_xelion_is_502(client: httpx.AsyncClient) -> None:
     body = integration_body("a")
-    body["xelionContext"]["host"] = "down.example.com"
+    body["xelionContext"]["host"] = DOWN_HOST  # nothing listens on its port
     r = await client.post("/api/crm-integrations", json=body)
     assert_error(r, 502, 10500)
 

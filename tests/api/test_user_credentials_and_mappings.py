@@ -13,7 +13,6 @@ from tests.api.conftest import (
     MANUAL_USER_CREDENTIALS_POST_RAW,
     MANUAL_ZOHO_PUT_RAW,
     OPERATOR,
-    InMemoryXelionDirectory,
     RecordingSupervisor,
     assert_error,
     auth,
@@ -31,9 +30,7 @@ def maps_url(x: int, c: int) -> str:
     return f"/api/crm-integrations/{x}/crm-contexts/{c}/event-uri-mappings"
 
 
-async def test_manual_user_credentials_post_verbatim(
-    client: httpx.AsyncClient, xelion_directory: InMemoryXelionDirectory
-) -> None:
+async def test_manual_user_credentials_post_verbatim(client: httpx.AsyncClient) -> None:
     # The manual's integration without users, then the manual's user-credentials POST.
     body = json.loads(MANUAL_POST_RAW)
     body["userCredentials"] = []

@@ -8,13 +8,13 @@ from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.models import UserCredentials, XelionContext
 from tests.api.conftest import (
     OPERATOR,
-    InMemoryXelionDirectory,
     RecordingSupervisor,
     assert_error,
     auth,
     make_integration,
     rows,
 )
+from tests.api.xelion_world import XelionWorld
 
 
 async def user_ids(client: httpx.AsyncClient, x: int, c: int) -> dict[str, int]:
@@ -118,9 +118,7 @@ async def test_credential_updates_encrypt_and_reactivate(
     )
 
 
-async def test_environment_get_and_put(
-    client: httpx.AsyncClient, supervisor: RecordingSupervisor, xelion_directory: InMemoryXelionDirectory
-) -> None:
+async def test_environment_get_and_put(client: httpx.AsyncClient, supervisor: RecordingSupervisor) -> None:
     a = await make_integration(client, "a")
     b = await make_integration(client, "b")
     r = await client.get(f"/api/xelion-environment/{a.xelion_id}", headers=auth(a.token))
@@ -163,12 +161,12 @@ async def test_environment_get_and_put(
 
 
 async def test_admin_password_and_username_updates(
-    client: httpx.AsyncClient, database, secret_box: SecretBox, xelion_directory: InMemoryXelionDirectory
+    client: httpx.AsyncClient, database, secret_box: SecretBox, xelion: XelionWorld
 ) -> None:
     a = await make_integration(client, "a")
     url = f"/api/xelion-environment/{a.xelion_id}/admin"
     # The admin's password is changed on Xelion first; then the stored one follows.
-    xelion_directory.tenants[("pbx-a.example.com", "alpha")].admin_password = "pw-a-new"
+    xelion.set_password("pbx-a.example.com", "alpha", "admin-a", "pw-a-new")
     # The wrong old password: 422 that never shows the stored one.
     r = await client.post(
         f"{url}/password/update",
@@ -199,8 +197,7 @@ async def test_admin_password_and_username_updates(
     (row,) = rows(database, XelionContext)
     assert secret_box.decrypt(row.admin_password_enc) == "pw-a-new"
 
-    tenant = xelion_directory.tenants[("pbx-a.example.com", "alpha")]
-    tenant.admin_username = "root-a"
+    xelion.rename_user("pbx-a.example.com", "alpha", "admin-a", "root-a")
     r = await client.post(
         f"{url}/username/update",
         json={"oldPassword": "pw-a-new", "newPassword": "root-a"},
