@@ -36,6 +36,7 @@ from cti_bridge.ports import SourceState
 from cti_bridge.routing import MappingCache, RoutingCache
 from cti_bridge.store import migrate
 from cti_bridge.store import sources as source_store
+from cti_bridge.store.app_contexts import AppContextTokenStore
 from cti_bridge.store.crypto import SecretBox, load_or_create_key_file
 from cti_bridge.store.db import Database, InstanceLock, make_engine
 from cti_bridge.store.tokens import UserCredentialTokenStore
@@ -43,6 +44,10 @@ from cti_bridge.xelion.directory import HttpXelionDirectory
 from cti_bridge.xelion.source import SourceManager, SourceOptions
 
 log = logging.getLogger(__name__)
+
+#: How long the stop waits for the worker's run() to end after ``worker.stop()`` (which already
+#: spent the grace period): it only has to write the release of unfinished deliveries.
+_WORKER_EXIT_TIMEOUT = 10.0
 
 
 def secret_key_for(settings: Settings) -> str:
@@ -139,6 +144,7 @@ class Daemon:
     routing: RoutingCache
     metrics: Metrics
     tokens: TokenManager[int]
+    app_tokens: TokenManager[int]
     worker: DeliveryWorker
     pipeline: Pipeline
     sources: SourceManager
@@ -168,6 +174,9 @@ class Daemon:
         return {k: (str(v.state), v.reconnects) for k, v in self.sources.statuses().items()}
 
     async def close(self) -> None:
+        # Refreshes in flight commit their rotated tokens before the client goes away.
+        await self.tokens.aclose()
+        await self.app_tokens.aclose()
         await self.crm_http.aclose()
         await self.xelion_http.aclose()
         self.db.dispose()
@@ -198,6 +207,15 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
         metrics = Metrics(db, sources=lambda: metrics_holder[0].source_metrics() if metrics_holder else {})
         tokens = TokenManager(
             UserCredentialTokenStore(db, box),
+            crm_http,
+            clock=clock,
+            margin_seconds=settings.token_refresh_margin_seconds,
+            allow_private=settings.allow_private_targets,
+            on_refresh=lambda result: metrics.refreshes.labels(result).inc(),
+        )
+        # One token manager implementation, two kinds of credential: CRM users and app contexts.
+        app_tokens = TokenManager(
+            AppContextTokenStore(db, box),
             crm_http,
             clock=clock,
             margin_seconds=settings.token_refresh_margin_seconds,
@@ -238,6 +256,7 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
             routing=routing,
             metrics=metrics,
             tokens=tokens,
+            app_tokens=app_tokens,
             worker=worker,
             pipeline=pipeline,
             sources=sources,
@@ -262,6 +281,8 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
             clock=clock,
             readiness=daemon.readiness,
             extra_routers=[deliveries_router, preview_router, ops_router],
+            app_tokens=app_tokens,
+            external_http=crm_http,
         )
     )
     # What the lead's routes need beyond AdminDeps (deliveries, metrics): on the app's state.
@@ -315,6 +336,10 @@ async def serve(
             )
             await daemon.sources.stop_all()
             await daemon.worker.stop()
+            # The worker's run() returns once its loop has ended and the deliveries it did not finish
+            # are back in the queue. Cancelling it before then would interrupt that release and
+            # leave them leased ('sending') until the next start or lease expiry: wait (bounded).
+            await asyncio.wait({worker_task}, timeout=_WORKER_EXIT_TIMEOUT)
             worker_task.cancel()
             server.should_exit = True
             stop_task.cancel()

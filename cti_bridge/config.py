@@ -75,7 +75,9 @@ class Settings(BaseSettings):
     max_response_bytes: int = Field(default=1024 * 1024, ge=1024)
     per_host_concurrency: int = Field(default=8, ge=1)
     worker_concurrency: int = Field(default=64, ge=1)
-    retry_schedule: Annotated[list[float], NoDecode] = Field(default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE))
+    retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE)
+    )
     retry_jitter: float = Field(default=0.2, ge=0, le=1)
     retry_after_cap_seconds: float = Field(default=86400.0, gt=0)
     lease_seconds: float = Field(default=120.0, gt=0)

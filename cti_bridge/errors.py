@@ -29,6 +29,7 @@ class ErrorCode(IntEnum):
     XELION_UNREACHABLE = 10500  # 502: Xelion did not answer the check
     UPSTREAM_FAILED = 10501  # 502: an external service failed
     UPSTREAM_TIMEOUT = 10502  # 504: an external service did not answer in time
+    UPSTREAM_REAUTH = 10503  # 401: the authorization server refused a stored grant; POST a new one
     INTERNAL = 11000  # 500: a bug; details only in the log
 
 

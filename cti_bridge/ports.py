@@ -125,7 +125,9 @@ class SourceConfig:
 class SourceHooks(Protocol):
     """How a Xelion source reports to the rest of the daemon (implemented over the store)."""
 
-    async def on_event(self, xelion_context_id: int, notification_type: str, fields: dict[str, object]) -> None:
+    async def on_event(
+        self, xelion_context_id: int, notification_type: str, fields: dict[str, object]
+    ) -> None:
         """Record one call event durably (with its deliveries); returns once committed."""
         ...
 

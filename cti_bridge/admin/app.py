@@ -35,7 +35,7 @@ from cti_bridge.admin import schemas
 from cti_bridge.admin.auth import LoginLimiter
 from cti_bridge.admin.body import loc_text
 from cti_bridge.admin.deps import AdminDeps, Readiness, get_deps
-from cti_bridge.admin.routes import environment, health, integrations, session, users
+from cti_bridge.admin.routes import apps, environment, health, integrations, session, users
 from cti_bridge.errors import ApiError, ErrorCode
 
 __all__ = ["AdminDeps", "Readiness", "create_admin_app", "get_deps"]
@@ -132,7 +132,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     _, defs = models_json_schema(
-        [(m, "validation") for m in schemas.REQUEST_MODELS], ref_template="#/components/schemas/{model}"
+        [(m, "validation") for m in (*schemas.REQUEST_MODELS, *apps.REQUEST_MODELS)],
+        ref_template="#/components/schemas/{model}",
     )
     components = spec.setdefault("components", {}).setdefault("schemas", {})
     for name, schema in defs.get("$defs", {}).items():
@@ -161,7 +162,7 @@ def create_admin_app(deps: AdminDeps) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(CatchAllMiddleware)
-    for module in (integrations, users, environment, session, health):
+    for module in (integrations, users, environment, session, health, apps):
         app.include_router(module.router)
     for router in deps.extra_routers:
         app.include_router(router)

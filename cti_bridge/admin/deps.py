@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 
@@ -17,6 +18,11 @@ from cti_bridge.config import Settings
 from cti_bridge.ports import Supervisor, XelionDirectory
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.db import Database
+
+if TYPE_CHECKING:  # annotations only (postponed): no import at run time is needed
+    import httpx
+
+    from cti_bridge.delivery.oauth import TokenManager
 
 Readiness = Callable[[], Awaitable[tuple[bool, dict[str, object]]]]
 
@@ -35,6 +41,10 @@ class AdminDeps:
     readiness: Readiness | None = None
     # More routers (deliveries, metrics, preview, apps) included beside the manual's resources.
     extra_routers: list[APIRouter] = field(default_factory=list)
+    # POST api/external-api-endpoint/call (routes/apps.py): the token manager over the app_context
+    # table (store.app_contexts.AppContextTokenStore) and the guarded HTTP client it calls through.
+    app_tokens: TokenManager[int] | None = None
+    external_http: httpx.AsyncClient | None = None
 
 
 def get_deps(request: Request) -> AdminDeps:

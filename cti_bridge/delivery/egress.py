@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
+import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from httpx_aiohttp import AiohttpTransport
@@ -214,7 +215,9 @@ class GuardedAiohttpTransport(AiohttpTransport):
             with map_aiohttp_exceptions():
                 response = await self.client.request(
                     method=request.method,
-                    url=str(url),
+                    # Sent as encoded: the caller's percent-encoding (an E.164 "%2B", an
+                    # encoded "/" in a query) must reach the CRM unchanged, not re-encoded.
+                    url=yarl.URL(str(url), encoded=True),
                     headers=request.headers,
                     data=data,
                     allow_redirects=False,  # §15: a redirect is an answer, never followed

@@ -52,7 +52,9 @@ class CrmContext(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     xelion_context_id: int = Field(
-        sa_column=Column(Integer, ForeignKey("xelion_context.id", ondelete="CASCADE"), nullable=False, index=True)
+        sa_column=Column(
+            Integer, ForeignKey("xelion_context.id", ondelete="CASCADE"), nullable=False, index=True
+        )
     )
     authorization_server_uri: str = Field(max_length=2048)
     # Carries its own trailing space when the CRM wants one ("Bearer "), as the manual says.
@@ -71,7 +73,9 @@ class UserCredentials(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     crm_context_id: int = Field(
-        sa_column=Column(Integer, ForeignKey("crm_context.id", ondelete="CASCADE"), nullable=False, index=True)
+        sa_column=Column(
+            Integer, ForeignKey("crm_context.id", ondelete="CASCADE"), nullable=False, index=True
+        )
     )
     xelion_username: str = Field(max_length=255)
     xelion_oid: str | None = Field(default=None, max_length=64, index=True)
@@ -101,7 +105,9 @@ class EventUriMapping(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     crm_context_id: int = Field(
-        sa_column=Column(Integer, ForeignKey("crm_context.id", ondelete="CASCADE"), nullable=False, index=True)
+        sa_column=Column(
+            Integer, ForeignKey("crm_context.id", ondelete="CASCADE"), nullable=False, index=True
+        )
     )
     xelion_event: str = Field(max_length=64)
     crm_resource_uri: str = Field(sa_column=Column(Text, nullable=False))
@@ -150,7 +156,9 @@ class CallEvent(SQLModel, table=True):
 
     id: int | None = Field(default=None, sa_column=Column(BIGINT_ID, primary_key=True))
     xelion_context_id: int = Field(
-        sa_column=Column(Integer, ForeignKey("xelion_context.id", ondelete="CASCADE"), nullable=False, index=True)
+        sa_column=Column(
+            Integer, ForeignKey("xelion_context.id", ondelete="CASCADE"), nullable=False, index=True
+        )
     )
     notification_type: str = Field(max_length=64)
     call_id: str = Field(max_length=255, index=True)
@@ -180,7 +188,9 @@ class Delivery(SQLModel, table=True):
         )
     )
     xelion_context_id: int = Field(
-        sa_column=Column(Integer, ForeignKey("xelion_context.id", ondelete="CASCADE"), nullable=False, index=True)
+        sa_column=Column(
+            Integer, ForeignKey("xelion_context.id", ondelete="CASCADE"), nullable=False, index=True
+        )
     )
     crm_context_id: int = Field(
         sa_column=Column(Integer, ForeignKey("crm_context.id", ondelete="CASCADE"), nullable=False)
@@ -216,7 +226,9 @@ class DeliveryAttempt(SQLModel, table=True):
 
     id: int | None = Field(default=None, sa_column=Column(BIGINT_ID, primary_key=True))
     delivery_id: str = Field(
-        sa_column=Column(String(36), ForeignKey("delivery.id", ondelete="CASCADE"), nullable=False, index=True)
+        sa_column=Column(
+            String(36), ForeignKey("delivery.id", ondelete="CASCADE"), nullable=False, index=True
+        )
     )
     attempt_no: int
     started_at: datetime = Field(default_factory=utcnow)
@@ -238,7 +250,9 @@ class AdminSession(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     token_hash: str = Field(max_length=64, unique=True)
     xelion_context_id: int = Field(
-        sa_column=Column(Integer, ForeignKey("xelion_context.id", ondelete="CASCADE"), nullable=False, index=True)
+        sa_column=Column(
+            Integer, ForeignKey("xelion_context.id", ondelete="CASCADE"), nullable=False, index=True
+        )
     )
     valid_until: datetime
     created_at: datetime = Field(default_factory=utcnow)
@@ -251,7 +265,9 @@ class SourceGap(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     xelion_context_id: int = Field(
-        sa_column=Column(Integer, ForeignKey("xelion_context.id", ondelete="CASCADE"), nullable=False, index=True)
+        sa_column=Column(
+            Integer, ForeignKey("xelion_context.id", ondelete="CASCADE"), nullable=False, index=True
+        )
     )
     started_at: datetime
     ended_at: datetime | None = None

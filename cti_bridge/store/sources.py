@@ -57,7 +57,9 @@ def open_gap(session: Session, xelion_context_id: int, started_at: datetime, rea
         )
     ).first()
     if exists is None and session.get(XelionContext, xelion_context_id) is not None:
-        session.add(SourceGap(xelion_context_id=xelion_context_id, started_at=started_at, reason=reason[:500]))
+        session.add(
+            SourceGap(xelion_context_id=xelion_context_id, started_at=started_at, reason=reason[:500])
+        )
 
 
 def close_gap(session: Session, xelion_context_id: int, ended_at: datetime) -> None:

@@ -74,7 +74,10 @@ def test_toml_file_and_env_precedence(tmp_path: Path, monkeypatch: pytest.Monkey
         ({"CTI_BRIDGE_DATABASE_URL": "postgresql+psycopg://u@h/db"}, "CTI_BRIDGE_SECRET_KEY"),
         ({"CTI_BRIDGE_LOG_LEVEL": "LOUD"}, "CTI_BRIDGE_LOG_LEVEL"),
         ({"CTI_BRIDGE_RETRY_SCHEDULE": "1,-2"}, "CTI_BRIDGE_RETRY_SCHEDULE"),
-        ({"CTI_BRIDGE_NO_SUCH_SETTING_X": "1", "CTI_BRIDGE_CONFIG": "/nonexistent.toml"}, "CTI_BRIDGE_CONFIG"),
+        (
+            {"CTI_BRIDGE_NO_SUCH_SETTING_X": "1", "CTI_BRIDGE_CONFIG": "/nonexistent.toml"},
+            "CTI_BRIDGE_CONFIG",
+        ),
     ],
 )
 def test_invalid_setting_names_it(env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,7 +92,12 @@ def test_cli_exits_3_with_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CTI_BRIDGE_")}
     env["CTI_BRIDGE_ADMIN_PORT"] = "not-a-port"
     proc = subprocess.run(
-        [sys.executable, "-m", "cti_bridge", "check-config"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "cti_bridge", "check-config"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == ExitCode.CONFIG == 3
     lines = proc.stderr.strip().splitlines()
@@ -101,7 +109,12 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CTI_BRIDGE_")}
     env["CTI_BRIDGE_ADMIN_TOKEN"] = "operator-token-that-must-not-show"
     proc = subprocess.run(
-        [sys.executable, "-m", "cti_bridge", "check-config"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "cti_bridge", "check-config"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert "operator-token-that-must-not-show" not in proc.stdout + proc.stderr
