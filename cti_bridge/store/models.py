@@ -144,6 +144,11 @@ class AppContext(SQLModel, table=True):
     # Hash of the access token replaced last: a caller still holding it is let through once more.
     previous_access_token_hash: str | None = Field(default=None, max_length=128)
     access_token_expires_at: datetime | None = None
+    # The rest of the token endpoint's answer, encrypted JSON (as for user credentials).
+    token_extra_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    token_auth_method: str = Field(default="client_secret_post", max_length=32)
+    state: str = Field(default="active", max_length=32)  # active | reauth_required
+    state_reason: str | None = Field(default=None, max_length=1000)
     version: int = Field(default=1)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
