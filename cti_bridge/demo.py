@@ -166,7 +166,7 @@ async def _demo(calls: int, rate: float, database_url: str | None, config_file: 
     xelion = XelionSimulator()
     add_demo_tenant(xelion)
     crm = CrmSimulator()
-    crm.expires_in = 90  # short-lived access tokens (refreshed 60 s before expiry): a longer run shows refreshes
+    crm.expires_in = 90  # short-lived tokens, refreshed 60 s before expiry: a longer run shows refreshes
     crm.rotate_refresh_tokens = True
     await xelion.start()
     await crm.start()

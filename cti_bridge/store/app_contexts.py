@@ -19,19 +19,25 @@ The approach is store/tokens.py's:
   current token from the answer. A POST that replaces the credentials clears it: the user chose new
   tokens, and the old one opens nothing any more.
 
-Two columns of ``user_credentials`` have no counterpart here (the schema is the lead's):
+State, extras and client authentication are kept as for ``user_credentials``:
 
-- no ``state``/``state_reason``: ``mark_reauth_required`` clears the refresh token instead. A grant the
-  authorization server refused (``invalid_grant``, ``invalid_client``, ...) is dead, and only a new
-  POST (which must carry a refresh token) revives the context; with no refresh token stored, the
-  manager raises ``ReauthRequired`` at the next 401 without calling the token endpoint again. The
-  stored access token is kept and used until the service refuses it.
-- no ``token_extra_enc``: the extra fields of the token answer are not kept; an external API call
-  needs only the access token.
+- ``state``/``state_reason``: a grant the authorization server refused (``invalid_grant``,
+  ``invalid_client``, ...) is dead: ``mark_reauth_required`` sets ``reauth_required`` with the
+  manager's reason (an OAuth2 error code, never a secret) and keeps every secret. ``load`` reports
+  the state, so the manager raises ``ReauthRequired`` without calling the token endpoint (nor
+  handing out the stored access token) until a new POST (``save``) makes the context ``active``
+  again. A successful refresh (``save_tokens``) also makes it ``active``, as the protocol says.
+- ``token_extra_enc``: the extra fields of the last token answer (``token_type``, ``scope``, ...),
+  encrypted JSON like the secrets (they may carry instance URLs or ids); a POST clears them (they
+  described the replaced token).
+- ``token_auth_method``: how the client authenticates to the token endpoint
+  (``client_secret_post`` or ``client_secret_basic``; a public client, without secret, sends only
+  its id whatever the method), set by the POST.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,13 +48,19 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from cti_bridge.clock import utcnow
-from cti_bridge.delivery.oauth import STATE_ACTIVE, CredentialNotFound, CredentialSnapshot
+from cti_bridge.delivery.oauth import (
+    STATE_ACTIVE,
+    STATE_REAUTH_REQUIRED,
+    CredentialNotFound,
+    CredentialSnapshot,
+)
 from cti_bridge.store.crypto import SecretBox, constant_time_equal, hash_token
 from cti_bridge.store.db import Database
 from cti_bridge.store.models import AppContext
 
 # Compared against when a row has no access token, so that the answer takes as long either way.
 _NO_TOKEN = "\x01" * 32
+_MAX_REASON = 1000  # the width of app_context.state_reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +91,8 @@ class AppContextInput:
     client_secret: str | None = field(repr=False)
     refresh_token: str = field(repr=False)
     access_token: str = field(repr=False)
+    # client_secret_post | client_secret_basic (delivery/oauth.py AUTH_METHODS); the route checks it.
+    token_auth_method: str = "client_secret_post"  # noqa: S105 - a method name, not a secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +128,9 @@ class AppContextTokenStore:
         """Insert the credentials, or replace those stored under the same key. Returns the row id
         and whether it was created. A replacement bumps ``version`` (a refresh in flight then
         finds the version moved and keeps its hands off), forgets the expiry (the new access token's
-        is unknown: it is used until a 401) and the previous token's hash.
+        is unknown: it is used until a 401), the previous token's hash and the extra fields of the
+        last token answer, and makes the context ``active`` again (a dead grant is revived by the
+        user's new credentials).
 
         Cancellation: as ``Database.run`` (the transaction commits or rolls back whole).
         """
@@ -128,6 +144,10 @@ class AppContextTokenStore:
             "access_token_enc": box.encrypt(data.access_token),
             "previous_access_token_hash": None,
             "access_token_expires_at": None,
+            "token_extra_enc": None,
+            "token_auth_method": data.token_auth_method,
+            "state": STATE_ACTIVE,
+            "state_reason": None,
             "updated_at": now,
         }
 
@@ -192,6 +212,8 @@ class AppContextTokenStore:
             row = session.get(AppContext, key)
             if row is None:
                 raise CredentialNotFound(key)
+            extra_text = box.decrypt_opt(row.token_extra_enc)
+            extra: dict[str, Any] = json.loads(extra_text) if extra_text else {}
             return CredentialSnapshot(
                 client_id=row.client_id,
                 client_secret=box.decrypt_opt(row.client_secret_enc),
@@ -199,11 +221,12 @@ class AppContextTokenStore:
                 device_code=None,  # the manual's app contexts have no device grant
                 access_token=box.decrypt_opt(row.access_token_enc),
                 expires_at=row.access_token_expires_at,
-                extra={},
-                # No state column (module docstring): a dead grant shows as a missing refresh token.
-                state=STATE_ACTIVE,
+                extra=extra,
+                state=row.state,
                 version=row.version,
                 token_endpoint=row.authorization_server_uri,
+                auth_method=row.token_auth_method,
+                state_reason=row.state_reason,
             )
 
         return await self._db.run(read)
@@ -220,7 +243,8 @@ class AppContextTokenStore:
         device_code_used: bool,
     ) -> int | None:
         """Commit the new tokens if still at ``snapshot_version`` (then bump it); None otherwise.
-        The access token replaced is remembered by its hash. ``extra`` is not kept (no column).
+        The access token replaced is remembered by its hash; ``extra`` is stored encrypted (None
+        when empty); the context becomes ``active``.
 
         Cancellation: the transaction handed to the database thread commits or rolls back whole;
         the caller (the manager's shielded refresh task) is not cancelled by its callers anyway.
@@ -228,6 +252,7 @@ class AppContextTokenStore:
         box = self._box
         new_access_enc = box.encrypt(access_token)
         new_refresh_enc = box.encrypt_opt(refresh_token)
+        new_extra_enc = box.encrypt(json.dumps(dict(extra))) if extra else None
 
         def write(session: Session) -> int:
             current = session.exec(
@@ -250,6 +275,9 @@ class AppContextTokenStore:
                     access_token_enc=new_access_enc,
                     access_token_expires_at=expires_at,
                     refresh_token_enc=new_refresh_enc,
+                    token_extra_enc=new_extra_enc,
+                    state=STATE_ACTIVE,
+                    state_reason=None,
                     previous_access_token_hash=previous_hash,
                     version=snapshot_version + 1,
                     updated_at=utcnow(),
@@ -261,14 +289,14 @@ class AppContextTokenStore:
         return snapshot_version + 1 if changed == 1 else None
 
     async def mark_reauth_required(self, key: int, snapshot_version: int, reason: str) -> bool:
-        """Clear the refresh token if still at ``snapshot_version`` (see the module docstring:
-        there is no state column). The version is not bumped, as for ``user_credentials``: a POST
-        meanwhile has bumped it, and its new secrets are then left alone. ``reason`` is not kept
-        (the manager logs it and raises it). Cancellation: as ``save_tokens``."""
+        """Set ``reauth_required`` with ``reason`` if still at ``snapshot_version``; the secrets
+        are kept. The version is not bumped, as for ``user_credentials``: no secret changed, and a
+        POST meanwhile has bumped it, so its new secrets are left alone (False: the manager
+        reloads). Cancellation: as ``save_tokens``."""
         statement = (
             update(AppContext)
             .where(col(AppContext.id) == key, col(AppContext.version) == snapshot_version)
-            .values(refresh_token_enc=None, updated_at=utcnow())
+            .values(state=STATE_REAUTH_REQUIRED, state_reason=reason[:_MAX_REASON], updated_at=utcnow())
         )
 
         def write(session: Session) -> int:

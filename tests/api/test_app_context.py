@@ -21,6 +21,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -275,6 +276,7 @@ def app_body(
     prefix: str = "Bearer ",
     host: str = HOST,
     tenant: str = TENANT,
+    auth_method: str | None = None,
 ) -> dict[str, Any]:
     user_context: dict[str, Any] = {
         "clientId": CLIENT_ID,
@@ -284,11 +286,14 @@ def app_body(
     }
     if client_secret is not None:
         user_context["clientSecret"] = client_secret
+    external_context: dict[str, Any] = {
+        "authorizationServerUri": token_uri or h.token_uri,
+        "authorizationHeaderPrefix": prefix,
+    }
+    if auth_method is not None:
+        external_context["tokenEndpointAuthMethod"] = auth_method
     return {
-        "appExternalApiContext": {
-            "authorizationServerUri": token_uri or h.token_uri,
-            "authorizationHeaderPrefix": prefix,
-        },
+        "appExternalApiContext": external_context,
         "appUserContext": user_context,
         "appXelionContext": {"host": host, "tenant": tenant},
     }
@@ -354,6 +359,12 @@ def assert_error(r: httpx.Response, status: int, code: int) -> dict[str, Any]:
     return body
 
 
+def sqlite_bytes(database: Database) -> bytes:
+    """The raw bytes of a SQLite database: its file and its write-ahead log (WAL mode)."""
+    path = Path(database.url.removeprefix("sqlite:///"))
+    return b"".join(p.read_bytes() for p in (path, Path(f"{path}-wal")) if p.exists())
+
+
 def closed_port() -> tuple[socket.socket, int]:
     """A port of 127.0.0.1 bound but not listening: connections to it are refused."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -401,6 +412,9 @@ async def test_manual_app_context_body_is_stored_with_its_secrets_encrypted(h: H
     assert h.box.decrypt(row.refresh_token_enc or "") == "myRefreshToken"
     assert h.box.decrypt(row.access_token_enc or "") == "myAccessToken"
     assert row.access_token_expires_at is None  # unknown: used until a 401
+    assert (row.state, row.state_reason) == ("active", None)
+    assert row.token_auth_method == "client_secret_post"  # the default
+    assert row.token_extra_enc is None
     stored = json.dumps(row.model_dump(), default=str)
     for secret in ("myClientSecret", "myRefreshToken", "myAccessToken", token):
         assert secret not in stored
@@ -524,6 +538,9 @@ async def test_app_context_bad_input_names_the_field(hs: Harness) -> None:
     body = app_body(hs, "anne", access="a", refresh="r", token_uri="ftp://x/token")
     r = await hs.client.post(url, json=body, headers=anne)
     assert "appExternalApiContext.authorizationServerUri" in assert_error(r, 422, 10201)["message"]
+    body = app_body(hs, "anne", access="a", refresh="r", auth_method="private_key_jwt")
+    r = await hs.client.post(url, json=body, headers=anne)
+    assert "appExternalApiContext.tokenEndpointAuthMethod" in assert_error(r, 422, 10201)["message"]
     assert contexts(hs.database) == []
 
 
@@ -572,6 +589,7 @@ async def test_a_401_refreshes_once_with_rotation_and_the_replaced_token_still_o
     assert fresh != stale and h.crm.access_token_valid(fresh)
     assert r.json()["payload"] == {"ok": True}
     assert h.crm.token_counts["refresh_token"] == 1
+    assert h.crm.token_requests[0].auth_method == "client_secret_post"  # the default
     assert [seen.headers["Authorization"] for seen in h.crm.received] == [
         f"Bearer {stale}",
         f"Bearer {fresh}",
@@ -776,21 +794,115 @@ async def test_the_outbound_guard_applies(make_sqlite: MakeHarness) -> None:
 
 async def test_a_refused_grant_is_401_until_the_context_is_posted_again(h: Harness) -> None:
     stale = "at-stale-" + secrets.token_hex(8)
-    await register(h, access=stale)
+    _, refresh = await register(h, access=stale)
+    [before] = contexts(h.database)
     h.crm.invalid_grant_all = True
     body = assert_error(await call(h, stale), 401, 10503)
     assert "cti-app-context" in body["info"]
+    assert "invalid_grant" in body["info"]  # the reason
     assert h.crm.token_counts["refresh_token"] == 1
     [row] = contexts(h.database)
-    assert row.refresh_token_enc is None  # the dead grant is not tried again...
-    assert_error(await call(h, stale), 401, 10503)
-    assert h.crm.token_counts["refresh_token"] == 1  # ...not even once more
+    assert (row.state, row.state_reason) == ("reauth_required", "the token endpoint answered invalid_grant")
+    assert h.box.decrypt(row.refresh_token_enc or "") == refresh  # kept: the state says it is dead
+    assert h.box.decrypt(row.access_token_enc or "") == stale
+    assert row.version == before.version  # no secret changed
+
+    # The dead grant is not tried again, and nothing is sent to the service.
+    sent = len(h.crm.received)
+    body = assert_error(await call(h, stale), 401, 10503)
+    assert "invalid_grant" in body["info"] and "cti-app-context" in body["info"]
+    assert h.crm.token_counts["refresh_token"] == 1
+    assert len(h.crm.received) == sent
+    # Another token still proves nothing: the state is told only to the token's holder.
+    assert_error(await call(h, "at-guessed"), 401, 10000)
+    for secret in (stale, refresh, CLIENT_SECRET):
+        assert secret not in body["info"]
 
     h.crm.invalid_grant_all = False
-    await register(h, access=stale)  # the user posts a new refresh token
+    _, new_refresh = await register(h, access=stale)  # the user posts a new refresh token
+    [row] = contexts(h.database)
+    assert (row.state, row.state_reason) == ("active", None)
+    assert h.box.decrypt(row.refresh_token_enc or "") == new_refresh
     r = await call(h, stale)
     assert r.status_code == 201, r.text
     assert h.crm.token_counts["refresh_token"] == 2
+    fresh = r.json()["accessToken"]
+    assert (await call(h, fresh)).status_code == 201  # and calls go on working
+    assert h.crm.token_counts["refresh_token"] == 2
+
+
+async def test_a_post_during_a_refused_refresh_is_not_condemned(h: Harness) -> None:
+    """The stored grant is refused while the user posts new credentials: marking the context
+    ``reauth_required`` loses against the newer version (reliability.md §13), and the call goes on
+    with the posted token."""
+    stale = "at-stale-" + secrets.token_hex(8)
+    await register(h, access=stale, refresh="rt-unknown-to-the-provider")
+    posted: list[tuple[str, str]] = []
+
+    async def during_refresh(grant_type: str) -> None:
+        if not posted:
+            posted.append(await register(h))
+
+    h.crm.token_hook = during_refresh
+    r = await call(h, stale)
+    assert r.status_code == 201, r.text
+    [(new_access, new_refresh)] = posted
+    assert r.json()["accessToken"] == new_access
+    assert [t.status for t in h.crm.token_requests] == [400]  # the refused one only
+    [row] = contexts(h.database)
+    assert (row.state, row.state_reason) == ("active", None)
+    assert h.box.decrypt(row.refresh_token_enc or "") == new_refresh
+
+
+async def test_extra_token_fields_are_stored_encrypted_and_a_post_clears_them(
+    make_sqlite: MakeHarness,
+) -> None:
+    h = await make_sqlite()
+    instance = f"https://instance-{secrets.token_hex(6)}.example.com"
+    scope = "scope-" + secrets.token_hex(6)
+    h.crm.extra_fields = {"instance_url": instance, "scope": scope}
+    stale = "at-stale-" + secrets.token_hex(8)
+    await register(h, access=stale)
+    r = await call(h, stale)
+    assert r.status_code == 201, r.text
+    [row] = contexts(h.database)
+    assert row.token_extra_enc is not None
+    expected = {"token_type": "Bearer", "instance_url": instance, "scope": scope}
+    assert json.loads(h.box.decrypt(row.token_extra_enc)) == expected
+    [context_id] = [c.id for c in contexts(h.database)]
+    assert context_id is not None
+    snapshot = await AppContextTokenStore(h.database, h.box).load(context_id)
+    assert dict(snapshot.extra) == expected
+    assert (await h.tokens.get(context_id)).extra == expected
+
+    raw = sqlite_bytes(h.database)
+    assert CLIENT_ID.encode() in raw  # the bytes read are the stored rows (client ids are plain)
+    for plain in (instance, scope, r.json()["accessToken"]):
+        assert plain.encode() not in raw
+
+    await register(h)  # new credentials: the extras described the replaced token
+    [row] = contexts(h.database)
+    assert row.token_extra_enc is None
+    assert dict((await AppContextTokenStore(h.database, h.box).load(context_id)).extra) == {}
+
+
+async def test_client_secret_basic_is_stored_and_used(h: Harness) -> None:
+    stale = "at-stale-" + secrets.token_hex(8)
+    await register(h, access=stale, auth_method="client_secret_basic")
+    [row] = contexts(h.database)
+    assert row.token_auth_method == "client_secret_basic"
+    r = await call(h, stale)
+    assert r.status_code == 201, r.text
+    [request] = h.crm.token_requests
+    assert (request.auth_method, request.client_id, request.status) == ("client_secret_basic", CLIENT_ID, 200)
+
+    # A POST without the field is back to the default.
+    stale = "at-stale-" + secrets.token_hex(8)
+    await register(h, access=stale)
+    [row] = contexts(h.database)
+    assert row.token_auth_method == "client_secret_post"
+    assert (await call(h, stale)).status_code == 201
+    assert [t.auth_method for t in h.crm.token_requests] == ["client_secret_basic", "client_secret_post"]
 
 
 async def test_a_failing_token_endpoint_is_502(hs: Harness) -> None:

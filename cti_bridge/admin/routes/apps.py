@@ -24,6 +24,14 @@ that keeps it is 400/10200 with its line and column, like any malformed body).
   made. The access token's expiry is unknown, so it is used until the service answers 401.
   ``authorizationHeaderPrefix`` is used exactly as given (its trailing space included); when
   absent, ``"Bearer "``, as for ``crmContext``.
+- **(chosen)** The manual does not say how the client authenticates to the token endpoint.
+  Extension: an optional ``appExternalApiContext.tokenEndpointAuthMethod``,
+  ``"client_secret_post"`` (default: ``client_id`` and ``client_secret`` in the form body) or
+  ``"client_secret_basic"`` (HTTP Basic, RFC 6749 §2.3.1), as the same field of
+  ``crmContext``; anything else is 422/10201 naming the field. Without ``clientSecret`` the client
+  is public and only its ``client_id`` is sent in the body, whatever the method.
+- A POST also revives a context whose grant the authorization server refused (below): the context
+  is ``active`` again, and the next call uses the new credentials.
 - Answer: 200 with ``{}``; never a secret.
 
 ``POST api/external-api-endpoint/call`` with ``Authorization: xelion_cti <access token>``:
@@ -49,9 +57,13 @@ that keeps it is 400/10200 with its line and column, like any malformed body).
    **(chosen)** a 204/205 is answered 200, as a body is needed to carry the token. 4xx and 5xx:
    the service's body as it came, with its ``Content-Type`` (and ``Retry-After``). 3xx: 502/10501
    (not followed). No answer in time: 504/10502; connection failed: 502/10501; answer longer than
-   ``CTI_BRIDGE_MAX_RESPONSE_BYTES``: 502/10501; the authorization server refused the stored grant
-   (``invalid_grant``, ...): 401/10503, POST the context again; the authorization server failed:
-   502/10501.
+   ``CTI_BRIDGE_MAX_RESPONSE_BYTES``: 502/10501; the authorization server failed: 502/10501.
+7. The authorization server refused the stored grant (``invalid_grant``, ``invalid_client``, ...):
+   401/10503, its ``info`` giving the reason (the OAuth2 error code, never a secret). The context is
+   then marked ``reauth_required`` (its secrets kept): every later call is 401/10503 at once,
+   without a token-endpoint call and without sending anything to the service, until a new
+   ``POST api/cti-app-context`` for the same key makes it ``active`` again. Steps 1 and 2 come
+   first: only the holder of the context's token learns its state.
 
 Secrets (reliability.md §14): no token, refresh token or client secret in a log line or an error
 message; log lines name the context by id and the service by host (a URL's query may hold a token).
@@ -132,6 +144,8 @@ class AppExternalApiContextIn(_In):
     authorizationServerUri: Uri2048
     # Used exactly as given: the caller puts in the trailing space when the service wants one.
     authorizationHeaderPrefix: Annotated[str, StringConstraints(max_length=255)] = "Bearer "
+    # Extension (the manual has none): the client authentication at the token endpoint.
+    tokenEndpointAuthMethod: Literal["client_secret_post", "client_secret_basic"] = "client_secret_post"
 
     _uri = field_validator("authorizationServerUri")(schemas.check_http_uri)
 
@@ -272,6 +286,7 @@ async def post_app_context(
         client_secret=uc.clientSecret or None,  # "" from a client that fills every field: none
         refresh_token=uc.refreshToken,
         access_token=uc.accessToken,
+        token_auth_method=ec.tokenEndpointAuthMethod,
     )
     store = AppContextTokenStore(deps.database, deps.secret_box)
     context_id, created = await store.save(data, deps.clock.now())
@@ -378,12 +393,13 @@ async def _token(tokens: TokenManager[int], context_id: int, rejected: str | Non
         if rejected is None:
             return await tokens.get(context_id)
         return await tokens.refresh_after_401(context_id, rejected)
-    except ReauthRequired:
+    except ReauthRequired as exc:
+        # The reason is the manager's text: an OAuth2 error code (sanitised), never a secret.
         raise ApiError(
             401,
             ErrorCode.UPSTREAM_REAUTH,
             "The authorization server refused the stored credentials",
-            "POST api/cti-app-context again with a new refresh token",
+            f"{exc.reason}; POST api/cti-app-context again with a new refresh token",
         ) from None
     except CredentialNotFound:
         raise not_found("app context", context_id) from None
