@@ -41,7 +41,6 @@ class CredentialRoute:
     credential_id: int
     xelion_username: str
     xelion_oid: str | None
-    parked: bool
 
 
 @dataclass(frozen=True)
@@ -136,14 +135,15 @@ class RoutingCache:
                 assert row.id is not None
                 compiled = self.mappings.peek(row.id) or self.mappings.put(row)
                 route.mappings.setdefault(row.xelion_event, []).append(MappingRoute(row.id, compiled))
-            creds = session.exec(select(UserCredentials).where(col(UserCredentials.crm_context_id) == ctx.id)).all()
+            creds = session.exec(
+                select(UserCredentials).where(col(UserCredentials.crm_context_id) == ctx.id)
+            ).all()
             for cred in creds:
                 assert cred.id is not None
                 cr = CredentialRoute(
                     credential_id=cred.id,
                     xelion_username=cred.xelion_username,
                     xelion_oid=cred.xelion_oid,
-                    parked=cred.state != "active",
                 )
                 route.by_username[cred.xelion_username] = cr
                 if cred.xelion_oid:

@@ -77,6 +77,17 @@ def excerpt(data: bytes | None, secrets: Iterable[str]) -> str | None:
     return mask(data[:EXCERPT_BYTES].decode("utf-8", errors="replace"), secrets)
 
 
+def _refusal(error: BaseException | None) -> EgressRefused | None:
+    """The outbound guard's refusal in ``error``'s cause chain, if it is one."""
+    seen = 0
+    while error is not None and seen < 16:
+        if isinstance(error, EgressRefused):
+            return error
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
+
+
 @dataclass
 class _Result:
     """How one delivery attempt ended; turned into a state change by ``_finish``."""
@@ -122,6 +133,19 @@ class DeliveryWorker:
         # guarantees it), so leases left by a crashed predecessor can be released at once.
         self.sole_owner = sole_owner
         self.limiter = HostLimiter(settings.per_host_concurrency)
+        # Fairness between CRM hosts (reliability.md §9). The per-host semaphore alone is not
+        # enough: a delivery waiting for one of a slow host's slots still holds one of the worker's
+        # places, so a slow CRM with a backlog would take them all and starve every other CRM. So
+        # one host holds at most twice its cap of places (the requests in flight, and as many ready
+        # to take a freed slot at once), never every place, and claims skip the mappings whose host
+        # is at that bound. A delivery's host is known only once rendered, so a mapping's host is
+        # the one its last request went to (a mapping not sent yet counts as a host of its own).
+        # The bound also keeps a delivery's wait for a slot to about one request timeout, which the
+        # lease (§4) covers.
+        self._host_cap = max(1, min(2 * settings.per_host_concurrency, settings.worker_concurrency - 1))
+        self._mapping_host: dict[int, str] = {}
+        self._host_load: dict[str, int] = {}
+        self._counted_at: dict[asyncio.Task[None], str] = {}  # which host a task is counted at
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._inflight: dict[str, tuple[asyncio.Task[None], Claimed]] = {}
@@ -155,7 +179,10 @@ class DeliveryWorker:
         try:
             await self._loop()
         finally:
-            await self._drain(0.0)
+            # After stop(), stop() itself drains with the grace period; cutting the in-flight
+            # requests off here would void it (reliability.md §20). Only a cancelled run drains now.
+            if not self._stopping.is_set():
+                await self._drain(0.0)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop claiming, give in-flight requests ``grace`` seconds, return the rest to the queue."""
@@ -175,26 +202,66 @@ class DeliveryWorker:
         while not self._stopping.is_set():
             self._wake.clear()
             free = concurrency - len(self._inflight)
+            full, limit = self._claim_window(free)
             claimed: list[Claimed] = []
-            if free > 0:
+            if limit > 0:
                 now = self.clock.now()
-                claimed = await self.db.run(partial(claim_due, now=now, limit=free, lease_seconds=lease))
+                claimed = await self.db.run(
+                    partial(claim_due, now=now, limit=limit, lease_seconds=lease, skip_mappings=full)
+                )
                 for item in claimed:
+                    if item.id in self._inflight:
+                        # Our own earlier claim of it outlived its lease and is still running: the
+                        # new claim decides, and the running one's completion will change nothing.
+                        log.warning("delivery %s claimed again while still in flight here", item.id)
                     task = asyncio.create_task(self._process(item), name=f"delivery-{item.id}")
                     self._inflight[item.id] = (task, item)
-                    task.add_done_callback(partial(self._done, item.id))
-            if free > 0 and len(claimed) == free:
+                    self._count(task, self._host_of(item.mapping_id))
+                    task.add_done_callback(partial(self._done, item))
+            if limit > 0 and len(claimed) == limit:
                 continue  # a full batch: there may be more due right now
             timeout = 1.0
-            if not claimed and free > 0:
-                due = await self.db.run(next_due_at)
+            if not claimed and limit > 0:
+                due = await self.db.run(partial(next_due_at, skip_mappings=full))
                 if due is not None:
                     timeout = min(1.0, max(0.05, (due - self.clock.now()).total_seconds()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def _done(self, delivery_id: str, _task: asyncio.Task[None]) -> None:
-        self._inflight.pop(delivery_id, None)
+    def _host_of(self, mapping_id: int) -> str:
+        return self._mapping_host.get(mapping_id) or f"mapping {mapping_id}"
+
+    def _claim_window(self, free: int) -> tuple[list[int], int]:
+        """The mappings whose host is at its bound (skipped by the claim) and how many to claim at
+        most: no more than the least room left at any busy host, so one batch cannot overshoot."""
+        cap = self._host_cap
+        limit = min(free, cap)
+        for load in self._host_load.values():
+            if load < cap:
+                limit = min(limit, cap - load)
+        full_hosts = {host for host, load in self._host_load.items() if load >= cap}
+        skip = [m for m, host in self._mapping_host.items() if host in full_hosts]
+        skip += [int(h.removeprefix("mapping ")) for h in full_hosts if h.startswith("mapping ")]
+        return skip, max(limit, 0)
+
+    def _count(self, task: asyncio.Task[None], host: str | None) -> None:
+        """Count ``task`` at ``host`` (None: nowhere any more), uncounting it where it was."""
+        before = self._counted_at.pop(task, None)
+        if before is not None:
+            load = self._host_load.get(before, 0) - 1
+            if load > 0:
+                self._host_load[before] = load
+            else:
+                self._host_load.pop(before, None)
+        if host is not None:
+            self._counted_at[task] = host
+            self._host_load[host] = self._host_load.get(host, 0) + 1
+
+    def _done(self, item: Claimed, task: asyncio.Task[None]) -> None:
+        entry = self._inflight.get(item.id)
+        if entry is not None and entry[0] is task:
+            del self._inflight[item.id]
+        self._count(task, None)
         self._wake.set()
 
     async def _drain(self, grace: float) -> None:
@@ -338,6 +405,10 @@ class DeliveryWorker:
         headers["Authorization"] = item.authorization_header_prefix + token.access_token
         headers["Idempotency-Key"] = item.id
         host = urlsplit(req.url).netloc
+        self._mapping_host[item.mapping_id] = host.lower()
+        task = asyncio.current_task()
+        if task is not None and task in self._counted_at:
+            self._count(task, host.lower())  # now that the host is known for sure
         status: int | None = None
         error: Exception | None = None
         body: bytes | None = None
@@ -362,7 +433,15 @@ class DeliveryWorker:
         if outcome is Outcome.SUCCESS:
             base.state, base.outcome = "delivered", "delivered"
             return base
-        reason = f"HTTP {status}" if status is not None else f"{type(error).__name__}: {error}"
+        refused = _refusal(error)
+        if status is not None:
+            reason = f"HTTP {status}"
+        elif refused is not None:
+            # A host name that resolves to a refused address is only caught when connecting; the
+            # operator must read the same "outbound guard" reason as for an IP literal (§15).
+            reason = f"refused by the outbound guard: {refused}"
+        else:
+            reason = f"{type(error).__name__}: {error}"
         base.error = mask(reason, secrets)
         if outcome is Outcome.REFRESH_AND_RETRY and not second_try:
             base.state, base.outcome = "pending", "refresh"

@@ -151,10 +151,10 @@ class Claimed:
     ordering_key: str
 
 
-def claim_due(session: Session, *, now: datetime, limit: int, lease_seconds: float) -> list[Claimed]:
-    """Lease up to ``limit`` due deliveries, respecting per-ordering-key order."""
+def _blocked() -> Any:
+    """True for a delivery with an earlier undelivered one of the same ordering key (§3)."""
     earlier = aliased(Delivery)
-    blocked = exists().where(
+    return exists().where(
         and_(
             col(earlier.ordering_key) == col(Delivery.ordering_key),
             col(earlier.state).in_(UNDELIVERED),
@@ -167,16 +167,33 @@ def claim_due(session: Session, *, now: datetime, limit: int, lease_seconds: flo
             ),
         )
     )
+
+
+def claim_due(
+    session: Session,
+    *,
+    now: datetime,
+    limit: int,
+    lease_seconds: float,
+    skip_mappings: Sequence[int] = (),
+) -> list[Claimed]:
+    """Lease up to ``limit`` due deliveries, respecting per-ordering-key order.
+
+    ``skip_mappings``: mappings the caller has no room for now (their CRM host is at the worker's
+    fairness bound, reliability.md §9); their deliveries stay in the queue for others.
+    """
     due = or_(
         and_(col(Delivery.state) == "pending", col(Delivery.next_attempt_at) <= now),
         and_(col(Delivery.state) == "sending", col(Delivery.lease_expires_at) < now),
     )
     query = (
         select(col(Delivery.id))
-        .where(due, ~blocked)
+        .where(due, ~_blocked())
         .order_by(col(Delivery.next_attempt_at), col(Delivery.event_id), col(Delivery.mapping_id))
         .limit(limit)
     )
+    if skip_mappings:
+        query = query.where(col(Delivery.mapping_id).not_in(list(skip_mappings)))
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True, of=Delivery)
     ids = [row[0] for row in session.execute(query)]
@@ -359,14 +376,24 @@ def unpark_credential(session: Session, *, credential_id: int, now: datetime) ->
     return int(result.rowcount)
 
 
-def next_due_at(session: Session) -> datetime | None:
-    """When the earliest pending delivery or lease comes due (the worker sleeps until then)."""
-    pending = session.execute(
-        select(func.min(Delivery.next_attempt_at)).where(col(Delivery.state) == "pending")
-    ).scalar_one_or_none()
-    lease = session.execute(
-        select(func.min(Delivery.lease_expires_at)).where(col(Delivery.state) == "sending")
-    ).scalar_one_or_none()
+def next_due_at(session: Session, *, skip_mappings: Sequence[int] = ()) -> datetime | None:
+    """When the earliest claimable pending delivery or lease comes due (the worker sleeps until
+    then). A delivery waiting behind an earlier one of its call (§3) is left out: it becomes
+    claimable when that one finishes, not at its own time, which has passed (counting it made the
+    worker poll the database 20 times a second for as long as the earlier one was retrying)."""
+    pending_q = (
+        select(col(Delivery.next_attempt_at))
+        .where(col(Delivery.state) == "pending", ~_blocked())
+        .order_by(col(Delivery.next_attempt_at))
+        .limit(1)
+    )
+    lease_q = select(func.min(Delivery.lease_expires_at)).where(col(Delivery.state) == "sending")
+    if skip_mappings:
+        skip = col(Delivery.mapping_id).not_in(list(skip_mappings))
+        pending_q = pending_q.where(skip)
+        lease_q = lease_q.where(skip)
+    pending = session.execute(pending_q).scalar_one_or_none()
+    lease = session.execute(lease_q).scalar_one_or_none()
     candidates = [t for t in (pending, lease) if t is not None]
     return min(candidates) if candidates else None
 

@@ -26,7 +26,8 @@ FRAME = {
 
 
 def preview_path(st: Stack) -> str:
-    return f"/api/crm-integrations/{st.xelion_context_id}/crm-contexts/{st.crm_context_id}/event-uri-mappings/preview"
+    base = f"/api/crm-integrations/{st.xelion_context_id}/crm-contexts/{st.crm_context_id}"
+    return base + "/event-uri-mappings/preview"
 
 
 async def test_preview_renders_the_exact_request(db_url: str) -> None:

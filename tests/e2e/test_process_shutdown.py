@@ -43,15 +43,6 @@ async def _wait_in_progress(
     raise AssertionError(f"never {count} CRM requests in progress; received {len(world.crm.received)}")
 
 
-WORKER_DRAIN_BUG = (
-    "cti_bridge/delivery/worker.py: DeliveryWorker.run()'s `finally: await self._drain(0.0)` runs as soon "
-    "as _loop() returns after stop() set _stopping, and cancels every in-flight request at once while "
-    "stop() is still waiting in _drain(grace): shutdown_grace_seconds is never honoured (the requests "
-    "are cut off and returned to the queue instead of finishing)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=WORKER_DRAIN_BUG)
 async def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path, db_url: str) -> None:
     grace = 5.0
     async with process_world(tmp_path, db_url, shutdown_grace_seconds=str(grace)) as world:

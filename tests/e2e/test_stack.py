@@ -18,7 +18,11 @@ async def test_calls_become_crm_requests(db_url: str) -> None:
         assert {d["state"] for d in items} == {"delivered"}
         received = await st.crm.wait_for(9)
         mine = [r for r in received if json.loads(r.body)["callId"] == call.call_id]
-        assert [json.loads(r.body)["event"] for r in mine] == ["newCallEvent", "callConnectedEvent", "callHungUpEvent"]
+        assert [json.loads(r.body)["event"] for r in mine] == [
+            "newCallEvent",
+            "callConnectedEvent",
+            "callHungUpEvent",
+        ]
         first = mine[0]
         assert first.headers["Authorization"].startswith("Bearer ")
         body = json.loads(first.body)
