@@ -167,14 +167,15 @@ class Bridge:
         await self.wait_subscribed()
         return self.integration
 
-    async def wait_subscribed(self, timeout: float = 10.0) -> None:
+    async def wait_subscribed(self, timeout: float = 10.0, xelion_context_id: int | None = None) -> None:
+        wanted = str(xelion_context_id if xelion_context_id is not None else self.xelion_context_id)
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
             resp = await self.api.get("/api/ready")
             # api/ready is 200 too before the new integration's source exists (no sources, all
             # fine): wait until this integration's own source reports itself subscribed.
             sources = resp.json().get("sources") or {}
-            if resp.status_code == 200 and sources.get(str(self.xelion_context_id)) == "subscribed":
+            if resp.status_code == 200 and sources.get(wanted) == "subscribed":
                 return
             await asyncio.sleep(0.05)
         raise AssertionError("the source never became ready")

@@ -117,7 +117,7 @@ async def test_deliveries_are_scoped_to_the_session_token(db_url: str) -> None:
     async with running_stack(db_url) as st:
         await st.configure(users=("anne",))
         other = await _second_integration(st)
-        await st.wait_subscribed()
+        await st.wait_subscribed(xelion_context_id=other["xelionContext"]["id"])
         await st.xelion.place_call("incoming", callee="anne")
         await st.xelion.place_call("incoming", callee="dave", tenant="other")
         items = await st.wait_settled(3 + 1)
