@@ -165,8 +165,16 @@ class Daemon:
             await self.apply_integration(ctx_id)
 
     async def readiness(self) -> tuple[bool, dict[str, object]]:
-        db_ok = await asyncio.get_running_loop().run_in_executor(None, self.db.ping)
-        statuses = {str(k): str(v.state) for k, v in self.sources.statuses().items()}
+        """Ready when the database answers and every STORED integration's source is subscribed: an
+        integration created a moment ago whose source has not started yet is not ready."""
+        try:
+            ids = await self.db.run(source_store.all_context_ids)
+            db_ok = True
+        except Exception:
+            log.warning("readiness: the database does not answer", exc_info=True)
+            ids, db_ok = [], False
+        live = self.sources.statuses()
+        statuses = {str(i): str(live[i].state) if i in live else str(SourceState.STOPPED) for i in ids}
         ok = db_ok and all(s == SourceState.SUBSCRIBED for s in statuses.values())
         return ok, {"database": "ok" if db_ok else "unavailable", "sources": statuses}
 
