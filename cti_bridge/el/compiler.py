@@ -29,6 +29,7 @@ URI, header and payload templates use closures.
 from __future__ import annotations
 
 import ast
+import threading
 from collections.abc import Callable, Mapping
 from typing import Final, Literal
 
@@ -327,10 +328,26 @@ class ELSimpleEval(simpleeval.SimpleEval):  # type: ignore[misc]
             raise
 
 
+_evaluators = threading.local()
+
+
+def _evaluator(ctx: Context) -> ELSimpleEval:
+    """One evaluator per thread, its names swapped per call: building a SimpleEval (operator and
+    function tables) cost more than evaluating a typical condition. Per thread, because conditions
+    are evaluated in the database threads (the pipeline) and on the event loop (the preview)."""
+    found: ELSimpleEval | None = getattr(_evaluators, "instance", None)
+    if found is None:
+        found = ELSimpleEval(ctx)
+        _evaluators.instance = found
+    else:
+        found.names = ctx
+    return found
+
+
 def to_simpleeval(node: Node) -> Evaluator:
     tree = to_python_ast(node)
 
     def evaluate(ctx: Context) -> object:
-        return ELSimpleEval(ctx).eval("", previously_parsed=tree)
+        return _evaluator(ctx).eval("", previously_parsed=tree)
 
     return evaluate
