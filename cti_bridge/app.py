@@ -4,8 +4,9 @@ in order.
 Start: take the instance lock (embedded SQLite), migrate to head, open the secret box, build the
 shared HTTP clients, the token manager, the delivery worker, the pipeline, the Xelion sources (one per
 stored integration) and the admin API. Stop (SIGTERM/SIGINT, reliability.md §20): stop the sources
-(no new events; each logs out of Xelion), let the worker finish in-flight requests for up to the grace
-period and return the rest to the queue, stop the admin API, close the clients, release the lock.
+(no new events; each logs out of Xelion), commit the events still queued in the pipeline, let the
+worker finish in-flight requests for up to the grace period and return the rest to the queue, stop
+the admin API, close the clients, release the lock.
 Nothing else in the package knows all the parts; everything else receives what it needs.
 """
 
@@ -15,9 +16,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -31,7 +34,7 @@ from cti_bridge.delivery.egress import build_http_client
 from cti_bridge.delivery.oauth import TokenManager
 from cti_bridge.delivery.worker import DeliveryWorker
 from cti_bridge.metrics import Metrics
-from cti_bridge.pipeline import Pipeline
+from cti_bridge.pipeline import IngestResult, Pipeline
 from cti_bridge.ports import SourceState
 from cti_bridge.routing import MappingCache, RoutingCache
 from cti_bridge.store import migrate
@@ -64,20 +67,79 @@ def secret_key_for(settings: Settings) -> str:
     return load_or_create_key_file(db_path.with_name(db_path.name + ".key"))
 
 
+#: How many events of one source may wait for their commit before ``on_event`` waits too.
+MAX_UNCOMMITTED = 1000
+
+
 class StoreSourceHooks:
     """``ports.SourceHooks`` over the store and the pipeline."""
 
-    def __init__(self, db: Database, box: SecretBox, pipeline: Pipeline, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        db: Database,
+        box: SecretBox,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        *,
+        max_uncommitted: int = MAX_UNCOMMITTED,
+    ) -> None:
         self.db = db
         self.box = box
         self.pipeline = pipeline
         self.metrics = metrics
+        self.max_uncommitted = max_uncommitted
+        self._uncommitted: dict[int, deque[asyncio.Future[IngestResult]]] = {}
+        self._failed: dict[int, Exception] = {}
 
     async def on_event(
         self, xelion_context_id: int, notification_type: str, fields: dict[str, object]
     ) -> None:
-        result = await self.pipeline.ingest(xelion_context_id, notification_type, fields)
+        """Hand the event to the pipeline; return without waiting for its commit (pipelining).
+
+        Events go into the pipeline's queue in the order they are read, and the pipeline commits
+        them in that order, in batches, so one transaction holds many events of a busy source. An
+        event counts as received once committed (reliability.md §1), exactly as before: one still
+        in this queue when the process dies is lost like one still in the socket's buffer, and
+        Xelion resends neither. Memory is bounded: with more than ``max_uncommitted`` events of
+        this source waiting for their commit, this waits for the oldest.
+
+        A failed commit is logged (at ERROR, by the pipeline) and raised from this source's next
+        ``on_event``: the source then drops the socket, records a gap and reconnects, as when the
+        commit failed in this call. The failed batch's events are not retried here: like any
+        event lost while the source was disconnected, they fall in the recorded gap.
+        """
+        failed = self._failed.pop(xelion_context_id, None)
+        if failed is not None:
+            raise failed
+        future = self.pipeline.submit(xelion_context_id, notification_type, fields)
+        waiting = self._uncommitted.setdefault(xelion_context_id, deque())
+        waiting.append(future)
+        future.add_done_callback(partial(self._committed, xelion_context_id))
+        while len(waiting) > self.max_uncommitted:
+            oldest = waiting[0]
+            await asyncio.wait({oldest})
+            failed = self._failed.pop(xelion_context_id, None)
+            if failed is not None:
+                raise failed
+
+    def _committed(self, xelion_context_id: int, future: asyncio.Future[IngestResult]) -> None:
+        waiting = self._uncommitted.get(xelion_context_id)
+        if waiting:
+            with contextlib.suppress(ValueError):
+                waiting.remove(future)  # almost always the oldest: futures resolve in order
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            if isinstance(exc, Exception):
+                self._failed.setdefault(xelion_context_id, exc)
+            return
+        result = future.result()
         self.metrics.events.labels("duplicate" if result.duplicate else "stored").inc()
+
+    async def flush(self) -> None:
+        """Wait until every event handed over so far is committed (or failed): a clean stop."""
+        await self.pipeline.flush()
 
     async def on_state(self, xelion_context_id: int, state: SourceState, error: str | None) -> None:
         now = datetime.now().astimezone()
@@ -240,7 +302,8 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
             clock=clock,
             sole_owner=lock is not None,
         )
-        pipeline = Pipeline(db, routing, clock=clock, on_committed=lambda _r: worker.wake())
+        # The worker is woken by the pipeline's hand-off (``accept``) only when it left work pending.
+        pipeline = Pipeline(db, routing, clock=clock, handoff=worker)
         hooks = StoreSourceHooks(db, box, pipeline, metrics)
         sources = SourceManager(
             hooks,
@@ -343,6 +406,9 @@ async def serve(
                 "stopping: sources first, then the worker (grace %.0f s)", settings.shutdown_grace_seconds
             )
             await daemon.sources.stop_all()
+            # Every event received is committed (and its fresh deliveries handed over) before the
+            # worker stops taking work: SIGTERM loses nothing that was read from a socket.
+            await daemon.pipeline.flush()
             await daemon.worker.stop()
             # The worker's run() returns once its loop has ended and the deliveries it did not finish
             # are back in the queue. Cancelling it before then would interrupt that release and

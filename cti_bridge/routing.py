@@ -52,6 +52,8 @@ class MappingRoute:
 @dataclass
 class CrmRoute:
     crm_context_id: int
+    # What a handed-off delivery needs without a query (pipeline.py); claims read it from the row.
+    authorization_header_prefix: str = "Bearer "
     mappings: dict[str, list[MappingRoute]] = field(default_factory=dict)
     by_username: dict[str, CredentialRoute] = field(default_factory=dict)
     by_oid: dict[str, CredentialRoute] = field(default_factory=dict)
@@ -125,7 +127,9 @@ class RoutingCache:
         ).all()
         for ctx in contexts:
             assert ctx.id is not None
-            route = CrmRoute(crm_context_id=ctx.id)
+            route = CrmRoute(
+                crm_context_id=ctx.id, authorization_header_prefix=ctx.authorization_header_prefix
+            )
             rows = session.exec(
                 select(EventUriMapping)
                 .where(col(EventUriMapping.crm_context_id) == ctx.id, col(EventUriMapping.retired).is_(False))

@@ -7,8 +7,17 @@ against the outbound guard (delivery/egress.py), send it through the one shared 
 the per-host cap, classify the outcome with the one pure function (delivery/retry.py), and record
 the attempt and the new state in one transaction that only counts if the lease is still ours.
 
-The loop wakes at once when the pipeline commits work (``wake()``), when a task finishes, and
-otherwise when the earliest retry or lease comes due (at most a second later).
+Fresh deliveries mostly skip the claim: the pipeline inserts the first delivery of an ordering key
+already leased and hands it over in memory (``reserve`` before its transaction, ``accept`` after the
+commit; pipeline.py). The claim loop runs ``claim_due`` only when there may be claimable work: the
+pipeline left deliveries ``pending`` (no room, or waiting behind an in-flight one of their key, then
+when that one finishes), a retry was scheduled, an operator replayed or un-parked (``wake()``), or
+the timer fired (at most a second, or when the earliest retry or lease comes due).
+
+Completions are group-committed: a finished task queues its outcome and one flusher writes every
+queued outcome in one transaction (``store.deliveries.complete_many``, still conditional on the
+claim token). A task keeps its place until its outcome is committed, so the next delivery of a call
+becomes claimable only after its predecessor's completion is stored.
 
 Graceful stop (reliability.md §20): stop claiming, let in-flight requests finish for up to the grace
 period, cancel the rest and return their deliveries to the queue.
@@ -21,7 +30,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -43,16 +53,18 @@ from cti_bridge.delivery.oauth import (
 from cti_bridge.delivery.retry import Outcome, classify, next_delay, parse_retry_after
 from cti_bridge.el import TemplateError
 from cti_bridge.metrics import Metrics
+from cti_bridge.pipeline import HandoffRoom
 from cti_bridge.render import CompiledMapping, RenderContext, RenderedRequest
 from cti_bridge.routing import MappingCache
 from cti_bridge.store.db import Database
 from cti_bridge.store.deliveries import (
     AttemptRecord,
     Claimed,
+    Completion,
     claim_due,
-    complete,
+    complete_many,
     next_due_at,
-    park_credential,
+    pending_keys,
     release,
     release_all_leases,
     unpark_credential,
@@ -61,6 +73,10 @@ from cti_bridge.store.deliveries import (
 log = logging.getLogger(__name__)
 
 EXCERPT_BYTES = 4096
+#: Completions are written together: at most this many in one transaction, gathered for at most
+#: FLUSH_DELAY seconds (while a flush runs, the next batch gathers by itself).
+FLUSH_MAX = 256
+FLUSH_DELAY = 0.002
 MASK = "***"
 
 
@@ -103,6 +119,20 @@ class _Result:
     request_body: bytes | None = None
     response_body: bytes | None = None
     secrets: tuple[str, ...] = ()
+
+
+def _write_completions(
+    session: Session, *, completions: list[Completion], keys: list[str], now: datetime
+) -> tuple[list[bool], set[str]]:
+    """One flush: the outcomes, and which of the finished deliveries' calls have a successor
+    ``pending`` (claimable now that its predecessor is stored)."""
+    applied = complete_many(session, completions, now=now)
+    finished = [
+        key
+        for c, key, ok in zip(completions, keys, applied, strict=True)
+        if ok and c.state in ("delivered", "dead")
+    ]
+    return applied, pending_keys(session, finished)
 
 
 class DeliveryWorker:
@@ -150,12 +180,98 @@ class DeliveryWorker:
         self._stopping = asyncio.Event()
         self._inflight: dict[str, tuple[asyncio.Task[None], Claimed]] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        # Places promised but not yet taken: to an ingest batch (``reserve``) or to a claim running.
+        self._reserved = 0
+        # Whether pending deliveries may be claimable (``_backlog_gen`` counts the reasons given,
+        # so that a claim that started before one does not clear it).
+        self._backlog = False
+        self._backlog_gen = 0
+        # Ordering keys of running deliveries (until their task ends, after their completion is
+        # committed), and those of them that have a successor waiting in the queue.
+        self._running_keys: Counter[str] = Counter()
+        self._key_of: dict[tuple[str, str], str] = {}  # (delivery id, claim) -> ordering key
+        self._waiting_keys: set[str] = set()
+        self._completions: list[tuple[Completion, asyncio.Future[bool], str]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        # No hand-off before run() has released a predecessor's leases (sole owner): that release
+        # would void a lease just handed over, and the delivery would be sent twice.
+        self._ready = not sole_owner
 
     # -- control -----------------------------------------------------------------------------
 
     def wake(self) -> None:
-        """New work was committed: claim now rather than at the next timer."""
+        """New claimable work may have been committed: claim now rather than at the next timer."""
+        self._backlog = True
+        self._backlog_gen += 1
         self._wake.set()
+
+    # -- hand-off from the pipeline --------------------------------------------------------------
+
+    def reserve(self, want: int) -> HandoffRoom | None:
+        """Reserve places for up to ``want`` fresh deliveries of an ingest batch (pipeline.py).
+
+        The room respects ``worker_concurrency`` and the per-host fairness bound exactly as a claim
+        does (``_claim_window``); until ``accept`` gives it back, claims count it as taken at every
+        host, so claims and hand-offs together never overshoot.
+        """
+        if self._stopping.is_set() or not self._ready:
+            return None
+        _skip, limit = self._claim_window(self.settings.worker_concurrency - len(self._inflight))
+        n = min(want, limit)
+        if n <= 0:
+            return None
+        cap = self._host_cap
+        room = HandoffRoom(
+            slots=n,
+            lease_seconds=self.settings.lease_seconds,
+            host_room={h: cap - load - self._reserved for h, load in self._host_load.items()},
+            default_host_room=cap - self._reserved,
+            mapping_host=dict(self._mapping_host),
+            reserved=n,
+        )
+        self._reserved += n
+        return room
+
+    def accept(
+        self,
+        room: HandoffRoom | None,
+        claimed: Sequence[Claimed],
+        queued_keys: Sequence[str],
+        blocked_keys: Sequence[str],
+    ) -> None:
+        """An ingest batch committed: start the deliveries it leased to us, give back the rest of
+        the reservation, and note what it left ``pending`` (see ``Handoff.accept``)."""
+        if room is not None:
+            self._reserved -= room.reserved
+        if claimed and self._stopping.is_set():
+            # Cannot happen through serve() (the pipeline is flushed before the worker stops); if it
+            # does, the deliveries go back to the queue rather than wait for their lease.
+            self._spawn(self._release([(c.claim, c.id) for c in claimed]))
+        else:
+            for item in claimed:
+                self._start(item)
+        wake = bool(queued_keys)
+        for key in blocked_keys:
+            if self._running_keys.get(key):
+                self._waiting_keys.add(key)  # woken when that delivery's task ends
+            else:
+                wake = True  # blocked by one that is not ours, or that just finished
+        if wake:
+            self.wake()
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release(self, claims: list[tuple[str, str]]) -> None:
+        now = self.clock.now()
+        by_claim: dict[str, list[str]] = {}
+        for claim, delivery_id in claims:
+            by_claim.setdefault(claim, []).append(delivery_id)
+        for claim, ids in by_claim.items():
+            await self.db.run(partial(release, delivery_ids=ids, claim=claim, now=now))
 
     async def unpark(self, credential_id: int) -> int:
         """Make a credential's parked deliveries due again (its refresh token or device code changed)."""
@@ -176,6 +292,7 @@ class DeliveryWorker:
             released = await self.db.run(lambda s: release_all_leases(s, now=now))
             if released:
                 log.info("returned %d deliveries leased by a previous run to the queue", released)
+            self._ready = True
         try:
             await self._loop()
         finally:
@@ -206,18 +323,22 @@ class DeliveryWorker:
             claimed: list[Claimed] = []
             if limit > 0:
                 now = self.clock.now()
-                claimed = await self.db.run(
-                    partial(claim_due, now=now, limit=limit, lease_seconds=lease, skip_mappings=full)
-                )
+                gen = self._backlog_gen
+                self._reserved += limit  # a hand-off meanwhile must not take the same places
+                try:
+                    claimed = await self.db.run(
+                        partial(claim_due, now=now, limit=limit, lease_seconds=lease, skip_mappings=full)
+                    )
+                finally:
+                    self._reserved -= limit
                 for item in claimed:
-                    if item.id in self._inflight:
-                        # Our own earlier claim of it outlived its lease and is still running: the
-                        # new claim decides, and the running one's completion will change nothing.
-                        log.warning("delivery %s claimed again while still in flight here", item.id)
-                    task = asyncio.create_task(self._process(item), name=f"delivery-{item.id}")
-                    self._inflight[item.id] = (task, item)
-                    self._count(task, self._host_of(item.mapping_id))
-                    task.add_done_callback(partial(self._done, item))
+                    self._start(item)
+                if len(claimed) == limit:
+                    self._backlog = True  # there may be more: claim again when a place frees
+                elif gen == self._backlog_gen and not full:
+                    # Everything claimable was claimed (a claim that skipped a busy host's mappings
+                    # may have left some of theirs: those wait for a place, the backlog stays).
+                    self._backlog = False
             if limit > 0 and len(claimed) == limit:
                 continue  # a full batch: there may be more due right now
             timeout = 1.0
@@ -228,14 +349,28 @@ class DeliveryWorker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
+    def _start(self, item: Claimed) -> None:
+        """Run a leased delivery in its own task."""
+        if item.id in self._inflight:
+            # Our own earlier claim of it outlived its lease and is still running: the new claim
+            # decides, and the running one's completion will change nothing.
+            log.warning("delivery %s claimed again while still in flight here", item.id)
+        task = asyncio.create_task(self._process(item), name=f"delivery-{item.id}")
+        self._inflight[item.id] = (task, item)
+        self._count(task, self._host_of(item.mapping_id))
+        self._running_keys[item.ordering_key] += 1
+        self._key_of[(item.id, item.claim)] = item.ordering_key
+        task.add_done_callback(partial(self._done, item))
+
     def _host_of(self, mapping_id: int) -> str:
         return self._mapping_host.get(mapping_id) or f"mapping {mapping_id}"
 
     def _claim_window(self, free: int) -> tuple[list[int], int]:
         """The mappings whose host is at its bound (skipped by the claim) and how many to claim at
-        most: no more than the least room left at any busy host, so one batch cannot overshoot."""
-        cap = self._host_cap
-        limit = min(free, cap)
+        most: no more than the least room left at any busy host, so one batch cannot overshoot.
+        Places reserved (a hand-off or a claim under way) count as taken, at every host."""
+        cap = self._host_cap - self._reserved
+        limit = min(free - self._reserved, cap)
         for load in self._host_load.values():
             if load < cap:
                 limit = min(limit, cap - load)
@@ -262,26 +397,91 @@ class DeliveryWorker:
         if entry is not None and entry[0] is task:
             del self._inflight[item.id]
         self._count(task, None)
-        self._wake.set()
+        # A place is free: claim if pending work may be waiting for one.
+        if self._key_done(item.id, item.claim) or self._backlog:
+            self._wake.set()
+
+    def _key_done(self, delivery_id: str, claim: str) -> bool:
+        """The delivery's outcome is committed (or its task ended): it no longer holds its call.
+        True if a successor the pipeline left waiting behind it may be claimable now."""
+        key = self._key_of.pop((delivery_id, claim), None)
+        if key is None:
+            return False
+        left = self._running_keys[key] - 1
+        if left > 0:
+            self._running_keys[key] = left
+            return False
+        del self._running_keys[key]
+        if key in self._waiting_keys:
+            self._waiting_keys.discard(key)
+            self._backlog = True
+            self._backlog_gen += 1
+            return True
+        return False
 
     async def _drain(self, grace: float) -> None:
-        if not self._inflight:
-            return
-        tasks = [t for t, _ in self._inflight.values()]
-        if grace > 0:
-            await asyncio.wait(tasks, timeout=grace)
+        if self._inflight:
+            tasks = [t for t, _ in self._inflight.values()]
+            if grace > 0:
+                await asyncio.wait(tasks, timeout=grace)
         left = list(self._inflight.values())
         for task, _ in left:
             task.cancel()
         await asyncio.gather(*(t for t, _ in left), return_exceptions=True)
+        # Outcomes already queued are written before anything is released: a request that was
+        # answered is recorded, not sent again (the release below then finds its lease gone).
+        await self._flush_all()
         if left:
-            now = self.clock.now()
-            by_claim: dict[str, list[str]] = {}
-            for _, item in left:
-                by_claim.setdefault(item.claim, []).append(item.id)
-            for claim, ids in by_claim.items():
-                await self.db.run(partial(release, delivery_ids=ids, claim=claim, now=now))
+            await self._release([(item.claim, item.id) for _, item in left])
             log.info("returned %d unfinished deliveries to the queue", len(left))
+
+    # -- group-committed completions -------------------------------------------------------------
+
+    def _complete(self, completion: Completion, ordering_key: str) -> asyncio.Future[bool]:
+        """Queue an outcome for the flusher; the future tells (after the commit) whether it applied."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._completions.append((completion, future, ordering_key))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop(), name="completions")
+        return future
+
+    async def _flush_all(self) -> None:
+        while self._completions or (self._flusher is not None and not self._flusher.done()):
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush_loop(), name="completions")
+            await asyncio.wait({self._flusher})
+
+    async def _flush_loop(self) -> None:
+        """Write queued outcomes, up to FLUSH_MAX per transaction, until none are left."""
+        while self._completions:
+            if len(self._completions) < FLUSH_MAX:
+                await asyncio.sleep(FLUSH_DELAY)
+            batch = self._completions[:FLUSH_MAX]
+            del self._completions[:FLUSH_MAX]
+            now = self.clock.now()
+            completions = [c for c, _, _ in batch]
+            try:
+                applied, successors = await self.db.run(
+                    partial(
+                        _write_completions, completions=completions, keys=[k for _, _, k in batch], now=now
+                    )
+                )
+            except Exception as exc:
+                # As a failed single completion did: the deliveries stay leased and go back to the
+                # queue when their lease ends.
+                log.error("recording %d delivery outcomes failed: %s", len(batch), exc)
+                for _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            wake = bool(successors)
+            for c in completions:
+                wake = self._key_done(c.delivery_id, c.claim) or wake
+            if wake:
+                self.wake()  # the next delivery of a call is claimable now that this one is stored
+            for (_, future, _), ok in zip(batch, applied, strict=True):
+                if not future.done():
+                    future.set_result(ok)
 
     # -- one delivery ------------------------------------------------------------------------
 
@@ -468,27 +668,25 @@ class DeliveryWorker:
         )
         next_at = now + timedelta(seconds=result.delay) if result.delay is not None else None
         state = result.state
-
-        def write(session: Session) -> bool:
-            ok = complete(
-                session,
-                delivery_id=item.id,
-                claim=item.claim,
-                state=state,
-                now=now,
-                attempt=attempt,
-                next_attempt_at=next_at if state == "pending" else None,
-                count_attempt=result.count_attempt,
-            )
-            if ok and state == "parked" and item.credential_id is not None:
-                park_credential(session, credential_id=item.credential_id, reason=result.error or "", now=now)
-            return ok
-
-        ok = await self.db.run(write)
+        completion = Completion(
+            delivery_id=item.id,
+            claim=item.claim,
+            state=state,
+            attempt=attempt,
+            next_attempt_at=next_at if state == "pending" else None,
+            count_attempt=result.count_attempt,
+            credential_id=item.credential_id if state == "parked" else None,
+            park_reason=result.error or "",
+        )
+        # Shielded: if this task is cancelled meanwhile, the outcome is still written.
+        ok = await asyncio.shield(self._complete(completion, item.ordering_key))
         if not ok:
             log.info("delivery %s: lease lost before completion; the newer claim decides", item.id)
-        elif self.metrics is not None:
-            self.metrics.finished(state)
+        else:
+            if self.metrics is not None:
+                self.metrics.finished(state)
+            if state == "pending":
+                self._wake.set()  # a retry is scheduled: let the loop take its time into account
         if state == "delivered":
             log.debug("delivery %s delivered (HTTP %s) in %d ms", item.id, result.status, duration_ms)
         elif state != "pending" or result.outcome != "retry":

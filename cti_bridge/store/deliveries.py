@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, bindparam, exists, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col
@@ -54,6 +54,7 @@ class NewDelivery:
     user_role: str
     state: str = "pending"
     last_error: str | None = None
+    xelion_oid: str | None = None  # for a delivery handed to the worker without a claim query
 
 
 def insert_event(
@@ -505,3 +506,254 @@ def dismiss(session: Session, delivery_id: str, now: datetime) -> bool:
         .values(state="dismissed", updated_at=now)
     )
     return int(result.rowcount) == 1
+
+
+# -- set-based ingest and completion (group commit) --------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event of an ingest batch, already deduplicated within the batch."""
+
+    xelion_context_id: int
+    notification_type: str
+    call_id: str
+    dedupe_key: str
+    payload: str  # the notification object, JSON text
+
+
+def _table(model: Any) -> Any:
+    return model.__table__
+
+
+def insert_events(session: Session, events: Sequence[NewEvent], *, now: datetime) -> dict[str, int]:
+    """Insert a batch of events in one statement; returns the new ids by dedupe key.
+
+    An event whose dedupe key is already stored is skipped (``ON CONFLICT DO NOTHING``) and absent
+    from the result; the caller counts it with ``count_duplicates``. The keys within ``events`` must
+    be distinct. Ids follow the order of ``events`` (one multi-row INSERT), which is arrival order.
+    """
+    if not events:
+        return {}
+    table = _table(CallEvent)
+    dialect = session.get_bind().dialect.name
+    ins: Any = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    ins = ins.on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(table.c.id, table.c.dedupe_key)
+    rows = [
+        {
+            "xelion_context_id": e.xelion_context_id,
+            "notification_type": e.notification_type,
+            "call_id": e.call_id,
+            "dedupe_key": e.dedupe_key,
+            "payload": e.payload,
+            "duplicates": 0,
+            "received_at": now,
+        }
+        for e in events
+    ]
+    result = session.connection().execute(ins, rows)
+    return {str(key): int(event_id) for event_id, key in result}
+
+
+def count_duplicates(session: Session, counts: dict[str, int]) -> None:
+    """Add ``counts[dedupe_key]`` to each stored event's ``duplicates`` (one executemany)."""
+    if not counts:
+        return
+    table = _table(CallEvent)
+    stmt = (
+        update(table)
+        .where(table.c.dedupe_key == bindparam("b_key"))
+        .values(duplicates=table.c.duplicates + bindparam("b_n"))
+    )
+    session.connection().execute(stmt, [{"b_key": k, "b_n": n} for k, n in sorted(counts.items())])
+
+
+def touch_contexts(session: Session, xelion_context_ids: Sequence[int], *, now: datetime) -> None:
+    """Set ``last_event_at`` of the integrations that received new events."""
+    if xelion_context_ids:
+        session.execute(
+            update(XelionContext)
+            .where(col(XelionContext.id).in_(sorted(set(xelion_context_ids))))
+            .values(last_event_at=now)
+        )
+
+
+def inactive_credentials(session: Session, credential_ids: Sequence[int]) -> dict[int, str | None]:
+    """The credentials among ``credential_ids`` that are not ``active``, with their state reason."""
+    if not credential_ids:
+        return {}
+    return {
+        int(cred_id): reason
+        for cred_id, reason in session.execute(
+            select(col(UserCredentials.id), col(UserCredentials.state_reason)).where(
+                col(UserCredentials.id).in_(sorted(set(credential_ids))),
+                col(UserCredentials.state) != "active",
+            )
+        )
+    }
+
+
+def undelivered_keys(session: Session, ordering_keys: Sequence[str]) -> set[str]:
+    """The ordering keys among ``ordering_keys`` that have an undelivered delivery (§3).
+
+    One query on ``ix_delivery_order``. On PostgreSQL it first takes a transaction-level advisory
+    lock per key (in a fixed order), so that two replicas ingesting events of the same call
+    serialise here: the second sees the first's committed delivery and does not hand its own off
+    past it.
+    """
+    keys = sorted(set(ordering_keys))
+    if not keys:
+        return set()
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text(
+                "SELECT count(pg_advisory_xact_lock(h)) FROM "
+                "(SELECT DISTINCT hashtext(k) AS h FROM unnest(CAST(:keys AS text[])) AS k ORDER BY h) AS s"
+            ),
+            {"keys": keys},
+        )
+    found = session.execute(
+        select(col(Delivery.ordering_key))
+        .where(col(Delivery.ordering_key).in_(keys), col(Delivery.state).in_(UNDELIVERED))
+        .distinct()
+    )
+    return {str(row[0]) for row in found}
+
+
+def insert_delivery_rows(session: Session, rows: Sequence[dict[str, object]]) -> None:
+    """Insert prepared delivery rows (every column of ``delivery`` but ``delivered_at``, ``last_status``)."""
+    if rows:
+        session.connection().execute(_table(Delivery).insert(), list(rows))
+
+
+def pending_keys(session: Session, ordering_keys: Sequence[str]) -> set[str]:
+    """The ordering keys among ``ordering_keys`` that have a ``pending`` delivery (one query on
+    ``ix_delivery_order``): after a completion, whether the call has a successor to claim."""
+    keys = sorted(set(ordering_keys))
+    if not keys:
+        return set()
+    found = session.execute(
+        select(col(Delivery.ordering_key))
+        .where(col(Delivery.ordering_key).in_(keys), col(Delivery.state) == "pending")
+        .distinct()
+    )
+    return {str(row[0]) for row in found}
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The outcome of one attempt, to be recorded by ``complete_many``."""
+
+    delivery_id: str
+    claim: str
+    state: str
+    attempt: AttemptRecord
+    next_attempt_at: datetime | None = None
+    count_attempt: bool = True
+    # A parked outcome parks every undelivered delivery of the credential (§13).
+    credential_id: int | None = None
+    park_reason: str = ""
+
+
+def complete_many(session: Session, completions: Sequence[Completion], *, now: datetime) -> list[bool]:
+    """``complete`` for many deliveries in one transaction, with a few set-based statements.
+
+    Returns, per completion, whether it applied. As in ``complete``, a completion applies only if
+    the delivery is still ``sending`` under the same claim token: the rows are read first (locked
+    ``FOR UPDATE`` on PostgreSQL, under the write lock on SQLite, so they cannot change before the
+    update), the conditional UPDATE runs for the ones that match, attempt numbers come from one
+    grouped COUNT and the attempt records from one executemany INSERT.
+    """
+    if not completions:
+        return []
+    table = _table(Delivery)
+    ids = sorted({c.delivery_id for c in completions})
+    query = select(table.c.id, table.c.lease_owner).where(table.c.id.in_(ids), table.c.state == "sending")
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.order_by(table.c.id).with_for_update()
+    owners = {str(i): owner for i, owner in session.execute(query)}
+    applied: list[bool] = []
+    for c in completions:
+        ok = owners.get(c.delivery_id) == c.claim
+        if ok:
+            owners.pop(c.delivery_id)  # the same claim cannot complete twice
+        applied.append(ok)
+    done = [c for c, ok in zip(completions, applied, strict=True) if ok]
+    if not done:
+        return applied
+    stmt = (
+        update(table)
+        .where(
+            table.c.id == bindparam("b_id"),
+            table.c.lease_owner == bindparam("b_claim"),
+            table.c.state == "sending",
+        )
+        .values(
+            state=bindparam("b_state"),
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=bindparam("b_now", type_=table.c.updated_at.type),
+            attempts=table.c.attempts + bindparam("b_inc"),
+            last_status=bindparam("b_status", type_=table.c.last_status.type),
+            last_error=bindparam("b_error", type_=table.c.last_error.type),
+            next_attempt_at=func.coalesce(
+                bindparam("b_next", type_=table.c.next_attempt_at.type), table.c.next_attempt_at
+            ),
+            delivered_at=func.coalesce(
+                bindparam("b_delivered", type_=table.c.delivered_at.type), table.c.delivered_at
+            ),
+        )
+    )
+    conn = session.connection()
+    conn.execute(
+        stmt,
+        [
+            {
+                "b_id": c.delivery_id,
+                "b_claim": c.claim,
+                "b_state": c.state,
+                "b_now": now,
+                "b_inc": 1 if c.count_attempt else 0,
+                "b_status": c.attempt.http_status,
+                "b_error": c.attempt.error,
+                "b_next": c.next_attempt_at,
+                "b_delivered": now if c.state == "delivered" else None,
+            }
+            for c in done
+        ],
+    )
+    # Numbered over the delivery's whole life: a replay restarts the retry schedule
+    # (``attempts``) but not the attempt log.
+    attempts = _table(DeliveryAttempt)
+    numbers = {
+        str(d): int(n)
+        for d, n in session.execute(
+            select(attempts.c.delivery_id, func.count())
+            .where(attempts.c.delivery_id.in_([c.delivery_id for c in done]))
+            .group_by(attempts.c.delivery_id)
+        )
+    }
+    rows = []
+    for c in done:
+        numbers[c.delivery_id] = numbers.get(c.delivery_id, 0) + 1
+        a = c.attempt
+        rows.append(
+            {
+                "delivery_id": c.delivery_id,
+                "attempt_no": numbers[c.delivery_id],
+                "started_at": a.started_at,
+                "duration_ms": a.duration_ms,
+                "outcome": a.outcome,
+                "http_status": a.http_status,
+                "error": a.error,
+                "request_method": a.request_method,
+                "request_url": a.request_url,
+                "request_excerpt": a.request_excerpt,
+                "response_excerpt": a.response_excerpt,
+            }
+        )
+    conn.execute(attempts.insert(), rows)
+    for c in done:
+        if c.state == "parked" and c.credential_id is not None:
+            park_credential(session, credential_id=c.credential_id, reason=c.park_reason, now=now)
+    return applied

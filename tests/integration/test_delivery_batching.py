@@ -1,0 +1,331 @@
+"""Group-committed ingest, hand-off to the worker and batched completions (pipeline.py,
+store/deliveries.py, delivery/worker.py), on SQLite and PostgreSQL.
+
+A batch stores each event once, whether it is repeated within the batch or was stored by an earlier
+one, and counts the repeats; the first delivery of a call goes to the worker already leased while a
+later one of the same call waits in the queue until the first is completed (reliability.md §3); a
+batch whose transaction fails fails every caller and stores nothing of itself; the hand-off never
+gives the worker more than it has room for; a source hears of a failed commit on its next event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, cast
+
+import pytest
+from sqlalchemy import func, select
+from sqlmodel import Session, col
+
+from cti_bridge.app import StoreSourceHooks
+from cti_bridge.clock import utcnow
+from cti_bridge.config import Settings
+from cti_bridge.delivery.worker import DeliveryWorker
+from cti_bridge.metrics import Metrics
+from cti_bridge.pipeline import HandoffRoom, Pipeline
+from cti_bridge.routing import MappingCache, RoutingCache
+from cti_bridge.store.crypto import SecretBox
+from cti_bridge.store.db import Database
+from cti_bridge.store.deliveries import AttemptRecord, Claimed, Completion, claim_due, complete_many
+from cti_bridge.store.models import (
+    CallEvent,
+    CrmContext,
+    Delivery,
+    DeliveryAttempt,
+    EventUriMapping,
+    UserCredentials,
+    XelionContext,
+)
+
+LEASE = 60.0
+KIND = "callConnectedEvent"
+
+
+@dataclass
+class World:
+    xelion_context_id: int
+    mapping_id: int
+    credential_id: int
+
+
+def make_world(db: Database) -> World:
+    def write(session: Session) -> World:
+        xc = XelionContext(host="xelion.example", tenant="t", admin_username="admin", admin_password_enc="x")
+        session.add(xc)
+        session.flush()
+        assert xc.id is not None
+        crm = CrmContext(xelion_context_id=xc.id, authorization_server_uri="https://crm.example/token")
+        session.add(crm)
+        session.flush()
+        assert crm.id is not None
+        mapping = EventUriMapping(
+            crm_context_id=crm.id, xelion_event=KIND, crm_resource_uri="https://crm.example/calls"
+        )
+        cred = UserCredentials(crm_context_id=crm.id, xelion_username="anne")
+        session.add(mapping)
+        session.add(cred)
+        session.flush()
+        assert mapping.id is not None and cred.id is not None
+        return World(xc.id, mapping.id, cred.id)
+
+    return db.run_sync(write)
+
+
+_serial = itertools.count(1)
+
+
+def fields(call_id: str, n: int | None = None) -> dict[str, object]:
+    """An event of ``call_id`` for anne; events with the same ``n`` have the same dedupe key."""
+    n = next(_serial) if n is None else n
+    return {"callId": call_id, "calleeUser": "anne", "callerPhoneNumber": f"+3120{n:07d}"}
+
+
+@dataclass
+class FakeHandoff:
+    """Records what the pipeline hands over; ``slots`` places per batch (None: no room)."""
+
+    slots: int | None = 10
+    claimed: list[Claimed] = field(default_factory=list)
+    queued: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+    outstanding: int = 0
+
+    def reserve(self, want: int) -> HandoffRoom | None:
+        if self.slots is None:
+            return None
+        n = min(want, self.slots)
+        self.outstanding += n
+        return HandoffRoom(
+            slots=n, lease_seconds=LEASE, host_room={}, default_host_room=n, mapping_host={}, reserved=n
+        )
+
+    def accept(
+        self,
+        room: HandoffRoom | None,
+        claimed: Sequence[Claimed],
+        queued_keys: Sequence[str],
+        blocked_keys: Sequence[str],
+    ) -> None:
+        if room is not None:
+            self.outstanding -= room.reserved
+        self.claimed.extend(claimed)
+        self.queued.extend(queued_keys)
+        self.blocked.extend(blocked_keys)
+
+
+def pipeline(db: Database, handoff: Any = None) -> Pipeline:
+    return Pipeline(db, RoutingCache(MappingCache()), handoff=handoff)
+
+
+def rows(db: Database) -> list[Delivery]:
+    return db.run_sync(
+        lambda s: list(s.execute(select(Delivery).order_by(col(Delivery.event_id))).scalars().all())
+    )
+
+
+def attempt(outcome: str = "delivered") -> AttemptRecord:
+    return AttemptRecord(
+        started_at=utcnow(),
+        duration_ms=3,
+        outcome=outcome,
+        http_status=201,
+        error=None,
+        request_method="POST",
+        request_url="https://crm.example/calls",
+        request_excerpt=None,
+        response_excerpt=None,
+    )
+
+
+async def test_duplicates_within_and_across_batches_are_stored_once_and_counted(database: Database) -> None:
+    w = make_world(database)
+    p = pipeline(database)
+    ctx = w.xelion_context_id
+    # One batch: submitted in the same loop tick, taken by one transaction.
+    first = [p.submit(ctx, KIND, fields("c1", 1)), p.submit(ctx, KIND, fields("c1", 1))]
+    first.append(p.submit(ctx, KIND, fields("c2", 2)))
+    r1 = await asyncio.gather(*first)
+    assert [r.duplicate for r in r1] == [False, True, False]
+    assert all(len(r.delivery_ids) == 1 for r in (r1[0], r1[2]))
+    # A later batch: one already stored, one new, and the new one twice.
+    second = [p.submit(ctx, KIND, fields("c1", 1)), p.submit(ctx, KIND, fields("c3", 3))]
+    second.append(p.submit(ctx, KIND, fields("c3", 3)))
+    r2 = await asyncio.gather(*second)
+    assert [r.duplicate for r in r2] == [True, False, True]
+
+    events = database.run_sync(
+        lambda s: {e.call_id: e.duplicates for e in s.execute(select(CallEvent)).scalars()}
+    )
+    assert events == {"c1": 2, "c2": 0, "c3": 1}
+    assert len(rows(database)) == 3
+    touched = database.run_sync(lambda s: s.get(XelionContext, ctx))
+    assert touched is not None and touched.last_event_at is not None
+
+
+async def test_first_of_a_call_is_handed_off_and_the_next_waits_for_its_completion(
+    database: Database,
+) -> None:
+    w = make_world(database)
+    handoff = FakeHandoff()
+    p = pipeline(database, handoff)
+    ctx = w.xelion_context_id
+    a1, a2, b1 = (
+        p.submit(ctx, KIND, fields("A")),
+        p.submit(ctx, KIND, fields("A")),
+        p.submit(ctx, KIND, fields("B")),
+    )
+    ra1, ra2, rb1 = await asyncio.gather(a1, a2, b1)
+    assert (ra1.handed_off, ra2.handed_off, rb1.handed_off) == (1, 0, 1)
+    assert [c.id for c in handoff.claimed] == [ra1.delivery_ids[0], rb1.delivery_ids[0]]
+    key_a = f"A|{w.credential_id}"
+    assert handoff.blocked == [key_a] and handoff.queued == []
+    assert handoff.outstanding == 0
+
+    # A later batch: A still has a delivery out, so A's third event waits too.
+    ra3 = await p.ingest(ctx, KIND, fields("A"))
+    assert ra3.handed_off == 0 and handoff.blocked == [key_a, key_a]
+
+    by_id = {d.id: d for d in rows(database)}
+    handed = handoff.claimed[0]
+    row = by_id[handed.id]
+    assert (row.state, row.lease_owner) == ("sending", handed.claim)
+    assert row.lease_expires_at is not None
+    assert handed.payload["callId"] == "A" and handed.xelion_username == "anne"
+    assert handed.authorization_header_prefix == "Bearer " and handed.attempts == 0
+    assert by_id[ra2.delivery_ids[0]].state == "pending"
+
+    # Nothing of A is claimable while A1 is out; B1 is leased already.
+    now = utcnow() + timedelta(seconds=1)
+    assert database.run_sync(lambda s: claim_due(s, now=now, limit=10, lease_seconds=LEASE)) == []
+    # A1 completes (batched with B1): A2 becomes claimable, not A3.
+    done = [Completion(c.id, c.claim, "delivered", attempt()) for c in handoff.claimed]
+    stale = Completion(handed.id, "not-the-claim", "dead", attempt("dead"))
+    applied = database.run_sync(lambda s: complete_many(s, [stale, *done], now=now))
+    assert applied == [False, True, True]
+    claimed = database.run_sync(lambda s: claim_due(s, now=now, limit=10, lease_seconds=LEASE))
+    assert [c.id for c in claimed] == [ra2.delivery_ids[0]]
+    by_id = {d.id: d for d in rows(database)}
+    assert by_id[handed.id].state == "delivered" and by_id[handed.id].attempts == 1
+    numbers = database.run_sync(
+        lambda s: s.execute(
+            select(func.count()).select_from(DeliveryAttempt).where(col(DeliveryAttempt.attempt_no) == 1)
+        ).scalar_one()
+    )
+    assert numbers == 2
+
+
+async def test_a_failed_batch_fails_every_caller_and_stores_nothing(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = make_world(database)
+    handoff = FakeHandoff()
+    p = pipeline(database, handoff)
+    ctx = w.xelion_context_id
+
+    def broken(_session: Session, _rows: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("cti_bridge.pipeline.insert_delivery_rows", broken)
+    futures = [p.submit(ctx, KIND, fields(f"call-{n}")) for n in range(5)]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) and str(r) == "disk full" for r in results)
+    counts = database.run_sync(
+        lambda s: (
+            s.execute(select(func.count()).select_from(CallEvent)).scalar_one(),
+            s.execute(select(func.count()).select_from(Delivery)).scalar_one(),
+        )
+    )
+    assert counts == (0, 0)
+    assert handoff.claimed == [] and handoff.outstanding == 0  # the reservation came back
+
+    monkeypatch.undo()
+    again = await p.ingest(ctx, KIND, fields("call-after"))
+    assert again.event_id is not None and again.handed_off == 1
+
+
+class RecordingWorker(DeliveryWorker):
+    """The real worker's room accounting; a started delivery holds its place and is never sent."""
+
+    started: list[Claimed]
+
+    def _start(self, item: Claimed) -> None:
+        self.started.append(item)
+        placeholder = cast(Any, object())
+        self._inflight[item.id] = (placeholder, item)
+        self._count(placeholder, self._host_of(item.mapping_id))
+
+
+def recording_worker(db: Database, **settings: Any) -> RecordingWorker:
+    worker = RecordingWorker(
+        db=db,
+        mappings=MappingCache(),
+        tokens=cast(Any, None),
+        http=cast(Any, None),
+        settings=Settings(**settings),
+    )
+    worker.started = []
+    return worker
+
+
+async def test_the_hand_off_respects_the_worker_room(database: Database) -> None:
+    w = make_world(database)
+    # worker_concurrency 4: a host holds at most 3 places (one is always left for other hosts).
+    worker = recording_worker(database, worker_concurrency=4, per_host_concurrency=8)
+    p = pipeline(database, worker)
+    ctx = w.xelion_context_id
+    results = await asyncio.gather(*(p.submit(ctx, KIND, fields(f"call-{n}")) for n in range(2)))
+    assert [r.handed_off for r in results] == [1, 1]
+    assert worker._reserved == 0
+    assert not worker._backlog
+
+    # Two places left in all, one at this mapping's host: one more is handed off, the rest queued.
+    results = await asyncio.gather(*(p.submit(ctx, KIND, fields(f"call-{n}")) for n in range(2, 5)))
+    assert [r.handed_off for r in results] == [1, 0, 0]
+    assert len(worker.started) == worker.inflight == 3
+    states = [d.state for d in rows(database)]
+    assert states == ["sending", "sending", "sending", "pending", "pending"]
+    assert worker._reserved == 0
+    assert worker._backlog  # the two left pending are the claim loop's now
+
+    # The host is at its bound: a reservation has a place in all but none at that host, and while
+    # it is out, claims cannot take the same place.
+    room = worker.reserve(5)
+    assert room is not None and room.slots == 1 and not room.take(w.mapping_id)
+    assert worker._claim_window(4 - worker.inflight)[1] == 0
+    worker.accept(room, (), (), ())
+    assert worker._reserved == 0
+
+    # No room at all: nothing is reserved and everything goes to the queue.
+    worker.settings = Settings(worker_concurrency=3)
+    assert worker.reserve(5) is None
+    r = await p.ingest(ctx, KIND, fields("call-late"))
+    assert r.handed_off == 0
+    assert rows(database)[-1].state == "pending"
+
+
+async def test_a_failed_commit_is_raised_to_the_source_on_its_next_event(
+    database: Database, secret_box: SecretBox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = make_world(database)
+    p = pipeline(database)
+    hooks = StoreSourceHooks(database, secret_box, p, Metrics(database), max_uncommitted=2)
+    ctx = w.xelion_context_id
+
+    def broken(_session: Session, _rows: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("cti_bridge.pipeline.insert_delivery_rows", broken)
+    await hooks.on_event(ctx, KIND, fields("x"))  # returns before the commit
+    await hooks.flush()
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="disk full"):
+        await hooks.on_event(ctx, KIND, fields("y"))
+    # Reported once; the next event (after the source reconnected) is taken again.
+    for n in range(5):  # more than max_uncommitted: on_event waits for the oldest meanwhile
+        await hooks.on_event(ctx, KIND, fields(f"z{n}"))
+    await hooks.flush()
+    assert len(rows(database)) == 5
