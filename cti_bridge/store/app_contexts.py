@@ -57,6 +57,7 @@ from cti_bridge.delivery.oauth import (
 from cti_bridge.store.crypto import SecretBox, constant_time_equal, hash_token
 from cti_bridge.store.db import Database
 from cti_bridge.store.models import AppContext
+from cti_bridge.store.tokens import snapshot_of
 
 # Compared against when a row has no access token, so that the answer takes as long either way.
 _NO_TOKEN = "\x01" * 32
@@ -212,21 +213,12 @@ class AppContextTokenStore:
             row = session.get(AppContext, key)
             if row is None:
                 raise CredentialNotFound(key)
-            extra_text = box.decrypt_opt(row.token_extra_enc)
-            extra: dict[str, Any] = json.loads(extra_text) if extra_text else {}
-            return CredentialSnapshot(
-                client_id=row.client_id,
-                client_secret=box.decrypt_opt(row.client_secret_enc),
-                refresh_token=box.decrypt_opt(row.refresh_token_enc),
+            return snapshot_of(
+                row,
+                box,
                 device_code=None,  # the manual's app contexts have no device grant
-                access_token=box.decrypt_opt(row.access_token_enc),
-                expires_at=row.access_token_expires_at,
-                extra=extra,
-                state=row.state,
-                version=row.version,
                 token_endpoint=row.authorization_server_uri,
                 auth_method=row.token_auth_method,
-                state_reason=row.state_reason,
             )
 
         return await self._db.run(read)

@@ -25,9 +25,37 @@ from cti_bridge.delivery.oauth import (
 )
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.db import Database
-from cti_bridge.store.models import CrmContext, UserCredentials
+from cti_bridge.store.models import AppContext, CrmContext, UserCredentials
 
 _MAX_REASON = 1000  # the width of user_credentials.state_reason
+
+
+def snapshot_of(
+    row: UserCredentials | AppContext,
+    box: SecretBox,
+    *,
+    device_code: str | None,
+    token_endpoint: str,
+    auth_method: str,
+) -> CredentialSnapshot:
+    """A stored credential as the token manager sees it, secrets decrypted. Shared by both kinds
+    of credential (user credentials and app contexts), whose token columns have the same names."""
+    extra_text = box.decrypt_opt(row.token_extra_enc)
+    extra: dict[str, Any] = json.loads(extra_text) if extra_text else {}
+    return CredentialSnapshot(
+        client_id=row.client_id,
+        client_secret=box.decrypt_opt(row.client_secret_enc),
+        refresh_token=box.decrypt_opt(row.refresh_token_enc),
+        device_code=device_code,
+        access_token=box.decrypt_opt(row.access_token_enc),
+        expires_at=row.access_token_expires_at,
+        extra=extra,
+        state=row.state,
+        version=row.version,
+        token_endpoint=token_endpoint,
+        auth_method=auth_method,
+        state_reason=row.state_reason,
+    )
 
 
 class UserCredentialTokenStore:
@@ -53,21 +81,12 @@ class UserCredentialTokenStore:
             context = session.get(CrmContext, row.crm_context_id)
             if context is None:
                 raise CredentialNotFound(key)
-            extra_text = box.decrypt_opt(row.token_extra_enc)
-            extra: dict[str, Any] = json.loads(extra_text) if extra_text else {}
-            return CredentialSnapshot(
-                client_id=row.client_id,
-                client_secret=box.decrypt_opt(row.client_secret_enc),
-                refresh_token=box.decrypt_opt(row.refresh_token_enc),
+            return snapshot_of(
+                row,
+                box,
                 device_code=box.decrypt_opt(row.device_code_enc),
-                access_token=box.decrypt_opt(row.access_token_enc),
-                expires_at=row.access_token_expires_at,
-                extra=extra,
-                state=row.state,
-                version=row.version,
                 token_endpoint=context.authorization_server_uri,
                 auth_method=context.token_auth_method,
-                state_reason=row.state_reason,
             )
 
         return await self._db.run(read)
