@@ -277,20 +277,36 @@ class Pipeline:
                     delay,
                 )
                 await asyncio.sleep(delay)
+            except Exception as exc:
+                if self.handoff is not None:
+                    self.handoff.accept(room, (), (), ())
+                if len(batch) > 1:
+                    # Not transient: most likely one event's fault (an integration or a user deleted
+                    # while its events waited). Write the events one by one, so only that one fails
+                    # and the other integrations' events are kept.
+                    log.warning("a batch of %d events failed (%s); writing them one by one", len(batch), exc)
+                    for q in batch:
+                        await self._write([q])
+                    return
+                await self._fail(batch, exc)
+                return
             except BaseException as exc:
                 if self.handoff is not None:
                     self.handoff.accept(room, (), (), ())
                 await self._fail(batch, exc)
-                if not isinstance(exc, Exception):
-                    raise
-                return
-        if self.handoff is not None:
-            self.handoff.accept(room, outcome.claimed, outcome.queued_keys, outcome.blocked_keys)
+                raise
+        # The callers first: a failing hook below must not leave a committed event unanswered.
         for q, result in zip(batch, outcome.results, strict=True):
             if not q.future.done():
                 q.future.set_result(result)
-            if self.on_committed is not None:
-                self.on_committed(result)
+        if self.handoff is not None:
+            self.handoff.accept(room, outcome.claimed, outcome.queued_keys, outcome.blocked_keys)
+        if self.on_committed is not None:
+            for result in outcome.results:
+                try:
+                    self.on_committed(result)
+                except Exception:
+                    log.exception("on_committed failed")
 
     async def _fail(self, batch: list[_Queued], exc: BaseException) -> None:
         """Fail every caller of a batch that could not be committed."""

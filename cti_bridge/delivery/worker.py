@@ -314,40 +314,64 @@ class DeliveryWorker:
     # -- the loop ----------------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        """Claim until stopped. A database error (a PostgreSQL restart, a dropped connection) is
+        logged and waited out with a growing pause: it must not end the worker, and with it the
+        daemon, while the pipeline rides out the same blip (reliability.md §1, §20)."""
+        pause = 0.5
+        while not self._stopping.is_set():
+            try:
+                await self._loop_once()
+                pause = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the delivery worker's claim failed; trying again in %.1f s", pause)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), pause)
+                pause = min(pause * 2, 10.0)
+
+    async def _loop_once(self) -> None:
+        """One claim, then a wait for a wake-up or the next due time (at most a second)."""
         concurrency = self.settings.worker_concurrency
         lease = self.settings.lease_seconds
-        while not self._stopping.is_set():
-            self._wake.clear()
-            free = concurrency - len(self._inflight)
-            full, limit = self._claim_window(free)
-            claimed: list[Claimed] = []
-            if limit > 0:
-                now = self.clock.now()
-                gen = self._backlog_gen
-                self._reserved += limit  # a hand-off meanwhile must not take the same places
-                try:
-                    claimed = await self.db.run(
-                        partial(claim_due, now=now, limit=limit, lease_seconds=lease, skip_mappings=full)
-                    )
-                finally:
-                    self._reserved -= limit
-                for item in claimed:
-                    self._start(item)
-                if len(claimed) == limit:
-                    self._backlog = True  # there may be more: claim again when a place frees
-                elif gen == self._backlog_gen and not full:
-                    # Everything claimable was claimed (a claim that skipped a busy host's mappings
-                    # may have left some of theirs: those wait for a place, the backlog stays).
-                    self._backlog = False
-            if limit > 0 and len(claimed) == limit:
-                continue  # a full batch: there may be more due right now
-            timeout = 1.0
-            if not claimed and limit > 0:
-                due = await self.db.run(partial(next_due_at, skip_mappings=full))
-                if due is not None:
-                    timeout = min(1.0, max(0.05, (due - self.clock.now()).total_seconds()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+        if self._stopping.is_set():
+            return
+        self._wake.clear()
+        free = concurrency - len(self._inflight)
+        full, limit = self._claim_window(free)
+        claimed: list[Claimed] = []
+        if limit > 0:
+            now = self.clock.now()
+            gen = self._backlog_gen
+            self._reserved += limit  # a hand-off meanwhile must not take the same places
+            try:
+                claimed = await self.db.run(
+                    partial(claim_due, now=now, limit=limit, lease_seconds=lease, skip_mappings=full)
+                )
+            finally:
+                self._reserved -= limit
+            if self._stopping.is_set():
+                # stop() came while the claim was in the database: these must not start after
+                # the drain; they go straight back to the queue.
+                await self._release([(c.claim, c.id) for c in claimed])
+                return
+            for item in claimed:
+                self._start(item)
+            if len(claimed) == limit:
+                self._backlog = True  # there may be more: claim again when a place frees
+            elif gen == self._backlog_gen and not full:
+                # Everything claimable was claimed (a claim that skipped a busy host's mappings
+                # may have left some of theirs: those wait for a place, the backlog stays).
+                self._backlog = False
+        if limit > 0 and len(claimed) == limit:
+            return  # a full batch: there may be more due right now
+        timeout = 1.0
+        if not claimed and limit > 0:
+            due = await self.db.run(partial(next_due_at, skip_mappings=full))
+            if due is not None:
+                timeout = min(1.0, max(0.05, (due - self.clock.now()).total_seconds()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _start(self, item: Claimed) -> None:
         """Run a leased delivery in its own task."""
@@ -494,8 +518,16 @@ class DeliveryWorker:
             raise
         except Exception as exc:  # a bug must not kill the worker nor lose the delivery
             log.exception("delivery %s failed unexpectedly", item.id)
-            result = _Result(state="pending", outcome="retry", error=f"internal error: {type(exc).__name__}")
-            result.delay = 30.0
+            # Through the schedule like any retry, so it ends dead rather than blocking its call forever.
+            result = self._retry(
+                item,
+                _Result(
+                    state="pending",
+                    outcome="retry",
+                    error=f"internal error: {type(exc).__name__}",
+                    delay=30.0,
+                ),
+            )
         duration_ms = int((time.monotonic() - t0) * 1000)
         await self._finish(item, result, started, duration_ms)
 
@@ -655,6 +687,9 @@ class DeliveryWorker:
 
     async def _finish(self, item: Claimed, result: _Result, started: datetime, duration_ms: int) -> None:
         now = self.clock.now()
+        if result.error:
+            # A template error may quote an evaluated value, and that value may come from the token.
+            result.error = mask(result.error, result.secrets)
         attempt = AttemptRecord(
             started_at=started,
             duration_ms=duration_ms,

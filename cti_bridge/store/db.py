@@ -39,6 +39,7 @@ def make_engine(url: str) -> Engine:
             connect_args={"check_same_thread": False, "timeout": 30},
             pool_size=4,
             max_overflow=4,
+            hide_parameters=True,  # an error's text must not carry payloads or excerpts into logs
         )
 
         @event.listens_for(engine, "connect")
@@ -57,7 +58,7 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True)
 
 
 class Database:

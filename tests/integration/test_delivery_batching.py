@@ -329,3 +329,21 @@ async def test_a_failed_commit_is_raised_to_the_source_on_its_next_event(
         await hooks.on_event(ctx, KIND, fields(f"z{n}"))
     await hooks.flush()
     assert len(rows(database)) == 5
+
+
+async def test_one_bad_event_fails_alone_and_the_rest_of_its_batch_is_kept(database: Database) -> None:
+    """An event of an integration deleted while it waited (a foreign-key violation) must not take the
+    other events of its batch down with it: Xelion does not send them again."""
+    w = make_world(database)
+    p = pipeline(database, FakeHandoff())
+    good = [p.submit(w.xelion_context_id, KIND, fields(f"good-{n}")) for n in range(3)]
+    bad = p.submit(w.xelion_context_id + 999, KIND, fields("orphan"))
+    more = p.submit(w.xelion_context_id, KIND, fields("good-after"))
+    results = await asyncio.gather(*good, bad, more, return_exceptions=True)
+    assert isinstance(results[3], Exception)
+    kept = [r for i, r in enumerate(results) if i != 3]
+    assert all(not isinstance(r, BaseException) and r.event_id is not None for r in kept)
+    stored = database.run_sync(
+        lambda s: sorted(str(c) for c in s.execute(select(col(CallEvent.call_id))).scalars().all())
+    )
+    assert stored == ["good-0", "good-1", "good-2", "good-after"]
