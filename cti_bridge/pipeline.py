@@ -54,6 +54,7 @@ from cti_bridge.store.deliveries import (
     inactive_credentials,
     insert_delivery_rows,
     insert_events,
+    lock_calls,
     new_delivery_id,
     touch_contexts,
     undelivered_keys,
@@ -346,6 +347,7 @@ class Pipeline:
                 continue
             first[key] = i
             events.append(NewEvent(ctx, kind, str(fields.get("callId") or ""), key, payload))
+        lock_calls(session, [e.call_id for e in events])
         ids = insert_events(session, events, now=now)
         for e in events:
             if e.dedupe_key not in ids:

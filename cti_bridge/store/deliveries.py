@@ -593,6 +593,27 @@ def inactive_credentials(session: Session, credential_ids: Sequence[int]) -> dic
     }
 
 
+def lock_calls(session: Session, call_ids: Sequence[str]) -> None:
+    """On PostgreSQL, serialise the ingest of events of the same calls across replicas.
+
+    A transaction-level advisory lock per callId (taken in a fixed order, so two batches cannot
+    deadlock), BEFORE the batch draws its event ids: a replica that ingests a later event of a call
+    then draws a later id and sees the earlier event's deliveries, whether or not either replica
+    hands its deliveries off (reliability.md §3). SQLite needs nothing: its one writer already
+    serialises every transaction (BEGIN IMMEDIATE).
+    """
+    ids = sorted({c for c in call_ids if c})
+    if not ids or session.get_bind().dialect.name != "postgresql":
+        return
+    session.execute(
+        text(
+            "SELECT count(pg_advisory_xact_lock(h)) FROM (SELECT DISTINCT hashtext('call|' || c) AS h "
+            "FROM unnest(CAST(:ids AS text[])) AS c ORDER BY h) AS s"
+        ),
+        {"ids": ids},
+    )
+
+
 def undelivered_keys(session: Session, ordering_keys: Sequence[str]) -> set[str]:
     """The ordering keys among ``ordering_keys`` that have an undelivered delivery (§3).
 
