@@ -51,11 +51,13 @@ from cti_bridge.store.deliveries import (
     NewDelivery,
     NewEvent,
     count_duplicates,
+    delivery_row,
     inactive_credentials,
     insert_delivery_rows,
     insert_events,
     lock_calls,
     new_delivery_id,
+    ordering_key,
     touch_contexts,
     undelivered_keys,
 )
@@ -373,7 +375,7 @@ class Pipeline:
         call_ids = {i: str(items[i][2].get("callId") or "") for i, _ in planned}
         live = [(i, d) for i, ds in planned for d in ds if d.state in ("pending", "parked")]
         held = (
-            undelivered_keys(session, [f"{call_ids[i]}|{d.credential_id}" for i, d in live])
+            undelivered_keys(session, [ordering_key(call_ids[i], d.credential_id) for i, d in live])
             if room
             else set()
         )
@@ -390,7 +392,7 @@ class Pipeline:
             handed = 0
             # The claim order within an event is by mapping id (store/deliveries.py).
             for d in sorted(ds, key=lambda d: d.mapping_id):
-                key = f"{call_id}|{d.credential_id}"
+                key = ordering_key(call_id, d.credential_id)
                 state = d.state
                 lease_owner = None
                 if state == "pending":
@@ -406,26 +408,17 @@ class Pipeline:
                 delivery_id = new_delivery_id()
                 delivery_ids.append(delivery_id)
                 rows.append(
-                    {
-                        "id": delivery_id,
-                        "event_id": event_id,
-                        "xelion_context_id": ctx,
-                        "crm_context_id": d.crm_context_id,
-                        "mapping_id": d.mapping_id,
-                        "credential_id": d.credential_id,
-                        "xelion_username": d.xelion_username,
-                        "user_role": d.user_role,
-                        "call_id": call_id,
-                        "ordering_key": key,
-                        "state": state,
-                        "attempts": 0,
-                        "next_attempt_at": now,
-                        "lease_owner": lease_owner,
-                        "lease_expires_at": lease_until if lease_owner else None,
-                        "last_error": d.last_error,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
+                    delivery_row(
+                        d,
+                        delivery_id=delivery_id,
+                        event_id=event_id,
+                        xelion_context_id=ctx,
+                        call_id=call_id,
+                        state=state,
+                        now=now,
+                        lease_owner=lease_owner,
+                        lease_until=lease_until,
+                    )
                 )
                 if lease_owner is not None:
                     handed += 1

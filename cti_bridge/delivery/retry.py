@@ -26,7 +26,6 @@ import enum
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -153,49 +152,6 @@ def next_delay(
     if retry_after is not None:
         delay = max(delay, min(max(retry_after, 0.0), cap))
     return max(delay, 0.0)
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """The schedule, jitter and Retry-After cap (``Settings.retry_schedule`` etc.)."""
-
-    schedule: tuple[float, ...]
-    jitter: float = 0.2
-    retry_after_cap: float = DEFAULT_RETRY_AFTER_CAP
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What to do with a delivery after an attempt: the outcome and, for RETRY, the delay."""
-
-    outcome: Outcome
-    # Seconds until the next attempt; None unless the outcome is RETRY (None with PERMANENT
-    # after a RETRY classification means: the schedule is exhausted, dead).
-    delay: float | None = None
-    exhausted: bool = False
-
-
-def decide(
-    status: int | None,
-    error: BaseException | None,
-    attempt_no: int,
-    policy: RetryPolicy,
-    rng: random.Random,
-    retry_after: float | None = None,
-) -> Decision:
-    """The one retry-or-give-up decision (reliability.md §6-§7): classify, then schedule.
-
-    A RETRY whose schedule is exhausted becomes PERMANENT with ``exhausted=True``.
-    REFRESH_AND_RETRY is returned as is: the caller refreshes once and retries at once, and
-    classifies the second 401 as PERMANENT itself (``classify_after_refresh``).
-    """
-    outcome = classify(status, error)
-    if outcome is not Outcome.RETRY:
-        return Decision(outcome)
-    delay = next_delay(attempt_no, policy.schedule, policy.jitter, rng, retry_after, policy.retry_after_cap)
-    if delay is None:
-        return Decision(Outcome.PERMANENT, None, exhausted=True)
-    return Decision(Outcome.RETRY, delay)
 
 
 def classify_after_refresh(status: int | None, error: BaseException | None) -> Outcome:

@@ -50,7 +50,7 @@ from cti_bridge.delivery.oauth import (
     TokenManager,
     TokenNotReady,
 )
-from cti_bridge.delivery.retry import Outcome, classify, next_delay, parse_retry_after
+from cti_bridge.delivery.retry import Outcome, classify, classify_after_refresh, next_delay, parse_retry_after
 from cti_bridge.el import TemplateError
 from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import HandoffRoom
@@ -661,7 +661,8 @@ class DeliveryWorker:
             self.metrics.attempt(status)
         base.status = status
         base.response_body = body
-        outcome = classify(status, error)
+        # The one retry after a refresh: a second 401 is permanent (§6: refresh once, retry once).
+        outcome = classify_after_refresh(status, error) if second_try else classify(status, error)
         if outcome is Outcome.SUCCESS:
             base.state, base.outcome = "delivered", "delivered"
             return base
@@ -675,13 +676,13 @@ class DeliveryWorker:
         else:
             reason = f"{type(error).__name__}: {error}"
         base.error = mask(reason, secrets)
-        if outcome is Outcome.REFRESH_AND_RETRY and not second_try:
+        if outcome is Outcome.REFRESH_AND_RETRY:
             base.state, base.outcome = "pending", "refresh"
             return base
         if outcome is Outcome.RETRY:
             base.state, base.outcome, base.delay = "pending", "retry", retry_after
             return base
-        if outcome is Outcome.REFRESH_AND_RETRY:
+        if second_try and status == 401:
             base.error = "HTTP 401 again with a freshly refreshed token"
         return base  # permanent: dead, with the status and the response excerpt
 

@@ -22,7 +22,6 @@ from typing import IO, Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import NullPool
 from sqlmodel import Session, create_engine
 
 from cti_bridge.errors import StoreLockedError
@@ -139,8 +138,3 @@ class InstanceLock:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
-
-
-def null_pool_engine(url: str) -> Engine:
-    """An engine without pooling, for one-off tools such as migrations."""
-    return create_engine(url, poolclass=NullPool)

@@ -57,6 +57,46 @@ class NewDelivery:
     xelion_oid: str | None = None  # for a delivery handed to the worker without a claim query
 
 
+def ordering_key(call_id: str, credential_id: int) -> str:
+    """The key that orders deliveries (reliability.md §3): one call, one user."""
+    return f"{call_id}|{credential_id}"
+
+
+def delivery_row(
+    d: NewDelivery,
+    *,
+    delivery_id: str,
+    event_id: int,
+    xelion_context_id: int,
+    call_id: str,
+    state: str,
+    now: datetime,
+    lease_owner: str | None = None,
+    lease_until: datetime | None = None,
+) -> dict[str, object]:
+    """The ``delivery`` row of a new delivery, for ``insert_delivery_rows``."""
+    return {
+        "id": delivery_id,
+        "event_id": event_id,
+        "xelion_context_id": xelion_context_id,
+        "crm_context_id": d.crm_context_id,
+        "mapping_id": d.mapping_id,
+        "credential_id": d.credential_id,
+        "xelion_username": d.xelion_username,
+        "user_role": d.user_role,
+        "call_id": call_id,
+        "ordering_key": ordering_key(call_id, d.credential_id),
+        "state": state,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "lease_owner": lease_owner,
+        "lease_expires_at": lease_until if lease_owner else None,
+        "last_error": d.last_error,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
 def insert_event(
     session: Session,
     *,
@@ -67,32 +107,20 @@ def insert_event(
     payload: dict[str, object],
     now: datetime,
 ) -> int | None:
-    """Insert a call event; None if its dedupe key was seen before (the duplicate is counted)."""
-    values = {
-        "xelion_context_id": xelion_context_id,
-        "notification_type": notification_type,
-        "call_id": call_id,
-        "dedupe_key": dedupe_key,
-        "payload": json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
-        "duplicates": 0,
-        "received_at": now,
-    }
-    table: Any = CallEvent.__table__  # type: ignore[attr-defined]
-    dialect = session.get_bind().dialect.name
-    ins: Any = (postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)).values(
-        **values
+    """One event through the batch statements; None if its dedupe key was seen before (counted)."""
+    event = NewEvent(
+        xelion_context_id,
+        notification_type,
+        call_id,
+        dedupe_key,
+        json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
     )
-    ins = ins.on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(table.c.id)
-    event_id = session.execute(ins).scalar_one_or_none()
-    if event_id is None:
-        session.execute(
-            update(table).where(table.c.dedupe_key == dedupe_key).values(duplicates=table.c.duplicates + 1)
-        )
+    ids = insert_events(session, [event], now=now)
+    if dedupe_key not in ids:
+        count_duplicates(session, {dedupe_key: 1})
         return None
-    session.execute(
-        update(XelionContext).where(col(XelionContext.id) == xelion_context_id).values(last_event_at=now)
-    )
-    return int(event_id)
+    touch_contexts(session, [xelion_context_id], now=now)
+    return ids[dedupe_key]
 
 
 def insert_deliveries(
@@ -104,32 +132,20 @@ def insert_deliveries(
     deliveries: Sequence[NewDelivery],
     now: datetime,
 ) -> list[str]:
-    """Insert the deliveries of one event; returns their ids."""
-    if not deliveries:
-        return []
-    rows = []
-    for d in deliveries:
-        rows.append(
-            {
-                "id": new_delivery_id(),
-                "event_id": event_id,
-                "xelion_context_id": xelion_context_id,
-                "crm_context_id": d.crm_context_id,
-                "mapping_id": d.mapping_id,
-                "credential_id": d.credential_id,
-                "xelion_username": d.xelion_username,
-                "user_role": d.user_role,
-                "call_id": call_id,
-                "ordering_key": f"{call_id}|{d.credential_id}",
-                "state": d.state,
-                "attempts": 0,
-                "next_attempt_at": now,
-                "last_error": d.last_error,
-                "created_at": now,
-                "updated_at": now,
-            }
+    """Insert the deliveries of one event, unleased; returns their ids."""
+    rows = [
+        delivery_row(
+            d,
+            delivery_id=new_delivery_id(),
+            event_id=event_id,
+            xelion_context_id=xelion_context_id,
+            call_id=call_id,
+            state=d.state,
+            now=now,
         )
-    session.execute(Delivery.__table__.insert(), rows)  # type: ignore[attr-defined]
+        for d in deliveries
+    ]
+    insert_delivery_rows(session, rows)
     return [str(r["id"]) for r in rows]
 
 
@@ -274,67 +290,24 @@ def complete(
     claim: str,
     state: str,
     now: datetime,
-    attempt: AttemptRecord | None,
+    attempt: AttemptRecord,
     next_attempt_at: datetime | None = None,
     count_attempt: bool = True,
 ) -> bool:
     """Record an attempt and the delivery's new state, if the claim is still ours.
 
-    Returns False (and changes nothing) when the lease was lost to another claim.
+    Returns False (and changes nothing) when the lease was lost to another claim. One completion
+    through ``complete_many``, the worker's own path, so both are the same mechanism.
     """
-    values: dict[str, object] = {
-        "state": state,
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "updated_at": now,
-    }
-    if count_attempt:
-        values["attempts"] = col(Delivery.attempts) + 1
-    if attempt is not None:
-        values["last_status"] = attempt.http_status
-        values["last_error"] = attempt.error
-    if next_attempt_at is not None:
-        values["next_attempt_at"] = next_attempt_at
-    if state == "delivered":
-        values["delivered_at"] = now
-    result: Any = session.execute(
-        update(Delivery)
-        .where(
-            col(Delivery.id) == delivery_id,
-            col(Delivery.lease_owner) == claim,
-            col(Delivery.state) == "sending",
-        )
-        .values(**values)
+    completion = Completion(
+        delivery_id=delivery_id,
+        claim=claim,
+        state=state,
+        attempt=attempt,
+        next_attempt_at=next_attempt_at,
+        count_attempt=count_attempt,
     )
-    if result.rowcount != 1:
-        return False
-    if attempt is not None:
-        # Numbered over the delivery's whole life: a replay restarts the retry schedule
-        # (``attempts``) but not the attempt log.
-        attempt_no = (
-            session.execute(
-                select(func.count())
-                .select_from(DeliveryAttempt)
-                .where(col(DeliveryAttempt.delivery_id) == delivery_id)
-            ).scalar_one()
-            + 1
-        )
-        session.add(
-            DeliveryAttempt(
-                delivery_id=delivery_id,
-                attempt_no=int(attempt_no),
-                started_at=attempt.started_at,
-                duration_ms=attempt.duration_ms,
-                outcome=attempt.outcome,
-                http_status=attempt.http_status,
-                error=attempt.error,
-                request_method=attempt.request_method,
-                request_url=attempt.request_url,
-                request_excerpt=attempt.request_excerpt,
-                response_excerpt=attempt.response_excerpt,
-            )
-        )
-    return True
+    return complete_many(session, [completion], now=now)[0]
 
 
 def release(session: Session, *, delivery_ids: Sequence[str], claim: str, now: datetime) -> int:

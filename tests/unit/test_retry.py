@@ -16,10 +16,8 @@ from cti_bridge.config import DEFAULT_RETRY_SCHEDULE
 from cti_bridge.delivery.egress import EgressRefused
 from cti_bridge.delivery.retry import (
     Outcome,
-    RetryPolicy,
     classify,
     classify_after_refresh,
-    decide,
     next_delay,
     parse_retry_after,
 )
@@ -196,18 +194,3 @@ def test_retry_after_http_date() -> None:
     far = format_datetime(NOW + timedelta(days=3), usegmt=True)
     assert parse_retry_after(far, NOW) == 86400.0
     assert parse_retry_after(far, NOW, cap=3600.0) == 3600.0
-
-
-def test_decide_combines_classification_and_schedule() -> None:
-    policy = RetryPolicy(schedule=tuple(DEFAULT_RETRY_SCHEDULE), jitter=0.0)
-    rng = random.Random(0)
-    assert decide(201, None, 1, policy, rng).outcome is Outcome.SUCCESS
-    retry = decide(503, None, 1, policy, rng)
-    assert (retry.outcome, retry.delay) == (Outcome.RETRY, 5.0)
-    limited = decide(429, None, 2, policy, rng, retry_after=600.0)
-    assert (limited.outcome, limited.delay) == (Outcome.RETRY, 600.0)
-    dead = decide(503, None, 9, policy, rng)
-    assert dead.outcome is Outcome.PERMANENT and dead.exhausted
-    assert decide(401, None, 1, policy, rng).outcome is Outcome.REFRESH_AND_RETRY
-    assert decide(422, None, 1, policy, rng) == decide(422, None, 1, policy, rng)
-    assert not decide(422, None, 1, policy, rng).exhausted
