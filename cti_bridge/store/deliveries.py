@@ -13,6 +13,7 @@ expired and whose delivery was claimed again cannot overwrite the newer outcome.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Sequence
@@ -22,7 +23,6 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, exists, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import aliased
 from sqlmodel import Session, col
 
 from cti_bridge.store.models import (
@@ -170,19 +170,91 @@ class Claimed:
 
 def _blocked() -> Any:
     """True for a delivery with an earlier undelivered one of the same ordering key (§3)."""
-    earlier = aliased(Delivery)
+    d = _table(Delivery)
+    earlier = d.alias("earlier")
     return exists().where(
-        and_(
-            col(earlier.ordering_key) == col(Delivery.ordering_key),
-            col(earlier.state).in_(UNDELIVERED),
-            or_(
-                col(earlier.event_id) < col(Delivery.event_id),
-                and_(
-                    col(earlier.event_id) == col(Delivery.event_id),
-                    col(earlier.mapping_id) < col(Delivery.mapping_id),
-                ),
-            ),
+        earlier.c.ordering_key == d.c.ordering_key,
+        earlier.c.state.in_(UNDELIVERED),
+        # The first term lets the database seek ``ix_delivery_order`` (ordering_key, event_id).
+        earlier.c.event_id <= d.c.event_id,
+        or_(earlier.c.event_id < d.c.event_id, earlier.c.mapping_id < d.c.mapping_id),
+    )
+
+
+@dataclass(frozen=True)
+class _ClaimStatements:
+    """The claim's statements, built once per dialect: rebuilding them per claim (and hashing them
+    for SQLAlchemy's statement cache) cost more than running them."""
+
+    expired: Any  # leases that ran out (a crashed or stopped worker's claims)
+    expired_skip: Any
+    pending: Any  # pending deliveries whose time has come
+    pending_skip: Any
+    lease: Any
+    rows: Any
+
+
+@functools.cache
+def _claim_statements(dialect: str) -> _ClaimStatements:
+    d = _table(Delivery)
+    # Claim order; ``ix_delivery_due`` (state, next_attempt_at, event_id, mapping_id) follows it, so
+    # the database walks the index and stops at the LIMIT instead of sorting the whole backlog.
+    order = (d.c.next_attempt_at, d.c.event_id, d.c.mapping_id)
+    skip = d.c.mapping_id.not_in(bindparam("skip", expanding=True))
+
+    def due(*where: Any) -> Any:
+        query = select(d.c.id).where(*where, ~_blocked()).order_by(*order).limit(bindparam("limit"))
+        if dialect == "postgresql":
+            query = query.with_for_update(skip_locked=True, of=d)
+        return query
+
+    expired = (
+        d.c.state == "sending",
+        d.c.lease_expires_at < bindparam("now", type_=d.c.lease_expires_at.type),
+    )
+    pending = (
+        d.c.state == "pending",
+        d.c.next_attempt_at <= bindparam("now", type_=d.c.next_attempt_at.type),
+    )
+    lease = (
+        update(d)
+        .where(d.c.id.in_(bindparam("ids", expanding=True)))
+        .values(
+            state="sending",
+            lease_owner=bindparam("claim"),
+            lease_expires_at=bindparam("until", type_=d.c.lease_expires_at.type),
+            updated_at=bindparam("at", type_=d.c.updated_at.type),
         )
+    )
+    events, crms, creds = _table(CallEvent), _table(CrmContext), _table(UserCredentials)
+    rows = (
+        select(
+            d.c.id,
+            d.c.attempts,
+            d.c.event_id,
+            events.c.notification_type,
+            events.c.payload,
+            d.c.mapping_id,
+            d.c.credential_id,
+            d.c.xelion_username,
+            creds.c.xelion_oid,
+            d.c.user_role,
+            crms.c.authorization_header_prefix,
+            d.c.ordering_key,
+        )
+        .join(events, events.c.id == d.c.event_id)
+        .join(crms, crms.c.id == d.c.crm_context_id)
+        .outerjoin(creds, creds.c.id == d.c.credential_id)
+        .where(d.c.id.in_(bindparam("ids", expanding=True)))
+        .order_by(d.c.event_id, d.c.mapping_id)
+    )
+    return _ClaimStatements(
+        expired=due(*expired),
+        expired_skip=due(*expired, skip),
+        pending=due(*pending),
+        pending_skip=due(*pending, skip),
+        lease=lease,
+        rows=rows,
     )
 
 
@@ -196,58 +268,31 @@ def claim_due(
 ) -> list[Claimed]:
     """Lease up to ``limit`` due deliveries, respecting per-ordering-key order.
 
+    Expired leases first (the oldest work), then pending deliveries in due order; each query walks
+    ``ix_delivery_due`` and stops at its LIMIT, so a claim costs about the same with a backlog of
+    ten or of ten thousand.
+
     ``skip_mappings``: mappings the caller has no room for now (their CRM host is at the worker's
     fairness bound, reliability.md §9); their deliveries stay in the queue for others.
     """
-    due = or_(
-        and_(col(Delivery.state) == "pending", col(Delivery.next_attempt_at) <= now),
-        and_(col(Delivery.state) == "sending", col(Delivery.lease_expires_at) < now),
-    )
-    query = (
-        select(col(Delivery.id))
-        .where(due, ~_blocked())
-        .order_by(col(Delivery.next_attempt_at), col(Delivery.event_id), col(Delivery.mapping_id))
-        .limit(limit)
-    )
+    if limit <= 0:
+        return []
+    conn = session.connection()
+    st = _claim_statements(conn.dialect.name)
+    params: dict[str, object] = {"now": now, "limit": limit}
     if skip_mappings:
-        query = query.where(col(Delivery.mapping_id).not_in(list(skip_mappings)))
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True, of=Delivery)
-    ids = [row[0] for row in session.execute(query)]
+        params["skip"] = list(skip_mappings)
+    ids = [row[0] for row in conn.execute(st.expired_skip if skip_mappings else st.expired, params)]
+    if len(ids) < limit:
+        params["limit"] = limit - len(ids)
+        ids += [row[0] for row in conn.execute(st.pending_skip if skip_mappings else st.pending, params)]
     if not ids:
         return []
     claim = uuid.uuid4().hex
-    session.execute(
-        update(Delivery)
-        .where(col(Delivery.id).in_(ids))
-        .values(
-            state="sending",
-            lease_owner=claim,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            updated_at=now,
-        )
+    conn.execute(
+        st.lease,
+        {"ids": ids, "claim": claim, "until": now + timedelta(seconds=lease_seconds), "at": now},
     )
-    rows = session.execute(
-        select(
-            col(Delivery.id),
-            col(Delivery.attempts),
-            col(Delivery.event_id),
-            col(CallEvent.notification_type),
-            col(CallEvent.payload),
-            col(Delivery.mapping_id),
-            col(Delivery.credential_id),
-            col(Delivery.xelion_username),
-            col(UserCredentials.xelion_oid),
-            col(Delivery.user_role),
-            col(CrmContext.authorization_header_prefix),
-            col(Delivery.ordering_key),
-        )
-        .join(CallEvent, col(CallEvent.id) == col(Delivery.event_id))
-        .join(CrmContext, col(CrmContext.id) == col(Delivery.crm_context_id))
-        .outerjoin(UserCredentials, col(UserCredentials.id) == col(Delivery.credential_id))
-        .where(col(Delivery.id).in_(ids))
-        .order_by(col(Delivery.event_id), col(Delivery.mapping_id))
-    ).all()
     return [
         Claimed(
             id=r[0],
@@ -264,7 +309,7 @@ def claim_due(
             authorization_header_prefix=r[10],
             ordering_key=r[11],
         )
-        for r in rows
+        for r in conn.execute(st.rows, {"ids": ids})
     ]
 
 
@@ -350,24 +395,34 @@ def unpark_credential(session: Session, *, credential_id: int, now: datetime) ->
     return int(result.rowcount)
 
 
+@functools.cache
+def _next_due_statements(dialect: str) -> tuple[Any, Any, Any, Any]:
+    d = _table(Delivery)
+    skip = d.c.mapping_id.not_in(bindparam("skip", expanding=True))
+    pending = (
+        select(d.c.next_attempt_at)
+        .where(d.c.state == "pending", ~_blocked())
+        .order_by(d.c.next_attempt_at, d.c.event_id, d.c.mapping_id)
+        .limit(1)
+    )
+    lease = select(func.min(d.c.lease_expires_at)).where(d.c.state == "sending")
+    return pending, pending.where(skip), lease, lease.where(skip)
+
+
 def next_due_at(session: Session, *, skip_mappings: Sequence[int] = ()) -> datetime | None:
     """When the earliest claimable pending delivery or lease comes due (the worker sleeps until
     then). A delivery waiting behind an earlier one of its call (§3) is left out: it becomes
     claimable when that one finishes, not at its own time, which has passed (counting it made the
     worker poll the database 20 times a second for as long as the earlier one was retrying)."""
-    pending_q = (
-        select(col(Delivery.next_attempt_at))
-        .where(col(Delivery.state) == "pending", ~_blocked())
-        .order_by(col(Delivery.next_attempt_at))
-        .limit(1)
-    )
-    lease_q = select(func.min(Delivery.lease_expires_at)).where(col(Delivery.state) == "sending")
+    conn = session.connection()
+    pending_q, pending_skip, lease_q, lease_skip = _next_due_statements(conn.dialect.name)
     if skip_mappings:
-        skip = col(Delivery.mapping_id).not_in(list(skip_mappings))
-        pending_q = pending_q.where(skip)
-        lease_q = lease_q.where(skip)
-    pending = session.execute(pending_q).scalar_one_or_none()
-    lease = session.execute(lease_q).scalar_one_or_none()
+        params = {"skip": list(skip_mappings)}
+        pending = conn.execute(pending_skip, params).scalar_one_or_none()
+        lease = conn.execute(lease_skip, params).scalar_one_or_none()
+    else:
+        pending = conn.execute(pending_q).scalar_one_or_none()
+        lease = conn.execute(lease_q).scalar_one_or_none()
     candidates = [t for t in (pending, lease) if t is not None]
     return min(candidates) if candidates else None
 

@@ -178,7 +178,8 @@ class Delivery(SQLModel, table=True):
 
     __tablename__ = "delivery"
     __table_args__ = (
-        Index("ix_delivery_due", "state", "next_attempt_at"),
+        # In claim order (store/deliveries.py ``claim_due``), so a claim stops at its LIMIT.
+        Index("ix_delivery_due", "state", "next_attempt_at", "event_id", "mapping_id"),
         Index("ix_delivery_order", "ordering_key", "event_id"),
         Index("ix_delivery_credential_state", "credential_id", "state"),
     )
