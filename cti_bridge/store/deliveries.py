@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, exists, func, or_, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import bindparam, exists, func, or_, select, text, update
 from sqlmodel import Session, col
 
 from cti_bridge.store.models import (
@@ -31,7 +30,6 @@ from cti_bridge.store.models import (
     Delivery,
     DeliveryAttempt,
     UserCredentials,
-    XelionContext,
 )
 
 UNDELIVERED = ("pending", "sending", "parked")
@@ -539,6 +537,46 @@ def dismiss(session: Session, delivery_id: str, now: datetime) -> bool:
 # -- set-based ingest and completion (group commit) --------------------------------------------
 
 
+def _driver(session: Session) -> tuple[Any, Any]:
+    """The session's connection and the dialect's statements-as-text helper (``_DriverSql``).
+
+    The per-event statements (ingest, completion) run as SQL text on the driver, with parameters
+    already in the driver's form: SQLAlchemy's statement building, caching and per-value type
+    processing cost more than the database's own work for these small, fixed statements (profile
+    in bench/profile_report.py). Everything else goes through SQLAlchemy as usual.
+    """
+    conn = session.connection()
+    return conn, _driver_sql(conn.dialect)
+
+
+@dataclass(frozen=True)
+class _DriverSql:
+    postgresql: bool
+    #: A tz-aware datetime as the driver stores it (SQLAlchemy's own bind processor for the
+    #: column type, so the text SQLite stores is exactly what SQLAlchemy writes and compares).
+    dt: Any
+
+    def sql(self, text_: str) -> str:
+        """``?`` placeholders in the driver's style (sqlite3: ``?``, psycopg: ``%s``)."""
+        return text_.replace("?", "%s") if self.postgresql else text_
+
+    def marks(self, n: int) -> str:
+        """``n`` placeholders. The statements built with it interpolate only placeholders and
+        constant column names, never a value (hence the S608 exemptions)."""
+        return ", ".join(["?"] * n)
+
+
+_DRIVER_SQL: dict[str, _DriverSql] = {}
+
+
+def _driver_sql(dialect: Any) -> _DriverSql:
+    found = _DRIVER_SQL.get(dialect.name)
+    if found is None:
+        process = _table(Delivery).c.updated_at.type._cached_bind_processor(dialect)
+        found = _DRIVER_SQL[dialect.name] = _DriverSql(dialect.name == "postgresql", process or (lambda v: v))
+    return found
+
+
 @dataclass(frozen=True)
 class NewEvent:
     """An event of an ingest batch, already deduplicated within the batch."""
@@ -563,24 +601,25 @@ def insert_events(session: Session, events: Sequence[NewEvent], *, now: datetime
     """
     if not events:
         return {}
-    table = _table(CallEvent)
-    dialect = session.get_bind().dialect.name
-    ins: Any = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-    ins = ins.on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(table.c.id, table.c.dedupe_key)
-    rows = [
-        {
-            "xelion_context_id": e.xelion_context_id,
-            "notification_type": e.notification_type,
-            "call_id": e.call_id,
-            "dedupe_key": e.dedupe_key,
-            "payload": e.payload,
-            "duplicates": 0,
-            "received_at": now,
-        }
-        for e in events
-    ]
-    result = session.connection().execute(ins, rows)
-    return {str(key): int(event_id) for event_id, key in result}
+    conn, drv = _driver(session)
+    received = drv.dt(now)
+    found: dict[str, int] = {}
+    for start in range(0, len(events), 500):  # 3,000 parameters at most per statement
+        chunk = events[start : start + 500]
+        params: list[object] = []
+        for e in chunk:
+            params += (e.xelion_context_id, e.notification_type, e.call_id, e.dedupe_key, e.payload, received)
+        values = ", ".join(["(?, ?, ?, ?, ?, 0, ?)"] * len(chunk))
+        result = conn.exec_driver_sql(
+            drv.sql(
+                "INSERT INTO call_event (xelion_context_id, notification_type, call_id, dedupe_key, "  # noqa: S608
+                f"payload, duplicates, received_at) VALUES {values} "
+                "ON CONFLICT (dedupe_key) DO NOTHING RETURNING id, dedupe_key"
+            ),
+            tuple(params),
+        )
+        found.update({str(key): int(event_id) for event_id, key in result})
+    return found
 
 
 def count_duplicates(session: Session, counts: dict[str, int]) -> None:
@@ -598,27 +637,29 @@ def count_duplicates(session: Session, counts: dict[str, int]) -> None:
 
 def touch_contexts(session: Session, xelion_context_ids: Sequence[int], *, now: datetime) -> None:
     """Set ``last_event_at`` of the integrations that received new events."""
-    if xelion_context_ids:
-        session.execute(
-            update(XelionContext)
-            .where(col(XelionContext.id).in_(sorted(set(xelion_context_ids))))
-            .values(last_event_at=now)
+    ids = sorted(set(xelion_context_ids))
+    if ids:
+        conn, drv = _driver(session)
+        conn.exec_driver_sql(
+            drv.sql(f"UPDATE xelion_context SET last_event_at = ? WHERE id IN ({drv.marks(len(ids))})"),  # noqa: S608
+            (drv.dt(now), *ids),
         )
 
 
 def inactive_credentials(session: Session, credential_ids: Sequence[int]) -> dict[int, str | None]:
     """The credentials among ``credential_ids`` that are not ``active``, with their state reason."""
-    if not credential_ids:
+    ids = sorted(set(credential_ids))
+    if not ids:
         return {}
-    return {
-        int(cred_id): reason
-        for cred_id, reason in session.execute(
-            select(col(UserCredentials.id), col(UserCredentials.state_reason)).where(
-                col(UserCredentials.id).in_(sorted(set(credential_ids))),
-                col(UserCredentials.state) != "active",
-            )
-        )
-    }
+    conn, drv = _driver(session)
+    result = conn.exec_driver_sql(
+        drv.sql(
+            f"SELECT id, state_reason FROM user_credentials WHERE id IN ({drv.marks(len(ids))}) "  # noqa: S608
+            "AND state <> 'active'"
+        ),
+        tuple(ids),
+    )
+    return {int(cred_id): reason for cred_id, reason in result}
 
 
 def lock_calls(session: Session, call_ids: Sequence[str]) -> None:
@@ -642,51 +683,93 @@ def lock_calls(session: Session, call_ids: Sequence[str]) -> None:
     )
 
 
+def _keys_in_states(session: Session, ordering_keys: Sequence[str], states: Sequence[str]) -> set[str]:
+    """The ordering keys among ``ordering_keys`` with a delivery in one of ``states`` (one query on
+    ``ix_delivery_order``)."""
+    keys = sorted(set(ordering_keys))
+    if not keys:
+        return set()
+    conn, drv = _driver(session)
+    found: set[str] = set()
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        result = conn.exec_driver_sql(
+            drv.sql(
+                f"SELECT DISTINCT ordering_key FROM delivery WHERE ordering_key IN ({drv.marks(len(chunk))}) "  # noqa: S608
+                f"AND state IN ({drv.marks(len(states))})"
+            ),
+            (*chunk, *states),
+        )
+        found.update(str(row[0]) for row in result)
+    return found
+
+
 def undelivered_keys(session: Session, ordering_keys: Sequence[str]) -> set[str]:
     """The ordering keys among ``ordering_keys`` that have an undelivered delivery (§3).
 
-    One query on ``ix_delivery_order``. On PostgreSQL it first takes a transaction-level advisory
-    lock per key (in a fixed order), so that two replicas ingesting events of the same call
-    serialise here: the second sees the first's committed delivery and does not hand its own off
-    past it.
+    On PostgreSQL the caller holds ``lock_calls``'s locks for these keys' calls, so two replicas
+    ingesting events of the same call have serialised before this read.
     """
-    keys = sorted(set(ordering_keys))
-    if not keys:
-        return set()
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            text(
-                "SELECT count(pg_advisory_xact_lock(h)) FROM "
-                "(SELECT DISTINCT hashtext(k) AS h FROM unnest(CAST(:keys AS text[])) AS k ORDER BY h) AS s"
-            ),
-            {"keys": keys},
-        )
-    found = session.execute(
-        select(col(Delivery.ordering_key))
-        .where(col(Delivery.ordering_key).in_(keys), col(Delivery.state).in_(UNDELIVERED))
-        .distinct()
-    )
-    return {str(row[0]) for row in found}
+    return _keys_in_states(session, ordering_keys, UNDELIVERED)
+
+
+#: The columns ``delivery_row`` fills, in the order ``insert_delivery_rows`` sends them.
+_DELIVERY_COLUMNS = (
+    "id",
+    "event_id",
+    "xelion_context_id",
+    "crm_context_id",
+    "mapping_id",
+    "credential_id",
+    "xelion_username",
+    "user_role",
+    "call_id",
+    "ordering_key",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "lease_owner",
+    "lease_expires_at",
+    "last_error",
+    "created_at",
+    "updated_at",
+)
+_DATETIME_COLUMNS = frozenset({"next_attempt_at", "lease_expires_at", "created_at", "updated_at"})
 
 
 def insert_delivery_rows(session: Session, rows: Sequence[dict[str, object]]) -> None:
-    """Insert prepared delivery rows (every column of ``delivery`` but ``delivered_at``, ``last_status``)."""
-    if rows:
-        session.connection().execute(_table(Delivery).insert(), list(rows))
+    """Insert prepared delivery rows (``delivery_row``: every column but ``delivered_at`` and
+    ``last_status``), one executemany."""
+    if not rows:
+        return
+    conn, drv = _driver(session)
+    # Most rows of a batch share their timestamps (the batch's ``now``): each is converted once.
+    converted: dict[object, object] = {}
+
+    def dt(value: object) -> object:
+        if value is None:
+            return None
+        out = converted.get(value)
+        if out is None:
+            out = converted[value] = drv.dt(value)
+        return out
+
+    params = [
+        tuple(dt(row[c]) if c in _DATETIME_COLUMNS else row[c] for c in _DELIVERY_COLUMNS) for row in rows
+    ]
+    conn.exec_driver_sql(
+        drv.sql(
+            f"INSERT INTO delivery ({', '.join(_DELIVERY_COLUMNS)}) "  # noqa: S608
+            f"VALUES ({drv.marks(len(_DELIVERY_COLUMNS))})"
+        ),
+        params,
+    )
 
 
 def pending_keys(session: Session, ordering_keys: Sequence[str]) -> set[str]:
-    """The ordering keys among ``ordering_keys`` that have a ``pending`` delivery (one query on
-    ``ix_delivery_order``): after a completion, whether the call has a successor to claim."""
-    keys = sorted(set(ordering_keys))
-    if not keys:
-        return set()
-    found = session.execute(
-        select(col(Delivery.ordering_key))
-        .where(col(Delivery.ordering_key).in_(keys), col(Delivery.state) == "pending")
-        .distinct()
-    )
-    return {str(row[0]) for row in found}
+    """The ordering keys among ``ordering_keys`` that have a ``pending`` delivery: after a
+    completion, whether the call has a successor to claim."""
+    return _keys_in_states(session, ordering_keys, ("pending",))
 
 
 @dataclass(frozen=True)
@@ -710,17 +793,25 @@ def complete_many(session: Session, completions: Sequence[Completion], *, now: d
     Returns, per completion, whether it applied. As in ``complete``, a completion applies only if
     the delivery is still ``sending`` under the same claim token: the rows are read first (locked
     ``FOR UPDATE`` on PostgreSQL, under the write lock on SQLite, so they cannot change before the
-    update), the conditional UPDATE runs for the ones that match, attempt numbers come from one
-    grouped COUNT and the attempt records from one executemany INSERT.
+    update), the conditional UPDATE runs for the ones that match (one executemany), and the attempt
+    records are inserted with their number counted in the same statement (one executemany).
     """
     if not completions:
         return []
-    table = _table(Delivery)
+    conn, drv = _driver(session)
     ids = sorted({c.delivery_id for c in completions})
-    query = select(table.c.id, table.c.lease_owner).where(table.c.id.in_(ids), table.c.state == "sending")
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.order_by(table.c.id).with_for_update()
-    owners = {str(i): owner for i, owner in session.execute(query)}
+    owners: dict[str, str | None] = {}
+    lock = " ORDER BY id FOR UPDATE" if drv.postgresql else ""
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        result = conn.exec_driver_sql(
+            drv.sql(
+                f"SELECT id, lease_owner FROM delivery WHERE id IN ({drv.marks(len(chunk))}) "  # noqa: S608
+                f"AND state = 'sending'{lock}"
+            ),
+            tuple(chunk),
+        )
+        owners.update({str(i): owner for i, owner in result})
     applied: list[bool] = []
     for c in completions:
         ok = owners.get(c.delivery_id) == c.claim
@@ -730,78 +821,55 @@ def complete_many(session: Session, completions: Sequence[Completion], *, now: d
     done = [c for c, ok in zip(completions, applied, strict=True) if ok]
     if not done:
         return applied
-    stmt = (
-        update(table)
-        .where(
-            table.c.id == bindparam("b_id"),
-            table.c.lease_owner == bindparam("b_claim"),
-            table.c.state == "sending",
-        )
-        .values(
-            state=bindparam("b_state"),
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=bindparam("b_now", type_=table.c.updated_at.type),
-            attempts=table.c.attempts + bindparam("b_inc"),
-            last_status=bindparam("b_status", type_=table.c.last_status.type),
-            last_error=bindparam("b_error", type_=table.c.last_error.type),
-            next_attempt_at=func.coalesce(
-                bindparam("b_next", type_=table.c.next_attempt_at.type), table.c.next_attempt_at
-            ),
-            delivered_at=func.coalesce(
-                bindparam("b_delivered", type_=table.c.delivered_at.type), table.c.delivered_at
-            ),
-        )
-    )
-    conn = session.connection()
-    conn.execute(
-        stmt,
+    at = drv.dt(now)
+    conn.exec_driver_sql(
+        drv.sql(
+            "UPDATE delivery SET state = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?, "
+            "attempts = attempts + ?, last_status = ?, last_error = ?, "
+            "next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = COALESCE(?, delivered_at) "
+            "WHERE id = ? AND lease_owner = ? AND state = 'sending'"
+        ),
         [
-            {
-                "b_id": c.delivery_id,
-                "b_claim": c.claim,
-                "b_state": c.state,
-                "b_now": now,
-                "b_inc": 1 if c.count_attempt else 0,
-                "b_status": c.attempt.http_status,
-                "b_error": c.attempt.error,
-                "b_next": c.next_attempt_at,
-                "b_delivered": now if c.state == "delivered" else None,
-            }
+            (
+                c.state,
+                at,
+                1 if c.count_attempt else 0,
+                c.attempt.http_status,
+                c.attempt.error,
+                drv.dt(c.next_attempt_at) if c.next_attempt_at is not None else None,
+                at if c.state == "delivered" else None,
+                c.delivery_id,
+                c.claim,
+            )
             for c in done
         ],
     )
     # Numbered over the delivery's whole life: a replay restarts the retry schedule
-    # (``attempts``) but not the attempt log.
-    attempts = _table(DeliveryAttempt)
-    numbers = {
-        str(d): int(n)
-        for d, n in session.execute(
-            select(attempts.c.delivery_id, func.count())
-            .where(attempts.c.delivery_id.in_([c.delivery_id for c in done]))
-            .group_by(attempts.c.delivery_id)
-        )
-    }
-    rows = []
-    for c in done:
-        numbers[c.delivery_id] = numbers.get(c.delivery_id, 0) + 1
-        a = c.attempt
-        rows.append(
-            {
-                "delivery_id": c.delivery_id,
-                "attempt_no": numbers[c.delivery_id],
-                "started_at": a.started_at,
-                "duration_ms": a.duration_ms,
-                "outcome": a.outcome,
-                "http_status": a.http_status,
-                "error": a.error,
-                "request_method": a.request_method,
-                "request_url": a.request_url,
-                "request_excerpt": a.request_excerpt,
-                "response_excerpt": a.response_excerpt,
-            }
-        )
-    conn.execute(attempts.insert(), rows)
+    # (``attempts``) but not the attempt log. Each delivery appears once in ``done``.
+    conn.exec_driver_sql(
+        drv.sql(
+            "INSERT INTO delivery_attempt (delivery_id, attempt_no, started_at, duration_ms, outcome, "
+            "http_status, error, request_method, request_url, request_excerpt, response_excerpt) "
+            "VALUES (?, (SELECT count(*) + 1 FROM delivery_attempt WHERE delivery_id = ?), "
+            "?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ),
+        [
+            (
+                c.delivery_id,
+                c.delivery_id,
+                drv.dt(c.attempt.started_at),
+                c.attempt.duration_ms,
+                c.attempt.outcome,
+                c.attempt.http_status,
+                c.attempt.error,
+                c.attempt.request_method,
+                c.attempt.request_url,
+                c.attempt.request_excerpt,
+                c.attempt.response_excerpt,
+            )
+            for c in done
+        ],
+    )
     for c in done:
         if c.state == "parked" and c.credential_id is not None:
             park_credential(session, credential_id=c.credential_id, reason=c.park_reason, now=now)
