@@ -77,6 +77,8 @@ EXCERPT_BYTES = 4096
 #: FLUSH_DELAY seconds (while a flush runs, the next batch gathers by itself).
 FLUSH_MAX = 256
 FLUSH_DELAY = 0.002
+#: Under a backlog, a claim for only a few places first waits this long for more to free.
+CLAIM_GATHER = 0.005
 MASK = "***"
 
 
@@ -173,6 +175,8 @@ class DeliveryWorker:
         # The bound also keeps a delivery's wait for a slot to about one request timeout, which the
         # lease (§4) covers.
         self._host_cap = max(1, min(2 * settings.per_host_concurrency, settings.worker_concurrency - 1))
+        # A claim for fewer places than this waits CLAIM_GATHER for more to free (see _loop_once).
+        self._claim_batch = max(1, min(settings.worker_concurrency, self._host_cap) // 4)
         self._mapping_host: dict[int, str] = {}
         self._host_load: dict[str, int] = {}
         self._counted_at: dict[asyncio.Task[None], str] = {}  # which host a task is counted at
@@ -339,6 +343,15 @@ class DeliveryWorker:
         self._wake.clear()
         free = concurrency - len(self._inflight)
         full, limit = self._claim_window(free)
+        if 0 < limit < self._claim_batch and self._inflight:
+            # Under a backlog, places free one at a time as requests finish, and a claim per place
+            # costs a transaction per delivery. Let a few gather first: the deliveries already
+            # waiting for a slot of their host keep the CRM busy meanwhile.
+            await asyncio.sleep(CLAIM_GATHER)
+            if self._stopping.is_set():
+                return
+            self._wake.clear()
+            full, limit = self._claim_window(concurrency - len(self._inflight))
         claimed: list[Claimed] = []
         if limit > 0:
             now = self.clock.now()
