@@ -41,9 +41,8 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from cti_bridge.clock import Clock, SystemClock, xelion_time
-from cti_bridge.el import TemplateError
 from cti_bridge.events import dedupe_key, parties
-from cti_bridge.render import RenderContext
+from cti_bridge.render import RenderContext, context_names
 from cti_bridge.routing import CredentialRoute, CrmRoute, RoutingCache
 from cti_bridge.store.db import Database
 from cti_bridge.store.deliveries import (
@@ -454,8 +453,8 @@ class Pipeline:
         found = parties(fields)
         new: list[NewDelivery] = []
         for crm in crms:
-            mappings = crm.mappings.get(notification_type)
-            if not mappings:
+            mappings = crm.by_event.get(notification_type)
+            if mappings is None:
                 continue
             seen: set[int] = set()
             for party in found:
@@ -475,13 +474,8 @@ class Pipeline:
                     delivery_id=None,
                     now=now_text,
                 )
-                for m in mappings:
-                    state, error = "pending", None
-                    try:
-                        if not m.compiled.condition_holds(ctx):
-                            continue
-                    except TemplateError as exc:
-                        state, error = "dead", f"condition: {exc}"
+                for m, exc in mappings.applicable(context_names(ctx)):
+                    state, error = ("pending", None) if exc is None else ("dead", f"condition: {exc}")
                     new.append(
                         NewDelivery(
                             crm_context_id=crm.crm_context_id,

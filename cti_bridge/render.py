@@ -41,6 +41,7 @@ from cti_bridge.el import (
     compile_template,
 )
 from cti_bridge.el.compiler import _SLIPS, Engine, slipped
+from cti_bridge.el.parser import Binary, Literal, Name
 from cti_bridge.el.semantics import to_str
 
 __all__ = [
@@ -204,6 +205,36 @@ def _encoded_step(expr: Expression) -> Callable[[Names], str]:
     return lambda names: quote(to_str(fn(names)), safe="")
 
 
+def context_names(ctx: RenderContext, seen: list[str] | None = None) -> Names:
+    """The names a template sees: the event's fields, then cti-bridge's own names (which win)."""
+    names: Names = dict(ctx.event)
+    names["xelionEvent"] = ctx.xelion_event
+    names["now"] = ctx.now
+    if ctx.user is not None:
+        names["user"] = ctx.user
+    if ctx.token is not None:
+        names["token"] = ctx.token if seen is None else _SecretMap(ctx.token, seen)
+    if ctx.delivery_id is not None:
+        names["deliveryId"] = ctx.delivery_id
+    return names
+
+
+def _name_equals_string(condition: Expression | None) -> tuple[str, str] | None:
+    """``(name, text)`` when the condition is exactly ``name == 'text'`` (either way round).
+
+    The commonest routing condition (by number, by queue). For a value that is a string, EL's
+    ``==`` is plain string equality and cannot fail; for null it is false. So the pipeline can look
+    such mappings up by the value instead of evaluating each condition (``routing.EventMappings``).
+    """
+    node = condition.node if condition is not None else None
+    if not isinstance(node, Binary) or node.op != "==":
+        return None
+    for a, b in ((node.left, node.right), (node.right, node.left)):
+        if isinstance(a, Name) and isinstance(b, Literal) and type(b.value) is str:
+            return a.name, b.value
+    return None
+
+
 # -- compiling ---------------------------------------------------------------------------------------------
 
 PayloadFn = Callable[[Names], object]
@@ -246,6 +277,7 @@ class CompiledMapping:
                 err.locate(where="condition")
                 raise
             self._places += [(n, "condition") for n in sorted(self.condition.names)]
+        self.condition_equals = _name_equals_string(self.condition)
 
         self.names: frozenset[str] = frozenset(n for n, _ in self._places)
         self._uses_token = "token" in self.names
@@ -430,23 +462,21 @@ class CompiledMapping:
     # rendering ---------------------------------------------------------------------------------------
     def context_names(self, ctx: RenderContext, seen: list[str] | None = None) -> Names:
         """The names a template sees: the event's fields, then cti-bridge's own names (which win)."""
-        names: Names = dict(ctx.event)
-        names["xelionEvent"] = ctx.xelion_event
-        names["now"] = ctx.now
-        if ctx.user is not None:
-            names["user"] = ctx.user
-        if ctx.token is not None:
-            names["token"] = ctx.token if seen is None else _SecretMap(ctx.token, seen)
-        if ctx.delivery_id is not None:
-            names["deliveryId"] = ctx.delivery_id
-        return names
+        return context_names(ctx, seen)
 
     def condition_holds(self, ctx: RenderContext) -> bool:
         """Whether the mapping applies to this event (true when it has no condition)."""
         if self.condition is None:
             return True
+        return self.condition_holds_in(context_names(ctx))
+
+    def condition_holds_in(self, names: Names) -> bool:
+        """``condition_holds`` with the names already built (``context_names``): the pipeline builds
+        them once per event and party and tries every mapping's condition on them."""
+        if self.condition is None:
+            return True
         try:
-            return self.condition.holds(self.context_names(ctx))
+            return self.condition.holds(names)
         except TemplateError as err:
             err.locate(where="condition", xelion_event=self.xelion_event)
             raise

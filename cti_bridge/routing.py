@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from sqlmodel import Session, col, select
 
+from cti_bridge.el import TemplateError
 from cti_bridge.render import CompiledMapping, MappingSpec, compile_mapping
 from cti_bridge.store.models import CrmContext, EventUriMapping, UserCredentials
 
@@ -49,12 +50,66 @@ class MappingRoute:
     compiled: CompiledMapping
 
 
+class EventMappings:
+    """The mappings of one event type of one CRM context, in order, with those whose condition is
+    ``name == 'text'`` indexed by the text (``render._name_equals_string``): an event is matched
+    against many such mappings (one per number or queue) with one lookup per name instead of one
+    condition per mapping, so its cost does not grow with their number.
+    """
+
+    __slots__ = ("_by_name", "_general", "routes")
+
+    def __init__(self, routes: list[MappingRoute]) -> None:
+        self.routes = routes
+        self._general: list[tuple[int, MappingRoute]] = []
+        # name -> (text -> mappings), and every mapping of the name (for a value that is not a string)
+        self._by_name: dict[
+            str, tuple[dict[str, list[tuple[int, MappingRoute]]], list[tuple[int, MappingRoute]]]
+        ] = {}
+        for pos, route in enumerate(routes):
+            equals = route.compiled.condition_equals
+            if equals is None:
+                self._general.append((pos, route))
+                continue
+            name, text = equals
+            table, every = self._by_name.setdefault(name, ({}, []))
+            table.setdefault(text, []).append((pos, route))
+            every.append((pos, route))
+
+    def applicable(self, names: dict[str, object]) -> list[tuple[MappingRoute, TemplateError | None]]:
+        """The mappings whose condition holds for ``names`` (``render.context_names``), in order,
+        and those whose condition could not be evaluated, with the error (a dead delivery)."""
+        found: list[tuple[int, MappingRoute, TemplateError | None]] = []
+        for pos, route in self._general:
+            try:
+                if route.compiled.condition_holds_in(names):
+                    found.append((pos, route, None))
+            except TemplateError as exc:
+                found.append((pos, route, exc))
+        for name, (table, every) in self._by_name.items():
+            value = names.get(name)
+            if type(value) is str:
+                found += [(pos, route, None) for pos, route in table.get(value, ())]
+            elif value is not None:  # a number, a boolean...: EL's coercions decide, so evaluate
+                for pos, route in every:
+                    try:
+                        if route.compiled.condition_holds_in(names):
+                            found.append((pos, route, None))
+                    except TemplateError as exc:
+                        found.append((pos, route, exc))
+            # null == 'text' is false: none of them
+        if len(self._by_name) + bool(self._general) > 1:
+            found.sort(key=lambda f: f[0])
+        return [(route, error) for _, route, error in found]
+
+
 @dataclass
 class CrmRoute:
     crm_context_id: int
     # What a handed-off delivery needs without a query (pipeline.py); claims read it from the row.
     authorization_header_prefix: str = "Bearer "
     mappings: dict[str, list[MappingRoute]] = field(default_factory=dict)
+    by_event: dict[str, EventMappings] = field(default_factory=dict)
     by_username: dict[str, CredentialRoute] = field(default_factory=dict)
     by_oid: dict[str, CredentialRoute] = field(default_factory=dict)
 
@@ -152,5 +207,6 @@ class RoutingCache:
                 route.by_username[cred.xelion_username] = cr
                 if cred.xelion_oid:
                     route.by_oid[cred.xelion_oid] = cr
+            route.by_event = {event: EventMappings(ms) for event, ms in route.mappings.items()}
             crms.append(route)
         return Routing(xelion_context_id=xelion_context_id, crms=crms, loaded_at=now)
