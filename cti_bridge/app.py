@@ -30,6 +30,7 @@ from fastapi import FastAPI
 from cti_bridge.admin.app import AdminDeps, create_admin_app
 from cti_bridge.clock import Clock, SystemClock
 from cti_bridge.config import Settings
+from cti_bridge.delivery.crm_client import CrmClient
 from cti_bridge.delivery.egress import build_http_client
 from cti_bridge.delivery.oauth import TokenManager
 from cti_bridge.delivery.worker import DeliveryWorker
@@ -248,6 +249,7 @@ class Daemon:
         await self.tokens.aclose()
         await self.app_tokens.aclose()
         await self.crm_http.aclose()
+        await self.worker.crm.aclose()
         await self.xelion_http.aclose()
         self.db.dispose()
         if self.lock is not None:
@@ -266,7 +268,9 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
         migrate.upgrade(engine)
         db = Database(settings.database_url, engine=engine)
         box = SecretBox(secret_key_for(settings))
-        crm_http = build_http_client(settings)
+        # One aiohttp session for CRM requests (the worker's CrmClient) and token refreshes (httpx).
+        crm_client = CrmClient(settings)
+        crm_http = build_http_client(settings, crm_client.session)
         xelion_http = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.xelion_request_timeout, connect=settings.connect_timeout),
             follow_redirects=False,
@@ -296,7 +300,7 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
             db=db,
             mappings=mappings,
             tokens=tokens,
-            http=crm_http,
+            crm=crm_client,
             settings=settings,
             metrics=metrics,
             clock=clock,

@@ -1,4 +1,4 @@
-"""The outbound guard and the one shared HTTP client for CRM requests and token refreshes.
+"""The outbound guard, and the httpx client for token refreshes and the external API.
 
 reliability.md §15: requests go only to ``http(s)`` URLs, redirects are never followed, and the
 address a CRM host resolves to is checked *when connecting*: loopback, private, link-local,
@@ -12,9 +12,11 @@ reliability.md §8: bounded waits. The connect timeout and the whole-request tim
 sending, and reading the body) come from the settings; ``read_limited`` reads at most
 ``max_response_bytes`` of a body. §9: ``HostLimiter`` caps concurrent requests per CRM host.
 
-Transport: httpx's API over aiohttp's connection pool (``httpx-aiohttp``). Measured with
-``bench/bench_transport.py`` against the CRM simulator (32 concurrent requests over loopback) it
-is several times faster than httpx's default httpcore transport; see the report in that script.
+Transport: httpx's API over aiohttp's connection pool (``httpx-aiohttp``), on the same aiohttp
+session (``guarded_session``) as the delivery worker's own client (``crm_client.CrmClient``), which
+sends CRM requests over aiohttp directly. Measured with ``bench/bench_transport.py`` against the CRM
+simulator (32 concurrent requests over loopback) httpx-aiohttp is several times faster than httpx's
+default httpcore transport, and aiohttp alone about twice as fast again; see that script.
 """
 
 from __future__ import annotations
@@ -261,26 +263,45 @@ def _find_refusal(exc: BaseException) -> EgressRefused | None:
     return None
 
 
-def build_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The one shared client for CRM requests and token refreshes (build once in ``app.py``).
+def guarded_session(settings: Settings) -> aiohttp.ClientSession:
+    """The one aiohttp session for CRM requests and token refreshes (create inside the running loop).
 
-    Keep-alive pooling over an ``aiohttp.TCPConnector`` with ``GuardedResolver``; no redirects;
-    timeouts from the settings; ``trust_env=False`` so that an ``HTTP(S)_PROXY`` variable cannot
-    route requests around the guard. Must be created inside the running loop's lifetime and closed
-    with ``await client.aclose()``.
+    Keep-alive pooling with ``GuardedResolver``; per-host fairness is ``HostLimiter``'s job (§9), so
+    the connector has no per-host limit; ``trust_env=False`` so an ``HTTP(S)_PROXY`` variable cannot
+    route requests around the guard; no cookie jar (a CRM's cookie must not travel to another
+    user's request); bodies handed over as received.
     """
-    limit = max(100, settings.worker_concurrency * 2)
+    connector = aiohttp.TCPConnector(
+        resolver=GuardedResolver(settings.allow_private_targets),
+        limit=max(100, settings.worker_concurrency * 2),
+        limit_per_host=0,
+        keepalive_timeout=15.0,
+        ttl_dns_cache=10,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
 
-    def session_factory() -> aiohttp.ClientSession:
-        # Built lazily on the first request, inside the running event loop (aiohttp needs one).
-        connector = aiohttp.TCPConnector(
-            resolver=GuardedResolver(settings.allow_private_targets),
-            limit=limit,
-            limit_per_host=0,  # per-host fairness is HostLimiter's job (§9)
-            keepalive_timeout=15.0,
-            ttl_dns_cache=10,
-        )
-        return aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False)
+
+def build_http_client(
+    settings: Settings, session_factory: typing.Callable[[], aiohttp.ClientSession] | None = None
+) -> httpx.AsyncClient:
+    """The httpx client for token refreshes (authlib) and the external API (build once in ``app.py``).
+
+    Over ``session_factory``'s aiohttp session: the daemon passes ``CrmClient.session``, so CRM
+    requests and token refreshes share one pool and one guarded resolver. Without one, a session of
+    its own with the same settings (``guarded_session``). No redirects; timeouts from the
+    settings. Must be created inside the running loop's lifetime and closed with ``await
+    client.aclose()``.
+    """
+    if session_factory is None:
+
+        def session_factory() -> aiohttp.ClientSession:
+            # Built lazily on the first request, inside the running event loop (aiohttp needs one).
+            return guarded_session(settings)
 
     transport = GuardedAiohttpTransport(session_factory, settings)
     return httpx.AsyncClient(

@@ -3,9 +3,10 @@
 One loop claims batches of due deliveries (store/deliveries.py keeps per-call-and-user order) and
 runs each in its own task, bounded by ``worker_concurrency``. Each delivery: fetch the user's token
 (single-flight refresh in delivery/oauth.py), render the mapping with it (render.py), check the URL
-against the outbound guard (delivery/egress.py), send it through the one shared httpx client under
-the per-host cap, classify the outcome with the one pure function (delivery/retry.py), and record
-the attempt and the new state in one transaction that only counts if the lease is still ours.
+against the outbound guard (delivery/egress.py), send it with the CRM client (delivery/crm_client.py:
+aiohttp behind the guard) under the per-host cap, classify the outcome with the one pure function
+(delivery/retry.py), and record the attempt and the new state in one transaction that only counts if
+the lease is still ours.
 
 Fresh deliveries mostly skip the claim: the pipeline inserts the first delivery of an ordering key
 already leased and hands it over in memory (``reserve`` before its transaction, ``accept`` after the
@@ -42,7 +43,8 @@ from sqlmodel import Session
 
 from cti_bridge.clock import Clock, SystemClock, xelion_time
 from cti_bridge.config import Settings
-from cti_bridge.delivery.egress import EgressRefused, HostLimiter, check_url, read_limited
+from cti_bridge.delivery.crm_client import CrmClient
+from cti_bridge.delivery.egress import EgressRefused, HostLimiter, check_url
 from cti_bridge.delivery.oauth import (
     AccessToken,
     ReauthRequired,
@@ -146,7 +148,7 @@ class DeliveryWorker:
         db: Database,
         mappings: MappingCache,
         tokens: TokenManager[int],
-        http: httpx.AsyncClient,
+        crm: CrmClient,
         settings: Settings,
         metrics: Metrics | None = None,
         clock: Clock | None = None,
@@ -156,7 +158,7 @@ class DeliveryWorker:
         self.db = db
         self.mappings = mappings
         self.tokens = tokens
-        self.http = http
+        self.crm = crm
         self.settings = settings
         self.metrics = metrics
         self.clock = clock or SystemClock()
@@ -660,14 +662,11 @@ class DeliveryWorker:
         retry_after: float | None = None
         try:
             async with self.limiter.slot(host):
-                request = self.http.build_request(req.method, req.url, headers=headers, content=req.body)
-                response = await self.http.send(request, stream=True)
-                try:
-                    status = response.status_code
-                    body, _truncated = await read_limited(response, self.settings.max_response_bytes)
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"), self.clock.now())
-                finally:
-                    await response.aclose()
+                answer = await self.crm.send(
+                    req.method, req.url, headers, req.body, max_bytes=self.settings.max_response_bytes
+                )
+            status, body = answer.status, answer.body
+            retry_after = parse_retry_after(answer.retry_after, self.clock.now())
         except (httpx.HTTPError, EgressRefused, OSError) as exc:
             error = exc
         if self.metrics is not None:
