@@ -2,8 +2,9 @@
 
 Starts the CRM simulator in another process (``python -m cti_bridge.sim.crm --no-auth``), then, for
 each client, sends REQUESTS small JSON POSTs with CONCURRENCY in flight over loopback, after a
-warm-up, and prints requests/s (best of ROUNDS rounds). The httpx-aiohttp client is the one the
-daemon uses (``egress.build_http_client``, guard included).
+warm-up, and prints requests/s (best of ROUNDS rounds). The daemon sends CRM requests with
+``crm_client.CrmClient`` (aiohttp behind the guard) and token refreshes with the httpx-aiohttp client
+(``egress.build_http_client``, guard included).
 
     .venv/bin/python bench/bench_transport.py [--requests 5000] [--concurrency 32] [--rounds 3]
 """
@@ -22,6 +23,7 @@ import aiohttp
 import httpx
 
 from cti_bridge.config import Settings
+from cti_bridge.delivery.crm_client import CrmClient
 from cti_bridge.delivery.egress import build_http_client
 
 PAYLOAD = b'{"callId":"c-1","callerPhoneNumber":"+31612345678","xelionEvent":"newCallEvent"}'
@@ -68,6 +70,19 @@ async def bench_aiohttp(url: str, args: argparse.Namespace) -> float:
         return max([await run(send, url, args.requests, args.concurrency) for _ in range(args.rounds)])
 
 
+async def bench_crm_client(url: str, args: argparse.Namespace) -> float:
+    crm = CrmClient(Settings(allow_private_targets=True))
+    try:
+
+        async def send(u: str) -> int:
+            return (await crm.send("POST", u, HEADERS, PAYLOAD, max_bytes=4096)).status
+
+        await run(send, url, min(500, args.requests), args.concurrency)
+        return max([await run(send, url, args.requests, args.concurrency) for _ in range(args.rounds)])
+    finally:
+        await crm.aclose()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=5000)
@@ -100,6 +115,9 @@ async def main() -> None:
         async with guarded:
             rate = await bench_httpx(guarded, url, args)
         print(f"  httpx + httpx-aiohttp (egress.build_http_client): {rate:8.0f} requests/s")
+
+        rate = await bench_crm_client(url, args)
+        print(f"  the worker's CrmClient (aiohttp behind the guard, crm_client.py): {rate:8.0f} requests/s")
 
         rate = await bench_aiohttp(url, args)
         print(f"  plain aiohttp ClientSession: {rate:8.0f} requests/s")
