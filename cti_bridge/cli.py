@@ -112,6 +112,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             return ExitCode.DATABASE
         raise
 
+    # The database runs in threads (store/db.py): a query's thread, back from the database, waits
+    # for the GIL until the event loop's thread lets go of it, up to the switch interval (5 ms by
+    # default) each time, and an ingest transaction is several round trips. 1 ms keeps that wait,
+    # and with it the event-to-CRM latency, small (bench_e2e.py's latency run on PostgreSQL).
+    sys.setswitchinterval(0.001)
+
     async def _main() -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop)

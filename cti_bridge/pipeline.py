@@ -2,10 +2,11 @@
 
 Group commit: ``ingest``/``submit`` queue the event, and one ingest task writes everything queued
 (up to ``BATCH_MAX`` events) in ONE transaction with set-based statements: one multi-row INSERT of
-the events (``ON CONFLICT (dedupe_key) DO NOTHING RETURNING``), one UPDATE counting duplicates, one
-UPDATE of the integrations' ``last_event_at``, one SELECT of the credentials that are not active, one
-SELECT of the ordering keys still held by undelivered deliveries, one multi-row INSERT of the
-deliveries. Each caller's future resolves after the commit; if the transaction fails, every future
+the events (``ON CONFLICT (dedupe_key) DO NOTHING RETURNING``), one UPDATE counting duplicates (if
+any), one UPDATE of the integrations' ``last_event_at`` (at most once a second each), one SELECT of
+the credentials that are not active, one SELECT of the ordering keys still held by undelivered
+deliveries, one executemany INSERT of the deliveries; on PostgreSQL first the advisory locks of the
+batch's calls (``lock_calls``). Each caller's future resolves after the commit; if the transaction fails, every future
 of the batch fails with the exception and nothing of the batch is stored. Batches are written one
 after another in arrival order, so event ids follow arrival order (per-call order, §3).
 
@@ -70,6 +71,8 @@ TRANSIENT_RETRY_DELAYS = (0.2, 1.0, 3.0)
 
 #: At most this many events in one ingest transaction.
 BATCH_MAX = 256
+#: Seconds between two writes of an integration's ``last_event_at``.
+TOUCH_EVERY = 1.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,7 @@ class _BatchOutcome:
     claimed: list[Claimed] = field(default_factory=list)
     queued_keys: list[str] = field(default_factory=list)
     blocked_keys: list[str] = field(default_factory=list)
+    touched: list[tuple[int, float]] = field(default_factory=list)  # (integration, monotonic time)
 
 
 class Pipeline:
@@ -205,6 +209,7 @@ class Pipeline:
         self.batch_max = batch_max
         self._queue: list[_Queued] = []
         self._task: asyncio.Task[None] | None = None
+        self._touched: dict[int, float] = {}  # integration -> when its last_event_at was last written
 
     # -- the asynchronous front ------------------------------------------------------------------
 
@@ -297,6 +302,7 @@ class Pipeline:
                     self.handoff.accept(room, (), (), ())
                 await self._fail(batch, exc)
                 raise
+        self._touched.update(outcome.touched)  # committed: the next second's batches may skip it
         # The callers first: a failing hook below must not leave a committed event unanswered.
         for q, result in zip(batch, outcome.results, strict=True):
             if not q.future.done():
@@ -354,7 +360,12 @@ class Pipeline:
             if e.dedupe_key not in ids:
                 repeats[e.dedupe_key] = repeats.get(e.dedupe_key, 0) + 1
         count_duplicates(session, repeats)
-        touch_contexts(session, [e.xelion_context_id for e in events if e.dedupe_key in ids], now=now)
+        # ``last_event_at`` is shown to the second: once a second per integration is enough, and
+        # saves a statement in nearly every transaction (a round trip on PostgreSQL).
+        mono = self.clock.monotonic()
+        stored = {e.xelion_context_id for e in events if e.dedupe_key in ids}
+        touched = [c for c in stored if mono - self._touched.get(c, -TOUCH_EVERY) >= TOUCH_EVERY]
+        touch_contexts(session, touched, now=now)
 
         # Deliveries per stored event, in event order.
         planned: list[tuple[int, list[NewDelivery]]] = []  # (index in items, its deliveries)
@@ -443,6 +454,7 @@ class Pipeline:
             by_mapping = dict(zip(sorted(ds, key=lambda d: d.mapping_id), delivery_ids, strict=True))
             outcome.results[i] = IngestResult(event_id, tuple(by_mapping[d] for d in ds), handed)
         insert_delivery_rows(session, rows)
+        outcome.touched = [(c, mono) for c in touched]
         return outcome
 
     def _plan(

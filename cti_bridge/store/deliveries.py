@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, exists, func, or_, select, text, update
+from sqlalchemy import bindparam, exists, func, or_, select, update
 from sqlmodel import Session, col
 
 from cti_bridge.store.models import (
@@ -672,14 +672,15 @@ def lock_calls(session: Session, call_ids: Sequence[str]) -> None:
     serialises every transaction (BEGIN IMMEDIATE).
     """
     ids = sorted({c for c in call_ids if c})
-    if not ids or session.get_bind().dialect.name != "postgresql":
+    if not ids:
         return
-    session.execute(
-        text(
-            "SELECT count(pg_advisory_xact_lock(h)) FROM (SELECT DISTINCT hashtext('call|' || c) AS h "
-            "FROM unnest(CAST(:ids AS text[])) AS c ORDER BY h) AS s"
-        ),
-        {"ids": ids},
+    conn, drv = _driver(session)
+    if not drv.postgresql:
+        return
+    conn.exec_driver_sql(
+        "SELECT count(pg_advisory_xact_lock(h)) FROM (SELECT DISTINCT hashtext('call|' || c) AS h "
+        "FROM unnest(CAST(%s AS text[])) AS c ORDER BY h) AS s",
+        (ids,),
     )
 
 

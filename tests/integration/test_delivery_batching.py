@@ -264,7 +264,7 @@ def recording_worker(db: Database, **settings: Any) -> RecordingWorker:
         db=db,
         mappings=MappingCache(),
         tokens=cast(Any, None),
-        http=cast(Any, None),
+        crm=cast(Any, None),
         settings=Settings(**settings),
     )
     worker.started = []
