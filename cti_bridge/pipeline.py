@@ -6,9 +6,10 @@ the events (``ON CONFLICT (dedupe_key) DO NOTHING RETURNING``), one UPDATE count
 any), one UPDATE of the integrations' ``last_event_at`` (at most once a second each), one SELECT of
 the credentials that are not active, one SELECT of the ordering keys still held by undelivered
 deliveries, one executemany INSERT of the deliveries; on PostgreSQL first the advisory locks of the
-batch's calls (``lock_calls``). Each caller's future resolves after the commit; if the transaction fails, every future
-of the batch fails with the exception and nothing of the batch is stored. Batches are written one
-after another in arrival order, so event ids follow arrival order (per-call order, §3).
+batch's calls (``lock_calls``). Each caller's future resolves after the commit; if the transaction
+fails, every future of the batch fails with the exception and nothing of the batch is stored.
+Batches are written one after another in arrival order, so event ids follow arrival order
+(per-call order, §3).
 
 Hand-off: a new delivery that is first in line for its ordering key (no undelivered delivery of the
 key in the database, none earlier in the batch) is inserted already leased (``sending``, a claim
