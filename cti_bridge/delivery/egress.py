@@ -107,20 +107,39 @@ def _legacy_ipv4(host: str) -> bool:
     return True
 
 
+#: Verdicts of ``check_host`` by (host, allow_private): every request checks its host, nearly always
+#: one of a handful of CRM hosts. Bounded: cleared when full.
+_VERDICTS: dict[tuple[str, bool], str | None] = {}
+_VERDICTS_MAX = 4096
+
+
 def check_host(host: str, allow_private: bool) -> None:
     """Refuse an IP-literal host that is not public (hostnames are checked by the resolver)."""
+    key = (host, allow_private)
+    try:
+        refusal = _VERDICTS[key]
+    except KeyError:
+        refusal = _host_refusal(host, allow_private)
+        if len(_VERDICTS) >= _VERDICTS_MAX:
+            _VERDICTS.clear()
+        _VERDICTS[key] = refusal
+    if refusal is not None:
+        raise EgressRefused(refusal)
+
+
+def _host_refusal(host: str, allow_private: bool) -> str | None:
+    """Why ``check_host`` refuses ``host``, or None."""
     bare = host.strip("[]")
     if _legacy_ipv4(bare):
-        raise EgressRefused(f"refused host {bare!r}: a non-canonical numeric IPv4 form")
+        return f"refused host {bare!r}: a non-canonical numeric IPv4 form"
     try:
         ipaddress.ip_address(bare.split("%", 1)[0])
     except ValueError:
-        return  # a hostname: judged at connect time by GuardedResolver
+        return None  # a hostname: judged at connect time by GuardedResolver
     if allow_private:
-        return
+        return None
     reason = address_refused(bare)
-    if reason is not None:
-        raise EgressRefused(f"refused host {bare}: {reason}")
+    return None if reason is None else f"refused host {bare}: {reason}"
 
 
 def check_url(url: str, allow_private: bool) -> None:

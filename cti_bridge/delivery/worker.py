@@ -203,6 +203,8 @@ class DeliveryWorker:
         # No hand-off before run() has released a predecessor's leases (sole owner): that release
         # would void a lease just handed over, and the delivery would be sent twice.
         self._ready = not sole_owner
+        self._now_second = -1
+        self._now_formatted = ""
 
     # -- control -----------------------------------------------------------------------------
 
@@ -567,8 +569,16 @@ class DeliveryWorker:
             },
             token=token_view,
             delivery_id=item.id,
-            now=xelion_time(self.clock.now()),
+            now=self._now_text(),
         )
+
+    def _now_text(self) -> str:
+        """``now`` as templates see it (whole seconds): formatted once per second, not per delivery."""
+        now = self.clock.now()
+        second = int(now.timestamp())
+        if second != self._now_second:
+            self._now_second, self._now_formatted = second, xelion_time(now)
+        return self._now_formatted
 
     async def _attempt(self, item: Claimed) -> _Result:
         if item.credential_id is None:
