@@ -45,6 +45,24 @@ Default N is 5,000 (the whole ``make bench`` then takes about 2.5 minutes at tod
 bench/results/latest.json (with the commit and the changed files measured). ``--profile DIR`` also
 records the daemon with py-spy during each N run (collapsed stacks, DIR/profile-<db>.txt) and prints
 where the time goes (bench/profile_report.py).
+
+Other simulators (``--crm-cmd "CMD"``, ``--xelion-cmd "CMD"``): the benchmark runs CMD with its own
+arguments appended and talks to the process only through this contract, so a separately written
+CRM or event source can stand in for ours.
+
+- CRM: arguments ``--client ID:SECRET --tokens K``. Prints one JSON line when ready: ``{"url": base,
+  "token_url": U, "refresh_tokens": {"ID": [K refresh tokens]}}``. Serves ``POST {base}/...`` (any
+  path; answers 2xx to a valid ``Authorization: Bearer`` access token), the OAuth2 token endpoint at
+  U (``grant_type=refresh_token`` with client ``ID``/``SECRET``; answers an access token), and the
+  control paths: ``GET {base}/_sim/stats`` (``{"received": n, ...}``: CRM requests so far; the
+  pusher's window reads it), ``POST {base}/_sim/reset`` (forget them), ``GET {base}/_sim/bench/last``
+  (``{"received": n, "first_at": t, "last_at": t, "token_requests": {"ID": k}}``, times as
+  ``time.time()`` on arrival) and ``GET {base}/_sim/bench/arrivals`` (``{"arrivals": [[arrival time,
+  status, the JSON body's sentAt or null], ...]}``).
+- Xelion: arguments ``--users U``. Prints one JSON line when ready: ``{"port": P, "control": C}``.
+  Serves Xelion's REST login and notification websocket on 127.0.0.1:P exactly as
+  shared/xelion-protocol.md describes (tenant ``master``, admin ``admin``/``admin-password``, users
+  ``anne`` and ``u0001``.. with password ``pw``), and ``POST {C}/push`` as sim_xelion.py documents.
 """
 
 from __future__ import annotations
@@ -54,6 +72,7 @@ import asyncio
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -383,6 +402,12 @@ def drop_pg_database(name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def sim_argv(command: str | None, script: str, *args: str) -> list[str]:
+    """The command line of a simulator: ``command`` (split like a shell would) or our own ``script``,
+    followed by the benchmark's arguments for it."""
+    return [*shlex.split(command), *args] if command else python_argv(script, *args)
+
+
 async def start_stack(
     http: aiohttp.ClientSession, crm: Crm, db: str, args: argparse.Namespace, users: int, extra_mappings: int
 ) -> Stack:
@@ -394,7 +419,7 @@ async def start_stack(
         url = f"sqlite:///{workdir / 'bench.db'}"
     else:
         pg_name, url = create_pg_database()
-    xelion = Child("xelion", python_argv("sim_xelion.py", "--users", str(max(0, users - 1))))
+    xelion = Child("xelion", sim_argv(args.xelion_cmd, "sim_xelion.py", "--users", str(max(0, users - 1))))
     port = free_port()
     admin_token = secrets.token_urlsafe(24)
     env = {
@@ -823,7 +848,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     max_users = max(1, args.scale_users)
     crm_child = Child(
         "crm",
-        python_argv("sim_crm.py", "--client", f"{CLIENT_ID}:{CLIENT_SECRET}", "--tokens", str(max_users)),
+        sim_argv(
+            args.crm_cmd, "sim_crm.py", "--client", f"{CLIENT_ID}:{CLIENT_SECRET}", "--tokens", str(max_users)
+        ),
     )
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
@@ -870,6 +897,16 @@ def main() -> None:
         type=int,
         default=500,
         help="the pusher stays at most this many events ahead of the CRM (0: unbounded, see sim_xelion.py)",
+    )
+    parser.add_argument(
+        "--crm-cmd",
+        default=None,
+        help="another CRM simulator: a command line run instead of bench/sim_crm.py (see 'Other simulators')",
+    )
+    parser.add_argument(
+        "--xelion-cmd",
+        default=None,
+        help="another Xelion simulator: a command line run instead of bench/sim_xelion.py",
     )
     parser.add_argument("--floor-rounds", type=int, default=2)
     parser.add_argument("--reference-requests", type=int, default=2000, help="per round, httpx clients")
