@@ -123,6 +123,12 @@ class CrmClient:
                 compress=False,
                 timeout=self._timeout,
             ) as response:
+                length = response.content_length
+                if length is not None and length <= max_bytes:
+                    # The usual answer: small, with a Content-Length. One read (aiohttp stops at
+                    # the length, so this cannot read more than max_bytes).
+                    body = await response.read()
+                    return CrmAnswer(response.status, body, False, response.headers.get("Retry-After"))
                 content = response.content
                 chunks: list[bytes] = []
                 size = 0
