@@ -1,11 +1,12 @@
 """What the database work of one event costs, one at a time and in batches (the store's functions,
 unchanged, on a fresh SQLite file or PostgreSQL database).
 
-bench_e2e.py's profile says the daemon spends most of its CPU in three transactions per event: the
-pipeline's ingest (event + delivery), the worker's claim, and the completion. This measures each of
-them as the daemon runs them today (one event, one claimed delivery, one completion per
-transaction) and as they would cost batched (B events in one transaction; claim_due with limit B;
-B completions in one transaction), plus the fixed costs around them: an empty round trip to the
+The daemon's database work per event is three transactions' worth: the pipeline's ingest (event +
+delivery), the worker's claim (skipped for deliveries handed off at ingest), and the completion.
+The daemon batches all three (group commit); this measures each of them one at a time (one event,
+one claimed delivery, one completion per transaction: what a trickle of events costs) and batched
+(B events in one transaction; claim_due with limit B; B completions in one transaction), plus the
+claim with a backlog, and the fixed costs around them: an empty round trip to the
 database thread, and an empty transaction (BEGIN IMMEDIATE / COMMIT on SQLite). Single thread, no
 event loop in the timed parts except the round trip, so these are the database work's own costs.
 
@@ -135,7 +136,7 @@ def measure(url: str, n: int, batch: int, backlog: int, backlog_small: int = 100
         timed(lambda: [db.run_sync(lambda s: s.execute(text("SELECT 1"))) for _ in range(n)]), n
     )
 
-    # Ingest: one event per transaction (today), then `batch` events per transaction.
+    # Ingest: one event per transaction (one at a time), then `batch` events per transaction.
     def ingest_one(prefix: str) -> None:
         for i in range(n):
             kind, f = fields(prefix, i)
@@ -155,7 +156,7 @@ def measure(url: str, n: int, batch: int, backlog: int, backlog_small: int = 100
     out["ingest_1_us"] = us(timed(lambda: ingest_one("one")), n)
     out[f"ingest_{batch}_us"] = us(timed(lambda: ingest_batched("batch")), n)
 
-    # Claim: limit 1 (what a trickle of events gives the worker today), then limit `batch`.
+    # Claim: limit 1 (what a trickle of events gives the worker), then limit `batch`.
     now = datetime.now(UTC)
     claimed: list[Claimed] = []
 
@@ -172,7 +173,7 @@ def measure(url: str, n: int, batch: int, backlog: int, backlog_small: int = 100
     out["claim_1_us"] = us(timed(lambda: claim(1, n)), n)
     out[f"claim_{batch}_us"] = us(timed(lambda: claim(batch, n)), n)
 
-    # Completion: one per transaction (today), then `batch` per transaction.
+    # Completion: one per transaction (one at a time), then `batch` per transaction.
     def complete_one(items: list[Claimed]) -> None:
         for item in items:
             db.run_sync(
@@ -264,15 +265,15 @@ def main() -> None:
     rows = [
         ("round trip to the database thread (empty)", "thread_round_trip_us"),
         ("empty transaction (SELECT 1)", "empty_transaction_us"),
-        ("ingest, 1 event per transaction (today)", "ingest_1_us"),
+        ("ingest, 1 event per transaction (one at a time)", "ingest_1_us"),
         (f"ingest, {b} events per transaction", f"ingest_{b}_us"),
-        ("claim, limit 1 (a trickle of events, today)", "claim_1_us"),
+        ("claim, limit 1 (a trickle of events)", "claim_1_us"),
         (f"claim, limit {b}", f"claim_{b}_us"),
-        ("completion, 1 per transaction (today)", "complete_1_us"),
+        ("completion, 1 per transaction (one at a time)", "complete_1_us"),
         (f"completion, {b} per transaction", f"complete_{b}_us"),
-        ("database work per event, today", "per_event_today_us"),
+        ("database work per event, one at a time", "per_event_today_us"),
         (f"database work per event, batched by {b}", "per_event_batched_us"),
-        ("  = ceiling of one database thread, today (ev/s)", "db_thread_ceiling_today_per_s"),
+        ("  = ceiling of one database thread, one at a time (ev/s)", "db_thread_ceiling_today_per_s"),
         (f"  = ceiling, batched by {b} (ev/s)", "db_thread_ceiling_batched_per_s"),
         ("claim, limit 1, with 100 deliveries due", "claim_1_backlog_100_us"),
         (f"claim, limit 1, with {args.backlog:,} deliveries due", f"claim_1_backlog_{args.backlog}_us"),
