@@ -27,7 +27,7 @@ import httpx
 import yarl
 
 from cti_bridge.config import Settings
-from cti_bridge.delivery.egress import EgressRefused, check_url, guarded_session
+from cti_bridge.delivery.egress import EgressRefused, check_url, find_refusal, guarded_session
 
 
 class CrmAnswer(NamedTuple):
@@ -39,24 +39,9 @@ class CrmAnswer(NamedTuple):
     retry_after: str | None
 
 
-def _refusal(exc: BaseException) -> EgressRefused | None:
-    """The guard's refusal inside an aiohttp connector error (raised by the resolver), if any."""
-    current: BaseException | None = exc
-    for _ in range(8):
-        if current is None:
-            return None
-        if isinstance(current, EgressRefused):
-            return current
-        os_error = getattr(current, "os_error", None)
-        if isinstance(os_error, EgressRefused):
-            return os_error
-        current = current.__cause__ or current.__context__
-    return None
-
-
 def _as_httpx(exc: Exception) -> Exception:
     """aiohttp's error as the httpx error of the same meaning (or the guard's refusal itself)."""
-    refused = _refusal(exc)
+    refused = find_refusal(exc)
     if refused is not None:
         return refused
     text = str(exc) or type(exc).__name__

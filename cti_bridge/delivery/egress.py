@@ -250,7 +250,7 @@ class GuardedAiohttpTransport(AiohttpTransport):
         except httpx.TransportError as exc:
             # httpx-aiohttp maps connector errors loosely (a DNS failure becomes ConnectTimeout);
             # the guard's refusal is dug out of the cause chain so it is reported as itself.
-            refused = _find_refusal(exc)
+            refused = find_refusal(exc)
             if refused is not None:
                 raise refused from None
             raise
@@ -268,9 +268,11 @@ class GuardedAiohttpTransport(AiohttpTransport):
         )
 
 
-def _find_refusal(exc: BaseException) -> EgressRefused | None:
-    current: BaseException | None = exc
-    for _ in range(8):
+def find_refusal(error: BaseException | None) -> EgressRefused | None:
+    """The outbound guard's refusal inside ``error``, if it is one: raised by ``GuardedResolver``,
+    aiohttp carries it as a connector error's ``os_error`` or cause, and callers may wrap it again."""
+    current = error
+    for _ in range(16):
         if current is None:
             return None
         if isinstance(current, EgressRefused):
@@ -278,7 +280,7 @@ def _find_refusal(exc: BaseException) -> EgressRefused | None:
         os_error = getattr(current, "os_error", None)
         if isinstance(os_error, EgressRefused):
             return os_error
-        current = current.__cause__
+        current = current.__cause__ or current.__context__
     return None
 
 

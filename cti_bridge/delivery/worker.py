@@ -44,7 +44,7 @@ from sqlmodel import Session
 from cti_bridge.clock import Clock, SystemClock, xelion_time
 from cti_bridge.config import Settings
 from cti_bridge.delivery.crm_client import CrmClient
-from cti_bridge.delivery.egress import EgressRefused, HostLimiter, check_url
+from cti_bridge.delivery.egress import EgressRefused, HostLimiter, check_url, find_refusal
 from cti_bridge.delivery.oauth import (
     AccessToken,
     ReauthRequired,
@@ -95,17 +95,6 @@ def excerpt(data: bytes | None, secrets: Iterable[str]) -> str | None:
     if data is None:
         return None
     return mask(data[:EXCERPT_BYTES].decode("utf-8", errors="replace"), secrets)
-
-
-def _refusal(error: BaseException | None) -> EgressRefused | None:
-    """The outbound guard's refusal in ``error``'s cause chain, if it is one."""
-    seen = 0
-    while error is not None and seen < 16:
-        if isinstance(error, EgressRefused):
-            return error
-        error = error.__cause__ or error.__context__
-        seen += 1
-    return None
 
 
 @dataclass
@@ -688,7 +677,7 @@ class DeliveryWorker:
         if outcome is Outcome.SUCCESS:
             base.state, base.outcome = "delivered", "delivered"
             return base
-        refused = _refusal(error)
+        refused = find_refusal(error)
         if status is not None:
             reason = f"HTTP {status}"
         elif refused is not None:
