@@ -200,9 +200,19 @@ def _raw_step(expr: Expression) -> Callable[[Names], str]:
     return lambda names: to_str(fn(names))
 
 
+#: What ``quote(text, safe="")`` leaves as it is (RFC 3986 unreserved characters).
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+def _quote_component(text: str) -> str:
+    """``quote(text, safe="")``, without urllib's byte-by-byte path for the many values (ids,
+    numbers, user names) that need no escaping at all."""
+    return text if _UNRESERVED.fullmatch(text) else quote(text, safe="")
+
+
 def _encoded_step(expr: Expression) -> Callable[[Names], str]:
     fn = expr._fn
-    return lambda names: quote(to_str(fn(names)), safe="")
+    return lambda names: _quote_component(to_str(fn(names)))
 
 
 def context_names(ctx: RenderContext, seen: list[str] | None = None) -> Names:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cti_bridge.el import TemplateEvalError, TemplateSyntaxError
 from cti_bridge.render import (
@@ -15,6 +18,7 @@ from cti_bridge.render import (
     MappingSpec,
     RenderContext,
     RenderError,
+    _quote_component,
     compile_mapping,
     mapping_spec_from_json,
     render_command,
@@ -502,3 +506,12 @@ def test_render_command_reports_bad_files(tmp_path: Path) -> None:
     mapping.write_text(json.dumps({"crmResourceUri": "https://x.example/"}))
     with pytest.raises(MappingFileError, match="xelionEvent"):
         render_command(str(mapping), str(event), None, None)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.from_regex(r"[A-Za-z0-9_.~+ -]{0,20}\Z")
+)
+def test_uri_component_quoting_is_urllibs(text: str) -> None:
+    # The fast path for values that need no escaping must not change any value's encoding.
+    assert _quote_component(text) == quote(text, safe="")
