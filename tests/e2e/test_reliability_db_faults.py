@@ -1,0 +1,81 @@
+"""A database that fails for a moment (a PostgreSQL restart, a locked SQLite file) loses nothing and
+stops nothing (reliability.md §1, §20): the worker's claim rides the failure out and claims again, and
+the pipeline writes a batch whose commit failed once more, so its events are stored once. The
+failures are injected at the store functions the daemon calls; everything else is the real daemon,
+simulators and database. Every test runs on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from cti_bridge import pipeline as pipeline_module
+from cti_bridge.delivery import worker as worker_module
+from cti_bridge.sim.crm import Failure
+from tests.e2e.stack import running_stack
+
+
+class FailingFirst:
+    """Wraps a store function: its first ``times`` calls raise a transient database error."""
+
+    def __init__(self, fn: Any, times: int) -> None:
+        self.fn = fn
+        self.left = times
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.left > 0:
+            self.left -= 1
+            raise OperationalError("SELECT ...", {}, Exception("server closed the connection unexpectedly"))
+        return self.fn(*args, **kwargs)
+
+
+async def test_the_worker_rides_out_failing_claims(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A retry needs a claim; the first two claims fail. The worker logs them, waits, claims again,
+    and the delivery is delivered on its second attempt: the daemon is still running."""
+    async with running_stack(db_url) as st:
+        await st.configure(users=("anne",), mappings=[st.mapping("callHungUpEvent")])
+        claims = FailingFirst(worker_module.claim_due, times=2)
+        monkeypatch.setattr(worker_module, "claim_due", claims)
+        st.crm.add_rule("/", Failure.http(503), times=1)
+        with caplog.at_level(logging.ERROR, logger="cti_bridge.delivery.worker"):
+            await st.xelion.place_call("incoming", callee="anne")
+            [item] = await st.wait_settled(1, timeout=20)
+        assert item["state"] == "delivered" and item["attempts"] == 2
+        assert claims.calls >= 3 and claims.left == 0
+        assert sum("claim failed" in r.getMessage() for r in caplog.records) == 2
+        assert [r.status for r in st.crm.received] == [503, 201]
+
+
+async def test_a_batch_whose_commit_failed_is_written_again_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first ingest transaction fails with a transient error: the pipeline tries the same batch
+    again, every event is stored once and delivered once, and the source records no gap."""
+    async with running_stack(db_url) as st:
+        await st.configure(
+            users=("anne",), mappings=[st.mapping("newCallEvent"), st.mapping("callHungUpEvent")]
+        )
+        inserts = FailingFirst(pipeline_module.insert_events, times=1)
+        monkeypatch.setattr(pipeline_module, "insert_events", inserts)
+        call = await st.xelion.place_call("incoming", callee="anne")
+        items = await st.wait_settled(2, timeout=20)
+        assert {d["state"] for d in items} == {"delivered"}
+        assert inserts.left == 0 and inserts.calls >= 2
+        received = await st.crm.wait_for(2)
+        assert len(received) == 2
+        assert {r.json()["callId"] for r in received} == {call.call_id}
+        resp = await st.api.get(
+            "/api/crm-integrations",
+            params={"xelionHost": f"127.0.0.1:{st.xelion.port}", "xelionTenant": "master"},
+        )
+        source = resp.json()["source"]
+        # Only the gap every source records when it starts: the failed commit did not drop the socket.
+        assert source["state"] == "subscribed"
+        assert [g["reason"] for g in source["gaps"]] == ["starting"]
