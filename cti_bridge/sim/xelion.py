@@ -273,6 +273,11 @@ class XelionSimulator:
         self._reap()
         return sum(1 for s in self._sessions.values() if user_space is None or s.user_space == user_space)
 
+    def session_is_live(self, token: str | None) -> bool:
+        """Whether ``token`` is a live session token (a renewal replaces the old one at once)."""
+        self._reap()
+        return token is not None and token in self._sessions
+
     def sessions_by_user_space(self) -> dict[str, int]:
         self._reap()
         counts: dict[str, int] = {}
