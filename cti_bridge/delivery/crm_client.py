@@ -31,12 +31,34 @@ from cti_bridge.delivery.egress import EgressRefused, check_url, find_refusal, g
 
 
 class CrmAnswer(NamedTuple):
-    """What a CRM answered: the status, the body (at most ``max_bytes``) and its one header we use."""
+    """What a CRM answered: the status, the body (at most ``max_bytes``) and its one header we use;
+    ``body_error`` when the body broke off after the status arrived (the body is then empty)."""
 
     status: int
     body: bytes
     truncated: bool
     retry_after: str | None
+    body_error: Exception | None = None
+
+
+async def _read_body(response: aiohttp.ClientResponse, max_bytes: int) -> tuple[bytes, bool]:
+    """At most ``max_bytes`` of the body, and whether there was more (then the connection is closed
+    rather than pooled: the rest is not read)."""
+    length = response.content_length
+    if length is not None and length <= max_bytes:
+        # The usual answer: small, with a Content-Length. One read (aiohttp stops at the length).
+        return await response.read(), False
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await response.content.read(max_bytes + 1 - size)
+        if not chunk:
+            return b"".join(chunks), False
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_bytes:
+            response.close()
+            return b"".join(chunks)[:max_bytes], True
 
 
 def _as_httpx(exc: Exception) -> Exception:
@@ -108,31 +130,15 @@ class CrmClient:
                 compress=False,
                 timeout=self._timeout,
             ) as response:
-                length = response.content_length
-                if length is not None and length <= max_bytes:
-                    # The usual answer: small, with a Content-Length. One read (aiohttp stops at
-                    # the length, so this cannot read more than max_bytes).
-                    body = await response.read()
-                    return CrmAnswer(response.status, body, False, response.headers.get("Retry-After"))
-                content = response.content
-                chunks: list[bytes] = []
-                size = 0
-                truncated = False
-                while True:
-                    chunk = await content.read(max_bytes + 1 - size)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    if size > max_bytes:
-                        truncated = True
-                        # The rest is not read: this connection cannot go back to the pool.
-                        response.close()
-                        break
-                data = b"".join(chunks)
-                if truncated:
-                    data = data[:max_bytes]
-                return CrmAnswer(response.status, data, truncated, response.headers.get("Retry-After"))
+                retry_after = response.headers.get("Retry-After")
+                try:
+                    data, truncated = await _read_body(response, max_bytes)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    # The status line arrived, so the CRM has processed the request: the status
+                    # decides (retry.py), not the body that broke off (which a record may show).
+                    response.close()
+                    return CrmAnswer(response.status, b"", False, retry_after, _as_httpx(exc))
+                return CrmAnswer(response.status, data, truncated, retry_after)
         except EgressRefused:
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:

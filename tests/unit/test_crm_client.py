@@ -202,3 +202,28 @@ async def test_token_client_shares_the_session(sim: CrmSimulator) -> None:
     finally:
         await http.aclose()
         await crm.aclose()
+
+
+async def test_a_status_that_arrived_decides_even_if_the_body_breaks_off() -> None:
+    """retry.py: once the status line arrived the CRM has processed the request, so a body cut off
+    afterwards must not turn a 201 into a retry (which would send the request again)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)  # the b"{}" body
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n" + b'{"id":')
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    crm = client(allow_private_targets=True)
+    try:
+        got = await crm.send("POST", f"http://127.0.0.1:{port}/x", JSON, b"{}", max_bytes=4096)
+    finally:
+        await crm.aclose()
+        server.close()
+        await server.wait_closed()
+    assert got.status == 201
+    assert isinstance(got.body_error, httpx.TransportError)
+    assert classify(got.status, None) is Outcome.SUCCESS
