@@ -291,6 +291,12 @@ def guarded_session(settings: Settings) -> aiohttp.ClientSession:
     the connector has no per-host limit; ``trust_env=False`` so an ``HTTP(S)_PROXY`` variable cannot
     route requests around the guard; no cookie jar (a CRM's cookie must not travel to another
     user's request); bodies handed over as received.
+
+    ``Accept-Encoding: identity`` by default: the session does not decompress (httpx decodes on the
+    token path, and sends its own ``Accept-Encoding``, which replaces this one), so a CRM request
+    must not invite a compressed answer, or a CRM's error body would be stored as gzip bytes in the
+    attempt's excerpt and ``max_response_bytes`` would count compressed bytes. A mapping that sets
+    its own ``Accept-Encoding`` replaces it too.
     """
     connector = aiohttp.TCPConnector(
         resolver=GuardedResolver(settings.allow_private_targets),
@@ -304,6 +310,7 @@ def guarded_session(settings: Settings) -> aiohttp.ClientSession:
         auto_decompress=False,
         trust_env=False,
         cookie_jar=aiohttp.DummyCookieJar(),
+        headers={"Accept-Encoding": "identity"},
     )
 
 

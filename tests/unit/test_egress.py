@@ -4,14 +4,17 @@ on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from cti_bridge.config import Settings
+from cti_bridge.delivery.crm_client import CrmClient
 from cti_bridge.delivery.egress import (
     EgressRefused,
     GuardedResolver,
@@ -208,6 +211,45 @@ async def test_connection_refused_is_retryable() -> None:
         with pytest.raises(httpx.TransportError) as info:
             await client.get(f"http://127.0.0.1:{port}/x")
     assert classify(None, info.value) is Outcome.RETRY
+
+
+async def test_crm_requests_ask_for_no_compression_and_httpx_still_decodes_it() -> None:
+    # The shared session does not decompress: a CRM request asks for an uncompressed answer, while
+    # the httpx client on the same session asks for gzip and decodes it itself.
+    text = b'{"error":"unknown field callId"}'
+    asked: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        accept = request.headers.get("Accept-Encoding", "")
+        asked.append(accept)
+        if "gzip" in accept:
+            return web.Response(status=400, body=gzip.compress(text), headers={"Content-Encoding": "gzip"})
+        return web.Response(status=400, body=text)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    s = settings(allow_private_targets=True)
+    crm = CrmClient(s)
+    http = build_http_client(s, crm.session)
+    try:
+        answer = await crm.send("POST", f"http://127.0.0.1:{port}/calls", {}, b"{}", max_bytes=4096)
+        assert (answer.status, answer.body) == (400, text)
+        response = await http.post(f"http://127.0.0.1:{port}/token", json={})
+        assert (response.status_code, response.content) == (400, text)
+        # A mapping's own Accept-Encoding is sent as it is.
+        await crm.send("GET", f"http://127.0.0.1:{port}/x", {"Accept-Encoding": "br"}, None, max_bytes=4096)
+    finally:
+        await http.aclose()
+        await crm.aclose()
+        await runner.cleanup()
+    assert asked[0] == "identity"
+    assert "gzip" in asked[1]
+    assert asked[2] == "br"
 
 
 async def test_dropped_connection_is_retryable(sim: CrmSimulator) -> None:
