@@ -39,6 +39,7 @@ from aiohttp.resolver import ThreadedResolver
 from httpx_aiohttp import AiohttpTransport
 from httpx_aiohttp.transport import AiohttpResponseStream, map_aiohttp_exceptions
 
+from cti_bridge import __version__
 from cti_bridge.config import Settings
 from cti_bridge.errors import CtiBridgeError
 
@@ -310,7 +311,8 @@ def guarded_session(settings: Settings) -> aiohttp.ClientSession:
         auto_decompress=False,
         trust_env=False,
         cookie_jar=aiohttp.DummyCookieJar(),
-        headers={"Accept-Encoding": "identity"},
+        # User-Agent: a CRM's logs name the bridge. A mapping's own headers replace either default.
+        headers={"Accept-Encoding": "identity", "User-Agent": f"cti-bridge/{__version__}"},
     )
 
 

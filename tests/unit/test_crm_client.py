@@ -39,6 +39,7 @@ async def test_a_request_and_its_answer(sim: CrmSimulator) -> None:
     assert answer.retry_after is None
     [got] = sim.received
     assert (got.method, got.path, got.body, got.headers["X-A"]) == ("POST", "/calls", b'{"a":1}', "1")
+    assert got.headers["User-Agent"].startswith("cti-bridge/")
 
 
 async def test_ip_literal_refused_before_connecting(sim: CrmSimulator) -> None:
