@@ -336,6 +336,7 @@ def build_http_client(
     transport = GuardedAiohttpTransport(session_factory, settings)
     return httpx.AsyncClient(
         transport=transport,
+        headers={"User-Agent": f"cti-bridge/{__version__}"},
         follow_redirects=False,
         trust_env=False,
         timeout=httpx.Timeout(settings.request_timeout, connect=settings.connect_timeout),

@@ -228,3 +228,14 @@ async def test_a_status_that_arrived_decides_even_if_the_body_breaks_off() -> No
     assert got.status == 201
     assert isinstance(got.body_error, httpx.TransportError)
     assert classify(got.status, None) is Outcome.SUCCESS
+
+
+async def test_the_token_client_names_the_bridge_too(sim: CrmSimulator) -> None:
+    crm = client(allow_private_targets=True)
+    http = build_http_client(Settings(allow_private_targets=True), crm.session)
+    try:
+        await http.post(f"{sim.url}/token-side", json={})
+    finally:
+        await http.aclose()
+        await crm.aclose()
+    assert sim.received[0].headers["User-Agent"].startswith("cti-bridge/")
