@@ -466,7 +466,7 @@ class Pipeline:
         found = parties(fields)
         new: list[NewDelivery] = []
         for crm in crms:
-            mappings = crm.by_event.get(notification_type)
+            mappings = crm.mappings.get(notification_type)
             if mappings is None:
                 continue
             seen: set[int] = set()

@@ -108,8 +108,7 @@ class CrmRoute:
     crm_context_id: int
     # What a handed-off delivery needs without a query (pipeline.py); claims read it from the row.
     authorization_header_prefix: str = "Bearer "
-    mappings: dict[str, list[MappingRoute]] = field(default_factory=dict)
-    by_event: dict[str, EventMappings] = field(default_factory=dict)
+    mappings: dict[str, EventMappings] = field(default_factory=dict)  # by xelionEvent
     by_username: dict[str, CredentialRoute] = field(default_factory=dict)
     by_oid: dict[str, CredentialRoute] = field(default_factory=dict)
 
@@ -190,10 +189,12 @@ class RoutingCache:
                 .where(col(EventUriMapping.crm_context_id) == ctx.id, col(EventUriMapping.retired).is_(False))
                 .order_by(col(EventUriMapping.position), col(EventUriMapping.id))
             ).all()
+            by_event: dict[str, list[MappingRoute]] = {}
             for row in rows:
                 assert row.id is not None
                 compiled = self.mappings.peek(row.id) or self.mappings.put(row)
-                route.mappings.setdefault(row.xelion_event, []).append(MappingRoute(row.id, compiled))
+                by_event.setdefault(row.xelion_event, []).append(MappingRoute(row.id, compiled))
+            route.mappings = {event: EventMappings(ms) for event, ms in by_event.items()}
             creds = session.exec(
                 select(UserCredentials).where(col(UserCredentials.crm_context_id) == ctx.id)
             ).all()
@@ -207,6 +208,5 @@ class RoutingCache:
                 route.by_username[cred.xelion_username] = cr
                 if cred.xelion_oid:
                     route.by_oid[cred.xelion_oid] = cr
-            route.by_event = {event: EventMappings(ms) for event, ms in route.mappings.items()}
             crms.append(route)
         return Routing(xelion_context_id=xelion_context_id, crms=crms, loaded_at=now)

@@ -44,7 +44,7 @@ from sqlmodel import Session
 from cti_bridge.clock import Clock, SystemClock, xelion_time
 from cti_bridge.config import Settings
 from cti_bridge.delivery.crm_client import CrmClient
-from cti_bridge.delivery.egress import EgressRefused, HostLimiter, check_url, find_refusal
+from cti_bridge.delivery.egress import EgressRefused, HostLimiter, find_refusal
 from cti_bridge.delivery.oauth import (
     AccessToken,
     ReauthRequired,
@@ -642,11 +642,8 @@ class DeliveryWorker:
             request_body=req.body,
             secrets=secrets,
         )
-        try:
-            check_url(req.url, self.settings.allow_private_targets)
-        except EgressRefused as exc:
-            base.error = f"refused by the outbound guard: {exc}"
-            return base
+        # The outbound guard is CrmClient.send's first step (every request, a caller cannot forget
+        # it); its refusal comes back as the error below and is reported as the guard's.
         headers = dict(req.headers)
         headers["Authorization"] = item.authorization_header_prefix + token.access_token
         headers["Idempotency-Key"] = item.id

@@ -565,6 +565,16 @@ class _DriverSql:
         constant column names, never a value (hence the S608 exemptions)."""
         return ", ".join(["?"] * n)
 
+    def rows_in(self, conn: Any, template: str, values: Sequence[object], *extra: object) -> list[Any]:
+        """The rows of ``template`` (a SELECT whose ``{in_list}`` is replaced by placeholders for
+        ``values``, then ``extra`` parameters) for every value, 500 values per statement."""
+        rows: list[Any] = []
+        for start in range(0, len(values), 500):
+            chunk = values[start : start + 500]
+            statement = self.sql(template.format(in_list=self.marks(len(chunk))))
+            rows += conn.exec_driver_sql(statement, (*chunk, *extra)).all()
+        return rows
+
 
 _DRIVER_SQL: dict[str, _DriverSql] = {}
 
@@ -652,14 +662,12 @@ def inactive_credentials(session: Session, credential_ids: Sequence[int]) -> dic
     if not ids:
         return {}
     conn, drv = _driver(session)
-    result = conn.exec_driver_sql(
-        drv.sql(
-            f"SELECT id, state_reason FROM user_credentials WHERE id IN ({drv.marks(len(ids))}) "  # noqa: S608
-            "AND state <> 'active'"
-        ),
-        tuple(ids),
+    rows = drv.rows_in(
+        conn,
+        "SELECT id, state_reason FROM user_credentials WHERE id IN ({in_list}) AND state <> 'active'",
+        ids,
     )
-    return {int(cred_id): reason for cred_id, reason in result}
+    return {int(cred_id): reason for cred_id, reason in rows}
 
 
 def lock_calls(session: Session, call_ids: Sequence[str]) -> None:
@@ -691,18 +699,14 @@ def _keys_in_states(session: Session, ordering_keys: Sequence[str], states: Sequ
     if not keys:
         return set()
     conn, drv = _driver(session)
-    found: set[str] = set()
-    for start in range(0, len(keys), 500):
-        chunk = keys[start : start + 500]
-        result = conn.exec_driver_sql(
-            drv.sql(
-                f"SELECT DISTINCT ordering_key FROM delivery WHERE ordering_key IN ({drv.marks(len(chunk))}) "  # noqa: S608
-                f"AND state IN ({drv.marks(len(states))})"
-            ),
-            (*chunk, *states),
-        )
-        found.update(str(row[0]) for row in result)
-    return found
+    rows = drv.rows_in(
+        conn,
+        "SELECT DISTINCT ordering_key FROM delivery WHERE ordering_key IN ({in_list}) "  # noqa: S608
+        f"AND state IN ({drv.marks(len(states))})",
+        keys,
+        *states,
+    )
+    return {str(row[0]) for row in rows}
 
 
 def undelivered_keys(session: Session, ordering_keys: Sequence[str]) -> set[str]:
@@ -800,19 +804,15 @@ def complete_many(session: Session, completions: Sequence[Completion], *, now: d
     if not completions:
         return []
     conn, drv = _driver(session)
-    ids = sorted({c.delivery_id for c in completions})
-    owners: dict[str, str | None] = {}
     lock = " ORDER BY id FOR UPDATE" if drv.postgresql else ""
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        result = conn.exec_driver_sql(
-            drv.sql(
-                f"SELECT id, lease_owner FROM delivery WHERE id IN ({drv.marks(len(chunk))}) "  # noqa: S608
-                f"AND state = 'sending'{lock}"
-            ),
-            tuple(chunk),
+    owners: dict[str, str | None] = {
+        str(i): owner
+        for i, owner in drv.rows_in(
+            conn,
+            "SELECT id, lease_owner FROM delivery WHERE id IN ({in_list}) AND state = 'sending'" + lock,  # noqa: S608
+            sorted({c.delivery_id for c in completions}),
         )
-        owners.update({str(i): owner for i, owner in result})
+    }
     applied: list[bool] = []
     for c in completions:
         ok = owners.get(c.delivery_id) == c.claim
