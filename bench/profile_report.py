@@ -80,11 +80,13 @@ def _short(frame: str) -> str:
 
 def _stage(thread: str, frames: list[str]) -> str:
     text = ";".join(frames)
-    rules = DB_STAGES if thread.startswith("cti-db") else LOOP_STAGES
+    # A quick SQLite unit of work runs in the loop's thread (store/db.py): it is database time too.
+    in_db = thread.startswith("cti-db") or "Database.run_sync" in text
+    rules = DB_STAGES if in_db else LOOP_STAGES
     for name, needles in rules:
         if any(n in text for n in needles):
             return name
-    return ("db: other" if thread.startswith("cti-db") else "other") + f" [{thread}]"
+    return ("db: other" if in_db else "other") + f" [{thread}]"
 
 
 def summarise(path: Path, top: int = 20, cpu_ms_per_event: float | None = None) -> str:

@@ -266,7 +266,7 @@ class Pipeline:
         while True:
             room = self.handoff.reserve(len(batch)) if self.handoff is not None else None
             try:
-                outcome = await self.db.run(partial(self._ingest_batch, items=items, room=room))
+                outcome = await self.db.run(partial(self._ingest_batch, items=items, room=room), quick=True)
                 break
             except OperationalError as exc:
                 # A database that is briefly away (a PostgreSQL restart, a dropped connection, a

@@ -352,7 +352,8 @@ class DeliveryWorker:
             self._reserved += limit  # a hand-off meanwhile must not take the same places
             try:
                 claimed = await self.db.run(
-                    partial(claim_due, now=now, limit=limit, lease_seconds=lease, skip_mappings=full)
+                    partial(claim_due, now=now, limit=limit, lease_seconds=lease, skip_mappings=full),
+                    quick=True,
                 )
             finally:
                 self._reserved -= limit
@@ -373,7 +374,7 @@ class DeliveryWorker:
             return  # a full batch: there may be more due right now
         timeout = 1.0
         if not claimed and limit > 0:
-            due = await self.db.run(partial(next_due_at, skip_mappings=full))
+            due = await self.db.run(partial(next_due_at, skip_mappings=full), quick=True)
             if due is not None:
                 timeout = min(1.0, max(0.05, (due - self.clock.now()).total_seconds()))
         with contextlib.suppress(TimeoutError):
@@ -494,7 +495,8 @@ class DeliveryWorker:
                 applied, successors = await self.db.run(
                     partial(
                         _write_completions, completions=completions, keys=[k for _, _, k in batch], now=now
-                    )
+                    ),
+                    quick=True,
                 )
             except Exception as exc:
                 # As a failed single completion did: the deliveries stay leased and go back to the

@@ -1,0 +1,108 @@
+"""Database.run: where a unit of work runs (store/db.py). A quick unit of work on SQLite runs in the
+loop's own thread when the database thread is idle, and in the thread, after what is there, when it
+is not; PostgreSQL and ordinary units of work always use the threads. Units of work stay one at a
+time and in order either way. The tests that are not about SQLite alone run on both databases."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from sqlalchemy import text
+from sqlmodel import Session
+
+from cti_bridge.store.db import Database
+
+
+def _thread_of(_s: Session) -> int:
+    return threading.get_ident()
+
+
+async def test_a_quick_unit_of_work_on_sqlite_runs_in_the_loop_thread(sqlite_database: Database) -> None:
+    here = threading.get_ident()
+    assert await sqlite_database.run(_thread_of, quick=True) == here
+    assert await sqlite_database.run(_thread_of) != here  # not quick: the database thread
+
+
+async def test_postgresql_always_uses_its_threads(database: Database) -> None:
+    here = threading.get_ident()
+    where = await database.run(_thread_of, quick=True)
+    assert (where == here) == database.is_sqlite
+
+
+async def test_a_quick_unit_waits_its_turn_behind_the_thread(sqlite_database: Database) -> None:
+    """SQLite: while a unit of work holds the database thread, a quick one queues behind it (in the
+    thread) instead of running beside it: both commit, in the order they were given. (PostgreSQL
+    runs units of work side by side in its threads, as before.)"""
+    database = sqlite_database
+    started = threading.Event()
+    release = threading.Event()
+    order: list[str] = []
+
+    def slow(s: Session) -> int:
+        started.set()
+        assert release.wait(10)
+        s.exec(text("SELECT 1"))  # type: ignore[call-overload]
+        order.append("slow")
+        return threading.get_ident()
+
+    def quick(s: Session) -> int:
+        order.append("quick")
+        return threading.get_ident()
+
+    first = asyncio.ensure_future(database.run(slow))
+    assert await asyncio.to_thread(started.wait, 10)
+    assert database.busy_in_thread == 1
+    second = asyncio.ensure_future(database.run(quick, quick=True))
+    await asyncio.sleep(0.05)
+    assert order == []  # the quick one did not run in the loop's thread meanwhile
+    release.set()
+    slow_thread, quick_thread = await asyncio.gather(first, second)
+    assert order == ["slow", "quick"]
+    assert quick_thread != threading.get_ident()
+    assert database.busy_in_thread == 0
+    # The thread is idle again: quick units run in the loop's thread again.
+    assert await database.run(_thread_of, quick=True) == threading.get_ident()
+
+
+async def test_a_cancelled_caller_leaves_its_unit_counted_until_it_ends(sqlite_database: Database) -> None:
+    """Cancelling the caller does not stop a unit of work already in the thread; until it ends, a
+    quick unit of work must not run beside it in the loop's thread."""
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow(_s: Session) -> None:
+        started.set()
+        assert release.wait(10)
+
+    caller = asyncio.ensure_future(sqlite_database.run(slow))
+    assert await asyncio.to_thread(started.wait, 10)
+    caller.cancel()
+    await asyncio.sleep(0)
+    assert caller.cancelled()
+    assert sqlite_database.busy_in_thread == 1  # still running in the thread
+    quick = asyncio.ensure_future(sqlite_database.run(_thread_of, quick=True))
+    await asyncio.sleep(0.05)
+    assert not quick.done()
+    release.set()
+    assert await quick != threading.get_ident()
+    assert sqlite_database.busy_in_thread == 0
+    assert await sqlite_database.run(_thread_of, quick=True) == threading.get_ident()
+
+
+async def test_a_quick_unit_that_fails_rolls_back(database: Database) -> None:
+    """Inline or not, a unit of work that raises commits nothing and the caller gets the error."""
+    await database.run(lambda s: s.exec(text("CREATE TABLE t_quick (v INTEGER)")), quick=True)  # type: ignore[call-overload]
+
+    def insert_then_fail(s: Session) -> None:
+        s.exec(text("INSERT INTO t_quick (v) VALUES (1)"))  # type: ignore[call-overload]
+        raise ValueError("boom")
+
+    try:
+        await database.run(insert_then_fail, quick=True)
+    except ValueError as exc:
+        assert str(exc) == "boom"
+    else:
+        raise AssertionError("the error did not reach the caller")
+    count = await database.run(lambda s: s.exec(text("SELECT count(*) FROM t_quick")).one()[0], quick=True)  # type: ignore[call-overload]
+    assert count == 0
