@@ -106,3 +106,47 @@ async def test_a_quick_unit_that_fails_rolls_back(database: Database) -> None:
         raise AssertionError("the error did not reach the caller")
     count = await database.run(lambda s: s.exec(text("SELECT count(*) FROM t_quick")).one()[0], quick=True)  # type: ignore[call-overload]
     assert count == 0
+
+
+async def test_driver_statements_raise_what_sqlalchemy_would(database: Database) -> None:
+    """The per-event statements run on the driver's cursor (store/deliveries.py ``_Raw``); a driver
+    error must reach callers as the SQLAlchemy exception ``exec_driver_sql`` raises for the same
+    statement (the pipeline retries ``OperationalError``), with the parameters hidden."""
+    from sqlalchemy.exc import DBAPIError
+
+    from cti_bridge.store.deliveries import _driver
+
+    secret = "parameter-value-that-must-not-show"
+
+    def marks(s: Session, sql: str) -> str:
+        return _driver(s)[1].sql(sql)
+
+    await database.run(lambda s: s.exec(text("CREATE TABLE t_raw (k TEXT PRIMARY KEY)")))  # type: ignore[call-overload]
+    await database.run(lambda s: s.exec(text("INSERT INTO t_raw (k) VALUES ('a')")))  # type: ignore[call-overload]
+    statements = [
+        "SELECT * FROM no_such_table WHERE k = ?",  # an unknown table
+        "INSERT INTO t_raw (k) VALUES (?) RETURNING k",  # a unique violation ('a' is there)
+        "SELEC k FROM t_raw WHERE k = ?",  # a syntax error
+    ]
+    for sql in statements:
+        params = ("a",) if "INSERT" in sql else (secret,)
+
+        def via_raw(s: Session, sql: str = sql, params: tuple[str, ...] = params) -> object:
+            return _driver(s)[0].rows(marks(s, sql), params)
+
+        def via_sqlalchemy(s: Session, sql: str = sql, params: tuple[str, ...] = params) -> object:
+            return s.connection().exec_driver_sql(marks(s, sql), params).all()
+
+        errors: list[BaseException] = []
+        for fn in (via_raw, via_sqlalchemy):
+            try:
+                await database.run(fn, quick=True)
+            except DBAPIError as exc:
+                errors.append(exc)
+        assert len(errors) == 2, sql
+        raw, expected = errors
+        assert type(raw) is type(expected), (sql, type(raw), type(expected))
+        assert type(raw.orig) is type(expected.orig)  # type: ignore[attr-defined]
+        assert secret not in str(raw)
+    rows = await database.run(lambda s: s.exec(text("SELECT k FROM t_raw")).all())  # type: ignore[call-overload]
+    assert [tuple(r) for r in rows] == [("a",)]  # each failed unit of work was rolled back
