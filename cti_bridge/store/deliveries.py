@@ -28,10 +28,8 @@ from sqlmodel import Session, col
 
 from cti_bridge.store.models import (
     CallEvent,
-    CrmContext,
     Delivery,
     DeliveryAttempt,
-    UserCredentials,
 )
 
 UNDELIVERED = ("pending", "sending", "parked")
@@ -177,7 +175,8 @@ class Claimed:
 
 
 def _blocked() -> Any:
-    """True for a delivery with an earlier undelivered one of the same ordering key (§3)."""
+    """True for a delivery with an earlier undelivered one of the same ordering key (§3); the
+    SQLAlchemy form of the NOT EXISTS in ``_due_sql``, for ``next_due_at``."""
     d = _table(Delivery)
     earlier = d.alias("earlier")
     return exists().where(
@@ -189,80 +188,21 @@ def _blocked() -> Any:
     )
 
 
-@dataclass(frozen=True)
-class _ClaimStatements:
-    """The claim's statements, built once per dialect: rebuilding them per claim (and hashing them
-    for SQLAlchemy's statement cache) cost more than running them."""
-
-    expired: Any  # leases that ran out (a crashed or stopped worker's claims)
-    expired_skip: Any
-    pending: Any  # pending deliveries whose time has come
-    pending_skip: Any
-    lease: Any
-    rows: Any
-
-
-@functools.cache
-def _claim_statements(dialect: str) -> _ClaimStatements:
-    d = _table(Delivery)
-    # Claim order; ``ix_delivery_due`` (state, next_attempt_at, event_id, mapping_id) follows it, so
-    # the database walks the index and stops at the LIMIT instead of sorting the whole backlog.
-    order = (d.c.next_attempt_at, d.c.event_id, d.c.mapping_id)
-    skip = d.c.mapping_id.not_in(bindparam("skip", expanding=True))
-
-    def due(*where: Any) -> Any:
-        query = select(d.c.id).where(*where, ~_blocked()).order_by(*order).limit(bindparam("limit"))
-        if dialect == "postgresql":
-            query = query.with_for_update(skip_locked=True, of=d)
-        return query
-
-    expired = (
-        d.c.state == "sending",
-        d.c.lease_expires_at < bindparam("now", type_=d.c.lease_expires_at.type),
-    )
-    pending = (
-        d.c.state == "pending",
-        d.c.next_attempt_at <= bindparam("now", type_=d.c.next_attempt_at.type),
-    )
-    lease = (
-        update(d)
-        .where(d.c.id.in_(bindparam("ids", expanding=True)))
-        .values(
-            state="sending",
-            lease_owner=bindparam("claim"),
-            lease_expires_at=bindparam("until", type_=d.c.lease_expires_at.type),
-            updated_at=bindparam("at", type_=d.c.updated_at.type),
-        )
-    )
-    events, crms, creds = _table(CallEvent), _table(CrmContext), _table(UserCredentials)
-    rows = (
-        select(
-            d.c.id,
-            d.c.attempts,
-            d.c.event_id,
-            events.c.notification_type,
-            events.c.payload,
-            d.c.mapping_id,
-            d.c.credential_id,
-            d.c.xelion_username,
-            creds.c.xelion_oid,
-            d.c.user_role,
-            crms.c.authorization_header_prefix,
-            d.c.ordering_key,
-        )
-        .join(events, events.c.id == d.c.event_id)
-        .join(crms, crms.c.id == d.c.crm_context_id)
-        .outerjoin(creds, creds.c.id == d.c.credential_id)
-        .where(d.c.id.in_(bindparam("ids", expanding=True)))
-        .order_by(d.c.event_id, d.c.mapping_id)
-    )
-    return _ClaimStatements(
-        expired=due(*expired),
-        expired_skip=due(*expired, skip),
-        pending=due(*pending),
-        pending_skip=due(*pending, skip),
-        lease=lease,
-        rows=rows,
+def _due_sql(drv: _DriverSql, where: str, skip: int) -> str:
+    """The SELECT of claimable ids (``where`` plus, for ``skip`` mappings, ``NOT IN``) in claim
+    order, stopping at its LIMIT; ``ix_delivery_due`` (state, next_attempt_at, event_id,
+    mapping_id) follows that order, so the database walks the index instead of sorting the
+    backlog. On PostgreSQL the rows are locked, skipping those another replica holds."""
+    not_in = f" AND delivery.mapping_id NOT IN ({drv.marks(skip)})" if skip else ""
+    lock = " FOR UPDATE OF delivery SKIP LOCKED" if drv.postgresql else ""
+    return drv.sql(
+        f"SELECT delivery.id FROM delivery WHERE {where}{not_in} AND NOT EXISTS ("  # noqa: S608
+        "SELECT 1 FROM delivery AS earlier WHERE earlier.ordering_key = delivery.ordering_key "
+        f"AND earlier.state IN ({drv.marks(len(UNDELIVERED))}) "
+        # The first term lets the database seek ``ix_delivery_order`` (ordering_key, event_id).
+        "AND earlier.event_id <= delivery.event_id "
+        "AND (earlier.event_id < delivery.event_id OR earlier.mapping_id < delivery.mapping_id)) "
+        f"ORDER BY delivery.next_attempt_at, delivery.event_id, delivery.mapping_id LIMIT ?{lock}"
     )
 
 
@@ -278,29 +218,53 @@ def claim_due(
 
     Expired leases first (the oldest work), then pending deliveries in due order; each query walks
     ``ix_delivery_due`` and stops at its LIMIT, so a claim costs about the same with a backlog of
-    ten or of ten thousand.
+    ten or of ten thousand. A delivery is claimable only if no earlier undelivered delivery of its
+    ordering key exists (§3). Driver SQL like the other per-event statements (``_driver``).
 
     ``skip_mappings``: mappings the caller has no room for now (their CRM host is at the worker's
     fairness bound, reliability.md §9); their deliveries stay in the queue for others.
     """
     if limit <= 0:
         return []
-    conn = session.connection()
-    st = _claim_statements(conn.dialect.name)
-    params: dict[str, object] = {"now": now, "limit": limit}
-    if skip_mappings:
-        params["skip"] = list(skip_mappings)
-    ids = [row[0] for row in conn.execute(st.expired_skip if skip_mappings else st.expired, params)]
-    if len(ids) < limit:
-        params["limit"] = limit - len(ids)
-        ids += [row[0] for row in conn.execute(st.pending_skip if skip_mappings else st.pending, params)]
+    conn, drv = _driver(session)
+    at = drv.dt(now)
+    skip = sorted(set(skip_mappings))
+    ids: list[str] = []
+    for where in (
+        "delivery.state = ? AND delivery.lease_expires_at < ?",
+        "delivery.state = ? AND delivery.next_attempt_at <= ?",
+    ):
+        state = "sending" if "lease_expires_at" in where else "pending"
+        rows = conn.rows(_due_sql(drv, where, len(skip)), (state, at, *skip, *UNDELIVERED, limit - len(ids)))
+        ids += [str(row[0]) for row in rows]
+        if len(ids) >= limit:
+            break
     if not ids:
         return []
     claim = uuid.uuid4().hex
-    conn.execute(
-        st.lease,
-        {"ids": ids, "claim": claim, "until": now + timedelta(seconds=lease_seconds), "at": now},
+    until = drv.dt(now + timedelta(seconds=lease_seconds))
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        conn.execute(
+            drv.sql(
+                "UPDATE delivery SET state = 'sending', lease_owner = ?, lease_expires_at = ?, "  # noqa: S608
+                f"updated_at = ? WHERE id IN ({drv.marks(len(chunk))})"
+            ),
+            (claim, until, at, *chunk),
+        )
+    rows = drv.rows_in(
+        conn,
+        "SELECT delivery.id, delivery.attempts, delivery.event_id, call_event.notification_type, "
+        "call_event.payload, delivery.mapping_id, delivery.credential_id, delivery.xelion_username, "
+        "user_credentials.xelion_oid, delivery.user_role, crm_context.authorization_header_prefix, "
+        "delivery.ordering_key FROM delivery "
+        "JOIN call_event ON call_event.id = delivery.event_id "
+        "JOIN crm_context ON crm_context.id = delivery.crm_context_id "
+        "LEFT OUTER JOIN user_credentials ON user_credentials.id = delivery.credential_id "
+        "WHERE delivery.id IN ({in_list})",
+        ids,
     )
+    rows.sort(key=lambda r: (r[2], r[5]))  # claim order within the batch: event, then mapping
     return [
         Claimed(
             id=r[0],
@@ -317,7 +281,7 @@ def claim_due(
             authorization_header_prefix=r[10],
             ordering_key=r[11],
         )
-        for r in conn.execute(st.rows, {"ids": ids})
+        for r in rows
     ]
 
 
