@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import inspect
+import hashlib
+import json
 
+from sqlalchemy import inspect, text
+
+from cti_bridge.events import dedupe_key
 from cti_bridge.store import migrate
 from cti_bridge.store.db import make_engine
 
@@ -40,3 +44,44 @@ def test_sqlite_runs_in_wal_mode(sqlite_database) -> None:  # type: ignore[no-un
     with sqlite_database.engine.connect() as conn:
         mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
     assert mode == "wal"
+
+
+def test_stored_dedupe_keys_follow_the_new_form_both_ways(db_url: str) -> None:
+    """Migration 0004 rewrites the keys of stored events to ``<callId>|<digest>``: an event that
+    arrives again after the upgrade gets the same key (still a duplicate). Downgrade restores the
+    old keys exactly."""
+    fields = {"callId": "1732443153.1021", "callerPhoneNumber": "+31612345678", "calleePhoneNumber": None}
+    canonical = json.dumps(
+        [1, "callHungUpEvent", fields["callId"], fields["callerPhoneNumber"], None], separators=(",", ":")
+    )
+    old_key = hashlib.sha256(canonical.encode()).hexdigest()
+    engine = make_engine(db_url)
+    try:
+        migrate.upgrade(engine, "0003")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO xelion_context (id, host, protocol, tenant, admin_username, "
+                    "admin_password_enc, source_state, created_at, updated_at) VALUES "
+                    "(1, 'h', 'https', 't', 'a', 'x', 'stopped', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO call_event (xelion_context_id, notification_type, call_id, dedupe_key, "
+                    "payload, duplicates, received_at) "
+                    "VALUES (1, 'callHungUpEvent', :call, :key, :payload, 0, CURRENT_TIMESTAMP)"
+                ),
+                {"call": fields["callId"], "key": old_key, "payload": json.dumps(fields)},
+            )
+
+        def stored() -> str:
+            with engine.connect() as conn:
+                return str(conn.execute(text("SELECT dedupe_key FROM call_event")).scalar_one())
+
+        migrate.upgrade(engine)
+        assert stored() == dedupe_key(1, "callHungUpEvent", fields)
+        migrate.downgrade(engine, "0003")
+        assert stored() == old_key
+    finally:
+        engine.dispose()

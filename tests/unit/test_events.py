@@ -153,7 +153,7 @@ def test_parties(fields: dict[str, object], expected: list[Party]) -> None:
     assert parties(fields) == expected
 
 
-def test_dedupe_key_is_sha256_of_the_canonical_tuple() -> None:
+def test_dedupe_key_is_the_call_and_the_sha256_of_the_canonical_tuple() -> None:
     fields = {
         "callId": "1732443153.1021",
         "callerPhoneNumber": "+31612345678",
@@ -162,7 +162,22 @@ def test_dedupe_key_is_sha256_of_the_canonical_tuple() -> None:
         "duration": 89,
     }
     canonical = '[7,"callHungUpEvent","1732443153.1021","+31612345678","+31152511411"]'
-    assert dedupe_key(7, "callHungUpEvent", fields) == hashlib.sha256(canonical.encode()).hexdigest()
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    assert dedupe_key(7, "callHungUpEvent", fields) == "1732443153.1021|" + digest[:32]
+
+
+def test_dedupe_keys_of_calls_started_one_after_another_sort_together() -> None:
+    """The key leads with the callId (which leads with the call's start time), cut to fit the
+    64-character column; keys made in call order are in index order."""
+    call_ids = [f"17324431{n:02d}.{1000 + n}" for n in range(40)]
+    keys = [dedupe_key(1, "newCallEvent", {"callId": c}) for c in call_ids]
+    assert keys == sorted(keys)
+    long_id = "x" * 100
+    key = dedupe_key(1, "newCallEvent", {"callId": long_id})
+    assert key.startswith("x" * 31 + "|") and len(key) == 64
+    # The digest still covers the whole callId: two long ids with the same start differ.
+    assert key != dedupe_key(1, "newCallEvent", {"callId": long_id + "y"})
+    assert dedupe_key(1, "newCallEvent", {}).startswith("|")  # no callId: an empty prefix
 
 
 def test_dedupe_key_stability_and_what_it_covers() -> None:
@@ -191,7 +206,8 @@ def test_dedupe_key_stability_and_what_it_covers() -> None:
     assert dedupe_key(1, "missedCallEvent", no_numbers) != dedupe_key(
         1, "missedCallEvent", {"callId": "c1", "callerPhoneNumber": "", "calleePhoneNumber": ""}
     )
-    assert len(key) == 64 and int(key, 16) >= 0
+    prefix, _, digest = key.partition("|")
+    assert prefix == "c1" and len(digest) == 32 and int(digest, 16) >= 0
 
 
 def test_normalise_fields_keeps_everything_and_copies() -> None:
