@@ -16,10 +16,10 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import uuid6
 from sqlalchemy import bindparam, exists, func, or_, select, update
@@ -33,6 +33,8 @@ from cti_bridge.store.models import (
 )
 
 UNDELIVERED = ("pending", "sending", "parked")
+T = TypeVar("T")
+
 TERMINAL = ("delivered", "dead", "dismissed")
 STATES = ("pending", "sending", "delivered", "dead", "parked", "dismissed")
 
@@ -544,36 +546,32 @@ class _Raw:
     def _wrap(self, sql: str, exc: Exception) -> BaseException:
         return DBAPIError.instance(sql, None, exc, self._error, hide_parameters=True, dialect=self._dialect)
 
-    def rows(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
-        """The rows of a statement that returns rows."""
+    def _call(self, sql: str, run: Callable[[Any], T]) -> T:
+        """``run(cursor)`` on a fresh cursor, closed after; a driver error raised as SQLAlchemy's."""
         cursor = self._conn.cursor()
         try:
-            cursor.execute(sql, params)
-            return list(cursor.fetchall())
+            return run(cursor)
         except self._error as exc:
             raise self._wrap(sql, exc) from exc
         finally:
             cursor.close()
+
+    def rows(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        """The rows of a statement that returns rows."""
+
+        def run(cursor: Any) -> list[Any]:
+            cursor.execute(sql, params)
+            return list(cursor.fetchall())
+
+        return self._call(sql, run)
 
     def execute(self, sql: str, params: Sequence[object] = ()) -> None:
         """Run a statement that returns nothing."""
-        cursor = self._conn.cursor()
-        try:
-            cursor.execute(sql, params)
-        except self._error as exc:
-            raise self._wrap(sql, exc) from exc
-        finally:
-            cursor.close()
+        self._call(sql, lambda cursor: cursor.execute(sql, params))
 
     def executemany(self, sql: str, params: Sequence[Sequence[object]]) -> None:
         """Run a statement once per parameter tuple (one driver call)."""
-        cursor = self._conn.cursor()
-        try:
-            cursor.executemany(sql, params)
-        except self._error as exc:
-            raise self._wrap(sql, exc) from exc
-        finally:
-            cursor.close()
+        self._call(sql, lambda cursor: cursor.executemany(sql, params))
 
 
 @dataclass(frozen=True)

@@ -150,3 +150,55 @@ async def test_driver_statements_raise_what_sqlalchemy_would(database: Database)
         assert secret not in str(raw)
     rows = await database.run(lambda s: s.exec(text("SELECT k FROM t_raw")).all())  # type: ignore[call-overload]
     assert [tuple(r) for r in rows] == [("a",)]  # each failed unit of work was rolled back
+
+
+async def test_a_write_lock_held_elsewhere_does_not_freeze_the_loop(sqlite_database: Database) -> None:
+    """Another process holds SQLite's write lock (an operator's shell, say). A quick unit of work
+    waits for it only briefly in the loop's thread (INLINE_LOCK_WAIT_MS), then in the database
+    thread: the loop keeps running meanwhile, and the unit commits once the lock is free."""
+    import sqlite3
+    import time
+
+    from cti_bridge.store.db import INLINE_LOCK_WAIT_MS
+
+    path = sqlite_database.url.split(":///", 1)[1]
+    other = sqlite3.connect(path, isolation_level=None)
+    await sqlite_database.run(lambda s: s.exec(text("CREATE TABLE t_lock (v INTEGER)")), quick=True)  # type: ignore[call-overload]
+    other.execute("BEGIN IMMEDIATE")
+    hold = 2.0
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    def insert(s: Session) -> int:
+        s.exec(text("INSERT INTO t_lock (v) VALUES (1)"))  # type: ignore[call-overload]
+        return threading.get_ident()
+
+    tick = asyncio.ensure_future(ticker())
+    try:
+        await asyncio.sleep(0.05)
+        unit = asyncio.ensure_future(sqlite_database.run(insert, quick=True))
+        await asyncio.sleep(hold)
+        assert not unit.done()  # still waiting for the lock, in the database thread
+        other.execute("COMMIT")
+        where = await asyncio.wait_for(unit, 30)
+    finally:
+        tick.cancel()
+        other.close()
+    assert where != threading.get_ident()  # it went to the database thread
+    # The loop was never stopped for anything like the lock's 2 s (at most the short inline wait,
+    # plus whatever a loaded machine adds).
+    assert max(gaps) < hold / 2, max(gaps)
+    assert INLINE_LOCK_WAIT_MS / 1000 < hold / 2
+    def count(s: Session) -> int:
+        return int(s.exec(text("SELECT count(*) FROM t_lock")).one()[0])  # type: ignore[call-overload]
+
+    assert await sqlite_database.run(count, quick=True) == 1
+    # And the next quick unit runs in the loop's thread again, on the same held connection.
+    assert await sqlite_database.run(_thread_of, quick=True) == threading.get_ident()
