@@ -40,7 +40,7 @@ Measured:
                                         [--concurrency 32] [--window 500] [--keep]
                                         [--profile DIR [--profile-mode cpu|gil|wall]]
 
-Default N is 5,000 (the whole ``make bench`` then takes about 2.5 minutes at today's ~200 events/s);
+Default N is 5,000 (the whole ``make bench`` then takes about 70 s here, both databases and the scale run);
 ``--events 100000 --db sqlite --scale-users 0`` checks the memory target. Writes
 bench/results/latest.json (with the commit and the changed files measured). ``--profile DIR`` also
 records the daemon with py-spy during each N run (collapsed stacks, DIR/profile-<db>.txt) and prints
