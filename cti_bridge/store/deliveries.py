@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import uuid6
-from sqlalchemy import bindparam, exists, func, or_, select, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, col
 
@@ -33,10 +33,9 @@ from cti_bridge.store.models import (
 )
 
 UNDELIVERED = ("pending", "sending", "parked")
-T = TypeVar("T")
-
 TERMINAL = ("delivered", "dead", "dismissed")
 STATES = ("pending", "sending", "delivered", "dead", "parked", "dismissed")
+T = TypeVar("T")
 
 
 def new_delivery_id() -> str:
@@ -176,34 +175,37 @@ class Claimed:
     ordering_key: str
 
 
-def _blocked() -> Any:
-    """True for a delivery with an earlier undelivered one of the same ordering key (§3); the
-    SQLAlchemy form of the NOT EXISTS in ``_due_sql``, for ``next_due_at``."""
-    d = _table(Delivery)
-    earlier = d.alias("earlier")
-    return exists().where(
-        earlier.c.ordering_key == d.c.ordering_key,
-        earlier.c.state.in_(UNDELIVERED),
-        # The first term lets the database seek ``ix_delivery_order`` (ordering_key, event_id).
-        earlier.c.event_id <= d.c.event_id,
-        or_(earlier.c.event_id < d.c.event_id, earlier.c.mapping_id < d.c.mapping_id),
-    )
+#: The per-call order rule (§3) as SQL: true for a ``delivery`` row that no earlier undelivered
+#: delivery of its ordering key precedes. One text for the claim and for ``next_due_at``. The first
+#: ``event_id`` term lets the database seek ``ix_delivery_order`` (ordering_key, event_id); the
+#: states are constants (``UNDELIVERED``), never a value from outside.
+_FIRST_IN_LINE = (
+    "NOT EXISTS (SELECT 1 FROM delivery AS earlier WHERE earlier.ordering_key = delivery.ordering_key "  # noqa: S608
+    f"AND earlier.state IN ({', '.join(repr(s) for s in UNDELIVERED)}) "
+    "AND earlier.event_id <= delivery.event_id "
+    "AND (earlier.event_id < delivery.event_id OR earlier.mapping_id < delivery.mapping_id))"
+)
+
+#: What a claim takes, in this order: leases that ran out (a crashed or stopped worker's claims),
+#: then pending deliveries whose time has come. (state, the condition on the claim's ``now``.)
+_CLAIMABLE = (
+    ("sending", "delivery.lease_expires_at < ?"),
+    ("pending", "delivery.next_attempt_at <= ?"),
+)
 
 
-def _due_sql(drv: _DriverSql, where: str, skip: int) -> str:
-    """The SELECT of claimable ids (``where`` plus, for ``skip`` mappings, ``NOT IN``) in claim
-    order, stopping at its LIMIT; ``ix_delivery_due`` (state, next_attempt_at, event_id,
+@functools.cache
+def _due_sql(drv: _DriverSql, due: str, skip: int) -> str:
+    """The SELECT of claimable ids (state ``?``, ``due``, and for ``skip`` mappings ``NOT IN``) in
+    claim order, stopping at its LIMIT; ``ix_delivery_due`` (state, next_attempt_at, event_id,
     mapping_id) follows that order, so the database walks the index instead of sorting the
-    backlog. On PostgreSQL the rows are locked, skipping those another replica holds."""
+    backlog. On PostgreSQL the rows are locked, skipping those another replica holds. Built once
+    per dialect and number of skipped mappings."""
     not_in = f" AND delivery.mapping_id NOT IN ({drv.marks(skip)})" if skip else ""
     lock = " FOR UPDATE OF delivery SKIP LOCKED" if drv.postgresql else ""
     return drv.sql(
-        f"SELECT delivery.id FROM delivery WHERE {where}{not_in} AND NOT EXISTS ("  # noqa: S608
-        "SELECT 1 FROM delivery AS earlier WHERE earlier.ordering_key = delivery.ordering_key "
-        f"AND earlier.state IN ({drv.marks(len(UNDELIVERED))}) "
-        # The first term lets the database seek ``ix_delivery_order`` (ordering_key, event_id).
-        "AND earlier.event_id <= delivery.event_id "
-        "AND (earlier.event_id < delivery.event_id OR earlier.mapping_id < delivery.mapping_id)) "
+        f"SELECT delivery.id FROM delivery WHERE delivery.state = ? AND {due}{not_in} "  # noqa: S608
+        f"AND {_FIRST_IN_LINE} "
         f"ORDER BY delivery.next_attempt_at, delivery.event_id, delivery.mapping_id LIMIT ?{lock}"
     )
 
@@ -232,12 +234,8 @@ def claim_due(
     at = drv.dt(now)
     skip = sorted(set(skip_mappings))
     ids: list[str] = []
-    for where in (
-        "delivery.state = ? AND delivery.lease_expires_at < ?",
-        "delivery.state = ? AND delivery.next_attempt_at <= ?",
-    ):
-        state = "sending" if "lease_expires_at" in where else "pending"
-        rows = conn.rows(_due_sql(drv, where, len(skip)), (state, at, *skip, *UNDELIVERED, limit - len(ids)))
+    for state, due in _CLAIMABLE:
+        rows = conn.rows(_due_sql(drv, due, len(skip)), (state, at, *skip, limit - len(ids)))
         ids += [str(row[0]) for row in rows]
         if len(ids) >= limit:
             break
@@ -375,7 +373,7 @@ def _next_due_statements(dialect: str) -> tuple[Any, Any, Any, Any]:
     skip = d.c.mapping_id.not_in(bindparam("skip", expanding=True))
     pending = (
         select(d.c.next_attempt_at)
-        .where(d.c.state == "pending", ~_blocked())
+        .where(d.c.state == "pending", text(_FIRST_IN_LINE))
         .order_by(d.c.next_attempt_at, d.c.event_id, d.c.mapping_id)
         .limit(1)
     )
