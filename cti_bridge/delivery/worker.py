@@ -410,6 +410,20 @@ class DeliveryWorker:
         skip += [int(h.removeprefix("mapping ")) for h in full_hosts if h.startswith("mapping ")]
         return skip, max(limit, 0)
 
+    def _learn_host(self, mapping_id: int, host: str, task: asyncio.Task[None] | None) -> None:
+        """``task`` rendered a request of ``mapping_id`` to ``host``: count it there, and if the
+        mapping's host was not known yet, move its other deliveries from the placeholder to
+        ``host`` too. Left at the placeholder, they would split one host's load over two counts
+        and a claim would give that host more than its bound of places."""
+        placeholder = f"mapping {mapping_id}"
+        first = mapping_id not in self._mapping_host
+        self._mapping_host[mapping_id] = host
+        if task is not None and task in self._counted_at:
+            self._count(task, host)  # now that the host is known for sure
+        if first:
+            for other in [t for t, at in self._counted_at.items() if at == placeholder]:
+                self._count(other, host)
+
     def _count(self, task: asyncio.Task[None], host: str | None) -> None:
         """Count ``task`` at ``host`` (None: nowhere any more), uncounting it where it was."""
         before = self._counted_at.pop(task, None)
@@ -650,10 +664,7 @@ class DeliveryWorker:
         headers["Authorization"] = item.authorization_header_prefix + token.access_token
         headers["Idempotency-Key"] = item.id
         host = urlsplit(req.url).netloc
-        self._mapping_host[item.mapping_id] = host.lower()
-        task = asyncio.current_task()
-        if task is not None and task in self._counted_at:
-            self._count(task, host.lower())  # now that the host is known for sure
+        self._learn_host(item.mapping_id, host.lower(), asyncio.current_task())
         status: int | None = None
         error: Exception | None = None
         body: bytes | None = None

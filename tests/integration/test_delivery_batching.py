@@ -307,6 +307,36 @@ async def test_the_hand_off_respects_the_worker_room(database: Database) -> None
     assert rows(database)[-1].state == "pending"
 
 
+async def test_a_mapping_whose_host_becomes_known_keeps_its_bound(database: Database) -> None:
+    """§9: deliveries started before their mapping's host was known count at a placeholder; when
+    the first of them renders its URL, all of them move to the host, so the host stays at its bound
+    instead of its load being split over two counts (which let a claim give it a fourth place)."""
+    w = make_world(database)
+    # worker_concurrency 4, per-host 2: a host holds at most 3 places.
+    worker = recording_worker(database, worker_concurrency=4, per_host_concurrency=2)
+    p = pipeline(database, worker)
+    ctx = w.xelion_context_id
+    results = await asyncio.gather(*(p.submit(ctx, KIND, fields(f"call-{n}")) for n in range(3)))
+    assert [r.handed_off for r in results] == [1, 1, 1]
+    placeholder = f"mapping {w.mapping_id}"
+    assert worker._host_load == {placeholder: 3}
+    assert worker._claim_window(1) == ([w.mapping_id], 1)  # the last place, for other mappings
+
+    # What _send does once the first of them has rendered its request.
+    first_task = worker._inflight[worker.started[0].id][0]
+    worker._learn_host(w.mapping_id, "crm.example", first_task)
+    assert worker._host_load == {"crm.example": 3}
+    assert worker._claim_window(1) == ([w.mapping_id], 1)
+    room = worker.reserve(1)
+    assert room is None or not room.take(w.mapping_id)
+    worker.accept(room, (), (), ())
+
+    # One more event of the mapping waits in the queue rather than taking the last place.
+    r = await p.ingest(ctx, KIND, fields("call-3"))
+    assert r.handed_off == 0
+    assert len(worker.started) == 3
+
+
 async def test_a_failed_commit_is_raised_to_the_source_on_its_next_event(
     database: Database, secret_box: SecretBox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
