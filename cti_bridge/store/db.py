@@ -23,6 +23,16 @@ The quick units share one held connection (no pool round trip, and a session joi
 transaction: half the cost of a session of its own) whose wait for the write lock is short
 (``INLINE_LOCK_WAIT_MS``): if another process holds the lock, the unit goes to the thread, and the
 loop does not freeze. PostgreSQL always uses its threads: its statements are network round trips.
+
+Checkpoints (copying the WAL back into the database file, with an fsync of each) would otherwise run
+in the loop's thread too: SQLite runs one inside the COMMIT that takes the WAL past
+``wal_autocheckpoint`` pages (1,000 by default, every ~200 events at full load). A thread of its own
+(``_Checkpointer``) does them instead, passive (beside the writer, never holding its lock), every
+``CHECKPOINT_INTERVAL`` while quick units commit; the sqlite3 module lets go of the GIL meanwhile.
+The held connection keeps an autocheckpoint at ``INLINE_AUTOCHECKPOINT_PAGES`` as a backstop: a
+passive checkpoint cannot finish while commits keep coming, and only a checkpoint in the writer's
+own connection lets SQLite start the WAL over, so the WAL stays bounded. That one copies only what
+the thread has not (the last interval's pages).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +64,11 @@ T = TypeVar("T")
 #: another process can hold that lock (an operator's ``sqlite3`` shell, say; one database belongs
 #: to one daemon), and it must not freeze the event loop, its websockets and its admin API.
 INLINE_LOCK_WAIT_MS = 50
+#: Seconds between two passive checkpoints by the checkpoint thread (only while quick units commit).
+CHECKPOINT_INTERVAL = 0.1
+#: The held connection's own ``wal_autocheckpoint`` (pages of 4 KiB): the backstop that lets the WAL
+#: start over (see the module docstring). The default is 1,000.
+INLINE_AUTOCHECKPOINT_PAGES = 4000
 
 
 def make_engine(url: str) -> Engine:
@@ -102,6 +118,8 @@ class Database:
         # The connection of the quick units run in the loop's thread (SQLite), held for the
         # Database's life: no pool round trip per unit, and its own short wait for the write lock.
         self._inline_conn: Connection | None = None
+        self._inline_commits = 0  # quick units committed in the loop's thread (for the checkpointer)
+        self._checkpointer: _Checkpointer | None = None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -150,7 +168,13 @@ class Database:
         if conn is None or conn.closed or conn.invalidated:
             conn = self._inline_conn = self.engine.connect()
             # Straight on the driver: through SQLAlchemy the PRAGMA would open a transaction.
-            conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={INLINE_LOCK_WAIT_MS}")  # type: ignore[union-attr]
+            driver = conn.connection.driver_connection
+            driver.execute(f"PRAGMA busy_timeout={INLINE_LOCK_WAIT_MS}")  # type: ignore[union-attr]
+            if self._checkpointer is None and self._file_in_wal_mode(driver):
+                self._checkpointer = _Checkpointer(self)
+                self._checkpointer.start()
+            if self._checkpointer is not None:
+                driver.execute(f"PRAGMA wal_autocheckpoint={INLINE_AUTOCHECKPOINT_PAGES}")  # type: ignore[union-attr]
         try:
             transaction = conn.begin()  # BEGIN IMMEDIATE: the write lock, or "database is locked"
         except OperationalError:
@@ -167,7 +191,18 @@ class Database:
             if transaction.is_active:
                 transaction.rollback()
             raise
+        self._inline_commits += 1
         return True, result
+
+    def _file_in_wal_mode(self, driver: Any) -> bool:
+        """Whether the database is a file in WAL mode (an in-memory one has no WAL to checkpoint)."""
+        mode = driver.execute("PRAGMA journal_mode").fetchone()
+        return bool(self.engine.url.database) and mode is not None and str(mode[0]).lower() == "wal"
+
+    @property
+    def checkpoints(self) -> int:
+        """Passive checkpoints the checkpoint thread has run (for tests)."""
+        return self._checkpointer.done if self._checkpointer is not None else 0
 
     def _thread_done(self, _future: object) -> None:
         with self._in_thread_lock:
@@ -190,10 +225,49 @@ class Database:
 
     def dispose(self) -> None:
         self._executor.shutdown(wait=True)
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         if self._inline_conn is not None:
             self._inline_conn.close()
             self._inline_conn = None
         self.engine.dispose()
+
+
+class _Checkpointer(threading.Thread):
+    """Passive WAL checkpoints of an SQLite file, off the loop's thread (see the module docstring).
+
+    Its own driver connection, outside the pool. A passive checkpoint takes no lock a writer needs
+    and never waits, so a failure (the file busy with another process's checkpoint) is simply
+    tried again at the next interval.
+    """
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(name="cti-db-checkpoint", daemon=True)
+        self._db = db
+        self._stopping = threading.Event()
+        self.done = 0
+
+    def run(self) -> None:
+        conn = sqlite3.connect(str(self._db.engine.url.database), isolation_level=None)
+        seen = -1
+        try:
+            while not self._stopping.wait(CHECKPOINT_INTERVAL):
+                commits = self._db._inline_commits
+                if commits == seen:
+                    continue  # nothing new in the WAL from the loop's thread
+                seen = commits
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.done += 1
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint failed (%s); trying again", type(exc).__name__)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(timeout=10)
 
 
 class InstanceLock:

@@ -202,3 +202,76 @@ async def test_a_write_lock_held_elsewhere_does_not_freeze_the_loop(sqlite_datab
     assert await sqlite_database.run(count, quick=True) == 1
     # And the next quick unit runs in the loop's thread again, on the same held connection.
     assert await sqlite_database.run(_thread_of, quick=True) == threading.get_ident()
+
+
+def _wal_frames(path: str) -> tuple[int, int]:
+    """(frames in the WAL, frames of them copied back to the database), read from the WAL-index
+    header in the ``-shm`` file (https://www.sqlite.org/walformat.html: ``mxFrame`` at offset 16,
+    ``nBackfill`` at 96, native byte order), which reading does not change."""
+    import struct
+
+    with open(path + "-shm", "rb") as f:
+        head = f.read(100)
+    return struct.unpack_from("=I", head, 16)[0], struct.unpack_from("=I", head, 96)[0]
+
+
+async def test_wal_checkpoints_run_in_a_thread_of_their_own(sqlite_database: Database) -> None:
+    """SQLite: the quick units' commits leave the WAL's checkpoints to the checkpoint thread. The
+    held connection's own autocheckpoint is only the backstop (INLINE_AUTOCHECKPOINT_PAGES): with
+    the thread stopped, writing more than SQLite's default 1,000 pages (at which the loop's thread
+    would have checkpointed) and fewer than that leaves the WAL unchecked; the thread, started
+    again, copies it all back."""
+    from cti_bridge.store.db import CHECKPOINT_INTERVAL, INLINE_AUTOCHECKPOINT_PAGES, _Checkpointer
+
+    db = sqlite_database
+    path = db.url.split(":///", 1)[1]
+    await db.run(lambda s: s.exec(text("CREATE TABLE t_wal (v BLOB)")), quick=True)  # type: ignore[call-overload]
+    assert db._inline_conn is not None and db._checkpointer is not None
+    driver = db._inline_conn.connection.driver_connection
+    assert driver.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == INLINE_AUTOCHECKPOINT_PAGES  # type: ignore[union-attr]
+    db._checkpointer.stop()  # so that only the loop's thread could checkpoint meanwhile
+
+    def insert(s: Session) -> None:
+        s.exec(text("INSERT INTO t_wal (v) VALUES (randomblob(6000))"))  # type: ignore[call-overload]
+
+    # Two pages per row and a few of the table's own: about 2,500 pages, between 1,000 and 4,000.
+    first_frames, first_copied = _wal_frames(path)
+    for _ in range(900):
+        await db.run(insert, quick=True)
+    frames, copied = _wal_frames(path)
+    assert frames - first_frames > 1000 and frames < INLINE_AUTOCHECKPOINT_PAGES, (first_frames, frames)
+    assert copied == first_copied  # the loop's thread did not checkpoint
+
+    db._checkpointer = _Checkpointer(db)
+    db._checkpointer.start()
+    await db.run(insert, quick=True)  # something new to checkpoint
+    deadline = asyncio.get_running_loop().time() + 100 * CHECKPOINT_INTERVAL
+    while db.checkpoints == 0:
+        assert asyncio.get_running_loop().time() < deadline, "the checkpoint thread never ran"
+        await asyncio.sleep(CHECKPOINT_INTERVAL / 2)
+    frames_after, copied_after = _wal_frames(path)
+    assert frames_after > frames and copied_after == frames_after  # all of it copied back, by the thread
+
+
+async def test_the_wal_stays_bounded_under_steady_writes(sqlite_database: Database) -> None:
+    """A passive checkpoint beside a steady writer never lets SQLite start the WAL over; the held
+    connection's backstop does, so the WAL file stays bounded (checkpoints off, it grew without
+    bound)."""
+    import os
+
+    from cti_bridge.store.db import INLINE_AUTOCHECKPOINT_PAGES
+
+    db = sqlite_database
+    path = db.url.split(":///", 1)[1]
+    await db.run(lambda s: s.exec(text("CREATE TABLE t_steady (v BLOB)")), quick=True)  # type: ignore[call-overload]
+
+    def insert(s: Session) -> None:
+        s.exec(text("INSERT INTO t_steady (v) VALUES (randomblob(6000))"))  # type: ignore[call-overload]
+
+    for i in range(6000):  # about 15,000 pages written in all
+        await db.run(insert, quick=True)
+        if i % 50 == 0:
+            await asyncio.sleep(0)
+    page = 4096 + 24  # a WAL frame: the page and its header
+    assert os.path.getsize(path + "-wal") < (INLINE_AUTOCHECKPOINT_PAGES + 1000) * page
+    assert db.checkpoints > 0
