@@ -184,29 +184,33 @@ class RoutingCache:
             route = CrmRoute(
                 crm_context_id=ctx.id, authorization_header_prefix=ctx.authorization_header_prefix
             )
-            rows = session.exec(
-                select(EventUriMapping)
+            # Ids and event types first; whole rows only for mappings not compiled yet (rows are
+            # immutable, so a compiled one is current).
+            listed = session.execute(
+                select(EventUriMapping.id, EventUriMapping.xelion_event)
                 .where(col(EventUriMapping.crm_context_id) == ctx.id, col(EventUriMapping.retired).is_(False))
                 .order_by(col(EventUriMapping.position), col(EventUriMapping.id))
             ).all()
+            missing = [mapping_id for mapping_id, _ in listed if self.mappings.peek(mapping_id) is None]
+            if missing:
+                for row in session.exec(select(EventUriMapping).where(col(EventUriMapping.id).in_(missing))):
+                    self.mappings.put(row)
             by_event: dict[str, list[MappingRoute]] = {}
-            for row in rows:
-                assert row.id is not None
-                compiled = self.mappings.peek(row.id) or self.mappings.put(row)
-                by_event.setdefault(row.xelion_event, []).append(MappingRoute(row.id, compiled))
+            for mapping_id, xelion_event in listed:
+                compiled = self.mappings.peek(mapping_id) or self.mappings.get(session, mapping_id)
+                by_event.setdefault(xelion_event, []).append(MappingRoute(mapping_id, compiled))
             route.mappings = {event: EventMappings(ms) for event, ms in by_event.items()}
-            creds = session.exec(
-                select(UserCredentials).where(col(UserCredentials.crm_context_id) == ctx.id)
-            ).all()
-            for cred in creds:
-                assert cred.id is not None
-                cr = CredentialRoute(
-                    credential_id=cred.id,
-                    xelion_username=cred.xelion_username,
-                    xelion_oid=cred.xelion_oid,
+            # Three columns, not the rows: a tenant's thousand users are read at every reload, in
+            # an ingest transaction, and whole ORM rows (with their encrypted tokens) cost ~10x.
+            creds = session.execute(
+                select(UserCredentials.id, UserCredentials.xelion_username, UserCredentials.xelion_oid).where(
+                    col(UserCredentials.crm_context_id) == ctx.id
                 )
-                route.by_username[cred.xelion_username] = cr
-                if cred.xelion_oid:
-                    route.by_oid[cred.xelion_oid] = cr
+            ).all()
+            for cred_id, username, oid in creds:
+                cr = CredentialRoute(credential_id=cred_id, xelion_username=username, xelion_oid=oid)
+                route.by_username[username] = cr
+                if oid:
+                    route.by_oid[oid] = cr
             crms.append(route)
         return Routing(xelion_context_id=xelion_context_id, crms=crms, loaded_at=now)
