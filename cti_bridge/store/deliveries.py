@@ -590,13 +590,46 @@ class _DriverSql:
 
     def rows_in(self, conn: _Raw, template: str, values: Sequence[object], *extra: object) -> list[Any]:
         """The rows of ``template`` (a SELECT whose ``{in_list}`` is replaced by placeholders for
-        ``values``, then ``extra`` parameters) for every value, 500 values per statement."""
+        ``values``, then ``extra`` parameters) for every value, 512 values per statement.
+
+        The list is padded to a power of two with its last value (``x IN (a, b, b)`` is
+        ``x IN (a, b)``), so a template has at most ten statement texts: the driver's statement
+        cache (128 per connection) keeps them prepared, where a text per batch size (up to 256
+        of them per template) made it prepare nearly every statement anew once batch sizes varied.
+        """
         rows: list[Any] = []
-        for start in range(0, len(values), 500):
-            chunk = values[start : start + 500]
+        for start in range(0, len(values), IN_LIST_MAX):
+            chunk = list(values[start : start + IN_LIST_MAX])
+            chunk += [chunk[-1]] * (_bucket(len(chunk)) - len(chunk))
             statement = self.sql(template.format(in_list=self.marks(len(chunk))))
             rows += conn.rows(statement, (*chunk, *extra))
         return rows
+
+
+#: Values in one IN list (a power of two; SQLite's oldest limit is 999 parameters per statement).
+IN_LIST_MAX = 512
+
+
+def _bucket(n: int) -> int:
+    """The power of two at or above ``n`` (``n`` >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+def _pieces(n: int, largest: int) -> list[int]:
+    """``n`` as a sum of powers of two, largest first, none above ``largest`` (a power of two):
+    the sizes of the statements a multi-row INSERT of ``n`` rows is split into, so that it has a
+    few statement texts the driver keeps prepared rather than one per batch size."""
+    sizes: list[int] = []
+    while n >= largest:
+        sizes.append(largest)
+        n -= largest
+    bit = largest >> 1
+    while n:
+        if n & bit:
+            sizes.append(bit)
+            n -= bit
+        bit >>= 1
+    return sizes
 
 
 _DRIVER_SQL: dict[str, _DriverSql] = {}
@@ -637,8 +670,12 @@ def insert_events(session: Session, events: Sequence[NewEvent], *, now: datetime
     conn, drv = _driver(session)
     received = drv.dt(now)
     found: dict[str, int] = {}
-    for start in range(0, len(events), 500):  # 3,000 parameters at most per statement
-        chunk = events[start : start + 500]
+    start = 0
+    # 128 rows (768 parameters) at most per statement, and power-of-two sizes (_pieces), one
+    # after another so that ids still follow the order of ``events``.
+    for size in _pieces(len(events), 128):
+        chunk = events[start : start + size]
+        start += size
         params: list[object] = []
         for e in chunk:
             params += (e.xelion_context_id, e.notification_type, e.call_id, e.dedupe_key, e.payload, received)

@@ -377,3 +377,41 @@ async def test_one_bad_event_fails_alone_and_the_rest_of_its_batch_is_kept(datab
         lambda s: sorted(str(c) for c in s.execute(select(col(CallEvent.call_id))).scalars().all())
     )
     assert stored == ["good-0", "good-1", "good-2", "good-after"]
+
+
+def test_statement_sizes_are_powers_of_two_that_add_up() -> None:
+    """A multi-row INSERT is split into power-of-two pieces and an IN list padded to a power of two,
+    so each statement has a few texts the driver keeps prepared (store/deliveries.py)."""
+    from cti_bridge.store.deliveries import IN_LIST_MAX, _bucket, _pieces
+
+    for n in range(1, 1100):
+        sizes = _pieces(n, 128)
+        assert sum(sizes) == n
+        assert all(s & (s - 1) == 0 and s <= 128 for s in sizes)
+        assert sizes == sorted(sizes, reverse=True)
+        small = [s for s in sizes if s < 128]
+        assert len(set(small)) == len(small)  # one piece per bit of n below 128
+        b = _bucket(n)
+        assert b >= n and b & (b - 1) == 0 and (b == 1 or b // 2 < n)
+    assert IN_LIST_MAX & (IN_LIST_MAX - 1) == 0
+
+
+async def test_a_batch_of_any_size_keeps_its_order_and_finds_its_keys(database: Database) -> None:
+    """300 events (ingest batches of 256 and 44: INSERT pieces of 128 and 128, then 32, 8 and 4
+    rows): every one stored, ids in arrival order; then a batch of 37 events of which 5 share a
+    call with a stored undelivered delivery (a padded IN list of 64): exactly those 5 wait."""
+    w = make_world(database)
+    ctx = w.xelion_context_id
+    p = pipeline(database)
+    results = await asyncio.gather(*(p.submit(ctx, KIND, fields(f"big-{n}")) for n in range(300)))
+    ids = [r.event_id for r in results]
+    assert None not in ids and ids == sorted(ids) and len(set(ids)) == 300  # type: ignore[type-var]
+
+    handoff = FakeHandoff(slots=100)
+    p = pipeline(database, handoff)
+    calls = [f"big-{n}" for n in range(5)] + [f"new-{n}" for n in range(32)]
+    later = await asyncio.gather(*(p.submit(ctx, KIND, fields(c)) for c in calls))
+    assert all(r.event_id is not None for r in later)
+    assert len(handoff.claimed) == 32
+    assert sorted(c.ordering_key.split("|")[0] for c in handoff.claimed) == sorted(calls[5:])
+    assert sorted(k.split("|")[0] for k in handoff.blocked) == sorted(calls[:5])
