@@ -20,7 +20,7 @@ from pathlib import Path
 DB_STAGES: list[tuple[str, tuple[str, ...]]] = [
     (
         "db: BEGIN IMMEDIATE / COMMIT",
-        ("Session.commit", "_on_begin", "Connection.commit", "_connection_for_bind"),
+        ("Session.commit", "_on_begin", "Connection.commit", "_connection_for_bind", "Transaction.commit"),
     ),
     ("db: pipeline ingest (insert event + deliveries)", ("ingest_sync", "_ingest_batch")),
     ("db: claim (select due, update lease, select rows)", ("claim_due",)),
@@ -81,7 +81,7 @@ def _short(frame: str) -> str:
 def _stage(thread: str, frames: list[str]) -> str:
     text = ";".join(frames)
     # A quick SQLite unit of work runs in the loop's thread (store/db.py): it is database time too.
-    in_db = thread.startswith("cti-db") or "Database.run_sync" in text
+    in_db = thread.startswith("cti-db") or "Database.run_sync" in text or "Database._run_inline" in text
     rules = DB_STAGES if in_db else LOOP_STAGES
     for name, needles in rules:
         if any(n in text for n in needles):
