@@ -243,8 +243,9 @@ def claim_due(
         return []
     claim = uuid.uuid4().hex
     until = drv.dt(now + timedelta(seconds=lease_seconds))
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
+    for start in range(0, len(ids), IN_LIST_MAX):
+        chunk = ids[start : start + IN_LIST_MAX]
+        chunk += [chunk[-1]] * (_bucket(len(chunk)) - len(chunk))  # a few statement texts (rows_in)
         conn.execute(
             drv.sql(
                 "UPDATE delivery SET state = 'sending', lease_owner = ?, lease_expires_at = ?, "  # noqa: S608
