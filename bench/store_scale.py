@@ -24,68 +24,64 @@ import tempfile
 import time
 from datetime import UTC, datetime
 
+import bench_store
 from bench_store import attempt
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from cti_bridge.pipeline import Pipeline
 from cti_bridge.routing import MappingCache, RoutingCache
 from cti_bridge.store import migrate
 from cti_bridge.store.db import Database, make_engine
 from cti_bridge.store.deliveries import Completion, claim_due, complete_many
-from cti_bridge.store.models import CrmContext, EventUriMapping, UserCredentials, XelionContext
+from cti_bridge.store.models import CrmContext, EventUriMapping, UserCredentials
 
-EVENTS = ("newCallEvent", "callConnectedEvent", "callHungUpEvent", "missedCallEvent")
+EVENTS = bench_store.EVENT_TYPES
 BATCH = 24  # about what an ingest batch holds in bench_e2e.py's runs
 
 
 def configure(db: Database, users: int, mappings: int) -> int:
-    def work(s: Session) -> int:
-        xc = XelionContext(host="h", tenant="t", admin_username="a", admin_password_enc="x")
-        s.add(xc)
-        s.flush()
-        assert xc.id is not None
-        crm = CrmContext(xelion_context_id=xc.id, authorization_server_uri="http://127.0.0.1:2/t")
-        s.add(crm)
-        s.flush()
-        assert crm.id is not None
-        for i in range(users):
+    """bench_store.py's integration (anne, one mapping per event type), plus ``users - 1`` more
+    users and ``mappings - 4`` more mappings."""
+    ctx = bench_store.configure(db)
+
+    def more(s: Session) -> None:
+        crm_id = s.exec(select(CrmContext.id).where(CrmContext.xelion_context_id == ctx)).one()
+        for i in range(1, users):
             # Secrets of about a real credential's size, so the rows are as large as the daemon's.
             s.add(
                 UserCredentials(
-                    crm_context_id=crm.id,
-                    xelion_username=f"u{i:04d}",
+                    crm_context_id=crm_id,
+                    xelion_username=user(i),
                     xelion_oid=str(10000 + i),
                     refresh_token_enc="x" * 200,
                     access_token_enc="y" * 300,
                     token_extra_enc="z" * 100,
                 )
             )
-        for i in range(mappings):
+        for i in range(4, mappings):
             s.add(
                 EventUriMapping(
-                    crm_context_id=crm.id,
+                    crm_context_id=crm_id,
                     xelion_event=EVENTS[i % 4],
                     crm_resource_uri="http://127.0.0.1:3/c",
                     crm_resource_payload=json.dumps({"a": "${callId}"}),
-                    condition=None if i < 4 else f"${{calleePhoneNumber == '+319900{i:05d}'}}",
+                    condition=f"${{calleePhoneNumber == '+319900{i:05d}'}}",
                 )
             )
-        return xc.id
 
-    return db.run_sync(work)
+    db.run_sync(more)
+    return ctx
+
+
+def user(i: int) -> str:
+    return "anne" if i == 0 else f"u{i:04d}"
 
 
 def fields(prefix: str, i: int, users: int) -> tuple[str, dict[str, object]]:
-    return EVENTS[i % 4], {
-        "callId": f"{prefix}-{i}",
-        "initiation": "incoming",
-        "date": "2026-01-01 12:00:00",
-        "callerPhoneNumber": f"+316{i:08d}",
-        "calleePhoneNumber": "+31152511401",
-        "callerUser": None,
-        "calleeUser": f"u{i % users:04d}",
-        "calleeFlowId": f"f-{i}",
-    }
+    """bench_store.py's event ``i``, for one of the ``users`` in turn."""
+    kind, f = bench_store.fields(prefix, i)
+    f["calleeUser"] = user(i % users)
+    return kind, f
 
 
 async def rounds(db: Database, ctx: int, users: int, mappings: int, n: int) -> None:
