@@ -3,14 +3,17 @@
 Counters live in the process (attempts by status class, token refreshes, finished deliveries,
 source reconnects). Figures that the database knows better (deliveries by state, the age of the
 oldest due delivery, credentials needing re-authorisation, source states) are read at scrape time
-by a collector, so they are right even after a restart or with several replicas.
+by a collector, so they are right even after a restart or with several replicas. The process's
+own figures come from prometheus_client's standard collectors: resident memory and CPU seconds
+(``process_*``) and the garbage collector's collections per generation (``python_gc_*``: the
+daemon freezes its start-up heap, cli.tune_gc, and an operator can see what collections remain).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, GCCollector, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -91,6 +94,8 @@ class Metrics:
 
     def __init__(self, db: Database, sources: Callable[[], dict[int, tuple[str, int]]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.attempts = Counter(
             "cti_bridge_delivery_attempts",
             "Delivery attempts by HTTP status class",

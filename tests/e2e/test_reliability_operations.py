@@ -150,6 +150,18 @@ async def test_metrics_show_what_an_operator_watches(db_url: str) -> None:
         assert _metric(m, "cti_bridge_oldest_due_delivery_age_seconds") == 0
 
 
+async def test_metrics_show_the_process_memory_cpu_and_garbage_collections(db_url: str) -> None:
+    """The daemon's own resident memory, CPU time and garbage collections per generation, from
+    prometheus_client's standard collectors, beside the delivery figures."""
+    async with running_stack(db_url) as st:
+        m = await st.metrics()
+        assert _metric(m, "process_resident_memory_bytes") > 10_000_000
+        assert _metric(m, "process_cpu_seconds_total") > 0
+        assert _metric(m, "python_gc_collections_total", 'generation="0"') > 0  # since the start
+        for generation in ("1", "2"):
+            assert _metric(m, "python_gc_collections_total", f'generation="{generation}"') >= 0
+
+
 def _all_database_text(st: Stack) -> str:
     """Every column of every row of every table, as text (what a database dump would show)."""
     engine = st.daemon.db.engine
