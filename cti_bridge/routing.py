@@ -191,14 +191,18 @@ class RoutingCache:
                 .where(col(EventUriMapping.crm_context_id) == ctx.id, col(EventUriMapping.retired).is_(False))
                 .order_by(col(EventUriMapping.position), col(EventUriMapping.id))
             ).all()
-            missing = [mapping_id for mapping_id, _ in listed if self.mappings.peek(mapping_id) is None]
+            compiled: dict[int, CompiledMapping] = {}
+            for mapping_id, _ in listed:
+                if (found := self.mappings.peek(mapping_id)) is not None:
+                    compiled[mapping_id] = found
+            missing = [mapping_id for mapping_id, _ in listed if mapping_id not in compiled]
             if missing:
                 for row in session.exec(select(EventUriMapping).where(col(EventUriMapping.id).in_(missing))):
-                    self.mappings.put(row)
+                    assert row.id is not None
+                    compiled[row.id] = self.mappings.put(row)
             by_event: dict[str, list[MappingRoute]] = {}
             for mapping_id, xelion_event in listed:
-                compiled = self.mappings.peek(mapping_id) or self.mappings.get(session, mapping_id)
-                by_event.setdefault(xelion_event, []).append(MappingRoute(mapping_id, compiled))
+                by_event.setdefault(xelion_event, []).append(MappingRoute(mapping_id, compiled[mapping_id]))
             route.mappings = {event: EventMappings(ms) for event, ms in by_event.items()}
             # Three columns, not the rows: a tenant's thousand users are read at every reload, in
             # an ingest transaction, and whole ORM rows (with their encrypted tokens) cost ~10x.

@@ -243,13 +243,13 @@ def claim_due(
         return []
     claim = uuid.uuid4().hex
     until = drv.dt(now + timedelta(seconds=lease_seconds))
-    for start in range(0, len(ids), IN_LIST_MAX):
-        chunk = ids[start : start + IN_LIST_MAX]
-        chunk += [chunk[-1]] * (_bucket(len(chunk)) - len(chunk))  # a few statement texts (rows_in)
+    for chunk in _in_lists(ids):
         conn.execute(
-            drv.sql(
-                "UPDATE delivery SET state = 'sending', lease_owner = ?, lease_expires_at = ?, "  # noqa: S608
-                f"updated_at = ? WHERE id IN ({drv.marks(len(chunk))})"
+            _in_statement(
+                drv,
+                "UPDATE delivery SET state = 'sending', lease_owner = ?, lease_expires_at = ?, "
+                "updated_at = ? WHERE id IN ({in_list})",
+                len(chunk),
             ),
             (claim, until, at, *chunk),
         )
@@ -599,11 +599,8 @@ class _DriverSql:
         of them per template) made it prepare nearly every statement anew once batch sizes varied.
         """
         rows: list[Any] = []
-        for start in range(0, len(values), IN_LIST_MAX):
-            chunk = list(values[start : start + IN_LIST_MAX])
-            chunk += [chunk[-1]] * (_bucket(len(chunk)) - len(chunk))
-            statement = self.sql(template.format(in_list=self.marks(len(chunk))))
-            rows += conn.rows(statement, (*chunk, *extra))
+        for chunk in _in_lists(values):
+            rows += conn.rows(_in_statement(self, template, len(chunk)), (*chunk, *extra))
         return rows
 
 
@@ -614,6 +611,25 @@ IN_LIST_MAX = 512
 def _bucket(n: int) -> int:
     """The power of two at or above ``n`` (``n`` >= 1)."""
     return 1 << (n - 1).bit_length()
+
+
+def _in_lists(values: Sequence[T]) -> list[list[T]]:
+    """``values`` in IN lists of at most IN_LIST_MAX, each padded to a power of two with its last
+    value (``x IN (a, b, b)`` is ``x IN (a, b)``): the one mechanism by which every statement with
+    an IN list keeps a few texts (see ``_DriverSql.rows_in``)."""
+    lists = []
+    for start in range(0, len(values), IN_LIST_MAX):
+        chunk = list(values[start : start + IN_LIST_MAX])
+        lists.append(chunk + [chunk[-1]] * (_bucket(len(chunk)) - len(chunk)))
+    return lists
+
+
+@functools.cache
+def _in_statement(drv: _DriverSql, template: str, n: int) -> str:
+    """``template`` with its ``{in_list}`` as ``n`` placeholders, in the driver's style; built once
+    per (dialect, template, size), as the sizes are a few powers of two. Only placeholders are
+    interpolated, never a value."""
+    return drv.sql(template.format(in_list=drv.marks(n)))
 
 
 def _pieces(n: int, largest: int) -> list[int]:
@@ -660,11 +676,12 @@ def _table(model: Any) -> Any:
 
 
 def insert_events(session: Session, events: Sequence[NewEvent], *, now: datetime) -> dict[str, int]:
-    """Insert a batch of events in one statement; returns the new ids by dedupe key.
+    """Insert a batch of events in a few multi-row statements; returns the new ids by dedupe key.
 
     An event whose dedupe key is already stored is skipped (``ON CONFLICT DO NOTHING``) and absent
     from the result; the caller counts it with ``count_duplicates``. The keys within ``events`` must
-    be distinct. Ids follow the order of ``events`` (one multi-row INSERT), which is arrival order.
+    be distinct. Ids follow the order of ``events`` (the statements run in that order), which is
+    arrival order.
     """
     if not events:
         return {}
@@ -680,17 +697,20 @@ def insert_events(session: Session, events: Sequence[NewEvent], *, now: datetime
         params: list[object] = []
         for e in chunk:
             params += (e.xelion_context_id, e.notification_type, e.call_id, e.dedupe_key, e.payload, received)
-        values = ", ".join(["(?, ?, ?, ?, ?, 0, ?)"] * len(chunk))
-        result = conn.rows(
-            drv.sql(
-                "INSERT INTO call_event (xelion_context_id, notification_type, call_id, dedupe_key, "  # noqa: S608
-                f"payload, duplicates, received_at) VALUES {values} "
-                "ON CONFLICT (dedupe_key) DO NOTHING RETURNING id, dedupe_key"
-            ),
-            params,
-        )
+        result = conn.rows(_insert_events_sql(drv, size), params)
         found.update({str(key): int(event_id) for event_id, key in result})
     return found
+
+
+@functools.cache
+def _insert_events_sql(drv: _DriverSql, rows: int) -> str:
+    """The multi-row INSERT of ``rows`` events; built once per dialect and (power-of-two) size."""
+    values = ", ".join(["(?, ?, ?, ?, ?, 0, ?)"] * rows)
+    return drv.sql(
+        "INSERT INTO call_event (xelion_context_id, notification_type, call_id, dedupe_key, "  # noqa: S608
+        f"payload, duplicates, received_at) VALUES {values} "
+        "ON CONFLICT (dedupe_key) DO NOTHING RETURNING id, dedupe_key"
+    )
 
 
 def count_duplicates(session: Session, counts: dict[str, int]) -> None:

@@ -398,14 +398,21 @@ def test_statement_sizes_are_powers_of_two_that_add_up() -> None:
 
 async def test_a_batch_of_any_size_keeps_its_order_and_finds_its_keys(database: Database) -> None:
     """300 events (ingest batches of 256 and 44: INSERT pieces of 128 and 128, then 32, 8 and 4
-    rows): every one stored, ids in arrival order; then a batch of 37 events of which 5 share a
-    call with a stored undelivered delivery (a padded IN list of 64): exactly those 5 wait."""
+    rows): every one stored, ids in arrival order, and stored once when sent again; then a batch
+    of 37 events of which 5 share a call with a stored undelivered delivery (a padded IN list of
+    64): exactly those 5 wait."""
     w = make_world(database)
     ctx = w.xelion_context_id
     p = pipeline(database)
-    results = await asyncio.gather(*(p.submit(ctx, KIND, fields(f"big-{n}")) for n in range(300)))
+    sent = [fields(f"big-{n}") for n in range(300)]
+    results = await asyncio.gather(*(p.submit(ctx, KIND, f) for f in sent))
     ids = [r.event_id for r in results]
     assert None not in ids and ids == sorted(ids) and len(set(ids)) == 300  # type: ignore[type-var]
+    # §2 across the pieces: 150 of them again, with 3 new ones among them (one batch of 153, in
+    # pieces of 128, 16, 8 and 1): only the new ones are stored.
+    again = sent[100:250] + [fields(f"big-new-{n}") for n in range(3)]
+    repeated = await asyncio.gather(*(p.submit(ctx, KIND, f) for f in again))
+    assert [r.duplicate for r in repeated] == [True] * 150 + [False] * 3
 
     handoff = FakeHandoff(slots=100)
     p = pipeline(database, handoff)
