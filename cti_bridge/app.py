@@ -37,6 +37,7 @@ from cti_bridge.delivery.worker import DeliveryWorker
 from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import IngestResult, Pipeline
 from cti_bridge.ports import SourceState
+from cti_bridge.retention import Retention
 from cti_bridge.routing import MappingCache, RoutingCache
 from cti_bridge.store import migrate
 from cti_bridge.store import sources as source_store
@@ -211,6 +212,7 @@ class Daemon:
     worker: DeliveryWorker
     pipeline: Pipeline
     sources: SourceManager
+    retention: Retention
     lock: InstanceLock | None
     background: set[asyncio.Future[None]] = field(default_factory=set)
     admin_app: FastAPI | None = None
@@ -335,6 +337,7 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
             worker=worker,
             pipeline=pipeline,
             sources=sources,
+            retention=Retention(db, settings, clock, metrics),
             lock=lock,
         )
         metrics_holder.append(daemon)
@@ -405,6 +408,7 @@ async def serve(
                 on_started(int(port))
             log.info("cti-bridge is running; admin API on %s:%s", settings.admin_host, settings.admin_port)
             stop_task = tg.create_task(stop.wait(), name="stop-signal")
+            retention_task = tg.create_task(daemon.retention.run(stop), name="retention")
             await asyncio.wait({stop_task, server_task, worker_task}, return_when=asyncio.FIRST_COMPLETED)
             log.info(
                 "stopping: sources first, then the worker (grace %.0f s)", settings.shutdown_grace_seconds
@@ -419,6 +423,8 @@ async def serve(
             # leave them leased ('sending') until the next start or lease expiry: wait (bounded).
             await asyncio.wait({worker_task}, timeout=_WORKER_EXIT_TIMEOUT)
             worker_task.cancel()
+            # A batch already in the database thread still commits (Database.run); the next does not start.
+            retention_task.cancel()
             server.should_exit = True
             stop_task.cancel()
     finally:

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     token_refresh_margin_seconds: float = Field(default=60.0, ge=0)
 
+    # Retention (retention.py): days of history kept; 0 keeps it for ever
+    retention_days: float = Field(default=30.0, ge=0)
+    dead_retention_days: float = Field(default=0.0, ge=0)
+    retention_interval_seconds: float = Field(default=3600.0, gt=0)
+
     @field_validator("allowed_xelion_hosts", mode="before")
     @classmethod
     def _hosts(cls, value: object) -> object:

@@ -114,6 +114,12 @@ class Metrics:
         self.events = Counter(
             "cti_bridge_events", "Call events received by result", ["result"], registry=self.registry
         )
+        self.pruned = Counter(
+            "cti_bridge_retention_deleted",
+            "Rows the retention job deleted, by kind (deliveries, attempts, events, gaps)",
+            ["kind"],
+            registry=self.registry,
+        )
         self.registry.register(_StoreCollector(db, sources))
 
     def attempt(self, status: int | None) -> None:

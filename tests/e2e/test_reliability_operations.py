@@ -263,3 +263,37 @@ async def _secrets_run(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
             assert not leaks, f"a secret in an API answer: {leaks[0][:300]}"
             assert secret not in database, "a secret in a database column"
             assert secret.encode() not in raw_files, "a secret in the SQLite files"
+
+
+async def test_retention_deletes_delivered_history_and_keeps_what_failed(db_url: str) -> None:
+    """The running daemon's retention job (README "Retention"): with history kept for a moment, a
+    delivered delivery and its attempt go at the next pass, and so do the call's events that no
+    delivery needs (connected, hung up: no mapping for them), counted in the metrics; the dead one
+    stays visible with its event (dead retention 0); nothing is sent again."""
+    async with running_stack(db_url, retention_days=1.0 / 86400, retention_interval_seconds=0.1) as st:
+        await st.configure(
+            users=("anne",),
+            mappings=[
+                st.mapping("newCallEvent", path="calls/ok"),
+                st.mapping("newCallEvent", path="calls/no"),
+            ],
+        )
+        st.crm.add_rule("/calls/no", Failure.http(422))
+        call = await st.xelion.place_call("incoming", callee="anne")
+
+        async def only_the_dead_one_left() -> bool:
+            found = await st.deliveries(callId=call.call_id)
+            return [d["state"] for d in found] == ["dead"]
+
+        await st.wait_until(only_the_dead_one_left, what="the delivered delivery to be deleted")
+        (dead,) = await st.deliveries(callId=call.call_id)
+        detail = await st.delivery(dead["id"])
+        assert [a["httpStatus"] for a in detail["attemptLog"]] == [422]
+        assert detail["event"]["xelionEvent"] == "newCallEvent"
+        assert detail["event"]["notification"]["callId"] == call.call_id
+        m = await st.metrics()
+        assert _metric(m, "cti_bridge_retention_deleted_total", 'kind="deliveries"') == 1
+        assert _metric(m, "cti_bridge_retention_deleted_total", 'kind="attempts"') == 1
+        assert _metric(m, "cti_bridge_retention_deleted_total", 'kind="events"') == 2
+        await asyncio.sleep(0.3)  # a few more passes
+        assert sorted(r.path for r in st.crm.received) == ["/calls/no", "/calls/ok"]

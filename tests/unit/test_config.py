@@ -74,6 +74,9 @@ def test_toml_file_and_env_precedence(tmp_path: Path, monkeypatch: pytest.Monkey
         ({"CTI_BRIDGE_DATABASE_URL": "postgresql+psycopg://u@h/db"}, "CTI_BRIDGE_SECRET_KEY"),
         ({"CTI_BRIDGE_LOG_LEVEL": "LOUD"}, "CTI_BRIDGE_LOG_LEVEL"),
         ({"CTI_BRIDGE_RETRY_SCHEDULE": "1,-2"}, "CTI_BRIDGE_RETRY_SCHEDULE"),
+        ({"CTI_BRIDGE_RETENTION_DAYS": "-1"}, "CTI_BRIDGE_RETENTION_DAYS"),
+        ({"CTI_BRIDGE_DEAD_RETENTION_DAYS": "a week"}, "CTI_BRIDGE_DEAD_RETENTION_DAYS"),
+        ({"CTI_BRIDGE_RETENTION_INTERVAL_SECONDS": "0"}, "CTI_BRIDGE_RETENTION_INTERVAL_SECONDS"),
         (
             {"CTI_BRIDGE_NO_SUCH_SETTING_X": "1", "CTI_BRIDGE_CONFIG": "/nonexistent.toml"},
             "CTI_BRIDGE_CONFIG",

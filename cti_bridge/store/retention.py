@@ -1,0 +1,163 @@
+"""Retention: deleting history older than the operator keeps, a bounded batch per transaction.
+
+What goes (README "Retention"): deliveries that ended ``delivered`` (and their attempts) once last
+changed before the delivered cutoff; ``dead`` and ``dismissed`` ones before the dead cutoff, when
+the operator set one; the events of those deliveries once no delivery refers to them; events
+received before the delivered cutoff that never had a delivery (no mapping applied); and ended
+websocket gaps older than it. Work that is not finished (``pending``, ``sending``, ``parked``) is
+never deleted, whatever its age, and nor is the event a kept delivery needs for its payload.
+
+Each call deletes at most ``limit`` deliveries per state and walks at most ``limit`` events, in one
+transaction, so the write lock (one writer on SQLite) is held for milliseconds and the pipeline's
+commits go on between batches. Every walk is bounded by the batch, not by how much history is
+kept: deliveries through a prefix of ``ix_delivery_due``, events in the order of their
+``received_at`` index from where the previous batch stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, exists, select
+from sqlmodel import Session, col
+
+from cti_bridge.store.models import CallEvent, Delivery, DeliveryAttempt, SourceGap
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """Rows deleted, by kind."""
+
+    deliveries: int = 0
+    attempts: int = 0
+    events: int = 0
+    gaps: int = 0
+
+    def __add__(self, other: Pruned) -> Pruned:
+        return Pruned(
+            self.deliveries + other.deliveries,
+            self.attempts + other.attempts,
+            self.events + other.events,
+            self.gaps + other.gaps,
+        )
+
+    @property
+    def total(self) -> int:
+        return self.deliveries + self.attempts + self.events + self.gaps
+
+
+def _finished(session: Session, state: str, before: datetime, limit: int) -> list[tuple[str, int]]:
+    """Up to ``limit`` (id, event id) of deliveries in ``state`` last changed before ``before``,
+    oldest first. The range ``state = ? AND next_attempt_at < ?`` is a prefix of ``ix_delivery_due``
+    and holds (nearly) only such deliveries (a finished delivery was due before it finished; a
+    replay makes it due again), so the walk is as long as the batch, however much history is
+    kept. Locked on PostgreSQL: a replay meanwhile waits for this transaction and then finds
+    nothing to replay rather than a half-deleted delivery."""
+    query = (
+        select(col(Delivery.id), col(Delivery.event_id))
+        .where(
+            col(Delivery.state) == state,
+            col(Delivery.next_attempt_at) < before,
+            col(Delivery.updated_at) < before,
+        )
+        .order_by(col(Delivery.next_attempt_at))
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return [(str(row[0]), int(row[1])) for row in session.execute(query)]
+
+
+def _delete_orphans(session: Session, event_ids: list[int]) -> int:
+    """Delete those of ``event_ids`` that no delivery refers to."""
+    if not event_ids:
+        return 0
+    result: Any = session.execute(
+        delete(CallEvent).where(
+            col(CallEvent.id).in_(event_ids),
+            ~exists().where(col(Delivery.event_id) == col(CallEvent.id)),
+        )
+    )
+    return int(result.rowcount)
+
+
+def _rowcount(session: Session, statement: Any) -> int:
+    result: Any = session.execute(statement)
+    return int(result.rowcount)
+
+
+#: Where the walk over events stopped: the ``received_at`` of the last events walked (all of them).
+EventCursor = datetime
+
+
+def prune_batch(
+    session: Session,
+    *,
+    delivered_before: datetime | None,
+    dead_before: datetime | None,
+    limit: int,
+    events_after: EventCursor | None = None,
+) -> tuple[Pruned, EventCursor | None, bool]:
+    """Delete one batch of expired history (see the module docstring). A cutoff of None keeps that
+    kind for ever.
+
+    Events: those of the deliveries deleted here, once none is left; and, walking
+    ``ix_call_event_received_at`` from after ``events_after`` up to ``delivered_before``, about
+    ``limit`` of them, those without a delivery (events no mapping applied to). Returns what was
+    deleted, the ``received_at`` of the last events walked (the caller starts the next batch, and
+    the next pass, after it: events passed over, kept for a delivery, are not walked again and
+    again; when their deliveries go, the first part takes them) and whether the walk may go on.
+
+    The position is a time, not an id: SQLite gives a new row the largest id plus one, so once
+    the newest events are deleted their ids come again, below an id position. An ingest batch's
+    events share their ``received_at``; the walk takes such a group whole (a second look-up of
+    that one time), so the next batch can start strictly after it, and both databases walk the
+    index in its own order without sorting the range."""
+    found: list[tuple[str, int]] = []
+    if delivered_before is not None:
+        found += _finished(session, "delivered", delivered_before, limit)
+    if dead_before is not None:
+        for state in ("dead", "dismissed"):
+            found += _finished(session, state, dead_before, limit)
+    ids = [d for d, _ in found]
+    attempts = deliveries = events = gaps = 0
+    if ids:
+        attempts = _rowcount(
+            session, delete(DeliveryAttempt).where(col(DeliveryAttempt.delivery_id).in_(ids))
+        )
+        deliveries = _rowcount(session, delete(Delivery).where(col(Delivery.id).in_(ids)))
+        events = _delete_orphans(session, sorted({e for _, e in found}))
+    walked_to, more = events_after, False
+    if delivered_before is not None:
+        walk = select(col(CallEvent.received_at), col(CallEvent.id)).where(
+            col(CallEvent.received_at) < delivered_before
+        )
+        if events_after is not None:
+            walk = walk.where(col(CallEvent.received_at) > events_after)
+        rows = session.execute(walk.order_by(col(CallEvent.received_at)).limit(limit)).all()
+        walked = [int(r[1]) for r in rows]
+        if rows:
+            walked_to, more = rows[-1][0], len(rows) == limit
+            if more:  # the rest of the last time's group, which the LIMIT may have cut
+                walked += [
+                    int(r[0])
+                    for r in session.execute(
+                        select(col(CallEvent.id)).where(
+                            col(CallEvent.received_at) == walked_to, col(CallEvent.id).not_in(walked)
+                        )
+                    )
+                ]
+            events += _delete_orphans(session, walked)
+        gap_ids = [
+            int(row[0])
+            for row in session.execute(
+                select(col(SourceGap.id))
+                .where(col(SourceGap.ended_at).is_not(None), col(SourceGap.ended_at) < delivered_before)
+                .limit(limit)
+            )
+        ]
+        if gap_ids:
+            gaps = _rowcount(session, delete(SourceGap).where(col(SourceGap.id).in_(gap_ids)))
+    return Pruned(deliveries=deliveries, attempts=attempts, events=events, gaps=gaps), walked_to, more
