@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
 
-.PHONY: install test lint typecheck unit run demo bench bench-templates bench-transport clean
+.PHONY: install test lint typecheck unit run demo bench bench-templates bench-transport bench-retention clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,9 +32,13 @@ demo: install
 bench: install
 	$(BIN)/python bench/bench_templates.py
 	$(BIN)/python bench/bench_e2e.py
+	$(BIN)/python bench/bench_retention.py
 
 bench-templates: install
 	$(BIN)/python bench/bench_templates.py
+
+bench-retention: install
+	$(BIN)/python bench/bench_retention.py
 
 bench-transport: install
 	$(BIN)/python bench/bench_transport.py

@@ -85,8 +85,8 @@ class Settings(BaseSettings):
     token_refresh_margin_seconds: float = Field(default=60.0, ge=0)
 
     # Retention (retention.py): days of history kept; 0 keeps it for ever
-    retention_days: float = Field(default=30.0, ge=0)
-    dead_retention_days: float = Field(default=0.0, ge=0)
+    retention_days: float = Field(default=30.0, ge=0, le=36500)
+    dead_retention_days: float = Field(default=0.0, ge=0, le=36500)
     retention_interval_seconds: float = Field(default=3600.0, gt=0)
 
     @field_validator("allowed_xelion_hosts", mode="before")

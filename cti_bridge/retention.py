@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 BATCH = 200
 #: Seconds between two batches of one pass, so ingest and completions get the lock in between.
 BATCH_PAUSE = 0.05
+#: Seconds after which a pass walks the events from the start again rather than from where the
+#: last one stopped: an event left behind the walk without a delivery (a wall clock set back,
+#: say) is then found within a day instead of at the next start.
+WALK_AGAIN_AFTER = 86400.0
 
 
 def _cutoff(now: datetime, days: float) -> datetime | None:
@@ -50,6 +54,7 @@ class Retention:
         self.pause = BATCH_PAUSE
         # Where the walk over events stopped (store/retention.py): kept across passes.
         self.events_after: EventCursor | None = None
+        self._walk_started: float | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pass after pass until ``stop`` is set."""
@@ -71,6 +76,9 @@ class Retention:
         total = Pruned()
         if delivered_before is None and dead_before is None:
             return total
+        started = self.clock.monotonic()
+        if self._walk_started is None or started - self._walk_started >= WALK_AGAIN_AFTER:
+            self.events_after, self._walk_started = None, started
         while stop is None or not stop.is_set():
             batch, self.events_after, more = await self.db.run(
                 partial(

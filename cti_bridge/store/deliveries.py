@@ -453,7 +453,8 @@ def get_delivery(
     if delivery is None:
         return None
     event = session.get(CallEvent, delivery.event_id)
-    assert event is not None
+    if event is None:
+        return None  # deleted by retention between the two reads (PostgreSQL, READ COMMITTED)
     attempts = (
         session.execute(
             select(DeliveryAttempt)

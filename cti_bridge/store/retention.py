@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import delete, exists, select, text
 from sqlmodel import Session, col
 
 from cti_bridge.store.models import CallEvent, Delivery, DeliveryAttempt, SourceGap
@@ -88,6 +88,13 @@ def _rowcount(session: Session, statement: Any) -> int:
     return int(result.rowcount)
 
 
+#: On PostgreSQL, replicas of the daemon share the database and each runs passes. Two batches
+#: at once could each delete one of an event's two deliveries, each still see the other's
+#: (uncommitted: READ COMMITTED) and keep the event, which both walks then leave behind. So one
+#: batch at a time: a transaction-level advisory lock, and a replica that finds it taken ends its
+#: pass (the one holding it does the work).
+_ONE_PRUNER = text("SELECT pg_try_advisory_xact_lock(hashtext('cti-bridge retention'))")
+
 #: Where the walk over events stopped: the ``received_at`` of the last events walked (all of them).
 EventCursor = datetime
 
@@ -115,6 +122,8 @@ def prune_batch(
     events share their ``received_at``; the walk takes such a group whole (a second look-up of
     that one time), so the next batch can start strictly after it, and both databases walk the
     index in its own order without sorting the range."""
+    if session.get_bind().dialect.name == "postgresql" and not session.execute(_ONE_PRUNER).scalar_one():
+        return Pruned(), events_after, False  # another replica is pruning: this pass ends here
     found: list[tuple[str, int]] = []
     if delivered_before is not None:
         found += _finished(session, "delivered", delivered_before, limit)

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import func, select, text
 from sqlmodel import Session
 
+from cti_bridge import retention as retention_job
 from cti_bridge.clock import Clock
 from cti_bridge.config import Settings
 from cti_bridge.retention import Retention
 from cti_bridge.store.db import Database
 from cti_bridge.store.deliveries import dismiss, insert_event, park_credential, replay
 from cti_bridge.store.models import CallEvent, Delivery, DeliveryAttempt, SourceGap
-from cti_bridge.store.retention import Pruned, prune_batch
+from cti_bridge.store.retention import EventCursor, Pruned, prune_batch
 from tests.integration.test_delivery_leases import T0, World, make_world
 
 DAY = timedelta(days=1)
@@ -26,12 +29,31 @@ NOW = T0 + 31 * DAY  # with 30 days kept, the cutoff is T0 + 1 day
 class FixedClock(Clock):
     def __init__(self, now: datetime) -> None:
         self._now = now
+        self.mono = 0.0
 
     def now(self) -> datetime:
         return self._now
 
     def monotonic(self) -> float:
-        return 0.0
+        return self.mono
+
+
+async def _pass(retention: Retention) -> Pruned:
+    """One pass, which must end (a pass that walks the same events for ever fails here)."""
+    return await asyncio.wait_for(retention.prune(), 10)
+
+
+def _spy_batches(monkeypatch: pytest.MonkeyPatch) -> list[Pruned]:
+    """What each batch of Retention's passes deleted (the real prune_batch, observed)."""
+    seen: list[Pruned] = []
+
+    def observed(session: Session, **kwargs: Any) -> tuple[Pruned, EventCursor | None, bool]:
+        result = prune_batch(session, **kwargs)
+        seen.append(result[0])
+        return result
+
+    monkeypatch.setattr(retention_job, "prune_batch", observed)
+    return seen
 
 
 def _settings(**values: float) -> Settings:
@@ -140,7 +162,6 @@ def test_prune_deletes_only_finished_history_past_its_time(database: Database) -
     events = _ids(database, CallEvent, "id")
     assert old_event not in events and old_bare not in events
     assert recent_bare in events
-    assert all(_event_of(database, str(d)) in events for d in _ids(database, Delivery, "id"))
     assert _ids(database, SourceGap, "id") == {open_gap, recent_gap}
     assert old_gap not in _ids(database, SourceGap, "id")
     # A second pass finds nothing more.
@@ -206,14 +227,14 @@ async def test_the_event_walk_is_bounded_by_the_batch_and_goes_on_where_it_stopp
     # On SQLite this event takes an id again that a deleted one had (the largest id plus one),
     # below the walk's last id: the walk goes by time, so it is not passed over.
     later = _bare_event(world, "c-bare-later", T0 + DAY / 2)
-    assert await retention.prune() == Pruned(events=1)  # only what came after the last walk
+    assert await _pass(retention) == Pruned(events=1)  # only what came after the last walk
     assert later not in _ids(database, CallEvent, "id")
     # The dead deliveries' events stay as long as the deliveries do; with a dead retention set
     # they go with them, though the walk is long past them.
     assert len(_ids(database, CallEvent, "id")) == 7
     assert _ids(database, Delivery, "id") == set(kept)
     retention.settings = _settings(retention_days=30, dead_retention_days=10)
-    assert await retention.prune() == Pruned(deliveries=7, attempts=7, events=7)
+    assert await _pass(retention) == Pruned(deliveries=7, attempts=7, events=7)
     assert not _ids(database, Delivery, "id") and not _ids(database, CallEvent, "id")
 
 
@@ -239,17 +260,20 @@ def test_the_walk_takes_events_of_one_time_whole(database: Database) -> None:
     assert not (set(same_time) | {after}) & _ids(database, CallEvent, "id")
 
 
-async def test_a_pass_runs_batch_after_batch_until_nothing_has_expired(database: Database) -> None:
+async def test_a_pass_runs_batch_after_batch_until_nothing_has_expired(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches = _spy_batches(monkeypatch)
     world = make_world(database)
     old = [_finished(world, f"c-{i}", "delivered", T0 + timedelta(seconds=i)) for i in range(8)]
     keep = _finished(world, "c-new", "delivered", NOW - DAY)
     retention = Retention(database, _settings(retention_days=30), FixedClock(NOW))
     retention.batch, retention.pause = 3, 0.0
 
-    pruned = await retention.prune()
+    pruned = await _pass(retention)
 
-    # No single batch deletes more than 3 deliveries: 8 took three of them.
     assert pruned == Pruned(deliveries=8, attempts=8, events=8)
+    assert [b.deliveries for b in batches] == [3, 3, 2]
     assert _ids(database, Delivery, "id") == {keep}
     assert not set(old) & _ids(database, Delivery, "id")
 
@@ -260,25 +284,77 @@ async def test_zero_days_keeps_everything(database: Database) -> None:
     _finished(world, "c-dead", "dead", T0)
     retention = Retention(database, _settings(retention_days=0, dead_retention_days=0), FixedClock(NOW))
 
-    assert await retention.prune() == Pruned()
+    assert await _pass(retention) == Pruned()
     assert _count(database, Delivery) == 2 and _count(database, CallEvent) == 2
 
 
 async def test_the_loop_passes_at_start_and_at_each_interval_and_stops(database: Database) -> None:
     world = make_world(database)
-    _finished(world, "c-1", "delivered", T0)
-    clock = FixedClock(NOW)
-    retention = Retention(database, _settings(retention_days=30, retention_interval_seconds=0.05), clock)
-    stop = asyncio.Event()
-    task = asyncio.create_task(retention.run(stop))
 
     async def gone() -> None:
         while _count(database, Delivery):
             await asyncio.sleep(0.01)
 
-    await asyncio.wait_for(gone(), 5)  # the pass at start
-    second = _finished(world, "c-2", "delivered", T0)
-    await asyncio.wait_for(gone(), 5)  # a later pass
-    assert second not in _ids(database, Delivery, "id")
-    stop.set()
-    await asyncio.wait_for(task, 5)
+    for interval in (3600.0, 0.05):
+        _finished(world, f"c-{interval}", "delivered", T0)
+        settings = _settings(retention_days=30, retention_interval_seconds=interval)
+        retention = Retention(database, settings, FixedClock(NOW))
+        stop = asyncio.Event()
+        task = asyncio.create_task(retention.run(stop))
+        await asyncio.wait_for(gone(), 5)  # the pass at start (the next one is an hour away)
+        if interval < 1:
+            later = _finished(world, "c-later", "delivered", T0)
+            await asyncio.wait_for(gone(), 5)  # a pass at the next interval
+            assert later not in _ids(database, Delivery, "id")
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        assert task.result() is None
+
+
+async def test_a_pass_ends_however_many_old_events_it_keeps(database: Database) -> None:
+    """More kept events (dead deliveries, dead retention 0) than a batch walks: the walk moves on
+    from batch to batch (its position is kept) and the pass ends."""
+    world = make_world(database)
+    for i in range(9):
+        _finished(world, f"c-dead-{i}", "dead", T0 + timedelta(seconds=i))
+    retention = Retention(database, _settings(retention_days=30), FixedClock(NOW))
+    retention.batch, retention.pause = 4, 0.0
+
+    assert await _pass(retention) == Pruned()
+    assert retention.events_after == T0 + timedelta(seconds=8)
+    assert _count(database, CallEvent) == 9
+
+
+async def test_a_day_later_the_walk_starts_from_the_beginning(database: Database) -> None:
+    """An event left behind the walk without a delivery (here: one received, by the wall clock,
+    before where the walk already is) is found by the first pass a day later."""
+    world = make_world(database)
+    _bare_event(world, "c-1", T0 + timedelta(hours=1))
+    clock = FixedClock(NOW)
+    retention = Retention(database, _settings(retention_days=30), clock)
+    assert await _pass(retention) == Pruned(events=1)
+    behind = _bare_event(world, "c-behind", T0)
+    assert await _pass(retention) == Pruned()  # the walk is past it
+    clock.mono += 86400
+    assert await _pass(retention) == Pruned(events=1)
+    assert behind not in _ids(database, CallEvent, "id")
+
+
+def test_on_postgresql_one_replica_prunes_at_a_time(database: Database) -> None:
+    """A replica whose batch finds another's batch running (the advisory lock) deletes nothing
+    and ends its pass; once that one committed, it goes on."""
+    if database.is_sqlite:
+        pytest.skip("SQLite has one writer: one process, one job")
+    world = make_world(database)
+    _finished(world, "c-1", "delivered", T0)
+    cutoff = NOW - 30 * DAY
+    with database.engine.connect() as other:
+        other.execute(text("SELECT pg_advisory_xact_lock(hashtext('cti-bridge retention'))"))
+        assert database.run_sync(
+            lambda s: prune_batch(s, delivered_before=cutoff, dead_before=None, limit=10)
+        ) == (Pruned(), None, False)
+        other.rollback()
+    pruned, _, _ = database.run_sync(
+        lambda s: prune_batch(s, delivered_before=cutoff, dead_before=None, limit=10)
+    )
+    assert pruned == Pruned(deliveries=1, attempts=1, events=1)

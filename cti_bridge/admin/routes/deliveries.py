@@ -154,6 +154,7 @@ async def replay_one(delivery_id: str, deps: Deps, principal: Auth, request: Req
     delivery, _, _ = await _load(deps, principal, delivery_id)
     now = deps.clock.now()
     if not await deps.database.run(lambda s: store.replay(s, delivery_id, now)):
+        await _load(deps, principal, delivery_id)  # a 404 if retention deleted it meanwhile
         raise ApiError(
             409,
             ErrorCode.CONFLICT,
