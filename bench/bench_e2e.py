@@ -76,6 +76,7 @@ import shlex
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -646,35 +647,65 @@ async def bridge(http: aiohttp.ClientSession, crm: Crm, db: str, args: argparse.
 
 
 async def scale(http: aiohttp.ClientSession, crm: Crm, db: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The N-event run with 1,000 users and 200 mappings, and beside it a daemon with 1 user and 4
+    mappings, both up at once (idle while the other runs), in ``--scale-rounds`` rounds that
+    alternate which goes first: on a machine this noisy (+-20 % run to run) only runs side by side,
+    many times over, compare. Reports each round's pair and the medians."""
     users, per_type = args.scale_users, (args.scale_mappings - 4) // 4
     stack = await start_stack(http, crm, db, args, users=users, extra_mappings=per_type)
+    base: Stack | None = None
     out: dict[str, Any] = {
         "database": db,
         "users": users,
         "mappings": 4 + 4 * per_type,
         "configure_seconds": stack.info["configure_seconds"],
+        "rounds": [],
     }
     try:
+        base = await start_stack(http, crm, db, args, users=1, extra_mappings=0)
         # One event per user first: each credential gets its access token, as in a running daemon.
         await crm.reset()
         await stack.push(users, 0, "warm", users, args.window)
         await crm.wait_for(users, timeout=120)
+        await crm.reset()
+        await base.push(args.warmup, 0, "warm", 1, args.window)
+        await crm.wait_for(args.warmup, timeout=60)
         profile = args.profile / f"profile-scale-{db}.txt" if args.profile else None
-        out["large"] = await throughput(
-            stack,
-            crm,
-            args.events,
-            "large",
-            users,
-            profile=profile,
-            profile_mode=args.profile_mode,
-            window=args.window,
-        )
+        for r in range(max(1, args.scale_rounds)):
+            pair: dict[str, Any] = {}
+            order = ("scale", "base") if r % 2 else ("base", "scale")
+            for which in order:
+                if which == "scale":
+                    pair["scale"] = await throughput(
+                        stack,
+                        crm,
+                        args.events,
+                        f"scale{r}",
+                        users,
+                        profile=profile if r == 0 else None,
+                        profile_mode=args.profile_mode,
+                        window=args.window,
+                    )
+                else:
+                    pair["base"] = await throughput(base, crm, args.events, f"base{r}", window=args.window)
+            out["rounds"].append(pair)
+        for which in ("scale", "base"):
+            out[f"{which}_cpu_s_per_1000_median"] = statistics.median(
+                p[which]["cpu_s_per_1000"] for p in out["rounds"]
+            )
+            out[f"{which}_events_per_s_median"] = statistics.median(
+                p[which]["events_per_s"] for p in out["rounds"]
+            )
+        ratios = [p["scale"]["cpu_s_per_1000"] / p["base"]["cpu_s_per_1000"] for p in out["rounds"]]
+        out["cpu_ratio_median"] = round(statistics.median(ratios), 3)
+        out["large"] = out["rounds"][0]["scale"]
         out["peak_rss_mb"] = round(stack.sample().hwm_mb, 1)
         if profile is not None:
             out["profile"] = str(profile)
     finally:
         out["exit_code"] = await stop_stack(stack, args.keep)
+        if base is not None:
+            await stop_stack(base, args.keep)
     return out
 
 
@@ -786,15 +817,21 @@ def report(results: dict[str, Any]) -> str:
             [f"{r['large']['token_requests']} / {r['exit_code']}" for r in dbs],
         )
     for s in results.get("scale", []):
-        base = next((r for r in dbs if r["database"] == s["database"]), None)
+        rounds = s["rounds"]
         lines += [
             "",
             f"scale ({s['database']}): {s['users']:,} credentials, {s['mappings']} mappings "
-            f"(configured in {s['configure_seconds']} s)",
-            f"  events/s, N events               {fmt(s['large']['events_per_s']):>8}"
-            + (f"   (1 user, 4 mappings: {fmt(base['large']['events_per_s'])})" if base else ""),
-            f"  daemon CPU s per 1,000 events    {fmt(s['large']['cpu_s_per_1000'], '.3f'):>8}"
-            + (f"   (1 user, 4 mappings: {fmt(base['large']['cpu_s_per_1000'], '.3f')})" if base else ""),
+            f"(configured in {s['configure_seconds']} s), against 1 user and 4 mappings, "
+            f"{len(rounds)} rounds side by side",
+            "  daemon CPU s per 1,000 events, each round (scale / 1-and-4):  "
+            + ",  ".join(
+                f"{p['scale']['cpu_s_per_1000']:.3f} / {p['base']['cpu_s_per_1000']:.3f}" for p in rounds
+            ),
+            f"  median CPU s per 1,000 events    {s['scale_cpu_s_per_1000_median']:>8.3f}"
+            f"   (1 user, 4 mappings: {s['base_cpu_s_per_1000_median']:.3f})",
+            f"  median of the rounds' ratios     {s['cpu_ratio_median']:>8.3f}   target about 1",
+            f"  median events/s, N events        {fmt(s['scale_events_per_s_median']):>8}"
+            f"   (1 user, 4 mappings: {fmt(s['base_events_per_s_median'])})",
             f"  peak RSS MB                      {fmt(s['peak_rss_mb'], '.1f'):>8}",
         ]
     for error in results.get("errors", []):
@@ -912,6 +949,7 @@ def main() -> None:
     parser.add_argument("--reference-requests", type=int, default=2000, help="per round, httpx clients")
     parser.add_argument("--scale-users", type=int, default=None, help="default 1000 (0: no scale run)")
     parser.add_argument("--scale-mappings", type=int, default=200)
+    parser.add_argument("--scale-rounds", type=int, default=5, help="side-by-side rounds of the scale run")
     parser.add_argument("--scale-db", action="append", choices=["sqlite", "postgresql"])
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--profile", type=Path, default=None, help="record the daemon with py-spy into DIR")
