@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, col
 
 from cti_bridge.store.models import (
+    UNDELIVERED_SQL,
     CallEvent,
     Delivery,
     DeliveryAttempt,
@@ -349,20 +350,30 @@ def release_all_leases(session: Session, *, now: datetime) -> int:
 
 
 def park_credential(session: Session, *, credential_id: int, reason: str, now: datetime) -> int:
-    """Park every undelivered delivery of a credential (reliability.md §13)."""
+    """Park every undelivered delivery of a credential (reliability.md §13). Through
+    ``ix_delivery_credential_undelivered``, whose condition the query repeats."""
     result: Any = session.execute(
         update(Delivery)
-        .where(col(Delivery.credential_id) == credential_id, col(Delivery.state).in_(("pending", "sending")))
+        .where(
+            col(Delivery.credential_id) == credential_id,
+            text(UNDELIVERED_SQL),
+            col(Delivery.state).in_(("pending", "sending")),
+        )
         .values(state="parked", lease_owner=None, lease_expires_at=None, last_error=reason, updated_at=now)
     )
     return int(result.rowcount)
 
 
 def unpark_credential(session: Session, *, credential_id: int, now: datetime) -> int:
-    """Make a credential's parked deliveries due again (a new refresh token or device code was set)."""
+    """Make a credential's parked deliveries due again (a new refresh token or device code was set).
+    Through ``ix_delivery_credential_undelivered``, like ``park_credential``."""
     result: Any = session.execute(
         update(Delivery)
-        .where(col(Delivery.credential_id) == credential_id, col(Delivery.state) == "parked")
+        .where(
+            col(Delivery.credential_id) == credential_id,
+            text(UNDELIVERED_SQL),
+            col(Delivery.state) == "parked",
+        )
         .values(state="pending", next_attempt_at=now, updated_at=now)
     )
     return int(result.rowcount)

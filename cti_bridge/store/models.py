@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from cti_bridge.clock import utcnow
 
 # 64-bit ids on PostgreSQL; on SQLite only INTEGER PRIMARY KEY is the rowid alias that autoincrements.
 BIGINT_ID = BigInteger().with_variant(Integer, "sqlite")
+#: The condition of the partial index over undelivered deliveries, as the queries that use it must
+#: repeat it word for word (SQLite matches a partial index's condition as text, not as logic).
+UNDELIVERED_SQL = "state IN ('pending', 'sending', 'parked')"
 
 
 class XelionContext(SQLModel, table=True):
@@ -181,7 +184,14 @@ class Delivery(SQLModel, table=True):
         # In claim order (store/deliveries.py ``claim_due``), so a claim stops at its LIMIT.
         Index("ix_delivery_due", "state", "next_attempt_at", "event_id", "mapping_id"),
         Index("ix_delivery_order", "ordering_key", "event_id"),
-        Index("ix_delivery_credential_state", "credential_id", "state"),
+        # Undelivered only (migration 0005): parking reads it, and it stays as small as the backlog.
+        Index(
+            "ix_delivery_credential_undelivered",
+            "credential_id",
+            "state",
+            sqlite_where=text(UNDELIVERED_SQL),
+            postgresql_where=text(UNDELIVERED_SQL),
+        ),
     )
 
     id: str = Field(primary_key=True, max_length=36)

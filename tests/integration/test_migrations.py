@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC, datetime
 
-from sqlalchemy import inspect, text
+from sqlalchemy import event, inspect, text
+from sqlmodel import Session
 
 from cti_bridge.events import dedupe_key
 from cti_bridge.store import migrate
 from cti_bridge.store.db import make_engine
+from cti_bridge.store.deliveries import UNDELIVERED, park_credential, unpark_credential
+from cti_bridge.store.models import UNDELIVERED_SQL
 
 TABLES = {
     "xelion_context",
@@ -83,5 +87,43 @@ def test_stored_dedupe_keys_follow_the_new_form_both_ways(db_url: str) -> None:
         assert stored() == dedupe_key(1, "callHungUpEvent", fields)
         migrate.downgrade(engine, "0003")
         assert stored() == old_key
+    finally:
+        engine.dispose()
+
+
+def test_parking_uses_the_partial_credential_index(db_url: str) -> None:
+    """Migration 0005: the credential index holds only undelivered deliveries (its condition is
+    the UNDELIVERED states, word for word), and parking and unparking a credential use it on
+    both databases (on PostgreSQL with sequential scans off: the tables are empty)."""
+    assert UNDELIVERED_SQL == f"state IN ({', '.join(repr(s) for s in UNDELIVERED)})"
+    engine = make_engine(db_url)
+    try:
+        migrate.upgrade(engine)
+        indexes = {i["name"]: i for i in inspect(engine).get_indexes("delivery")}
+        assert "ix_delivery_credential_state" not in indexes
+        assert indexes["ix_delivery_credential_undelivered"]["column_names"] == ["credential_id", "state"]
+        captured: list[tuple[str, object]] = []
+
+        def capture(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+            if statement.lstrip().upper().startswith("UPDATE"):
+                captured.append((statement, parameters))
+
+        event.listen(engine, "before_cursor_execute", capture)
+        now = datetime.now(UTC)
+        with Session(engine) as s:
+            park_credential(s, credential_id=1, reason="r", now=now)
+            unpark_credential(s, credential_id=1, now=now)
+            s.rollback()
+        event.remove(engine, "before_cursor_execute", capture)
+        assert len(captured) == 2
+        explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
+        with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET enable_seqscan = off")
+            for statement, parameters in captured:
+                rows = conn.exec_driver_sql(explain + statement, parameters)  # type: ignore[arg-type]
+                plan = " ".join(str(r[-1]) for r in rows)
+                assert "ix_delivery_credential_undelivered" in plan, (statement, plan)
+            conn.rollback()
     finally:
         engine.dispose()
