@@ -143,8 +143,32 @@ def _host_refusal(host: str, allow_private: bool) -> str | None:
     return None if reason is None else f"refused host {bare}: {reason}"
 
 
-def check_url(url: str, allow_private: bool) -> None:
-    """Raise ``EgressRefused`` unless ``url`` is http(s) with a host the guard allows (§15)."""
+#: Origins (``scheme://netloc/``, as written) of URLs that ``check_url`` passed, by allow_private,
+#: with their netloc. A URL that begins with one has that scheme and netloc (a netloc ends at the
+#: first "/", "?" or "#", and holds none of them), so it passes without being parsed again: CRM
+#: URLs carry a callId or a user, and urlsplit's own cache (128 URLs) nearly never holds them.
+#: Bounded: cleared when full.
+_ORIGINS: dict[tuple[str, bool], str] = {}
+_ORIGINS_MAX = 4096
+
+
+def _origin(url: str) -> str | None:
+    """``url`` up to and with the first "/" after its "://", or None."""
+    start = url.find("://")
+    if start <= 0:
+        return None
+    slash = url.find("/", start + 3)
+    return url[: slash + 1] if slash > 0 else None
+
+
+def check_url(url: str, allow_private: bool) -> str:
+    """Raise ``EgressRefused`` unless ``url`` is http(s) with a host the guard allows (§15).
+    Returns the URL's netloc (``host[:port]`` as written)."""
+    origin = _origin(url)
+    if origin is not None:
+        known = _ORIGINS.get((origin, allow_private))
+        if known is not None:
+            return known
     try:
         parts = urlsplit(url)
         host = parts.hostname
@@ -156,6 +180,22 @@ def check_url(url: str, allow_private: bool) -> None:
     if not host:
         raise EgressRefused("refused URL: it has no host")
     check_host(host, allow_private)
+    if origin is not None and origin == f"{parts.scheme}://{parts.netloc}/":
+        if len(_ORIGINS) >= _ORIGINS_MAX:
+            _ORIGINS.clear()
+        _ORIGINS[(origin, allow_private)] = parts.netloc
+    return parts.netloc
+
+
+def netloc_of(url: str) -> str:
+    """The netloc of ``url``: from the origins ``check_url`` passed if it begins with one, else
+    parsed."""
+    origin = _origin(url)
+    if origin is not None:
+        known = _ORIGINS.get((origin, False)) or _ORIGINS.get((origin, True))
+        if known is not None:
+            return known
+    return urlsplit(url).netloc
 
 
 class GuardedResolver(AbstractResolver):

@@ -36,7 +36,6 @@ from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
-from urllib.parse import urlsplit
 
 import httpx
 from sqlmodel import Session
@@ -44,7 +43,7 @@ from sqlmodel import Session
 from cti_bridge.clock import Clock, SystemClock, xelion_time
 from cti_bridge.config import Settings
 from cti_bridge.delivery.crm_client import CrmClient
-from cti_bridge.delivery.egress import EgressRefused, HostLimiter, find_refusal
+from cti_bridge.delivery.egress import EgressRefused, HostLimiter, find_refusal, netloc_of
 from cti_bridge.delivery.oauth import (
     AccessToken,
     ReauthRequired,
@@ -663,7 +662,7 @@ class DeliveryWorker:
         headers = dict(req.headers)
         headers["Authorization"] = item.authorization_header_prefix + token.access_token
         headers["Idempotency-Key"] = item.id
-        host = urlsplit(req.url).netloc
+        host = netloc_of(req.url)
         self._learn_host(item.mapping_id, host.lower(), asyncio.current_task())
         status: int | None = None
         error: Exception | None = None

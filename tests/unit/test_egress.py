@@ -7,13 +7,18 @@ import asyncio
 import gzip
 import socket
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from hypothesis import given
+from hypothesis import settings as settings_h
+from hypothesis import strategies as st
 
 from cti_bridge.config import Settings
+from cti_bridge.delivery import egress
 from cti_bridge.delivery.crm_client import CrmClient
 from cti_bridge.delivery.egress import (
     EgressRefused,
@@ -325,3 +330,70 @@ async def test_cancelled_waiter_takes_no_slot_and_holder_releases() -> None:
 async def _enter(limiter: HostLimiter, host: str) -> None:
     async with limiter.slot(host):
         pass
+
+
+# -- check_url's origins: a URL that begins with an origin already passed is not parsed again ----
+
+_TRICKY = [
+    "https://crm.example/calls/1732443153.1021?user=anne",
+    "https://crm.example:8443/x",
+    "https://user:pw@crm.example/x",
+    "https://[2001:db8::1]/x",
+    "https://crm.example?x=/y",  # the netloc ends at "?": no origin to keep
+    "https://crm.example#f/y",
+    "HTTPS://crm.example/x",  # urlsplit lowers the scheme: not the origin as written
+    "https://127.0.0.1/x",
+    "http://10.0.0.1:8080/x",
+    "ftp://crm.example/x",
+    "https://crm.example",  # no "/" after the host
+    "https:///x",
+    "https://crm.example.attacker.example/x",
+    "https://crm.example@127.0.0.1/x",
+    "https://crm.example\\@127.0.0.1/x",
+]
+
+
+def _verdict(url: str, allow_private: bool) -> str:
+    try:
+        return "ok " + check_url(url, allow_private)
+    except EgressRefused as exc:
+        return "refused " + str(exc)
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+def test_a_known_origin_gives_the_verdict_a_parse_gives(allow_private: bool) -> None:
+    """Every URL twice in a row, and then all again (each origin known by then): the same verdict
+    and netloc every time as with no origin known."""
+    egress._ORIGINS.clear()
+    fresh = {}
+    for url in _TRICKY:
+        egress._ORIGINS.clear()
+        fresh[url] = _verdict(url, allow_private)
+    for url in _TRICKY + _TRICKY:
+        assert _verdict(url, allow_private) == fresh[url], url
+        assert egress.netloc_of(url) == urlsplit(url).netloc, url
+    assert ("https://crm.example/", allow_private) in egress._ORIGINS
+    assert not any(o.startswith(("HTTPS", "https://crm.example?", "ftp")) for o, _ in egress._ORIGINS)
+
+
+def test_an_origin_passed_with_private_targets_allowed_is_not_passed_without() -> None:
+    egress._ORIGINS.clear()
+    assert check_url("http://10.0.0.1:8080/a", True) == "10.0.0.1:8080"
+    with pytest.raises(EgressRefused):
+        check_url("http://10.0.0.1:8080/b", False)
+
+
+@settings_h(max_examples=300, deadline=None)
+@given(
+    scheme=st.sampled_from(["http", "https", "HTTP", "ftp", ""]),
+    netloc=st.text(alphabet="abc.:@[]1270/?#\\%", min_size=0, max_size=16),
+    rest=st.text(alphabet="ab/?#=:@.", max_size=12),
+)
+def test_known_origins_never_change_a_verdict(scheme: str, netloc: str, rest: str) -> None:
+    """Random URLs against a cache holding the origins of the URLs before them."""
+    url = f"{scheme}://{netloc}/{rest}"
+    known = _verdict(url, False)
+    saved = dict(egress._ORIGINS)
+    egress._ORIGINS.clear()
+    assert _verdict(url, False) == known, url
+    egress._ORIGINS.update(saved)
