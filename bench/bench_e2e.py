@@ -34,13 +34,16 @@ Measured:
   shared with someone's test run gives other numbers.
 - scale (SQLite; ``--scale-db`` for others): the same N-event run with 1,000 user credentials and
   200 mappings (4 that apply, 196 whose condition does not hold) instead of 1 and 4; events spread
-  over the 1,000 users, whose tokens are fetched in a warm-up first.
+  over the 1,000 users, whose tokens are fetched in a warm-up first. A 1-and-4 daemon runs beside
+  it, and the two take turns for ``--scale-rounds`` (5) rounds; the medians are compared.
 
     .venv/bin/python bench/bench_e2e.py [--events N] [--db sqlite|postgresql|both] [--quick]
                                         [--concurrency 32] [--window 500] [--keep]
                                         [--profile DIR [--profile-mode cpu|gil|wall]]
+                                        [--scale-users 1000] [--scale-rounds 5]
 
-Default N is 5,000 (the whole ``make bench`` then takes about 70 s here, both databases and the scale run);
+Default N is 5,000 (this benchmark then takes about 75 s here, both databases and the scale
+rounds; the whole ``make bench``, with the template and retention benchmarks, about 3 minutes);
 ``--events 100000 --db sqlite --scale-users 0`` checks the memory target. Writes
 bench/results/latest.json (with the commit and the changed files measured). ``--profile DIR`` also
 records the daemon with py-spy during each N run (collapsed stacks, DIR/profile-<db>.txt) and prints
