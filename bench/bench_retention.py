@@ -1,8 +1,8 @@
 """What a retention pass costs (README "Retention"): N delivered events with their attempts and
 N/10 dead ones (kept: dead retention 0) are stored through the store's own functions, then the
-retention job's batches (store/retention.py ``prune_batch``, 200 rows, as ``Retention.prune``
-runs them) delete the delivered history 31 days later. Prints rows deleted per second, how long
-one batch holds the database (the write lock on SQLite: what ingest waits for at most), the
+retention job's own batches (``Retention.batches``, 200 rows, without the pause between them)
+delete the delivered history 31 days later. Prints rows deleted per second, how long one batch
+holds the database (the write lock on SQLite: what ingest waits for at most), the
 database's size before and after, and two more passes: one right after (nothing to delete, the
 event walk starts where it stopped) and one as after a restart (the walk starts at the beginning
 and goes past every kept event once).
@@ -13,6 +13,7 @@ and goes past every kept event once).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import tempfile
 import time
@@ -26,13 +27,14 @@ from common import percentile
 from sqlalchemy import text
 from sqlmodel import Session
 
+from cti_bridge.config import Settings
 from cti_bridge.pipeline import Pipeline
-from cti_bridge.retention import BATCH
+from cti_bridge.retention import BATCH, Retention
 from cti_bridge.routing import MappingCache, RoutingCache
 from cti_bridge.store import migrate
 from cti_bridge.store.db import Database, make_engine
 from cti_bridge.store.deliveries import Completion, claim_due, complete_many
-from cti_bridge.store.retention import EventCursor, Pruned, prune_batch
+from cti_bridge.store.retention import Pruned
 
 
 def fill(db: Database, n: int, dead: int) -> None:
@@ -82,24 +84,33 @@ def size_mb(db: Database) -> float:
     return round(db.run_sync(work), 1)
 
 
-def one_pass(
-    db: Database, before: datetime, after: EventCursor | None
-) -> tuple[Pruned, list[float], float, EventCursor | None]:
-    """Batches as Retention.prune runs them (no pause): what they deleted, each one's seconds,
-    the whole pass's seconds, where the event walk stopped."""
-    total, times = Pruned(), []
-    t0 = time.perf_counter()
-    while True:
-        t = time.perf_counter()
-        batch, after, more = db.run_sync(
-            lambda s, after=after: prune_batch(
-                s, delivered_before=before, dead_before=None, limit=BATCH, events_after=after
-            )
-        )
-        times.append(time.perf_counter() - t)
-        total += batch
-        if not more and max(batch.deliveries, batch.gaps) < BATCH:
-            return total, times, time.perf_counter() - t0, after
+class Later:
+    """The clock 31 days on: with 30 days kept, everything stored is old."""
+
+    def __init__(self) -> None:
+        self.at = datetime.now(UTC) + timedelta(days=31)
+
+    def now(self) -> datetime:
+        return self.at
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+def one_pass(retention: Retention) -> tuple[Pruned, list[float], float]:
+    """One pass of the retention job's own batches, without its pause between them: what they
+    deleted, each one's seconds, the whole pass's seconds."""
+
+    async def run() -> tuple[Pruned, list[float], float]:
+        total, times = Pruned(), []
+        t0 = t = time.perf_counter()
+        async for batch in retention.batches():
+            times.append(time.perf_counter() - t)
+            total += batch
+            t = time.perf_counter()
+        return total, times, time.perf_counter() - t0
+
+    return asyncio.run(run())
 
 
 def measure(url: str, n: int) -> dict[str, Any]:
@@ -111,8 +122,10 @@ def measure(url: str, n: int) -> dict[str, Any]:
     fill(db, n, dead)
     out: dict[str, Any] = {"events": n, "dead_kept": dead, "fill_seconds": round(time.perf_counter() - t0, 1)}
     out["size_mb_before"] = size_mb(db)
-    before = datetime.now(UTC) + timedelta(days=1)  # 31 days later, 30 kept: everything is old
-    pruned, times, seconds, stopped = one_pass(db, before, None)
+    settings = Settings(retention_days=30)  # Retention reads only its own settings
+    retention = Retention(db, settings, Later())
+    retention.pause = 0.0
+    pruned, times, seconds = one_pass(retention)
     rows = pruned.total
     times.sort()
     out.update(
@@ -126,9 +139,11 @@ def measure(url: str, n: int) -> dict[str, Any]:
         batch_ms_max=round(times[-1] * 1000, 1),
         size_mb_after=size_mb(db),
     )
-    _, times, seconds, _ = one_pass(db, before, stopped)
+    _, times, seconds = one_pass(retention)  # the walk goes on where it stopped
     out["pass_nothing_to_do_ms"] = round(seconds * 1000, 1)
-    _, times, seconds, _ = one_pass(db, before, None)
+    restarted = Retention(db, settings, retention.clock)  # a new process: the walk starts over
+    restarted.pause = 0.0
+    _, times, seconds = one_pass(restarted)
     out["pass_after_restart_ms"] = round(seconds * 1000, 1)
     out["pass_after_restart_batches"] = len(times)
     db.dispose()

@@ -27,13 +27,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, col
 
 from cti_bridge.store.models import (
+    UNDELIVERED,
     UNDELIVERED_SQL,
     CallEvent,
     Delivery,
     DeliveryAttempt,
 )
 
-UNDELIVERED = ("pending", "sending", "parked")
 TERMINAL = ("delivered", "dead", "dismissed")
 STATES = ("pending", "sending", "delivered", "dead", "parked", "dismissed")
 T = TypeVar("T")
@@ -182,7 +182,7 @@ class Claimed:
 #: states are constants (``UNDELIVERED``), never a value from outside.
 _FIRST_IN_LINE = (
     "NOT EXISTS (SELECT 1 FROM delivery AS earlier WHERE earlier.ordering_key = delivery.ordering_key "  # noqa: S608
-    f"AND earlier.state IN ({', '.join(repr(s) for s in UNDELIVERED)}) "
+    f"AND earlier.{UNDELIVERED_SQL} "
     "AND earlier.event_id <= delivery.event_id "
     "AND (earlier.event_id < delivery.event_id OR earlier.mapping_id < delivery.mapping_id))"
 )

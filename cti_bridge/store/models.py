@@ -20,9 +20,12 @@ from cti_bridge.clock import utcnow
 
 # 64-bit ids on PostgreSQL; on SQLite only INTEGER PRIMARY KEY is the rowid alias that autoincrements.
 BIGINT_ID = BigInteger().with_variant(Integer, "sqlite")
-#: The condition of the partial index over undelivered deliveries, as the queries that use it must
-#: repeat it word for word (SQLite matches a partial index's condition as text, not as logic).
-UNDELIVERED_SQL = "state IN ('pending', 'sending', 'parked')"
+#: The states of a delivery not finished yet: it holds its call's place in line (reliability.md §3).
+UNDELIVERED = ("pending", "sending", "parked")
+#: The same as SQL: the condition of the partial index over undelivered deliveries, which the queries
+#: that use it must repeat word for word (SQLite matches a partial index's condition as text, not as
+#: logic), and of the per-call order rule.
+UNDELIVERED_SQL = f"state IN ({', '.join(repr(s) for s in UNDELIVERED)})"
 
 
 class XelionContext(SQLModel, table=True):

@@ -16,7 +16,7 @@ kept: deliveries through a prefix of ``ix_delivery_due``, events in the order of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -36,19 +36,16 @@ class Pruned:
     gaps: int = 0
 
     def __add__(self, other: Pruned) -> Pruned:
-        return Pruned(
-            self.deliveries + other.deliveries,
-            self.attempts + other.attempts,
-            self.events + other.events,
-            self.gaps + other.gaps,
-        )
+        return Pruned(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     @property
     def total(self) -> int:
-        return self.deliveries + self.attempts + self.events + self.gaps
+        return sum(astuple(self))
 
 
-def _finished(session: Session, state: str, before: datetime, limit: int) -> list[tuple[str, int]]:
+def _finished(
+    session: Session, state: str, before: datetime, limit: int, *, lock: bool
+) -> list[tuple[str, int]]:
     """Up to ``limit`` (id, event id) of deliveries in ``state`` last changed before ``before``,
     oldest first. The range ``state = ? AND next_attempt_at < ?`` is a prefix of ``ix_delivery_due``
     and holds (nearly) only such deliveries (a finished delivery was due before it finished; a
@@ -65,7 +62,7 @@ def _finished(session: Session, state: str, before: datetime, limit: int) -> lis
         .order_by(col(Delivery.next_attempt_at))
         .limit(limit)
     )
-    if session.get_bind().dialect.name == "postgresql":
+    if lock:
         query = query.with_for_update(skip_locked=True)
     return [(str(row[0]), int(row[1])) for row in session.execute(query)]
 
@@ -74,13 +71,13 @@ def _delete_orphans(session: Session, event_ids: list[int]) -> int:
     """Delete those of ``event_ids`` that no delivery refers to."""
     if not event_ids:
         return 0
-    result: Any = session.execute(
+    return _rowcount(
+        session,
         delete(CallEvent).where(
             col(CallEvent.id).in_(event_ids),
             ~exists().where(col(Delivery.event_id) == col(CallEvent.id)),
-        )
+        ),
     )
-    return int(result.rowcount)
 
 
 def _rowcount(session: Session, statement: Any) -> int:
@@ -122,14 +119,15 @@ def prune_batch(
     events share their ``received_at``; the walk takes such a group whole (a second look-up of
     that one time), so the next batch can start strictly after it, and both databases walk the
     index in its own order without sorting the range."""
-    if session.get_bind().dialect.name == "postgresql" and not session.execute(_ONE_PRUNER).scalar_one():
+    postgresql = session.get_bind().dialect.name == "postgresql"
+    if postgresql and not session.execute(_ONE_PRUNER).scalar_one():
         return Pruned(), events_after, False  # another replica is pruning: this pass ends here
     found: list[tuple[str, int]] = []
     if delivered_before is not None:
-        found += _finished(session, "delivered", delivered_before, limit)
+        found += _finished(session, "delivered", delivered_before, limit, lock=postgresql)
     if dead_before is not None:
         for state in ("dead", "dismissed"):
-            found += _finished(session, state, dead_before, limit)
+            found += _finished(session, state, dead_before, limit, lock=postgresql)
     ids = [d for d, _ in found]
     attempts = deliveries = events = gaps = 0
     if ids:

@@ -297,3 +297,30 @@ async def test_retention_deletes_delivered_history_and_keeps_what_failed(db_url:
         assert _metric(m, "cti_bridge_retention_deleted_total", 'kind="events"') == 2
         await asyncio.sleep(0.3)  # a few more passes
         assert sorted(r.path for r in st.crm.received) == ["/calls/no", "/calls/ok"]
+
+
+async def test_an_event_retention_keeps_still_absorbs_its_duplicates(db_url: str) -> None:
+    """§2 across retention passes: the event a dead delivery keeps is still the one its re-pushed
+    copy is counted against, with no new delivery and nothing sent, while passes keep running."""
+    async with running_stack(db_url, retention_days=1.0 / 86400, retention_interval_seconds=0.1) as st:
+        await st.configure(users=("anne",), mappings=[st.mapping("newCallEvent", path="calls/no")])
+        st.crm.add_rule("/calls/no", Failure.http(422))
+        call = await st.xelion.place_call("incoming", callee="anne")
+        new_call = next(body for event, body in call.frames if event == "newCallEvent")
+        (dead,) = await st.wait_settled(1)
+        assert dead["state"] == "dead"
+
+        async def hang_up_pruned() -> bool:
+            m = await st.metrics()
+            return _metric(m, "cti_bridge_retention_deleted_total", 'kind="events"') == 2
+
+        await st.wait_until(hang_up_pruned, what="the call's other events to be deleted")
+        assert await st.xelion.push("newCallEvent", new_call) == 1
+
+        async def counted() -> bool:
+            return int((await st.delivery(dead["id"]))["event"]["duplicates"]) == 1
+
+        await st.wait_until(counted, what="the re-pushed event to be counted as a duplicate")
+        await asyncio.sleep(0.3)  # a few more passes
+        assert [d["id"] for d in await st.deliveries()] == [dead["id"]]
+        assert len(st.crm.received) == 1

@@ -6,54 +6,27 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
-from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
 from sqlmodel import Session
 
-from cti_bridge import retention as retention_job
-from cti_bridge.clock import Clock
 from cti_bridge.config import Settings
 from cti_bridge.retention import Retention
 from cti_bridge.store.db import Database
 from cti_bridge.store.deliveries import dismiss, insert_event, park_credential, replay
 from cti_bridge.store.models import CallEvent, Delivery, DeliveryAttempt, SourceGap
-from cti_bridge.store.retention import EventCursor, Pruned, prune_batch
+from cti_bridge.store.retention import Pruned, prune_batch
+from tests.integration.oauth_helpers import FakeClock
 from tests.integration.test_delivery_leases import T0, World, make_world
 
 DAY = timedelta(days=1)
 NOW = T0 + 31 * DAY  # with 30 days kept, the cutoff is T0 + 1 day
 
 
-class FixedClock(Clock):
-    def __init__(self, now: datetime) -> None:
-        self._now = now
-        self.mono = 0.0
-
-    def now(self) -> datetime:
-        return self._now
-
-    def monotonic(self) -> float:
-        return self.mono
-
-
 async def _pass(retention: Retention) -> Pruned:
     """One pass, which must end (a pass that walks the same events for ever fails here)."""
     return await asyncio.wait_for(retention.prune(), 10)
-
-
-def _spy_batches(monkeypatch: pytest.MonkeyPatch) -> list[Pruned]:
-    """What each batch of Retention's passes deleted (the real prune_batch, observed)."""
-    seen: list[Pruned] = []
-
-    def observed(session: Session, **kwargs: Any) -> tuple[Pruned, EventCursor | None, bool]:
-        result = prune_batch(session, **kwargs)
-        seen.append(result[0])
-        return result
-
-    monkeypatch.setattr(retention_job, "prune_batch", observed)
-    return seen
 
 
 def _settings(**values: float) -> Settings:
@@ -205,7 +178,7 @@ async def test_the_event_walk_is_bounded_by_the_batch_and_goes_on_where_it_stopp
     world = make_world(database)
     kept = [_finished(world, f"c-dead-{i}", "dead", T0 - timedelta(seconds=7 - i)) for i in range(7)]
     bare = [_bare_event(world, f"c-bare-{i}", T0 + timedelta(seconds=i)) for i in range(3)]
-    retention = Retention(database, _settings(retention_days=30), FixedClock(NOW))
+    retention = Retention(database, _settings(retention_days=30), FakeClock(NOW))
     retention.batch, retention.pause = 4, 0.0
 
     cutoff = NOW - 30 * DAY
@@ -260,17 +233,18 @@ def test_the_walk_takes_events_of_one_time_whole(database: Database) -> None:
     assert not (set(same_time) | {after}) & _ids(database, CallEvent, "id")
 
 
-async def test_a_pass_runs_batch_after_batch_until_nothing_has_expired(
-    database: Database, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    batches = _spy_batches(monkeypatch)
+async def test_a_pass_runs_batch_after_batch_until_nothing_has_expired(database: Database) -> None:
     world = make_world(database)
     old = [_finished(world, f"c-{i}", "delivered", T0 + timedelta(seconds=i)) for i in range(8)]
     keep = _finished(world, "c-new", "delivered", NOW - DAY)
-    retention = Retention(database, _settings(retention_days=30), FixedClock(NOW))
+    retention = Retention(database, _settings(retention_days=30), FakeClock(NOW))
     retention.batch, retention.pause = 3, 0.0
 
-    pruned = await _pass(retention)
+    async def one_pass() -> list[Pruned]:
+        return [batch async for batch in retention.batches()]
+
+    batches = await asyncio.wait_for(one_pass(), 10)
+    pruned = sum(batches, Pruned())
 
     assert pruned == Pruned(deliveries=8, attempts=8, events=8)
     assert [b.deliveries for b in batches] == [3, 3, 2]
@@ -282,7 +256,7 @@ async def test_zero_days_keeps_everything(database: Database) -> None:
     world = make_world(database)
     _finished(world, "c-ok", "delivered", T0)
     _finished(world, "c-dead", "dead", T0)
-    retention = Retention(database, _settings(retention_days=0, dead_retention_days=0), FixedClock(NOW))
+    retention = Retention(database, _settings(retention_days=0, dead_retention_days=0), FakeClock(NOW))
 
     assert await _pass(retention) == Pruned()
     assert _count(database, Delivery) == 2 and _count(database, CallEvent) == 2
@@ -298,7 +272,7 @@ async def test_the_loop_passes_at_start_and_at_each_interval_and_stops(database:
     for interval in (3600.0, 0.05):
         _finished(world, f"c-{interval}", "delivered", T0)
         settings = _settings(retention_days=30, retention_interval_seconds=interval)
-        retention = Retention(database, settings, FixedClock(NOW))
+        retention = Retention(database, settings, FakeClock(NOW))
         stop = asyncio.Event()
         task = asyncio.create_task(retention.run(stop))
         await asyncio.wait_for(gone(), 5)  # the pass at start (the next one is an hour away)
@@ -317,7 +291,7 @@ async def test_a_pass_ends_however_many_old_events_it_keeps(database: Database) 
     world = make_world(database)
     for i in range(9):
         _finished(world, f"c-dead-{i}", "dead", T0 + timedelta(seconds=i))
-    retention = Retention(database, _settings(retention_days=30), FixedClock(NOW))
+    retention = Retention(database, _settings(retention_days=30), FakeClock(NOW))
     retention.batch, retention.pause = 4, 0.0
 
     assert await _pass(retention) == Pruned()
@@ -330,12 +304,12 @@ async def test_a_day_later_the_walk_starts_from_the_beginning(database: Database
     before where the walk already is) is found by the first pass a day later."""
     world = make_world(database)
     _bare_event(world, "c-1", T0 + timedelta(hours=1))
-    clock = FixedClock(NOW)
+    clock = FakeClock(NOW)
     retention = Retention(database, _settings(retention_days=30), clock)
     assert await _pass(retention) == Pruned(events=1)
     behind = _bare_event(world, "c-behind", T0)
     assert await _pass(retention) == Pruned()  # the walk is past it
-    clock.mono += 86400
+    clock.advance(86400)
     assert await _pass(retention) == Pruned(events=1)
     assert behind not in _ids(database, CallEvent, "id")
 
