@@ -14,7 +14,7 @@ Measured:
 
 - floor: pre-rendered POSTs (the bridge's URL, headers and body shape, a valid bearer token) from one
   plain client in this process to the CRM simulator, C in flight: aiohttp ``ClientSession`` (max(N,
-  5,000) requests) and the daemon's own CRM client (``crm_client.CrmClient``: aiohttp behind the
+  5,000) requests) and the daemon's own CRM client (``crm_client.CrmClient``: http1.py behind the
   outbound guard) as many, and, for reference, httpx with its default transport, 2,000 requests
   (it manages ~300-600/s here). Best of two rounds after a warm-up.
 - bridge: the Xelion simulator pushes N call events as fast as one websocket takes them, staying at
@@ -746,7 +746,7 @@ def report(results: dict[str, Any]) -> str:
         f"({fl['reference_requests']:,} requests)",
         f"  the daemon's own CRM client           {fmt(fl['daemon_client']):>8} req/s  "
         f"({fl['requests']:,} requests; the ceiling of its transport)",
-        "    (crm_client.py: aiohttp, outbound guard)",
+        "    (crm_client.py: http1.py keep-alive HTTP/1.1, outbound guard)",
         "",
     ]
     dbs = [r for r in results["bridge"]]

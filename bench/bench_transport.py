@@ -1,9 +1,12 @@
-"""Which HTTP transport for CRM requests: httpx's default (httpcore), httpx-aiohttp, or plain aiohttp.
+"""Which HTTP transport for CRM requests: httpx's default (httpcore), httpx-aiohttp, plain aiohttp, or
+the daemon's own (``delivery/http1.py`` through ``crm_client.CrmClient``).
 
 Starts the CRM simulator in another process (``python -m cti_bridge.sim.crm --no-auth``), then, for
 each client, sends REQUESTS small JSON POSTs with CONCURRENCY in flight over loopback, after a
-warm-up, and prints requests/s (best of ROUNDS rounds). The daemon sends CRM requests with
-``crm_client.CrmClient`` (aiohttp behind the guard) and token refreshes with the httpx-aiohttp client
+warm-up, and prints requests/s (best of ROUNDS rounds) and this process's CPU time per request in
+that round (user + system): the daemon is CPU-bound, so what a request costs it matters more than
+the rate two processes reach together. The daemon sends CRM requests with ``crm_client.CrmClient``
+(``http1.Http1Client`` behind the guard) and token refreshes with the httpx-aiohttp client
 (``egress.build_http_client``, guard included).
 
     .venv/bin/python bench/bench_transport.py [--requests 5000] [--concurrency 32] [--rounds 3]
@@ -18,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import aiohttp
 import httpx
@@ -32,7 +36,13 @@ HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer benchmar
 Send = Callable[[str], Awaitable[int]]
 
 
-async def run(send: Send, url: str, requests: int, concurrency: int) -> float:
+@dataclass(order=True)
+class Round:
+    rate: float  # requests/s
+    cpu_us: float  # this process's CPU microseconds per request
+
+
+async def run(send: Send, url: str, requests: int, concurrency: int) -> Round:
     counter = iter(range(requests))
 
     async def worker() -> None:
@@ -41,14 +51,14 @@ async def run(send: Send, url: str, requests: int, concurrency: int) -> float:
             if status != 201:
                 raise RuntimeError(f"unexpected status {status}")
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     async with asyncio.TaskGroup() as tg:
         for _ in range(concurrency):
             tg.create_task(worker())
-    return requests / (time.perf_counter() - started)
+    return Round(requests / (time.perf_counter() - started), (time.process_time() - cpu) / requests * 1e6)
 
 
-async def bench_httpx(client: httpx.AsyncClient, url: str, args: argparse.Namespace) -> float:
+async def bench_httpx(client: httpx.AsyncClient, url: str, args: argparse.Namespace) -> Round:
     async def send(u: str) -> int:
         response = await client.post(u, content=PAYLOAD, headers=HEADERS)
         return response.status_code
@@ -57,7 +67,7 @@ async def bench_httpx(client: httpx.AsyncClient, url: str, args: argparse.Namesp
     return max([await run(send, url, args.requests, args.concurrency) for _ in range(args.rounds)])
 
 
-async def bench_aiohttp(url: str, args: argparse.Namespace) -> float:
+async def bench_aiohttp(url: str, args: argparse.Namespace) -> Round:
     connector = aiohttp.TCPConnector(limit=100)
     async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -70,7 +80,7 @@ async def bench_aiohttp(url: str, args: argparse.Namespace) -> float:
         return max([await run(send, url, args.requests, args.concurrency) for _ in range(args.rounds)])
 
 
-async def bench_crm_client(url: str, args: argparse.Namespace) -> float:
+async def bench_crm_client(url: str, args: argparse.Namespace) -> Round:
     crm = CrmClient(Settings(allow_private_targets=True))
     try:
 
@@ -81,6 +91,10 @@ async def bench_crm_client(url: str, args: argparse.Namespace) -> float:
         return max([await run(send, url, args.requests, args.concurrency) for _ in range(args.rounds)])
     finally:
         await crm.aclose()
+
+
+def show(label: str, best: Round) -> None:
+    print(f"  {label:<52} {best.rate:8.0f} requests/s  {best.cpu_us:6.0f} µs CPU per request")
 
 
 async def main() -> None:
@@ -108,19 +122,14 @@ async def main() -> None:
 
         default = httpx.AsyncClient(limits=httpx.Limits(max_connections=100, max_keepalive_connections=100))
         async with default:
-            rate = await bench_httpx(default, url, args)
-        print(f"  httpx default transport (httpcore): {rate:8.0f} requests/s")
+                show("httpx default transport (httpcore)", await bench_httpx(default, url, args))
 
         guarded = build_http_client(Settings(allow_private_targets=True))
         async with guarded:
-            rate = await bench_httpx(guarded, url, args)
-        print(f"  httpx + httpx-aiohttp (egress.build_http_client): {rate:8.0f} requests/s")
+            show("httpx + httpx-aiohttp (egress.build_http_client)", await bench_httpx(guarded, url, args))
 
-        rate = await bench_crm_client(url, args)
-        print(f"  the worker's CrmClient (aiohttp behind the guard, crm_client.py): {rate:8.0f} requests/s")
-
-        rate = await bench_aiohttp(url, args)
-        print(f"  plain aiohttp ClientSession: {rate:8.0f} requests/s")
+        show("the worker's CrmClient (http1.py behind the guard)", await bench_crm_client(url, args))
+        show("plain aiohttp ClientSession", await bench_aiohttp(url, args))
     finally:
         proc.terminate()
         proc.wait(timeout=5)

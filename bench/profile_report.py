@@ -40,6 +40,7 @@ LOOP_STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("outbound guard (check_url)", ("check_url",)),
     ("worker: completion prep (attempt record, masking)", ("DeliveryWorker._finish",)),
     ("http: httpx request/response", ("httpx/", "httpcore/", "httpx_aiohttp/")),
+    ("http: the CRM client (http1.py, httptools)", ("http1.py", "httptools/", "crm_client.py")),
     ("http: aiohttp client", ("aiohttp/",)),
     ("worker: claim loop and task start", ("DeliveryWorker._loop", "DeliveryWorker._process")),
     ("pipeline/source glue", ("Pipeline.ingest", "XelionSource", "on_event")),

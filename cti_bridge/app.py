@@ -270,7 +270,8 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
         migrate.upgrade(engine)
         db = Database(settings.database_url, engine=engine)
         box = SecretBox(secret_key_for(settings))
-        # One aiohttp session for CRM requests (the worker's CrmClient) and token refreshes (httpx).
+        # The worker's CrmClient: CRM requests over its own keep-alive pool (delivery/http1.py), token
+        # refreshes (httpx) over the aiohttp session it holds.
         crm_client = CrmClient(settings)
         crm_http = build_http_client(settings, crm_client.session)
         xelion_http = httpx.AsyncClient(

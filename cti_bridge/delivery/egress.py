@@ -12,9 +12,10 @@ reliability.md §8: bounded waits. The connect timeout and the whole-request tim
 sending, and reading the body) come from the settings; ``read_limited`` reads at most
 ``max_response_bytes`` of a body. §9: ``HostLimiter`` caps concurrent requests per CRM host.
 
-Transport: httpx's API over aiohttp's connection pool (``httpx-aiohttp``), on the same aiohttp
-session (``guarded_session``) as the delivery worker's own client (``crm_client.CrmClient``), which
-sends CRM requests over aiohttp directly. Measured with ``bench/bench_transport.py`` against the CRM
+Transport: httpx's API over aiohttp's connection pool (``httpx-aiohttp``), on the aiohttp session
+(``guarded_session``) that the delivery worker's client (``crm_client.CrmClient``) holds for token
+refreshes; CRM requests themselves go over ``http1.Http1Client``, which connects through the same
+``GuardedResolver``. Measured with ``bench/bench_transport.py`` against the CRM
 simulator (32 concurrent requests over loopback) httpx-aiohttp is several times faster than httpx's
 default httpcore transport, and aiohttp alone about twice as fast again; see that script.
 """

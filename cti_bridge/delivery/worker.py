@@ -4,9 +4,9 @@ One loop claims batches of due deliveries (store/deliveries.py keeps per-call-an
 runs each in its own task, bounded by ``worker_concurrency``. Each delivery: fetch the user's token
 (single-flight refresh in delivery/oauth.py), render the mapping with it (render.py), check the URL
 against the outbound guard (delivery/egress.py), send it with the CRM client (delivery/crm_client.py:
-aiohttp behind the guard) under the per-host cap, classify the outcome with the one pure function
-(delivery/retry.py), and record the attempt and the new state in one transaction that only counts if
-the lease is still ours.
+keep-alive HTTP/1.1 behind the guard, delivery/http1.py) under the per-host cap, classify the
+outcome with the one pure function (delivery/retry.py), and record the attempt and the new state in
+one transaction that only counts if the lease is still ours.
 
 Fresh deliveries mostly skip the claim: the pipeline inserts the first delivery of an ordering key
 already leased and hands it over in memory (``reserve`` before its transaction, ``accept`` after the

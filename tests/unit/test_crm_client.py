@@ -1,4 +1,4 @@
-"""The delivery worker's CRM client (aiohttp behind the outbound guard) keeps every promise of the
+"""The delivery worker's CRM client (delivery/http1.py behind the outbound guard) keeps every promise of the
 httpx path (reliability.md §8, §15), against the CRM simulator on 127.0.0.1."""
 
 from __future__ import annotations

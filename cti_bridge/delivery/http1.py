@@ -1,0 +1,486 @@
+"""The CRM requests' HTTP/1.1 transport: keep-alive connections on asyncio, answers parsed by httptools.
+
+Why not aiohttp's ``ClientSession`` here: every delivery is one small request, and aiohttp's request
+path (its request and response objects, timers, tracing hooks, a task per request body on Python
+3.11) cost about 330 µs of CPU per request on this machine against about 90 µs for the same
+request written on an ``asyncio.Protocol`` with the response parsed by llhttp through ``httptools``
+(``bench/bench_transport.py``). In a daemon that is CPU-bound on one core, that was a quarter of an
+event's cost. The parsing (status line, headers, chunked and length-delimited bodies, keep-alive
+rules) is httptools' own; what this module adds is what a pool needs: connections per origin,
+reuse, one request at a time on a connection, and the bridge's rules.
+
+The rules (reliability.md §8, §15), the same the aiohttp path kept:
+
+- the outbound guard: ``check_url`` on every request; a host name is resolved by
+  ``egress.GuardedResolver`` when a connection is opened, and the addresses it leaves are the only
+  ones connected to (a DNS-rebinding host cannot pass with one answer and connect with another);
+- the URL is sent as rendered (its percent-encoding untouched; the fragment is never sent);
+- redirects are answers, never followed; no cookie jar; no proxy from the environment;
+- one whole-request deadline (connecting, sending, reading the body), a connect timeout for the
+  handshake; at most ``max_bytes`` of a body read (a longer body's connection is closed, not
+  pooled);
+- errors are raised as the httpx exception of the same meaning (``retry.classify`` knows those),
+  the guard's refusal as itself; once the status line arrived, the status decides and a body that
+  breaks off afterwards is reported beside it (``body_error``), never instead of it.
+
+Connections idle for more than ``keepalive`` seconds are closed rather than reused, and a connection
+the server closed while it was idle leaves the pool as soon as the loop hears of it. A request that
+a connection drops without an answer is never sent again here: it may have reached the CRM, so it
+is an attempt like any other, and the worker's schedule retries it (reliability.md §6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import httptools
+import httpx
+
+from cti_bridge.delivery.egress import EgressRefused, GuardedResolver, check_url
+
+#: Response headers larger than this in all are a protocol error (llhttp sets no limit of its own).
+MAX_HEADER_BYTES = 64 * 1024
+#: Methods whose request carries a ``Content-Length`` even without a body (as aiohttp and curl do).
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+#: Request headers this transport writes itself; a mapping's own value is not sent.
+_OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+
+
+class CrmAnswer(NamedTuple):
+    """What a CRM answered: the status, the body (at most ``max_bytes``) and its one header we use;
+    ``body_error`` when the body broke off after the status arrived (the body is then empty)."""
+
+    status: int
+    body: bytes
+    truncated: bool
+    retry_after: str | None
+    body_error: Exception | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a URL's requests go: scheme, host (as in the URL, without brackets), port, and the
+    ``Host`` header (the netloc without any user info)."""
+
+    scheme: str
+    host: str
+    port: int
+    host_header: str
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+
+def parse_origin(scheme: str, netloc: str) -> Origin:
+    """The origin of a URL that ``check_url`` passed (``netloc`` as it returned it)."""
+    hostport = netloc.rpartition("@")[2]
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        host, rest = hostport[1:end], hostport[end + 1 :]
+    else:
+        host, _, port_text = hostport.partition(":")
+        rest = f":{port_text}" if port_text else ""
+    port_text = rest[1:] if rest.startswith(":") else ""
+    default = 443 if scheme == "https" else 80
+    try:
+        port = int(port_text) if port_text else default
+    except ValueError:
+        raise httpx.InvalidURL("the URL's port is not a number") from None
+    if not 0 < port < 65536:
+        raise httpx.InvalidURL("the URL's port is out of range")
+    return Origin(scheme, host.lower(), port, hostport)
+
+
+def request_target(url: str, netloc: str) -> str:
+    """The request target of ``url``: everything after its netloc up to a fragment, as written."""
+    start = url.find(netloc, url.find("://") + 3) + len(netloc)
+    target = url[start:].partition("#")[0]
+    if not target.startswith("/"):
+        target = "/" + target  # "http://crm?x=1" asks for "/?x=1"
+    if not target.isascii() or not target.isprintable() or " " in target:
+        # A space or a control character would break the request line; an operator fixes the URL.
+        raise httpx.InvalidURL("the URL holds a space, a control character or a non-ASCII character")
+    return target
+
+
+class _Exchange:
+    """One request's answer as it arrives on a connection."""
+
+    __slots__ = (
+        "chunks",
+        "framed",
+        "future",
+        "header_bytes",
+        "max_bytes",
+        "retry_after",
+        "size",
+        "status",
+        "truncated",
+    )
+
+    def __init__(self, future: asyncio.Future[CrmAnswer], max_bytes: int) -> None:
+        self.future = future
+        self.max_bytes = max_bytes
+        self.status = 0  # 0 until a final (non-1xx) status line and its headers arrived
+        self.retry_after: str | None = None
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.truncated = False
+        self.header_bytes = 0
+        self.framed = False  # Content-Length or Transfer-Encoding: the body does not end at EOF
+
+    def answer(self, body_error: Exception | None = None) -> CrmAnswer:
+        body = b"".join(self.chunks) if body_error is None else b""
+        return CrmAnswer(self.status, body, self.truncated, self.retry_after, body_error)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: one request at a time, its answer parsed as it arrives."""
+
+    def __init__(self, pool: Http1Client, origin: Origin) -> None:
+        self._pool = pool
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._exchange: _Exchange | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        ex = self._exchange
+        if ex is None:
+            self.abort()  # bytes nobody asked for: the connection cannot be trusted with the next request
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadersTooLarge):
+                error = httpx.RemoteProtocolError("the CRM's answer headers are too large")
+            else:
+                error = httpx.RemoteProtocolError(f"the CRM's answer is not valid HTTP: {exc}")
+            self._fail_exchange(ex, error)
+            self.abort()
+
+    def eof_received(self) -> bool | None:
+        return False  # close: a half-closed connection is not reused
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool._forget(self)
+        ex, self._exchange = self._exchange, None
+        if ex is None or ex.future.done():
+            return
+        if ex.status and not ex.framed:
+            ex.future.set_result(ex.answer())  # a body delimited by the end of the connection
+        elif ex.status:
+            ex.future.set_result(
+                ex.answer(httpx.RemoteProtocolError("the connection closed before the body ended"))
+            )
+        elif exc is not None:
+            ex.future.set_exception(httpx.ReadError(str(exc) or type(exc).__name__))
+        else:
+            ex.future.set_exception(httpx.RemoteProtocolError("the server disconnected without an answer"))
+
+    # -- httptools callbacks --------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self._exchange
+        if ex is None:
+            return
+        ex.header_bytes += len(name) + len(value) + 4
+        if ex.header_bytes > MAX_HEADER_BYTES:
+            raise _HeadersTooLarge
+        lower = name.lower()
+        if lower == b"retry-after":
+            ex.retry_after = value.decode("latin-1").strip()
+        elif lower == b"content-length" or lower == b"transfer-encoding":
+            ex.framed = True
+
+    def on_headers_complete(self) -> None:
+        ex = self._exchange
+        if ex is None:
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the final one follows.
+            ex.retry_after, ex.framed, ex.header_bytes = None, False, 0
+            return
+        ex.status = status
+
+    def on_body(self, body: bytes) -> None:
+        ex = self._exchange
+        if ex is None or ex.truncated or not ex.status:
+            return
+        room = ex.max_bytes - ex.size
+        if len(body) <= room:
+            ex.chunks.append(body)
+            ex.size += len(body)
+            return
+        # Longer than we read: keep the first max_bytes and close the connection (the rest is not
+        # read, so the connection cannot carry another request).
+        ex.chunks.append(body[:room])
+        ex.size = ex.max_bytes
+        ex.truncated = True
+        self._exchange = None
+        if not ex.future.done():
+            ex.future.set_result(ex.answer())
+        self.abort()
+
+    def on_message_complete(self) -> None:
+        ex = self._exchange
+        if ex is None or not ex.status:
+            return  # the end of an interim answer
+        self._exchange = None
+        keep = self._parser.should_keep_alive()
+        if not ex.future.done():
+            ex.future.set_result(ex.answer())
+        if keep and not self.closed:
+            self._pool._release(self)
+        else:
+            self.abort()
+
+    # -- use ---------------------------------------------------------------------------------------
+
+    def send(
+        self, head: bytes, body: bytes | None, future: asyncio.Future[CrmAnswer], max_bytes: int
+    ) -> _Exchange:
+        assert self.transport is not None
+        ex = self._exchange = _Exchange(future, max_bytes)
+        self.transport.write(head + body if body else head)
+        return ex
+
+    def expire(self, ex: _Exchange) -> None:
+        """The whole-request deadline passed: once the status arrived it decides, with the body's
+        timeout beside it; before, the request timed out. The connection is closed either way."""
+        if ex.future.done():
+            return
+        if ex.status:
+            ex.future.set_result(
+                ex.answer(httpx.ReadTimeout("the whole-request timeout expired while reading the body"))
+            )
+        else:
+            ex.future.set_exception(httpx.TimeoutException("the whole-request timeout expired"))
+        if self._exchange is ex:
+            self._exchange = None
+        self.abort()
+
+    def abort(self) -> None:
+        """Close at once; the connection is not reused."""
+        if self._exchange is not None:
+            self._fail_exchange(self._exchange, httpx.RemoteProtocolError("the connection was closed"))
+        self.closed = True
+        self._pool._forget(self)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail_exchange(self, ex: _Exchange, error: Exception) -> None:
+        self._exchange = None
+        if ex.future.done():
+            return
+        if ex.status:
+            ex.future.set_result(ex.answer(error))  # the status arrived: it decides
+        else:
+            ex.future.set_exception(error)
+
+
+class _HeadersTooLarge(Exception):
+    """Raised in ``on_header``; httptools reports it as the context of its callback error."""
+
+
+class Http1Client:
+    """Keep-alive HTTP/1.1 connections per origin for CRM requests (one per process)."""
+
+    def __init__(
+        self,
+        *,
+        allow_private: bool,
+        connect_timeout: float,
+        request_timeout: float,
+        default_headers: Mapping[str, str],
+        keepalive: float = 15.0,
+        resolver: GuardedResolver | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._allow_private = allow_private
+        self._connect_timeout = connect_timeout
+        self._request_timeout = request_timeout
+        self._keepalive = keepalive
+        self._resolver = resolver  # made on first use: aiohttp's resolver wants a running loop
+        self._ssl = ssl_context
+        self._defaults = {name.lower(): (name, value) for name, value in default_headers.items()}
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._all: set[_Connection] = set()
+        self._origins: dict[tuple[str, str], Origin] = {}
+        self._closed = False
+
+    # -- the pool ---------------------------------------------------------------------------------
+
+    def _release(self, conn: _Connection) -> None:
+        if self._closed:
+            conn.abort()
+            return
+        conn.idle_since = asyncio.get_running_loop().time()
+        self._idle.setdefault(conn.origin, []).append(conn)
+
+    def _forget(self, conn: _Connection) -> None:
+        self._all.discard(conn)
+        idle = self._idle.get(conn.origin)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
+
+    def _pooled(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        if not idle:
+            return None
+        oldest = asyncio.get_running_loop().time() - self._keepalive
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to have been timed out
+            if not conn.closed and conn.idle_since >= oldest:
+                return conn
+            conn.abort()
+        return None
+
+    def idle_connections(self, origin: Origin | None = None) -> int:
+        """Pooled connections (for tests and metrics)."""
+        if origin is not None:
+            return len(self._idle.get(origin, ()))
+        return sum(len(v) for v in self._idle.values())
+
+    async def _addresses(self, origin: Origin) -> list[tuple[str, int]]:
+        """The addresses to connect to: an IP literal as it is (``check_url`` judged it), a host
+        name through the guarded resolver (which raises ``EgressRefused`` if none is allowed)."""
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in origin.host else socket.AF_INET, origin.host)
+            return [(origin.host, socket.AF_INET6 if ":" in origin.host else socket.AF_INET)]
+        except OSError:
+            pass
+        try:
+            if self._resolver is None:
+                self._resolver = GuardedResolver(self._allow_private)
+            found = await self._resolver.resolve(origin.host, origin.port, socket.AF_UNSPEC)
+        except EgressRefused:
+            raise
+        except OSError as exc:
+            raise httpx.ConnectError(f"cannot resolve {origin.host}: {exc}") from exc
+        return [(r["host"], int(r["family"])) for r in found]
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    # -- one request ------------------------------------------------------------------------------
+
+    def origin_of(self, url: str) -> tuple[Origin, str]:
+        """The origin and request target of ``url``, after the outbound guard passed it."""
+        netloc = check_url(url, self._allow_private)
+        scheme = url[: url.find("://")].lower()
+        key = (scheme, netloc)
+        origin = self._origins.get(key)
+        if origin is None:
+            origin = parse_origin(scheme, netloc)
+            if len(self._origins) >= 4096:
+                self._origins.clear()
+            self._origins[key] = origin
+        return origin, request_target(url, netloc)
+
+    def _head(
+        self, method: str, target: str, origin: Origin, headers: Mapping[str, str], size: int | None
+    ) -> bytes:
+        merged = dict(self._defaults)
+        merged.setdefault("host", ("Host", origin.host_header))
+        for name, value in headers.items():
+            lower = name.lower()
+            if lower not in _OWN_HEADERS:
+                merged[lower] = (name, value)
+        lines = [f"{method} {target} HTTP/1.1"]
+        lines += [f"{name}: {value}" for name, value in merged.values()]
+        if size is not None:
+            lines.append(f"Content-Length: {size}")
+        lines.append("\r\n")
+        return "\r\n".join(lines).encode("utf-8")
+
+    async def request(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, *, max_bytes: int
+    ) -> CrmAnswer:
+        """Send one request and read at most ``max_bytes`` of the answer's body.
+
+        Raises ``EgressRefused`` (the guard), ``httpx.InvalidURL``, or an ``httpx.TransportError``
+        or ``TimeoutException`` for a request that got no answer. Cancellation propagates; the
+        connection is closed.
+        """
+        if self._closed:
+            raise httpx.TransportError("the CRM client is closed")
+        origin, target = self.origin_of(url)
+        size = len(body) if body is not None else (0 if method in _BODY_METHODS else None)
+        head = self._head(method, target, origin, headers, size)
+        deadline = asyncio.get_running_loop().time() + self._request_timeout
+        conn = self._pooled(origin) or await self._connect(origin, deadline)
+        return await self._roundtrip(conn, head, body, max_bytes, deadline)
+
+    async def _connect(self, origin: Origin, deadline: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        whole = deadline - loop.time()
+        try:
+            async with asyncio.timeout(min(self._connect_timeout, whole)):
+                addresses = await self._addresses(origin)
+                last: OSError | None = None
+                for address, family in addresses:
+                    try:
+                        _, conn = await loop.create_connection(
+                            lambda: _Connection(self, origin),
+                            address,
+                            origin.port,
+                            family=family,
+                            ssl=self._tls() if origin.tls else None,
+                            server_hostname=origin.host if origin.tls else None,
+                        )
+                    except ssl.SSLError as exc:
+                        raise httpx.ConnectError(f"TLS with {origin.host_header} failed: {exc}") from exc
+                    except OSError as exc:
+                        last = exc
+                        continue
+                    self._all.add(conn)
+                    return conn
+        except TimeoutError:
+            if whole <= self._connect_timeout:
+                raise httpx.TimeoutException("the whole-request timeout expired") from None
+            raise httpx.ConnectTimeout(f"connecting to {origin.host_header} timed out") from None
+        raise httpx.ConnectError(f"cannot connect to {origin.host_header}: {last}")
+
+    async def _roundtrip(
+        self, conn: _Connection, head: bytes, body: bytes | None, max_bytes: int, deadline: float
+    ) -> CrmAnswer:
+        """Send on ``conn`` and wait for the answer until ``deadline``."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[CrmAnswer] = loop.create_future()
+        ex = conn.send(head, body, future, max_bytes)
+        timer = loop.call_at(deadline, conn.expire, ex)
+        try:
+            return await future
+        except BaseException:
+            conn.abort()  # cancelled: the answer is not read, the connection cannot be reused
+            raise
+        finally:
+            timer.cancel()
+
+    async def aclose(self) -> None:
+        """Close every connection."""
+        self._closed = True
+        for conn in list(self._all):
+            conn.abort()
+        self._idle.clear()
+        if self._resolver is not None:
+            await self._resolver.close()

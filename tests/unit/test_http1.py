@@ -1,0 +1,532 @@
+"""The CRM requests' HTTP/1.1 transport (``delivery/http1.py``) against raw servers on 127.0.0.1.
+
+What the CRM client's and the worker's tests (test_crm_client.py, test_worker_send.py) do not
+reach: the pool's own rules (a stale pooled connection, idle expiry, ``Connection: close``), how an
+answer may be framed (end of connection, chunks, interim 1xx answers), what the request line and
+headers hold, TLS, and the limits on what a CRM may send back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from cti_bridge.delivery.egress import EgressRefused
+from cti_bridge.delivery.http1 import MAX_HEADER_BYTES, Http1Client, request_target
+from cti_bridge.delivery.retry import Outcome, classify
+
+
+@dataclass
+class Request:
+    line: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    connection: int
+
+    def header(self, name: str) -> list[str]:
+        return [v for n, v in self.headers if n.lower() == name.lower()]
+
+
+#: Answers one request on a connection; returns whether the connection stays open.
+Reply = Callable[[Request, asyncio.StreamWriter], Awaitable[bool]]
+
+
+def ok(body: bytes = b"{}", extra: str = "") -> Reply:
+    async def reply(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body)
+        await writer.drain()
+        return True
+
+    return reply
+
+
+@dataclass
+class RawServer:
+    """Reads requests (Content-Length bodies) and answers each with the next reply of ``replies``
+    (the last one repeats)."""
+
+    replies: list[Reply] = field(default_factory=lambda: [ok()])
+    requests: list[Request] = field(default_factory=list)
+    connections: int = 0
+    port: int = 0
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def url(self, path: str = "/x", host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        number = self.connections
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                line, *rest = head.decode("utf-8").split("\r\n")
+                headers = [tuple(x.split(": ", 1)) for x in rest if x]
+                length = sum(int(v) for n, v in headers if n.lower() == "content-length")
+                body = await reader.readexactly(length)
+                req = Request(line, headers, body, number)  # type: ignore[arg-type]
+                self.requests.append(req)
+                reply = self.replies[min(len(self.requests), len(self.replies)) - 1]
+                if not await reply(req, writer):
+                    return
+        except ConnectionError:
+            return
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[RawServer]:
+    srv = RawServer()
+    listener = await asyncio.start_server(srv.serve, "127.0.0.1", 0)
+    srv.port = listener.sockets[0].getsockname()[1]
+    try:
+        yield srv
+    finally:
+        listener.close()
+        for task in list(srv._tasks):
+            task.cancel()
+        await asyncio.gather(*srv._tasks, return_exceptions=True)
+        await listener.wait_closed()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[Http1Client]:
+    c = Http1Client(
+        allow_private=True,
+        connect_timeout=0.5,
+        request_timeout=1.0,
+        default_headers={"User-Agent": "cti-bridge/test", "Accept-Encoding": "identity"},
+    )
+    try:
+        yield c
+    finally:
+        await c.aclose()
+
+
+async def post(client: Http1Client, url: str, body: bytes = b'{"a":1}', **headers: str) -> int:
+    answer = await client.request(
+        "POST", url, {"Content-Type": "application/json", **headers}, body, max_bytes=4096
+    )
+    return answer.status
+
+
+# -- the pool ------------------------------------------------------------------------------------
+
+
+async def test_requests_reuse_one_connection(server: RawServer, client: Http1Client) -> None:
+    for _ in range(3):
+        assert await post(client, server.url()) == 200
+    assert [r.connection for r in server.requests] == [1, 1, 1]
+    assert client.idle_connections() == 1
+
+
+async def test_a_pooled_connection_dropped_without_an_answer_is_an_error_never_resent(
+    server: RawServer, client: Http1Client
+) -> None:
+    """The CRM may have acted on a request whose connection dropped: the worker's schedule decides
+    (an attempt in the log), the transport never sends it again by itself."""
+
+    async def close_unanswered(_req: Request, _writer: asyncio.StreamWriter) -> bool:
+        return False  # read the request, answer nothing, close
+
+    server.replies = [ok(), close_unanswered, ok()]
+    assert await post(client, server.url()) == 200
+    with pytest.raises(httpx.RemoteProtocolError) as info:
+        await post(client, server.url())
+    assert classify(None, info.value) is Outcome.RETRY
+    assert [r.connection for r in server.requests] == [1, 1]
+    assert await post(client, server.url()) == 200
+    assert [r.connection for r in server.requests] == [1, 1, 2]
+
+
+async def test_a_connection_the_server_closed_while_idle_leaves_the_pool(
+    server: RawServer, client: Http1Client
+) -> None:
+    async def answer_then_close(req: Request, writer: asyncio.StreamWriter) -> bool:
+        await ok(extra="")(req, writer)
+        return False  # an idle timeout of the server's: the connection closes after the answer
+
+    server.replies = [answer_then_close, ok()]
+    assert await post(client, server.url()) == 200
+    for _ in range(100):
+        if client.idle_connections() == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert client.idle_connections() == 0
+    assert await post(client, server.url()) == 200
+    assert [r.connection for r in server.requests] == [1, 2]
+
+
+async def test_a_fresh_connection_closed_unanswered_is_an_error_not_retried(
+    server: RawServer, client: Http1Client
+) -> None:
+    async def close_unanswered(_req: Request, _writer: asyncio.StreamWriter) -> bool:
+        return False
+
+    server.replies = [close_unanswered, ok()]
+    with pytest.raises(httpx.RemoteProtocolError) as info:
+        await post(client, server.url())
+    assert classify(None, info.value) is Outcome.RETRY
+    assert len(server.requests) == 1
+
+
+async def test_a_pooled_connection_that_broke_off_mid_answer_is_not_retried(
+    server: RawServer, client: Http1Client
+) -> None:
+    async def half_a_status_line(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 2")
+        await writer.drain()
+        return False
+
+    server.replies = [ok(), half_a_status_line, ok()]
+    assert await post(client, server.url()) == 200
+    with pytest.raises(httpx.RemoteProtocolError):
+        await post(client, server.url())
+    assert len(server.requests) == 2  # the CRM may have acted on it: the worker's schedule decides
+
+
+async def test_connection_close_from_the_server_is_honoured(server: RawServer, client: Http1Client) -> None:
+    server.replies = [ok(extra="Connection: close\r\n")]
+    assert await post(client, server.url()) == 200
+    assert await post(client, server.url()) == 200
+    assert [r.connection for r in server.requests] == [1, 2]
+
+
+async def test_an_idle_connection_older_than_the_keepalive_is_not_reused(server: RawServer) -> None:
+    c = Http1Client(
+        allow_private=True, connect_timeout=0.5, request_timeout=1.0, default_headers={}, keepalive=0.05
+    )
+    try:
+        assert await post(c, server.url()) == 200
+        await asyncio.sleep(0.1)
+        assert await post(c, server.url()) == 200
+    finally:
+        await c.aclose()
+    assert [r.connection for r in server.requests] == [1, 2]
+
+
+async def test_concurrent_requests_each_get_a_connection(server: RawServer, client: Http1Client) -> None:
+    async def slow(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(0.05)
+        return await ok()(_req, writer)
+
+    server.replies = [slow]
+    statuses = await asyncio.gather(*(post(client, server.url()) for _ in range(5)))
+    assert statuses == [200] * 5
+    assert len({r.connection for r in server.requests}) == 5
+    assert client.idle_connections() == 5
+
+
+# -- how an answer may be framed -------------------------------------------------------------------
+
+
+async def test_a_body_ending_with_the_connection(server: RawServer, client: Http1Client) -> None:
+    async def until_close(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+        await writer.drain()
+        return False
+
+    server.replies = [until_close]
+    answer = await client.request("GET", server.url(), {}, None, max_bytes=4096)
+    assert (answer.status, answer.body, answer.body_error) == (200, b"all of it", None)
+
+
+async def test_a_chunked_body_is_read_whole_and_the_connection_kept(
+    server: RawServer, client: Http1Client
+) -> None:
+    async def chunks(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+        return True
+
+    server.replies = [chunks]
+    first = await client.request("POST", server.url(), {}, b"{}", max_bytes=4096)
+    second = await client.request("POST", server.url(), {}, b"{}", max_bytes=4096)
+    assert (first.status, first.body) == (second.status, second.body) == (201, b"abcde")
+    assert [r.connection for r in server.requests] == [1, 1]
+
+
+async def test_an_interim_answer_is_skipped_for_the_final_one(server: RawServer, client: Http1Client) -> None:
+    async def early_hints(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nRetry-After: 99\r\n\r\n")
+        writer.write(b"HTTP/1.1 429 Too Many\r\nRetry-After: 7\r\nContent-Length: 2\r\n\r\nno")
+        await writer.drain()
+        return True
+
+    server.replies = [early_hints]
+    answer = await client.request("POST", server.url(), {}, b"{}", max_bytes=4096)
+    assert (answer.status, answer.retry_after, answer.body) == (429, "7", b"no")
+
+
+async def test_a_no_content_answer_has_no_body_and_keeps_the_connection(
+    server: RawServer, client: Http1Client
+) -> None:
+    async def no_content(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        return True
+
+    server.replies = [no_content]
+    assert (await client.request("DELETE", server.url(), {}, None, max_bytes=10)).status == 204
+    assert (await client.request("DELETE", server.url(), {}, None, max_bytes=10)).status == 204
+    assert [r.connection for r in server.requests] == [1, 1]
+
+
+async def test_headers_larger_than_the_limit_are_a_protocol_error(
+    server: RawServer, client: Http1Client
+) -> None:
+    async def huge_headers(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        filler = "".join(f"X-Filler-{i}: {'v' * 1000}\r\n" for i in range(MAX_HEADER_BYTES // 1000 + 2))
+        writer.write(f"HTTP/1.1 200 OK\r\n{filler}Content-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+        return True
+
+    server.replies = [huge_headers]
+    with pytest.raises(httpx.RemoteProtocolError, match="too large"):
+        await post(client, server.url())
+
+
+async def test_an_answer_that_is_not_http_is_a_protocol_error(server: RawServer, client: Http1Client) -> None:
+    async def garbage(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        await writer.drain()
+        return True
+
+    server.replies = [garbage]
+    with pytest.raises(httpx.RemoteProtocolError, match="not valid HTTP"):
+        await post(client, server.url())
+
+
+async def test_a_body_cut_at_max_bytes_closes_its_connection(server: RawServer, client: Http1Client) -> None:
+    server.replies = [ok(b"x" * 10_000)]
+    big = await client.request("GET", server.url(), {}, None, max_bytes=100)
+    assert (big.status, len(big.body), big.truncated) == (200, 100, True)
+    small = await client.request("GET", server.url(), {}, None, max_bytes=100_000)
+    assert (len(small.body), small.truncated) == (10_000, False)
+    assert [r.connection for r in server.requests] == [1, 2]
+
+
+# -- what is sent --------------------------------------------------------------------------------------
+
+
+async def test_the_request_line_and_headers(server: RawServer, client: Http1Client) -> None:
+    await client.request(
+        "PUT",
+        server.url("/a%2Fb/c?phone=%2B316&x=1#fragment"),
+        {
+            "X-Custom": "v",
+            "user-agent": "mapping-agent",
+            "Content-Length": "999",
+            "Transfer-Encoding": "chunked",
+        },
+        b"12345",
+        max_bytes=100,
+    )
+    [req] = server.requests
+    assert req.line == "PUT /a%2Fb/c?phone=%2B316&x=1 HTTP/1.1"  # as rendered, without the fragment
+    assert req.header("Host") == [f"127.0.0.1:{server.port}"]
+    assert req.header("User-Agent") == ["mapping-agent"]  # a mapping's header replaces the default
+    assert req.header("Accept-Encoding") == ["identity"]
+    assert req.header("X-Custom") == ["v"]
+    assert req.header("Content-Length") == ["5"]  # ours, never a mapping's
+    assert req.header("Transfer-Encoding") == []
+    assert req.body == b"12345"
+
+
+async def test_a_post_without_a_body_says_so_and_a_get_sends_no_length(
+    server: RawServer, client: Http1Client
+) -> None:
+    await client.request("POST", server.url(), {}, None, max_bytes=100)
+    await client.request("GET", server.url(), {}, None, max_bytes=100)
+    assert [r.header("Content-Length") for r in server.requests] == [["0"], []]
+
+
+def test_request_targets() -> None:
+    assert request_target("http://crm:8080?x=1", "crm:8080") == "/?x=1"
+    assert request_target("http://crm", "crm") == "/"
+    assert request_target("https://u:p@crm/p?q#f", "u:p@crm") == "/p?q"
+    for bad in ("http://crm/a b", "http://crm/\u00e9", "http://crm/a\tb"):
+        with pytest.raises(httpx.InvalidURL):
+            request_target(bad, "crm")
+
+
+async def test_a_url_with_a_space_is_permanent_and_nothing_is_sent(
+    server: RawServer, client: Http1Client
+) -> None:
+    with pytest.raises(httpx.InvalidURL) as info:
+        await post(client, server.url("/a b"))
+    assert classify(None, info.value) is Outcome.PERMANENT
+    assert server.requests == []
+
+
+async def test_an_ipv6_literal(client: Http1Client) -> None:
+    srv = RawServer()
+    try:
+        listener = await asyncio.start_server(srv.serve, "::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    srv.port = listener.sockets[0].getsockname()[1]
+    try:
+        assert await post(client, f"http://[::1]:{srv.port}/v6") == 200
+    finally:
+        listener.close()
+        for task in list(srv._tasks):
+            task.cancel()
+        await asyncio.gather(*srv._tasks, return_exceptions=True)
+    assert srv.requests[0].header("Host") == [f"[::1]:{srv.port}"]
+
+
+async def test_the_guard_refuses_before_connecting(server: RawServer) -> None:
+    guarded = Http1Client(allow_private=False, connect_timeout=0.5, request_timeout=1.0, default_headers={})
+    try:
+        with pytest.raises(EgressRefused):
+            await post(guarded, server.url())
+        with pytest.raises(EgressRefused, match="localhost"):
+            await post(guarded, server.url(host="localhost"))
+    finally:
+        await guarded.aclose()
+    assert server.connections == 0
+
+
+# -- TLS ------------------------------------------------------------------------------------------------
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_https_verifies_the_certificate_and_reuses_the_connection(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    srv = RawServer()
+    listener = await asyncio.start_server(srv.serve, "127.0.0.1", 0, ssl=server_ctx)
+    srv.port = listener.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context(cafile=str(cert))
+    c = Http1Client(
+        allow_private=True, connect_timeout=1.0, request_timeout=2.0, default_headers={}, ssl_context=trusting
+    )
+    untrusting = Http1Client(allow_private=True, connect_timeout=1.0, request_timeout=2.0, default_headers={})
+    try:
+        assert await post(c, f"https://localhost:{srv.port}/tls") == 200
+        assert await post(c, f"https://localhost:{srv.port}/tls") == 200
+        with pytest.raises(httpx.ConnectError, match="TLS"):
+            await post(untrusting, f"https://localhost:{srv.port}/tls")
+    finally:
+        await c.aclose()
+        await untrusting.aclose()
+        listener.close()
+        for task in list(srv._tasks):
+            task.cancel()
+        await asyncio.gather(*srv._tasks, return_exceptions=True)
+    assert [r.connection for r in srv.requests] == [1, 1]
+
+
+# -- time -----------------------------------------------------------------------------------------------
+
+
+async def test_the_deadline_after_the_status_returns_the_status(
+    server: RawServer, client: Http1Client
+) -> None:
+    async def status_then_silence(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 50\r\n\r\nabc")
+        await writer.drain()
+        await asyncio.sleep(5)
+        return False
+
+    server.replies = [status_then_silence]
+    answer = await client.request("POST", server.url(), {}, b"{}", max_bytes=4096)
+    assert answer.status == 201
+    assert isinstance(answer.body_error, httpx.ReadTimeout)
+    assert client.idle_connections() == 0
+
+
+async def test_a_connect_timeout_is_a_connect_timeout() -> None:
+    # A listener that never accepts, its backlog filled: Linux drops further SYNs, so a connect hangs.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    c = Http1Client(allow_private=True, connect_timeout=0.2, request_timeout=5.0, default_headers={})
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(httpx.ConnectTimeout) as info:
+            await post(c, f"http://127.0.0.1:{port}/x")
+    finally:
+        await c.aclose()
+        for s in fillers:
+            s.close()
+        listener.close()
+    assert loop.time() - started < 2.0
+    assert classify(None, info.value) is Outcome.RETRY
+
+
+async def test_closing_the_client_closes_its_connections(server: RawServer) -> None:
+    c = Http1Client(allow_private=True, connect_timeout=0.5, request_timeout=1.0, default_headers={})
+    assert await post(c, server.url()) == 200
+    await c.aclose()
+    with pytest.raises(httpx.TransportError):
+        await post(c, server.url())
+    for _ in range(50):
+        if not server._tasks:
+            break
+        await asyncio.sleep(0.01)
+    assert not server._tasks  # the server saw the connection close
