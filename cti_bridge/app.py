@@ -137,7 +137,7 @@ class StoreSourceHooks:
                 self._failed.setdefault(xelion_context_id, exc)
             return
         result = future.result()
-        self.metrics.events.labels("duplicate" if result.duplicate else "stored").inc()
+        self.metrics.event(result.duplicate)
 
     async def flush(self) -> None:
         """Wait until every event handed over so far is committed (or failed): a clean stop."""

@@ -12,6 +12,7 @@ daemon freezes its start-up heap, cli.tune_gc, and an operator can see what coll
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, GCCollector, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -121,12 +122,24 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_StoreCollector(db, sources))
+        # Counted per event and per delivery: each labelled child is looked up once, not per count
+        # (``labels()`` validates the label values and takes a lock on every call).
+        self._children: dict[tuple[Counter, str], Any] = {}
+
+    def _inc(self, counter: Counter, label: str) -> None:
+        child = self._children.get((counter, label))
+        if child is None:
+            child = self._children[(counter, label)] = counter.labels(label)
+        child.inc()
 
     def attempt(self, status: int | None) -> None:
-        self.attempts.labels(status_class(status)).inc()
+        self._inc(self.attempts, status_class(status))
 
     def finished(self, state: str) -> None:
-        self.finished_total.labels(state).inc()
+        self._inc(self.finished_total, state)
+
+    def event(self, duplicate: bool) -> None:
+        self._inc(self.events, "duplicate" if duplicate else "stored")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

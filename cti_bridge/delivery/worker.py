@@ -83,17 +83,27 @@ CLAIM_GATHER = 0.005
 MASK = "***"
 
 
+def mask_order(secrets: Iterable[str]) -> tuple[str, ...]:
+    """The secret values worth masking, longest first (so no secret is half-masked)."""
+    return tuple(sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True))
+
+
 def mask(text: str, secrets: Iterable[str]) -> str:
-    """Replace every secret value in ``text`` (longest first, so no secret is half-masked)."""
-    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
-        text = text.replace(secret, MASK)
+    """Replace every secret value in ``text``."""
+    return _masked(text, mask_order(secrets))
+
+
+def _masked(text: str, ordered: tuple[str, ...]) -> str:
+    for secret in ordered:
+        if secret in text:
+            text = text.replace(secret, MASK)
     return text
 
 
-def excerpt(data: bytes | None, secrets: Iterable[str]) -> str | None:
+def _excerpt(data: bytes | None, ordered: tuple[str, ...]) -> str | None:
     if data is None:
         return None
-    return mask(data[:EXCERPT_BYTES].decode("utf-8", errors="replace"), secrets)
+    return _masked(data[:EXCERPT_BYTES].decode("utf-8", errors="replace"), ordered)
 
 
 @dataclass
@@ -193,6 +203,12 @@ class DeliveryWorker:
         self._ready = not sole_owner
         self._now_second = -1
         self._now_formatted = ""
+        # The last answer of next_due_at (see _next_due): when, for which skipped mappings, and
+        # whether a retry scheduled since makes it stale.
+        self._due_at: datetime | None = None
+        self._due_checked = -1e9
+        self._due_skip: list[int] = []
+        self._due_dirty = True
 
     # -- control -----------------------------------------------------------------------------
 
@@ -373,11 +389,31 @@ class DeliveryWorker:
             return  # a full batch: there may be more due right now
         timeout = 1.0
         if not claimed and limit > 0:
-            due = await self.db.run(partial(next_due_at, skip_mappings=full), quick=True)
+            due = await self._next_due(full)
             if due is not None:
                 timeout = min(1.0, max(0.05, (due - self.clock.now()).total_seconds()))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _next_due(self, skip: list[int]) -> datetime | None:
+        """When the earliest claimable delivery or lease comes due (``next_due_at``), asked of the
+        database at most once a second unless this worker scheduled a retry since, the time asked
+        for has passed, or the skipped mappings changed. The loop wakes at least once a second and
+        claims whatever is due then, so the answer only makes a retry of this worker's, due sooner,
+        start on time; re-asking after every empty claim (nearly every wake-up under load) was two
+        queries each time."""
+        now = time.monotonic()
+        due = self._due_at
+        if (
+            self._due_dirty
+            or now - self._due_checked >= 1.0
+            or skip != self._due_skip
+            or (due is not None and due <= self.clock.now())
+        ):
+            self._due_dirty = False
+            self._due_checked, self._due_skip = now, skip
+            due = self._due_at = await self.db.run(partial(next_due_at, skip_mappings=skip), quick=True)
+        return due
 
     def _start(self, item: Claimed) -> None:
         """Run a leased delivery in its own task."""
@@ -708,9 +744,10 @@ class DeliveryWorker:
 
     async def _finish(self, item: Claimed, result: _Result, started: datetime, duration_ms: int) -> None:
         now = self.clock.now()
+        ordered = mask_order(result.secrets)  # once for the four texts below
         if result.error:
             # A template error may quote an evaluated value, and that value may come from the token.
-            result.error = mask(result.error, result.secrets)
+            result.error = _masked(result.error, ordered)
         attempt = AttemptRecord(
             started_at=started,
             duration_ms=duration_ms,
@@ -718,9 +755,9 @@ class DeliveryWorker:
             http_status=result.status,
             error=result.error,
             request_method=result.method,
-            request_url=mask(result.url, result.secrets),
-            request_excerpt=excerpt(result.request_body, result.secrets),
-            response_excerpt=excerpt(result.response_body, result.secrets),
+            request_url=_masked(result.url, ordered),
+            request_excerpt=_excerpt(result.request_body, ordered),
+            response_excerpt=_excerpt(result.response_body, ordered),
         )
         next_at = now + timedelta(seconds=result.delay) if result.delay is not None else None
         state = result.state
@@ -742,7 +779,8 @@ class DeliveryWorker:
             if self.metrics is not None:
                 self.metrics.finished(state)
             if state == "pending":
-                self._wake.set()  # a retry is scheduled: let the loop take its time into account
+                self._due_dirty = True  # a retry is scheduled: let the loop take its time into account
+                self._wake.set()
         if state == "delivered":
             log.debug("delivery %s delivered (HTTP %s) in %d ms", item.id, result.status, duration_ms)
         elif state != "pending" or result.outcome != "retry":

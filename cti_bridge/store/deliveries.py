@@ -18,7 +18,7 @@ import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import uuid6
@@ -668,8 +668,24 @@ def _driver_sql(dialect: Any) -> _DriverSql:
     found = _DRIVER_SQL.get(dialect.name)
     if found is None:
         process = _table(Delivery).c.updated_at.type._cached_bind_processor(dialect)
+        if dialect.name == "sqlite":
+            process = sqlite_datetime
         found = _DRIVER_SQL[dialect.name] = _DriverSql(dialect.name == "postgresql", process or (lambda v: v))
     return found
+
+
+def sqlite_datetime(value: datetime | None) -> str | None:
+    """What SQLAlchemy's bind processor for ``UTCDateTime`` on SQLite makes of ``value``, the same
+    text (a test compares the two), at a quarter of its cost: the per-event statements convert a
+    few datetimes per event, and the processor's chain (TypeDecorator, then DATETIME's format) was
+    ~6 µs each."""
+    if value is None:
+        return None
+    if value.tzinfo is not UTC:
+        if value.utcoffset() is None:
+            raise ValueError("Datetime values must have timezone information.")
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
 
 
 @dataclass(frozen=True)
