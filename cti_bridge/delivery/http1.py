@@ -32,6 +32,7 @@ is an attempt like any other, and the worker's schedule retries it (reliability.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 from collections.abc import Mapping
@@ -47,6 +48,8 @@ from cti_bridge.delivery.egress import EgressRefused, GuardedResolver, check_url
 MAX_HEADER_BYTES = 64 * 1024
 #: Methods whose request carries a ``Content-Length`` even without a body (as aiohttp and curl do).
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+#: An HTTP header name (RFC 9110 token).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: Request headers this transport writes itself; a mapping's own value is not sent.
 _OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 
@@ -94,6 +97,13 @@ def parse_origin(scheme: str, netloc: str) -> Origin:
         raise httpx.InvalidURL("the URL's port is not a number") from None
     if not 0 < port < 65536:
         raise httpx.InvalidURL("the URL's port is out of range")
+    if not host.isascii():
+        # An internationalised host name goes out (Host, SNI, DNS) in its IDNA form, as browsers send it.
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise InvalidRequest(f"the host name {host!r} has no IDNA form") from None
+        hostport, host = hostport.replace(host, ascii_host, 1), ascii_host
     return Origin(scheme, host.lower(), port, hostport)
 
 
@@ -118,6 +128,7 @@ class _Exchange:
         "future",
         "header_bytes",
         "max_bytes",
+        "received",
         "retry_after",
         "size",
         "status",
@@ -133,6 +144,7 @@ class _Exchange:
         self.size = 0
         self.truncated = False
         self.header_bytes = 0
+        self.received = 0  # bytes of the answer so far
         self.framed = False  # Content-Length or Transfer-Encoding: the body does not end at EOF
 
     def answer(self, body_error: Exception | None = None) -> CrmAnswer:
@@ -163,18 +175,35 @@ class _Connection(asyncio.Protocol):
         if ex is None:
             self.abort()  # bytes nobody asked for: the connection cannot be trusted with the next request
             return
+        ex.received += len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if isinstance(exc.__context__, _HeadersTooLarge):
                 error = httpx.RemoteProtocolError("the CRM's answer headers are too large")
+            elif isinstance(exc.__context__, _Unsolicited):
+                error = httpx.RemoteProtocolError("the CRM sent an answer nobody asked for")
             else:
-                error = httpx.RemoteProtocolError(f"the CRM's answer is not valid HTTP: {exc}")
+                error = httpx.RemoteProtocolError(f"the CRM's answer is not valid HTTP: {exc!r}")
             self._fail_exchange(ex, error)
+            self.abort()
+            return
+        if self._exchange is ex and (
+            # httptools buffers a header line until it ends, so a line that never ends would grow
+            # without bound before on_header could count it; and whatever a CRM sends beyond the
+            # body we keep (chunk framing, trailers) is bounded too.
+            (not ex.status and ex.received > MAX_HEADER_BYTES)
+            or ex.received > 8 * (ex.max_bytes + MAX_HEADER_BYTES)
+        ):
+            self._fail_exchange(ex, httpx.RemoteProtocolError("the CRM's answer headers are too large"))
             self.abort()
 
     def eof_received(self) -> bool | None:
-        return False  # close: a half-closed connection is not reused
+        # The server is done with this connection: out of the pool at once, not a loop turn later
+        # when connection_lost runs. False: the transport closes (a half-closed one is not reused).
+        self.closed = True
+        self._pool._forget(self)
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -182,7 +211,7 @@ class _Connection(asyncio.Protocol):
         ex, self._exchange = self._exchange, None
         if ex is None or ex.future.done():
             return
-        if ex.status and not ex.framed:
+        if ex.status and not ex.framed and exc is None:
             ex.future.set_result(ex.answer())  # a body delimited by the end of the connection
         elif ex.status:
             ex.future.set_result(
@@ -195,17 +224,26 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks --------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._exchange is None:
+            # An answer nobody asked for (after the last one, in the same read): the connection
+            # cannot be trusted with the next request (data_received aborts it).
+            raise _Unsolicited
+
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self._exchange
-        if ex is None:
-            return
+        if ex is None or ex.status:
+            return  # ex.status: a chunked body's trailer, which changes nothing here
         ex.header_bytes += len(name) + len(value) + 4
         if ex.header_bytes > MAX_HEADER_BYTES:
             raise _HeadersTooLarge
         lower = name.lower()
         if lower == b"retry-after":
             ex.retry_after = value.decode("latin-1").strip()
-        elif lower == b"content-length" or lower == b"transfer-encoding":
+        elif lower == b"content-length" or (
+            # llhttp reads a body whose last coding is not chunked until the connection ends
+            lower == b"transfer-encoding" and value.rstrip().lower().endswith(b"chunked")
+        ):
             ex.framed = True
 
     def on_headers_complete(self) -> None:
@@ -299,6 +337,16 @@ class _HeadersTooLarge(Exception):
     """Raised in ``on_header``; httptools reports it as the context of its callback error."""
 
 
+class _Unsolicited(Exception):
+    """Raised in ``on_message_begin`` for an answer no request waits for."""
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be written: a header name or value that HTTP cannot carry (CR, LF or NUL
+    in a value would let it write a second request), or a host name that has no IDNA form. Never
+    retried (retry.py): the mapping, the token or the URL must change."""
+
+
 class Http1Client:
     """Keep-alive HTTP/1.1 connections per origin for CRM requests (one per process)."""
 
@@ -323,6 +371,7 @@ class Http1Client:
         self._idle: dict[Origin, list[_Connection]] = {}
         self._all: set[_Connection] = set()
         self._origins: dict[tuple[str, str], Origin] = {}
+        self._good_names: set[str] = set()  # header names that passed _TOKEN (a handful, in practice)
         self._closed = False
 
     # -- the pool ---------------------------------------------------------------------------------
@@ -331,8 +380,14 @@ class Http1Client:
         if self._closed:
             conn.abort()
             return
-        conn.idle_since = asyncio.get_running_loop().time()
-        self._idle.setdefault(conn.origin, []).append(conn)
+        now = asyncio.get_running_loop().time()
+        conn.idle_since = now
+        idle = self._idle.setdefault(conn.origin, [])
+        # The oldest idle connections are at the front, reused last (_pooled takes the newest):
+        # close those past the keep-alive here, or after a burst they would stay open for good.
+        while idle and idle[0].idle_since < now - self._keepalive:
+            idle.pop(0).abort()
+        idle.append(conn)
 
     def _forget(self, conn: _Connection) -> None:
         self._all.discard(conn)
@@ -372,6 +427,8 @@ class Http1Client:
             found = await self._resolver.resolve(origin.host, origin.port, socket.AF_UNSPEC)
         except EgressRefused:
             raise
+        except UnicodeError:
+            raise InvalidRequest(f"the host name {origin.host[:80]!r} is not a valid DNS name") from None
         except OSError as exc:
             raise httpx.ConnectError(f"cannot resolve {origin.host}: {exc}") from exc
         return [(r["host"], int(r["family"])) for r in found]
@@ -409,17 +466,30 @@ class Http1Client:
         lines += [f"{name}: {value}" for name, value in merged.values()]
         if size is not None:
             lines.append(f"Content-Length: {size}")
-        lines.append("\r\n")
-        return "\r\n".join(lines).encode("utf-8")
+        text = "\r\n".join(lines)
+        # CR, LF or NUL inside a header (an access token or a header prefix from outside) would let
+        # it end the head early and write a second request: the line breaks must be ours alone.
+        breaks = len(lines) - 1
+        if text.count("\n") != breaks or text.count("\r") != breaks or "\0" in text:
+            raise InvalidRequest("a header value holds CR, LF or NUL")
+        for name, _ in merged.values():
+            if name not in self._good_names:
+                if not _TOKEN.fullmatch(name):
+                    raise InvalidRequest(f"invalid header name {name[:40]!r}")
+                self._good_names.add(name)
+        try:
+            return (text + "\r\n\r\n").encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest("a header value cannot be encoded (a lone surrogate)") from None
 
     async def request(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, *, max_bytes: int
     ) -> CrmAnswer:
         """Send one request and read at most ``max_bytes`` of the answer's body.
 
-        Raises ``EgressRefused`` (the guard), ``httpx.InvalidURL``, or an ``httpx.TransportError``
-        or ``TimeoutException`` for a request that got no answer. Cancellation propagates; the
-        connection is closed.
+        Raises ``EgressRefused`` (the guard), ``httpx.InvalidURL`` or ``InvalidRequest`` (nothing
+        was sent; permanent), or an ``httpx.TransportError`` or ``TimeoutException`` for a request
+        that got no answer. Cancellation propagates; the connection is closed.
         """
         if self._closed:
             raise httpx.TransportError("the CRM client is closed")
@@ -452,6 +522,9 @@ class Http1Client:
                     except OSError as exc:
                         last = exc
                         continue
+                    if self._closed:  # aclose() while connecting
+                        conn.abort()
+                        raise httpx.TransportError("the CRM client is closed")
                     self._all.add(conn)
                     return conn
         except TimeoutError:
@@ -471,7 +544,11 @@ class Http1Client:
         try:
             return await future
         except BaseException:
-            conn.abort()  # cancelled: the answer is not read, the connection cannot be reused
+            if conn._exchange is ex:
+                # Cancelled while the answer was still coming: it will not be read, so the
+                # connection cannot carry another request. (Once answered, the connection may
+                # already serve another request from the pool: it is not ours to close.)
+                conn.abort()
             raise
         finally:
             timer.cancel()

@@ -33,6 +33,7 @@ import aiohttp
 import httpx
 
 from cti_bridge.delivery.egress import EgressRefused
+from cti_bridge.delivery.http1 import InvalidRequest
 
 DEFAULT_RETRY_AFTER_CAP = 86400.0  # reliability.md §7: Retry-After is obeyed up to 24 h
 
@@ -52,6 +53,7 @@ _RETRYABLE_4XX = frozenset({408, 425, 429})
 # Exceptions that mean "the URL itself can never work": retrying cannot help.
 _PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     EgressRefused,
+    InvalidRequest,
     httpx.UnsupportedProtocol,
     httpx.InvalidURL,
 )

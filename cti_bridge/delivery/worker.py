@@ -44,6 +44,7 @@ from cti_bridge.clock import Clock, SystemClock, xelion_time
 from cti_bridge.config import Settings
 from cti_bridge.delivery.crm_client import CrmClient
 from cti_bridge.delivery.egress import EgressRefused, HostLimiter, find_refusal, netloc_of
+from cti_bridge.delivery.http1 import InvalidRequest
 from cti_bridge.delivery.oauth import (
     AccessToken,
     ReauthRequired,
@@ -711,7 +712,7 @@ class DeliveryWorker:
                 )
             status, body = answer.status, answer.body
             retry_after = parse_retry_after(answer.retry_after, self.clock.now())
-        except (httpx.HTTPError, EgressRefused, OSError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, InvalidRequest, EgressRefused, OSError) as exc:
             error = exc
         if self.metrics is not None:
             self.metrics.attempt(status)

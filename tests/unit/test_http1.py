@@ -25,8 +25,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from cti_bridge.delivery import http1
 from cti_bridge.delivery.egress import EgressRefused
-from cti_bridge.delivery.http1 import MAX_HEADER_BYTES, Http1Client, request_target
+from cti_bridge.delivery.http1 import MAX_HEADER_BYTES, Http1Client, InvalidRequest, request_target
 from cti_bridge.delivery.retry import Outcome, classify
 
 
@@ -530,3 +531,142 @@ async def test_closing_the_client_closes_its_connections(server: RawServer) -> N
             break
         await asyncio.sleep(0.01)
     assert not server._tasks  # the server saw the connection close
+
+
+# -- what a CRM (or a token) must not be able to do ------------------------------------------------
+
+
+async def test_an_answer_nobody_asked_for_in_the_same_read_is_never_given_to_the_next_request(
+    server: RawServer, client: Http1Client
+) -> None:
+    """A 201 followed, in the same read, by the start of another answer: the connection is not
+    pooled, so the next request cannot be given that stray answer's status."""
+
+    async def two_answers(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(
+            b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\nHTTP/1.1 503 Busy\r\nContent-Length: 0\r\n"
+        )
+        await writer.drain()
+        return True
+
+    server.replies = [two_answers, ok()]
+    assert await post(client, server.url()) == 201
+    assert await post(client, server.url()) == 200
+    assert [r.connection for r in server.requests] == [1, 2]
+
+
+async def test_a_request_cancelled_after_its_answer_leaves_the_pooled_connection_alone(
+    server: RawServer, client: Http1Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's answer arrives and its connection goes back to the pool; before A resumes, B takes that
+    connection and A is cancelled. B must get its answer (closing the connection under B would
+    fail B, and the CRM would receive B a second time on the retry)."""
+    loop = asyncio.get_running_loop()
+    tasks: dict[str, asyncio.Task[int]] = {}
+    original = http1._Connection.on_message_complete
+
+    def then_b_and_cancel_a(conn: http1._Connection) -> None:
+        original(conn)
+        if "b" not in tasks:
+            tasks["b"] = loop.create_task(post(client, server.url("/b")))
+            tasks["a"].cancel()
+
+    monkeypatch.setattr(http1._Connection, "on_message_complete", then_b_and_cancel_a)
+    tasks["a"] = loop.create_task(post(client, server.url("/a")))
+    with pytest.raises(asyncio.CancelledError):
+        await tasks["a"]
+    assert await tasks["b"] == 200
+    assert [(r.line.split()[1], r.connection) for r in server.requests] == [("/a", 1), ("/b", 1)]
+
+
+async def test_a_header_line_that_never_ends_is_cut_off_at_the_limit(server: RawServer) -> None:
+    async def endless_header(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+        for _ in range(200):  # 200 x 4 KiB, never a line end
+            writer.write(b"a" * 4096)
+            await writer.drain()
+        await asyncio.sleep(5)
+        return False
+
+    server.replies = [endless_header]
+    c = Http1Client(allow_private=True, connect_timeout=0.5, request_timeout=5.0, default_headers={})
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(httpx.RemoteProtocolError, match="too large"):
+            await post(c, server.url())
+    finally:
+        await c.aclose()
+    assert loop.time() - started < 3.0  # at the limit, not at the request deadline
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": "Bearer abc\r\nContent-Length: 0\r\n\r\nDELETE /contacts/42 HTTP/1.1\r\nHost: x"},
+        {"Authorization": "Bearer abc\nX-Injected: 1"},
+        {"X-Nul": "a\0b"},
+        {"Bad Name": "v"},
+        {"X-Surrogate": "\udce9"},
+    ],
+)
+async def test_a_header_http_cannot_carry_is_refused_before_anything_is_sent(
+    server: RawServer, client: Http1Client, headers: dict[str, str]
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        await client.request("POST", server.url(), headers, b"{}", max_bytes=100)
+    assert classify(None, info.value) is Outcome.PERMANENT
+    assert server.connections == 0
+
+
+async def test_an_internationalised_host_is_sent_in_its_idna_form(client: Http1Client) -> None:
+    origin, _ = client.origin_of("http://crm.b\u00fccher.example:8080/x")
+    assert (origin.host, origin.host_header) == (
+        "crm.xn--bcher-kva.example",
+        "crm.xn--bcher-kva.example:8080",
+    )
+    with pytest.raises(InvalidRequest):
+        client.origin_of("http://" + "a" * 70 + "\u00e9.example/x")  # a label IDNA cannot carry
+
+
+async def test_a_body_whose_last_coding_is_not_chunked_ends_with_the_connection(
+    server: RawServer, client: Http1Client
+) -> None:
+    async def gzip_until_close(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nwhole body")
+        await writer.drain()
+        return False
+
+    server.replies = [gzip_until_close]
+    answer = await client.request("GET", server.url(), {}, None, max_bytes=100)
+    assert (answer.status, answer.body, answer.body_error) == (200, b"whole body", None)
+
+
+async def test_a_trailer_does_not_replace_the_retry_after_header(
+    server: RawServer, client: Http1Client
+) -> None:
+    async def with_trailer(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(
+            b"HTTP/1.1 503 Busy\r\nRetry-After: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nno\r\n0\r\nRetry-After: 86400\r\n\r\n"
+        )
+        await writer.drain()
+        return True
+
+    server.replies = [with_trailer]
+    answer = await client.request("POST", server.url(), {}, b"{}", max_bytes=100)
+    assert (answer.status, answer.retry_after, answer.body) == (503, "5", b"no")
+
+
+async def test_a_switching_protocols_answer_is_a_protocol_error(
+    server: RawServer, client: Http1Client
+) -> None:
+    async def upgrade(_req: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+        return False
+
+    server.replies = [upgrade]
+    with pytest.raises(httpx.RemoteProtocolError):
+        await post(client, server.url())

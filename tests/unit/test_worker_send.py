@@ -403,3 +403,11 @@ async def test_a_400_whose_body_is_cut_off_is_permanent(server: Server, crm: lis
     server.routes["/cut"] = cut_off(400)
     result = await send(crm, server.url("/cut"))
     assert (result.state, result.status, result.error) == ("dead", 400, "HTTP 400")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/calls", "http://127.0.0.1:9/contacts/m\u00fcnchen"])
+async def test_a_url_the_transport_cannot_send_is_dead_at_once(crm: list[CrmClient], url: str) -> None:
+    """Not an "internal error" retried for hours: the mapping's URL must change."""
+    result = await send(crm, url)
+    assert (result.state, result.outcome, result.status) == ("dead", "dead", None)
+    assert result.error is not None and "internal error" not in result.error
