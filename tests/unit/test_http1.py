@@ -17,6 +17,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -97,10 +98,10 @@ class RawServer:
             self._tasks.discard(task)
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[RawServer]:
-    srv = RawServer()
-    listener = await asyncio.start_server(srv.serve, "127.0.0.1", 0)
+@contextlib.asynccontextmanager
+async def serving(srv: RawServer, host: str = "127.0.0.1", **kwargs: Any) -> AsyncIterator[RawServer]:
+    """``srv`` listening on ``host`` (a free port) for the block; its connections closed after."""
+    listener = await asyncio.start_server(srv.serve, host, 0, **kwargs)
     srv.port = listener.sockets[0].getsockname()[1]
     try:
         yield srv
@@ -110,6 +111,12 @@ async def server() -> AsyncIterator[RawServer]:
             task.cancel()
         await asyncio.gather(*srv._tasks, return_exceptions=True)
         await listener.wait_closed()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[RawServer]:
+    async with serving(RawServer()) as srv:
+        yield srv
 
 
 @pytest.fixture
@@ -387,17 +394,12 @@ async def test_a_url_with_a_space_is_permanent_and_nothing_is_sent(
 async def test_an_ipv6_literal(client: Http1Client) -> None:
     srv = RawServer()
     try:
-        listener = await asyncio.start_server(srv.serve, "::1", 0)
+        async with serving(srv, "::1"):
+            assert await post(client, f"http://[::1]:{srv.port}/v6") == 200
     except OSError:
-        pytest.skip("no IPv6 loopback on this machine")
-    srv.port = listener.sockets[0].getsockname()[1]
-    try:
-        assert await post(client, f"http://[::1]:{srv.port}/v6") == 200
-    finally:
-        listener.close()
-        for task in list(srv._tasks):
-            task.cancel()
-        await asyncio.gather(*srv._tasks, return_exceptions=True)
+        if not srv.requests:
+            pytest.skip("no IPv6 loopback on this machine")
+        raise
     assert srv.requests[0].header("Host") == [f"[::1]:{srv.port}"]
 
 
@@ -450,26 +452,20 @@ async def test_https_verifies_the_certificate_and_reuses_the_connection(tmp_path
     cert, key = self_signed(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
-    srv = RawServer()
-    listener = await asyncio.start_server(srv.serve, "127.0.0.1", 0, ssl=server_ctx)
-    srv.port = listener.sockets[0].getsockname()[1]
     trusting = ssl.create_default_context(cafile=str(cert))
     c = Http1Client(
         allow_private=True, connect_timeout=1.0, request_timeout=2.0, default_headers={}, ssl_context=trusting
     )
     untrusting = Http1Client(allow_private=True, connect_timeout=1.0, request_timeout=2.0, default_headers={})
     try:
-        assert await post(c, f"https://localhost:{srv.port}/tls") == 200
-        assert await post(c, f"https://localhost:{srv.port}/tls") == 200
-        with pytest.raises(httpx.ConnectError, match="TLS"):
-            await post(untrusting, f"https://localhost:{srv.port}/tls")
+        async with serving(RawServer(), ssl=server_ctx) as srv:
+            assert await post(c, f"https://localhost:{srv.port}/tls") == 200
+            assert await post(c, f"https://localhost:{srv.port}/tls") == 200
+            with pytest.raises(httpx.ConnectError, match="TLS"):
+                await post(untrusting, f"https://localhost:{srv.port}/tls")
     finally:
         await c.aclose()
         await untrusting.aclose()
-        listener.close()
-        for task in list(srv._tasks):
-            task.cancel()
-        await asyncio.gather(*srv._tasks, return_exceptions=True)
     assert [r.connection for r in srv.requests] == [1, 1]
 
 
