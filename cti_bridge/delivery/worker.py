@@ -403,7 +403,7 @@ class DeliveryWorker:
         claims whatever is due then, so the answer only makes a retry of this worker's, due sooner,
         start on time; re-asking after every empty claim (nearly every wake-up under load) was two
         queries each time."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         due = self._due_at
         if (
             self._due_dirty

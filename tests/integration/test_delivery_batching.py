@@ -30,7 +30,14 @@ from cti_bridge.pipeline import HandoffRoom, Pipeline
 from cti_bridge.routing import MappingCache, RoutingCache
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.db import Database
-from cti_bridge.store.deliveries import AttemptRecord, Claimed, Completion, claim_due, complete_many
+from cti_bridge.store.deliveries import (
+    AttemptRecord,
+    Claimed,
+    Completion,
+    claim_due,
+    complete_many,
+    next_due_at,
+)
 from cti_bridge.store.models import (
     CallEvent,
     CrmContext,
@@ -40,6 +47,7 @@ from cti_bridge.store.models import (
     UserCredentials,
     XelionContext,
 )
+from tests.integration.oauth_helpers import FakeClock
 
 LEASE = 60.0
 KIND = "callConnectedEvent"
@@ -259,13 +267,14 @@ class RecordingWorker(DeliveryWorker):
         self._count(placeholder, self._host_of(item.mapping_id))
 
 
-def recording_worker(db: Database, **settings: Any) -> RecordingWorker:
+def recording_worker(db: Database, clock: Any = None, **settings: Any) -> RecordingWorker:
     worker = RecordingWorker(
         db=db,
         mappings=MappingCache(),
         tokens=cast(Any, None),
         crm=cast(Any, None),
         settings=Settings(**settings),
+        clock=clock,
     )
     worker.started = []
     return worker
@@ -422,3 +431,41 @@ async def test_a_batch_of_any_size_keeps_its_order_and_finds_its_keys(database: 
     assert len(handoff.claimed) == 32
     assert sorted(c.ordering_key.split("|")[0] for c in handoff.claimed) == sorted(calls[5:])
     assert sorted(k.split("|")[0] for k in handoff.blocked) == sorted(calls[:5])
+
+
+async def test_the_next_due_time_is_asked_at_most_once_a_second_unless_a_retry_was_scheduled(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an empty claim the loop sleeps until the next due time; under load nearly every
+    wake-up claims nothing, and asking the database each time was two queries per wake-up."""
+    clock = FakeClock()
+    worker = recording_worker(database, clock=clock)
+    asked: list[object] = []
+
+    def counting(session: Session, **kw: Any) -> Any:
+        asked.append(kw)
+        return next_due_at(session, **kw)
+
+    monkeypatch.setattr("cti_bridge.delivery.worker.next_due_at", counting)
+    assert await worker._next_due([]) is None
+    assert await worker._next_due([]) is None
+    assert len(asked) == 1
+    worker._due_dirty = True  # what _finish sets when it schedules a retry
+    await worker._next_due([])
+    assert len(asked) == 2
+    await worker._next_due([7])  # other mappings skipped: another question
+    assert len(asked) == 3
+    clock.advance(1.0)
+    await worker._next_due([7])
+    assert len(asked) == 4
+
+    # A time already passed is asked again (what was due may have been claimed meanwhile).
+    def past(session: Session, **kw: Any) -> Any:
+        asked.append(kw)
+        return clock.now() - timedelta(seconds=1)
+
+    monkeypatch.setattr("cti_bridge.delivery.worker.next_due_at", past)
+    worker._due_dirty = True
+    await worker._next_due([7])
+    await worker._next_due([7])
+    assert len(asked) == 6
