@@ -38,7 +38,6 @@ class CrmClient:
     def __init__(
         self, settings: Settings, session_factory: Callable[[], aiohttp.ClientSession] | None = None
     ) -> None:
-        self._settings = settings
         self._factory = session_factory or (lambda: guarded_session(settings))
         self._session: aiohttp.ClientSession | None = None
         # A mapping's own headers replace these (User-Agent: a CRM's logs name the bridge;
@@ -66,8 +65,8 @@ class CrmClient:
     ) -> CrmAnswer:
         """Send one request and read at most ``max_bytes`` of the answer's body.
 
-        Raises ``EgressRefused`` (the guard), or an ``httpx.TransportError``/``TimeoutException`` for
-        a request that got no answer. Cancellation propagates as is; the connection is closed.
+        Raises what ``Http1Client.request`` raises (``retry.SEND_ERRORS``). Cancellation propagates
+        as is; the connection is closed.
         """
         return await self.http.request(method, url, headers, body, max_bytes=max_bytes)
 

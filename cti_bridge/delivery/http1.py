@@ -407,18 +407,17 @@ class Http1Client:
             conn.abort()
         return None
 
-    def idle_connections(self, origin: Origin | None = None) -> int:
-        """Pooled connections (for tests and metrics)."""
-        if origin is not None:
-            return len(self._idle.get(origin, ()))
+    def idle_connections(self) -> int:
+        """Pooled connections, all origins (for tests)."""
         return sum(len(v) for v in self._idle.values())
 
     async def _addresses(self, origin: Origin) -> list[tuple[str, int]]:
         """The addresses to connect to: an IP literal as it is (``check_url`` judged it), a host
         name through the guarded resolver (which raises ``EgressRefused`` if none is allowed)."""
+        family = socket.AF_INET6 if ":" in origin.host else socket.AF_INET
         try:
-            socket.inet_pton(socket.AF_INET6 if ":" in origin.host else socket.AF_INET, origin.host)
-            return [(origin.host, socket.AF_INET6 if ":" in origin.host else socket.AF_INET)]
+            socket.inet_pton(family, origin.host)
+            return [(origin.host, family)]
         except OSError:
             pass
         try:

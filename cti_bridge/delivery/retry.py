@@ -51,14 +51,14 @@ class Outcome(enum.Enum):
 # 408 Request Timeout, 425 Too Early, 429 Too Many Requests: the request may succeed later.
 _RETRYABLE_4XX = frozenset({408, 425, 429})
 # Exceptions that mean "the URL itself can never work": retrying cannot help.
-_PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+_PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     EgressRefused,
     InvalidRequest,
     httpx.UnsupportedProtocol,
     httpx.InvalidURL,
 )
 # Timeouts and connection-level failures (reliability.md §6: retried).
-_RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
+_RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
     httpx.TimeoutException,
     httpx.TransportError,
     aiohttp.ClientError,
@@ -66,6 +66,9 @@ _RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     OSError,
 )
+#: Every error a CRM request may end in that ``classify`` decides on: the worker records these as
+#: the attempt's outcome; anything else is a bug.
+SEND_ERRORS: tuple[type[Exception], ...] = _PERMANENT_ERRORS + _RETRYABLE_ERRORS
 
 
 def _causes(error: BaseException) -> list[BaseException]:

@@ -37,14 +37,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 
-import httpx
 from sqlmodel import Session
 
 from cti_bridge.clock import Clock, SystemClock, xelion_time
 from cti_bridge.config import Settings
 from cti_bridge.delivery.crm_client import CrmClient
-from cti_bridge.delivery.egress import EgressRefused, HostLimiter, find_refusal, netloc_of
-from cti_bridge.delivery.http1 import InvalidRequest
+from cti_bridge.delivery.egress import HostLimiter, find_refusal, netloc_of
 from cti_bridge.delivery.oauth import (
     AccessToken,
     ReauthRequired,
@@ -52,7 +50,14 @@ from cti_bridge.delivery.oauth import (
     TokenManager,
     TokenNotReady,
 )
-from cti_bridge.delivery.retry import Outcome, classify, classify_after_refresh, next_delay, parse_retry_after
+from cti_bridge.delivery.retry import (
+    SEND_ERRORS,
+    Outcome,
+    classify,
+    classify_after_refresh,
+    next_delay,
+    parse_retry_after,
+)
 from cti_bridge.el import TemplateError
 from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import HandoffRoom
@@ -712,7 +717,7 @@ class DeliveryWorker:
                 )
             status, body = answer.status, answer.body
             retry_after = parse_retry_after(answer.retry_after, self.clock.now())
-        except (httpx.HTTPError, httpx.InvalidURL, InvalidRequest, EgressRefused, OSError) as exc:
+        except SEND_ERRORS as exc:
             error = exc
         if self.metrics is not None:
             self.metrics.attempt(status)

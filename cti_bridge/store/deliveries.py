@@ -667,18 +667,20 @@ _DRIVER_SQL: dict[str, _DriverSql] = {}
 def _driver_sql(dialect: Any) -> _DriverSql:
     found = _DRIVER_SQL.get(dialect.name)
     if found is None:
-        process = _table(Delivery).c.updated_at.type._cached_bind_processor(dialect)
+        dt: Callable[[Any], Any]
         if dialect.name == "sqlite":
-            process = sqlite_datetime
-        found = _DRIVER_SQL[dialect.name] = _DriverSql(dialect.name == "postgresql", process or (lambda v: v))
+            dt = sqlite_datetime
+        else:
+            dt = _table(Delivery).c.updated_at.type._cached_bind_processor(dialect) or (lambda v: v)
+        found = _DRIVER_SQL[dialect.name] = _DriverSql(dialect.name == "postgresql", dt)
     return found
 
 
 def sqlite_datetime(value: datetime | None) -> str | None:
     """What SQLAlchemy's bind processor for ``UTCDateTime`` on SQLite makes of ``value``, the same
-    text (a test compares the two), at a quarter of its cost: the per-event statements convert a
-    few datetimes per event, and the processor's chain (TypeDecorator, then DATETIME's format) was
-    ~6 µs each."""
+    text (a test compares the two) for less: the per-event statements convert a few datetimes per
+    event, and the processor's chain (TypeDecorator, then DATETIME's format) took 6.0 µs each
+    against 3.6 µs here (timeit, the same process)."""
     if value is None:
         return None
     if value.tzinfo is not UTC:

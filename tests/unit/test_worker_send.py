@@ -411,3 +411,21 @@ async def test_a_url_the_transport_cannot_send_is_dead_at_once(crm: list[CrmClie
     result = await send(crm, url)
     assert (result.state, result.outcome, result.status) == ("dead", "dead", None)
     assert result.error is not None and "internal error" not in result.error
+
+
+async def test_a_token_holding_a_line_break_is_dead_and_never_written(
+    server: Server, crm: list[CrmClient]
+) -> None:
+    """A token endpoint's access token goes into a header as it came (the prefix too): with CR/LF
+    in it the request would carry a second, smuggled one. Nothing is sent, the delivery is dead,
+    and neither the error nor the attempt record quotes the token (§14)."""
+    worker = make_worker(crm, settings())
+    compiled = compile_mapping(
+        MappingSpec(xelion_event=KIND, crm_resource_uri=server.url("/calls"), crm_resource_payload={})
+    )
+    smuggling = "tok-0123456789\r\nContent-Length: 0\r\n\r\nDELETE /contacts/42 HTTP/1.1"
+    token = AccessToken(access_token=smuggling, expires_at=None, extra={}, version=1)
+    result = await worker._send(claimed(), compiled, token)
+    assert (result.state, result.outcome, result.status) == ("dead", "dead", None)
+    assert result.error is not None and "tok-0123456789" not in result.error
+    assert server.seen == []
