@@ -124,6 +124,7 @@ class _Exchange:
 
     __slots__ = (
         "chunks",
+        "deadline",
         "framed",
         "future",
         "header_bytes",
@@ -135,9 +136,10 @@ class _Exchange:
         "truncated",
     )
 
-    def __init__(self, future: asyncio.Future[CrmAnswer], max_bytes: int) -> None:
+    def __init__(self, future: asyncio.Future[CrmAnswer], max_bytes: int, deadline: float) -> None:
         self.future = future
         self.max_bytes = max_bytes
+        self.deadline = deadline  # loop time at which the whole request times out
         self.status = 0  # 0 until a final (non-1xx) status line and its headers arrived
         self.retry_after: str | None = None
         self.chunks: list[bytes] = []
@@ -163,6 +165,9 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._exchange: _Exchange | None = None
+        # One deadline timer per connection, not per request (see ``_watch``).
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -207,6 +212,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._pool._forget(self)
         ex, self._exchange = self._exchange, None
         if ex is None or ex.future.done():
@@ -292,12 +300,44 @@ class _Connection(asyncio.Protocol):
     # -- use ---------------------------------------------------------------------------------------
 
     def send(
-        self, head: bytes, body: bytes | None, future: asyncio.Future[CrmAnswer], max_bytes: int
+        self,
+        head: bytes,
+        body: bytes | None,
+        future: asyncio.Future[CrmAnswer],
+        max_bytes: int,
+        deadline: float,
     ) -> _Exchange:
         assert self.transport is not None
-        ex = self._exchange = _Exchange(future, max_bytes)
+        ex = self._exchange = _Exchange(future, max_bytes, deadline)
+        self._watch(deadline)
         self.transport.write(head + body if body else head)
         return ex
+
+    def _watch(self, deadline: float) -> None:
+        """Make sure the timer fires by ``deadline``.
+
+        A timer per request (``call_at`` and ``cancel``) was a heap push and a cancelled handle per
+        request, tens of thousands of them waiting in the loop's heap under load. Requests on one
+        connection go one at a time with deadlines that only grow, so the connection keeps one
+        timer: armed for the first request's deadline and, when it fires, re-armed for the
+        deadline of whatever request is running then (``_timed_out``). It is re-armed earlier
+        only for an earlier deadline.
+        """
+        if self._timer is None or deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._timer, self._timer_at = loop.call_at(deadline, self._timed_out), deadline
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        ex = self._exchange
+        if ex is None:
+            return  # idle: the next request arms the timer again
+        if asyncio.get_running_loop().time() >= ex.deadline:
+            self.expire(ex)
+        else:
+            self._watch(ex.deadline)  # this request started after the timer was armed
 
     def expire(self, ex: _Exchange) -> None:
         """The whole-request deadline passed: once the status arrived it decides, with the body's
@@ -316,6 +356,9 @@ class _Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close at once; the connection is not reused."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._exchange is not None:
             self._fail_exchange(self._exchange, httpx.RemoteProtocolError("the connection was closed"))
         self.closed = True
@@ -538,8 +581,7 @@ class Http1Client:
         """Send on ``conn`` and wait for the answer until ``deadline``."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[CrmAnswer] = loop.create_future()
-        ex = conn.send(head, body, future, max_bytes)
-        timer = loop.call_at(deadline, conn.expire, ex)
+        ex = conn.send(head, body, future, max_bytes, deadline)
         try:
             return await future
         except BaseException:
@@ -549,8 +591,6 @@ class Http1Client:
                 # already serve another request from the pool: it is not ours to close.)
                 conn.abort()
             raise
-        finally:
-            timer.cancel()
 
     async def aclose(self) -> None:
         """Close every connection."""

@@ -488,6 +488,29 @@ async def test_the_deadline_after_the_status_returns_the_status(
     assert client.idle_connections() == 0
 
 
+async def test_a_later_request_on_a_kept_alive_connection_gets_its_own_whole_deadline(
+    server: RawServer, client: Http1Client
+) -> None:
+    """The connection's one timer is armed for the first request's deadline (1 s after it); the
+    second request starts 0.6 s later on the same connection and hangs. The timer firing at 1 s
+    must re-arm for the second request's deadline, not end it 0.4 s in, nor leave it waiting."""
+
+    async def silence(_req: Request, _writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(10)
+        return False
+
+    server.replies = [ok(), silence]
+    loop = asyncio.get_running_loop()
+    assert await post(client, server.url()) == 200
+    await asyncio.sleep(0.6)
+    started = loop.time()
+    with pytest.raises(httpx.TimeoutException, match="whole-request timeout"):
+        await asyncio.wait_for(post(client, server.url()), 5.0)
+    assert loop.time() - started >= 0.95  # its own 1 s (the timer may fire a clock tick early)
+    assert [r.connection for r in server.requests] == [1, 1]
+    assert client.idle_connections() == 0
+
+
 async def test_a_connect_timeout_is_a_connect_timeout() -> None:
     # A listener that never accepts, its backlog filled: Linux drops further SYNs, so a connect hangs.
     listener = socket.socket()
