@@ -227,6 +227,13 @@ class TokenManager(Generic[KeyT]):
 
     # --- public API -------------------------------------------------------------------------------
 
+    def peek(self, key: KeyT) -> AccessToken | None:
+        """The cached token of ``key`` if ``get`` would return it without waiting; else None."""
+        cached = self._cache.get(key)
+        if cached is not None and self._fresh(cached.expires_at):
+            return cached
+        return None
+
     async def get(self, key: KeyT) -> AccessToken:
         """An access token for ``key`` with more than the margin left (or without expiry).
 

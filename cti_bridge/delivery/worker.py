@@ -629,12 +629,15 @@ class DeliveryWorker:
     async def _attempt(self, item: Claimed) -> _Result:
         if item.credential_id is None:
             return _Result(state="dead", outcome="dead", error="the user's credentials were deleted")
+        # The caches answer nearly every delivery: a coroutine only when they do not.
+        compiled = self.mappings.peek(item.mapping_id)
+        if compiled is None:
+            try:
+                compiled = await self._compiled(item.mapping_id)
+            except (LookupError, TemplateError) as exc:
+                return _Result(state="dead", outcome="dead", error=f"mapping: {exc}")
         try:
-            compiled = await self._compiled(item.mapping_id)
-        except (LookupError, TemplateError) as exc:
-            return _Result(state="dead", outcome="dead", error=f"mapping: {exc}")
-        try:
-            token = await self.tokens.get(item.credential_id)
+            token = self.tokens.peek(item.credential_id) or await self.tokens.get(item.credential_id)
         except ReauthRequired as exc:
             return _Result(state="parked", outcome="parked", error=f"re-authorisation required: {exc.reason}")
         except TokenNotReady as exc:
@@ -777,8 +780,9 @@ class DeliveryWorker:
             credential_id=item.credential_id if state == "parked" else None,
             park_reason=result.error or "",
         )
-        # Shielded: if this task is cancelled meanwhile, the outcome is still written.
-        ok = await asyncio.shield(self._complete(completion, item.ordering_key))
+        # Queued before the wait: if this task is cancelled meanwhile, the flusher still writes the
+        # outcome (it only skips answering a cancelled future), so no shield is needed.
+        ok = await self._complete(completion, item.ordering_key)
         if not ok:
             log.info("delivery %s: lease lost before completion; the newer claim decides", item.id)
         else:

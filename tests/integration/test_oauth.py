@@ -209,12 +209,15 @@ async def test_proactive_refresh_when_less_than_a_minute_is_left(
         database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
     )
     tokens = manager(database, secret_box, http, clock)
+    assert tokens.peek(cred.id) is None  # peek (the worker's fast path) never fetches
     first = await tokens.get(cred.id)
     assert first.expires_at == clock.now() + timedelta(seconds=120)
     clock.advance(59)  # 61 s left: still used
+    assert tokens.peek(cred.id) == first
     assert (await tokens.get(cred.id)).access_token == first.access_token
     assert sim.token_counts == {"refresh_token": 1}
     clock.advance(2)  # 59 s left: refreshed before use, while the old one is still valid
+    assert tokens.peek(cred.id) is None  # what get refreshes, peek does not hand out
     second = await tokens.get(cred.id)
     assert second.access_token != first.access_token
     assert sim.access_token_valid(first.access_token)
