@@ -907,55 +907,20 @@ def complete_many(session: Session, completions: Sequence[Completion], *, now: d
     """``complete`` for many deliveries in one transaction, with a few set-based statements.
 
     Returns, per completion, whether it applied. As in ``complete``, a completion applies only if
-    the delivery is still ``sending`` under the same claim token: the rows are read first (locked
-    ``FOR UPDATE`` on PostgreSQL, under the write lock on SQLite, so they cannot change before the
-    update), the conditional UPDATE runs for the ones that match (one executemany), and the attempt
-    records are inserted with their number counted in the same statement (one executemany).
+    the delivery is still ``sending`` under the same claim token, and a delivery completes at most
+    once per batch (the first completion that matches). The state changes are conditional
+    UPDATEs (``_apply_sqlite``, ``_apply_postgresql``); then the attempt records are inserted with
+    their number counted in the same statement (one executemany).
     """
     if not completions:
         return []
     conn, drv = _driver(session)
-    lock = " ORDER BY id FOR UPDATE" if drv.postgresql else ""
-    owners: dict[str, str | None] = {
-        str(i): owner
-        for i, owner in drv.rows_in(
-            conn,
-            "SELECT id, lease_owner FROM delivery WHERE id IN ({in_list}) AND state = 'sending'" + lock,  # noqa: S608
-            sorted({c.delivery_id for c in completions}),
-        )
-    }
-    applied: list[bool] = []
-    for c in completions:
-        ok = owners.get(c.delivery_id) == c.claim
-        if ok:
-            owners.pop(c.delivery_id)  # the same claim cannot complete twice
-        applied.append(ok)
+    at = drv.dt(now)
+    apply = _apply_postgresql if drv.postgresql else _apply_sqlite
+    applied = apply(conn, drv, completions, at)
     done = [c for c, ok in zip(completions, applied, strict=True) if ok]
     if not done:
         return applied
-    at = drv.dt(now)
-    conn.executemany(
-        drv.sql(
-            "UPDATE delivery SET state = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?, "
-            "attempts = attempts + ?, last_status = ?, last_error = ?, "
-            "next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = COALESCE(?, delivered_at) "
-            "WHERE id = ? AND lease_owner = ? AND state = 'sending'"
-        ),
-        [
-            (
-                c.state,
-                at,
-                1 if c.count_attempt else 0,
-                c.attempt.http_status,
-                c.attempt.error,
-                drv.dt(c.next_attempt_at) if c.next_attempt_at is not None else None,
-                at if c.state == "delivered" else None,
-                c.delivery_id,
-                c.claim,
-            )
-            for c in done
-        ],
-    )
     # Numbered over the delivery's whole life: a replay restarts the retry schedule
     # (``attempts``) but not the attempt log. Each delivery appears once in ``done``.
     conn.executemany(
@@ -986,3 +951,106 @@ def complete_many(session: Session, completions: Sequence[Completion], *, now: d
         if c.state == "parked" and c.credential_id is not None:
             park_credential(session, credential_id=c.credential_id, reason=c.park_reason, now=now)
     return applied
+
+
+def _new_state(c: Completion, drv: _DriverSql, at: object) -> tuple[object, ...]:
+    """What a completion writes into its delivery row, in the order the UPDATEs below bind it:
+    state, attempts to add, last status, last error, next attempt (None keeps it), delivered at."""
+    return (
+        c.state,
+        1 if c.count_attempt else 0,
+        c.attempt.http_status,
+        c.attempt.error,
+        drv.dt(c.next_attempt_at) if c.next_attempt_at is not None else None,
+        at if c.state == "delivered" else None,
+    )
+
+
+def _apply_postgresql(
+    conn: _Raw, drv: _DriverSql, completions: Sequence[Completion], at: object
+) -> list[bool]:
+    """The conditional state changes on PostgreSQL: the rows are read and locked first, in id
+    order (``FOR UPDATE``: two replicas completing overlapping batches cannot deadlock), then the
+    UPDATE runs for the completions whose claim matches (one executemany)."""
+    owners: dict[str, str | None] = {
+        str(i): owner
+        for i, owner in drv.rows_in(
+            conn,
+            "SELECT id, lease_owner FROM delivery WHERE id IN ({in_list}) AND state = 'sending' "
+            "ORDER BY id FOR UPDATE",
+            sorted({c.delivery_id for c in completions}),
+        )
+    }
+    applied: list[bool] = []
+    for c in completions:
+        ok = owners.get(c.delivery_id) == c.claim
+        if ok:
+            owners.pop(c.delivery_id)  # the same claim cannot complete twice
+        applied.append(ok)
+    done = [c for c, ok in zip(completions, applied, strict=True) if ok]
+    if done:
+        conn.executemany(
+            drv.sql(
+                "UPDATE delivery SET lease_owner = NULL, lease_expires_at = NULL, updated_at = ?, "
+                "state = ?, attempts = attempts + ?, last_status = ?, last_error = ?, "
+                "next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = COALESCE(?, delivered_at) "
+                "WHERE id = ? AND lease_owner = ? AND state = 'sending'"
+            ),
+            [(at, *_new_state(c, drv, at), c.delivery_id, c.claim) for c in done],
+        )
+    return applied
+
+
+def _apply_sqlite(conn: _Raw, drv: _DriverSql, completions: Sequence[Completion], at: object) -> list[bool]:
+    """The conditional state changes on SQLite: one ``UPDATE ... FROM (VALUES ...) RETURNING``
+    per piece of the batch (power-of-two sizes, a few statement texts), which applies exactly the
+    completions whose claim still holds and names them, instead of a SELECT of the rows' claims
+    followed by an executemany of UPDATEs (two statements, and a step per row).
+
+    A delivery that appears more than once in the batch (this worker claimed it again while the
+    first claim's task still ran) would join several VALUES rows, and RETURNING cannot say which
+    claim matched: its first completion goes with the batch, the others one by one after it, each
+    only if no earlier one applied. The write lock (BEGIN IMMEDIATE) keeps the rows as read.
+    """
+    first: list[int] = []
+    again: list[int] = []
+    seen: set[str] = set()
+    for i, c in enumerate(completions):
+        (again if c.delivery_id in seen else first).append(i)
+        seen.add(c.delivery_id)
+    updated: set[str] = set()
+    start = 0
+    for size in _pieces(len(first), 64):
+        params: list[object] = [at]
+        for i in first[start : start + size]:
+            c = completions[i]
+            params += (c.delivery_id, c.claim, *_new_state(c, drv, at))
+        start += size
+        updated.update(str(row[0]) for row in conn.rows(_complete_sql(size), params))
+    applied = [False] * len(completions)
+    for i in first:
+        applied[i] = completions[i].delivery_id in updated
+    for i in again:
+        c = completions[i]
+        if c.delivery_id not in updated and conn.rows(
+            _complete_sql(1), (at, c.delivery_id, c.claim, *_new_state(c, drv, at))
+        ):
+            updated.add(c.delivery_id)
+            applied[i] = True
+    return applied
+
+
+@functools.cache
+def _complete_sql(rows: int) -> str:
+    """``_apply_sqlite``'s UPDATE for ``rows`` completions; built once per (power-of-two) size.
+    The VALUES columns: id, claim, then ``_new_state``'s six."""
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    return (
+        "UPDATE delivery SET lease_owner = NULL, lease_expires_at = NULL, updated_at = ?, "  # noqa: S608
+        "state = v.column3, attempts = attempts + v.column4, last_status = v.column5, "
+        "last_error = v.column6, next_attempt_at = COALESCE(v.column7, next_attempt_at), "
+        "delivered_at = COALESCE(v.column8, delivered_at) "
+        f"FROM (VALUES {values}) AS v "
+        "WHERE delivery.id = v.column1 AND delivery.lease_owner = v.column2 AND delivery.state = 'sending' "
+        "RETURNING delivery.id"
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -469,3 +470,78 @@ async def test_the_next_due_time_is_asked_at_most_once_a_second_unless_a_retry_w
     await worker._next_due([7])
     await worker._next_due([7])
     assert len(asked) == 6
+
+
+async def test_a_completion_batch_applies_exactly_the_completions_whose_claim_holds(
+    database: Database,
+) -> None:
+    """Batches of every shape against a model: 77 completions (pieces of 64 + 8 + 4 + 1) mixing
+    current claims, stale claims, deliveries no longer ``sending``, and the same delivery more than
+    once (a stale claim before the current one, the current one twice). A completion applies iff its
+    delivery is ``sending`` under its claim and no earlier completion of the batch applied to it; each
+    applied one sets the state, counts the attempt and numbers one attempt record, and nothing else
+    changes."""
+    w = make_world(database)
+    p = pipeline(database)
+    ctx = w.xelion_context_id
+    results = await asyncio.gather(*(p.submit(ctx, KIND, fields(f"m{i}")) for i in range(60)))
+    ids = [r.delivery_ids[0] for r in results]
+    now = utcnow() + timedelta(seconds=1)
+    claimed = database.run_sync(lambda s: claim_due(s, now=now, limit=60, lease_seconds=LEASE))
+    claim_of = {c.id: c.claim for c in claimed}
+    assert sorted(claim_of) == sorted(ids)
+    # Ten are no longer ``sending``: completed by an earlier batch.
+    early = [Completion(i, claim_of[i], "delivered", attempt()) for i in ids[:10]]
+    assert database.run_sync(lambda s: complete_many(s, early, now=now)) == [True] * 10
+
+    rng = random.Random(7)
+
+    def done(i: str, claim: str, state: str) -> Completion:
+        nxt = now + timedelta(seconds=30) if state == "pending" else None
+        return Completion(i, claim, state, attempt(state), next_attempt_at=nxt)
+
+    middle = [
+        done(
+            i,
+            claim_of[i] if rng.random() < 0.7 else "stale-claim",
+            rng.choice(["delivered", "dead", "pending"]),
+        )
+        for i in ids[:10] + ids[14:] * 2
+    ]
+    rng.shuffle(middle)
+    # ids[10] and [11]: a stale claim first, the current one after; [12] and [13]: the current twice.
+    first = [done(ids[10], "stale-claim", "dead"), done(ids[11], "stale-claim", "dead")]
+    first += [done(ids[12], claim_of[ids[12]], "delivered"), done(ids[13], claim_of[ids[13]], "pending")]
+    last = [done(ids[10], claim_of[ids[10]], "delivered"), done(ids[11], claim_of[ids[11]], "pending")]
+    last += [done(ids[12], claim_of[ids[12]], "dead"), done(ids[13], claim_of[ids[13]], "dead")]
+    batch = first + middle[: 77 - 8] + last
+    assert len(batch) == 77
+
+    sending = {i: claim_of[i] for i in ids[10:]}
+    expected: list[bool] = []
+    final: dict[str, str] = {i: "delivered" for i in ids[:10]} | {i: "sending" for i in ids[10:]}
+    for c in batch:
+        ok = sending.get(c.delivery_id) == c.claim
+        if ok:
+            del sending[c.delivery_id]
+            final[c.delivery_id] = c.state
+        expected.append(ok)
+    assert True in expected and False in expected
+
+    assert database.run_sync(lambda s: complete_many(s, batch, now=now)) == expected
+    by_id = {d.id: d for d in rows(database)}
+    assert {i: by_id[i].state for i in ids} == final
+    applied_ids = {c.delivery_id for c, ok in zip(batch, expected, strict=True) if ok} | set(ids[:10])
+    for i in ids:
+        d = by_id[i]
+        assert d.attempts == (1 if i in applied_ids else 0)
+        assert (d.lease_owner is None) == (i in applied_ids)
+        assert (d.delivered_at is not None) == (final[i] == "delivered")
+        if final[i] == "pending":
+            assert d.next_attempt_at == now + timedelta(seconds=30)
+    numbers = database.run_sync(
+        lambda s: sorted(
+            s.execute(select(DeliveryAttempt.delivery_id, DeliveryAttempt.attempt_no)).all()  # type: ignore[call-overload]
+        )
+    )
+    assert numbers == sorted((i, 1) for i in applied_ids)
