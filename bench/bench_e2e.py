@@ -26,6 +26,10 @@ Measured:
   one mapping per event type, distinct callIds). Also at N/10, to see whether 10x the events takes
   10x the time and the same memory. "ingest" is N over the time from the first event sent to the
   last event committed (read from the database afterwards).
+- side-by-side ratio (``--ratio-rounds``, 3): per database, after the N run, that many rounds of
+  the aiohttp floor (N requests) and the bridge (N events) back to back, in alternating order; each
+  round's ratio, and their median. The first ratio (the N run over the best floor round, minutes
+  apart) takes in the machine's drift, which here reaches tens of percent within minutes.
 - latency: events pushed at a fixed 200 per second (and at ``--low-rate``, 50); per event, CRM
   arrival minus push time (the event carries ``sentAt``; the mapping renders it into the payload).
 - the daemon's CPU seconds (utime+stime from /proc/<pid>/stat) per 1,000 events of the N run, its
@@ -257,6 +261,25 @@ async def drive(
     if bad:
         raise RuntimeError(f"floor: {bad} requests were not answered 201")
     return len(reqs) / elapsed
+
+
+async def aiohttp_floor(crm: Crm, n: int, concurrency: int) -> float:
+    """One round of the aiohttp floor (after a warm-up of its own): requests/s."""
+    token = await crm.access_token()
+    reqs = floor_requests(crm.url, n)
+    for _, _, h in reqs:
+        h["Authorization"] = "Bearer " + token
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as session:
+
+        async def send(url: str, body: bytes, headers: dict[str, str]) -> int:
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                return response.status
+
+        await drive(send, reqs[: min(500, n)], concurrency)
+        rate = await drive(send, reqs, concurrency)
+    await crm.reset()
+    return rate
 
 
 async def floor(crm: Crm, n: int, concurrency: int, rounds: int, ref_n: int) -> dict[str, float]:
@@ -636,6 +659,23 @@ async def bridge(http: aiohttp.ClientSession, crm: Crm, db: str, args: argparse.
             profile_mode=args.profile_mode,
             window=args.window,
         )
+        out["ratio_rounds"] = []
+        for r in range(args.ratio_rounds):
+            # The floor and the bridge back to back, in turns: the machine's speed drifts by tens
+            # of percent within minutes, and a ratio of two runs apart takes that drift in.
+            pair: dict[str, float] = {}
+            for which in ("floor", "bridge") if r % 2 == 0 else ("bridge", "floor"):
+                if which == "floor":
+                    pair["floor"] = round(await aiohttp_floor(crm, args.events, args.concurrency), 1)
+                else:
+                    await crm.reset()
+                    run = await throughput(stack, crm, args.events, f"round{r}", window=args.window)
+                    pair["bridge"] = run["events_per_s"]
+                    pair["cpu_s_per_1000"] = run["cpu_s_per_1000"]
+            pair["ratio"] = round(pair["bridge"] / pair["floor"], 3)
+            out["ratio_rounds"].append(pair)
+        if out["ratio_rounds"]:
+            out["ratio_median"] = statistics.median(p["ratio"] for p in out["ratio_rounds"])
         out["latency"] = await latency(stack, crm, args.rate, args.latency_seconds, "lat")
         if args.low_rate > 0:
             out["latency_low"] = await latency(stack, crm, args.low_rate, args.latency_seconds, "low")
@@ -768,6 +808,21 @@ def report(results: dict[str, Any]) -> str:
             [fmt(r["large"]["events_per_s"] / floor_rate, ".3f") for r in dbs],
             f"target >= {TARGETS['ratio']}",
         )
+        if all(r.get("ratio_rounds") for r in dbs):
+            n_rounds = len(dbs[0]["ratio_rounds"])
+            row(
+                f"  ratio, median of {n_rounds} side-by-side rounds",
+                [fmt(r["ratio_median"], ".3f") for r in dbs],
+                f"target >= {TARGETS['ratio']}",
+            )
+            row(
+                "    (floor and bridge back to back) lowest-highest",
+                [
+                    f"{min(p['ratio'] for p in r['ratio_rounds']):.2f}-"
+                    f"{max(p['ratio'] for p in r['ratio_rounds']):.2f}"
+                    for r in dbs
+                ],
+            )
         row("  ingest: events committed/s", [fmt(r["large"]["ingest_per_s"]) for r in dbs])
         row(
             f"events/s, N/10 = {dbs[0]['small']['events']:,} events",
@@ -879,6 +934,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "low_rate": args.low_rate,
             "latency_seconds": args.latency_seconds,
             "floor_rounds": args.floor_rounds,
+            "ratio_rounds": args.ratio_rounds,
             "window": args.window,
         },
         "bridge": [],
@@ -949,6 +1005,12 @@ def main() -> None:
         help="another Xelion simulator: a command line run instead of bench/sim_xelion.py",
     )
     parser.add_argument("--floor-rounds", type=int, default=2)
+    parser.add_argument(
+        "--ratio-rounds",
+        type=int,
+        default=3,
+        help="rounds of the aiohttp floor and the bridge (N each) back to back, per database (0: none)",
+    )
     parser.add_argument("--reference-requests", type=int, default=2000, help="per round, httpx clients")
     parser.add_argument("--scale-users", type=int, default=None, help="default 1000 (0: no scale run)")
     parser.add_argument("--scale-mappings", type=int, default=200)
