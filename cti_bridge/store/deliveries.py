@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -851,6 +852,9 @@ _DELIVERY_COLUMNS = (
     "updated_at",
 )
 _DATETIME_COLUMNS = frozenset({"next_attempt_at", "lease_expires_at", "created_at", "updated_at"})
+#: A row's values in column order (one C call), and where among them the datetimes are.
+_DELIVERY_VALUES = operator.itemgetter(*_DELIVERY_COLUMNS)
+_DATETIME_AT = tuple(i for i, c in enumerate(_DELIVERY_COLUMNS) if c in _DATETIME_COLUMNS)
 
 
 def insert_delivery_rows(session: Session, rows: Sequence[dict[str, object]]) -> None:
@@ -870,9 +874,12 @@ def insert_delivery_rows(session: Session, rows: Sequence[dict[str, object]]) ->
             out = converted[value] = drv.dt(value)
         return out
 
-    params = [
-        tuple(dt(row[c]) if c in _DATETIME_COLUMNS else row[c] for c in _DELIVERY_COLUMNS) for row in rows
-    ]
+    params = []
+    for row in rows:
+        values = list(_DELIVERY_VALUES(row))
+        for i in _DATETIME_AT:
+            values[i] = dt(values[i])
+        params.append(values)
     conn.executemany(
         drv.sql(
             f"INSERT INTO delivery ({', '.join(_DELIVERY_COLUMNS)}) "  # noqa: S608
