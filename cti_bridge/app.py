@@ -45,6 +45,7 @@ from cti_bridge.store.app_contexts import AppContextTokenStore
 from cti_bridge.store.crypto import SecretBox, load_or_create_key_file
 from cti_bridge.store.db import Database, InstanceLock, make_engine
 from cti_bridge.store.tokens import UserCredentialTokenStore
+from cti_bridge.store.vacuum import Vacuum
 from cti_bridge.xelion.directory import HttpXelionDirectory
 from cti_bridge.xelion.source import SourceManager, SourceOptions
 
@@ -214,6 +215,7 @@ class Daemon:
     sources: SourceManager
     retention: Retention
     lock: InstanceLock | None
+    vacuum: Vacuum | None = None
     background: set[asyncio.Future[None]] = field(default_factory=set)
     admin_app: FastAPI | None = None
 
@@ -340,6 +342,7 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
             sources=sources,
             retention=Retention(db, settings, clock, metrics),
             lock=lock,
+            vacuum=Vacuum(db, settings),
         )
         metrics_holder.append(daemon)
     except BaseException:
@@ -410,6 +413,8 @@ async def serve(
             log.info("cti-bridge is running; admin API on %s:%s", settings.admin_host, settings.admin_port)
             stop_task = tg.create_task(stop.wait(), name="stop-signal")
             retention_task = tg.create_task(daemon.retention.run(stop), name="retention")
+            if daemon.vacuum is not None:
+                tg.create_task(daemon.vacuum.run(stop), name="vacuum")
             await asyncio.wait({stop_task, server_task, worker_task}, return_when=asyncio.FIRST_COMPLETED)
             log.info(
                 "stopping: sources first, then the worker (grace %.0f s)", settings.shutdown_grace_seconds

@@ -160,6 +160,17 @@ class Database:
         future.add_done_callback(self._thread_done)
         return await asyncio.wrap_future(future)
 
+    async def run_outside_transaction(self, sql: str) -> None:
+        """Run ``sql``, a statement that cannot run inside a transaction (VACUUM), on a connection
+        of its own in autocommit mode, in the database thread pool. Only constant SQL: no
+        parameters, nothing a user typed."""
+
+        def work() -> None:
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.exec_driver_sql(sql)
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
     def _run_inline(self, fn: Callable[[Session], T]) -> tuple[bool, T | None]:
         """Run ``fn`` in this thread on the held connection; (False, None) if the write lock is
         held elsewhere for longer than INLINE_LOCK_WAIT_MS (nothing ran: the caller uses the
