@@ -413,8 +413,7 @@ async def serve(
             log.info("cti-bridge is running; admin API on %s:%s", settings.admin_host, settings.admin_port)
             stop_task = tg.create_task(stop.wait(), name="stop-signal")
             retention_task = tg.create_task(daemon.retention.run(stop), name="retention")
-            if daemon.vacuum is not None:
-                tg.create_task(daemon.vacuum.run(stop), name="vacuum")
+            vacuum_task = tg.create_task(daemon.vacuum.run(stop), name="vacuum") if daemon.vacuum else None
             await asyncio.wait({stop_task, server_task, worker_task}, return_when=asyncio.FIRST_COMPLETED)
             log.info(
                 "stopping: sources first, then the worker (grace %.0f s)", settings.shutdown_grace_seconds
@@ -431,6 +430,8 @@ async def serve(
             worker_task.cancel()
             # A batch already in the database thread still commits (Database.run); the next does not start.
             retention_task.cancel()
+            if vacuum_task is not None:
+                vacuum_task.cancel()  # ``stop`` is not set when the API or the worker ended first
             server.should_exit = True
             stop_task.cancel()
     finally:
