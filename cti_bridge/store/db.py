@@ -38,6 +38,7 @@ the thread has not (the last interval's pages).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -163,13 +164,25 @@ class Database:
     async def run_outside_transaction(self, sql: str) -> None:
         """Run ``sql``, a statement that cannot run inside a transaction (VACUUM), on a connection
         of its own in autocommit mode, in the database thread pool. Only constant SQL: no
-        parameters, nothing a user typed."""
+        parameters, nothing a user typed.
+
+        Cancellation: on PostgreSQL the statement is cancelled in the server too (a VACUUM may run
+        for minutes, and ``dispose`` waits for the thread pool: a stop must not wait for it).
+        """
+        running: list[Any] = []
 
         def work() -> None:
             with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                running.append(conn.connection.driver_connection)
                 conn.exec_driver_sql(sql)
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        except asyncio.CancelledError:
+            if running and not self.is_sqlite:
+                with contextlib.suppress(Exception):
+                    running[0].cancel_safe(timeout=2.0)  # psycopg: a cancel request of its own
+            raise
 
     def _run_inline(self, fn: Callable[[Session], T]) -> tuple[bool, T | None]:
         """Run ``fn`` in this thread on the held connection; (False, None) if the write lock is

@@ -1,57 +1,67 @@
 """The daemon's own VACUUM of ``delivery`` on PostgreSQL (store/vacuum.py): run once the dead row
-versions reach the threshold, not before, never on SQLite or with a threshold of 0, and a failure
-is logged without ending the loop."""
+versions reach the threshold, not before, never on SQLite or with a threshold of 0; not again
+right after another replica's; a VACUUM the server skipped is noticed and logged; VACUUMs that
+remove nothing back off; a failure is logged without ending the loop; and a stop does not wait
+for a long statement to end."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 
 from cti_bridge.config import Settings
 from cti_bridge.store.db import Database
-from cti_bridge.store.vacuum import Vacuum, dead_rows
+from cti_bridge.store.vacuum import SKIPPED_PAUSE, VACUUM_SQL, Vacuum, dead_rows, table_stats
 from tests.integration.test_delivery_leases import make_world
 
 
-def _settings(dead: int) -> Settings:
+def _settings(dead: int, every: float = 0.05) -> Settings:
     return Settings(
-        database_url="sqlite:///unused.db", pg_vacuum_dead_rows=dead, pg_vacuum_check_seconds=0.05
+        database_url="sqlite:///unused.db", pg_vacuum_dead_rows=dead, pg_vacuum_check_seconds=every
     )
 
 
 def _stats(db: Database) -> tuple[int, int]:
-    """(dead row versions, vacuums) of ``delivery`` as pg_stat_user_tables shows them now."""
-    row = db.run_sync(
-        lambda s: s.execute(
-            text(
-                "SELECT n_dead_tup, vacuum_count FROM pg_stat_user_tables "
-                "WHERE relid = CAST('delivery' AS regclass)"
-            )
-        ).one()
-    )
-    return int(row[0]), int(row[1])
+    """(dead row versions, manual VACUUMs) of ``delivery`` as pg_stat_user_tables shows them now."""
+    stats = db.run_sync(table_stats)
+    return stats.dead, stats.vacuums
 
 
-async def _until(what: str, check: object, seconds: float = 20.0) -> None:
+async def _until(what: str, check: Callable[[], bool], seconds: float = 20.0) -> None:
     """Poll ``check()`` (the statistics reach the view a little after the transactions end)."""
     deadline = time.monotonic() + seconds
-    while not check():  # type: ignore[operator]
+    while not check():
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {seconds} s: {what}")
         await asyncio.sleep(0.2)
 
 
-def _churn(db: Database, rows: int, rounds: int) -> None:
-    """``rows`` deliveries, each then updated ``rounds`` times: as many dead versions each."""
+def _update_all(db: Database) -> None:
+    db.run_sync(lambda s: s.execute(text("UPDATE delivery SET attempts = attempts + 1")))
+
+
+async def _churn(db: Database, rows: int, rounds: int, at_least: int) -> tuple[int, int]:
+    """``rows`` deliveries, each then updated ``rounds`` times (a dead version each, some pruned on
+    the way); returns the statistics once they count ``at_least`` dead versions and stopped moving
+    (every connection flushes its counts within about a second)."""
     world = make_world(db)
     for i in range(rows):
         world.event(f"call-{i}")
     for _ in range(rounds):
-        db.run_sync(lambda s: s.execute(text("UPDATE delivery SET attempts = attempts + 1")))
+        _update_all(db)
+    await _until(f"{at_least} dead versions counted", lambda: _stats(db)[0] >= at_least)
+    stats = _stats(db)
+    while True:
+        await asyncio.sleep(1.5)
+        if _stats(db) == stats:
+            return stats
+        stats = _stats(db)
 
 
 async def test_the_table_is_vacuumed_once_its_dead_versions_reach_the_threshold(database: Database) -> None:
@@ -59,15 +69,7 @@ async def test_the_table_is_vacuumed_once_its_dead_versions_reach_the_threshold(
         vacuum = Vacuum(database, _settings(1))
         assert not vacuum.enabled and await vacuum.check() is False  # no statistics view asked
         return
-    _churn(database, rows=40, rounds=3)  # 120 dead versions, some pruned on the way
-    await _until("dead versions counted", lambda: _stats(database)[0] >= 60)
-    # Every connection's statistics in: the count no longer moves (each flushes within a second).
-    dead, vacuums = _stats(database)
-    while True:
-        await asyncio.sleep(1.5)
-        if _stats(database) == (dead, vacuums):
-            break
-        dead, vacuums = _stats(database)
+    dead, vacuums = await _churn(database, rows=40, rounds=3, at_least=60)
     assert database.run_sync(dead_rows) == dead
 
     assert await Vacuum(database, _settings(dead + 1)).check() is False  # one short of it
@@ -76,10 +78,74 @@ async def test_the_table_is_vacuumed_once_its_dead_versions_reach_the_threshold(
 
     vacuum = Vacuum(database, _settings(dead))
     assert await vacuum.check() is True and vacuum.vacuums == 1
-    await _until("the VACUUM counted", lambda: _stats(database)[1] == vacuums + 1)
-    assert _stats(database)[0] < dead
-    # Right after, the pause (nine times the VACUUM's duration) holds the next one back.
-    assert vacuum._not_before > time.monotonic() - 1
+    after = _stats(database)
+    assert after[1] == vacuums + 1 and after[0] < dead
+    assert vacuum.backoff == 0.0
+
+
+async def test_a_replica_does_not_vacuum_right_after_another(database: Database) -> None:
+    if database.is_sqlite:
+        return
+    dead, vacuums = await _churn(database, rows=40, rounds=2, at_least=40)
+    first, second = Vacuum(database, _settings(10, every=30.0)), Vacuum(database, _settings(10, every=30.0))
+    assert await first.check() is True
+    _update_all(database)  # dead versions again, above the threshold
+    await _until("new dead versions counted", lambda: _stats(database)[0] >= 20)
+    # The other replica sees that the table was vacuumed less than its check interval ago.
+    assert await second.check() is False
+    assert _stats(database)[1] == vacuums + 1
+
+
+async def test_a_vacuum_the_server_skipped_is_noticed_and_logged(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    if database.is_sqlite:
+        return
+    await _churn(database, rows=30, rounds=2, at_least=30)
+    vacuum = Vacuum(database, _settings(10))
+    with database.engine.connect() as holder:
+        # What another VACUUM holds: SKIP_LOCKED makes the server skip ours with a notice.
+        holder.exec_driver_sql("LOCK TABLE delivery IN SHARE UPDATE EXCLUSIVE MODE")
+        with caplog.at_level(logging.WARNING, logger="cti_bridge.store.vacuum"):
+            started = time.monotonic()
+            assert await vacuum.check() is False
+        holder.rollback()
+    assert vacuum.vacuums == 0
+    assert "the VACUUM of delivery was skipped" in caplog.text
+    assert vacuum._not_before >= started + SKIPPED_PAUSE  # not tried again at every check
+
+
+async def test_vacuums_that_remove_nothing_back_off(database: Database) -> None:
+    if database.is_sqlite:
+        return
+    world = make_world(database)
+    for i in range(40):
+        world.event(f"call-{i}")
+    # A transaction whose snapshot predates the updates: VACUUM cannot remove what it still sees.
+    with database.engine.connect() as old:
+        old.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        old.exec_driver_sql("SELECT count(*) FROM delivery").one()
+        for _ in range(3):
+            _update_all(database)
+        await _until("dead versions counted", lambda: _stats(database)[0] >= 60)
+        vacuum = Vacuum(database, _settings(20, every=0.5))
+        waits = []
+        for _ in range(3):
+            # The test does not wait out the backoff; only the gap any VACUUM leaves (the check
+            # interval, or nine times its duration).
+            vacuum._not_before = 0.0
+            assert await vacuum.check() is True
+            waits.append(vacuum.backoff)
+            await asyncio.sleep(max(0.5, 9 * vacuum._took) + 0.1)
+        assert waits == [0.5, 1.0, 2.0]
+        _rollback(old)
+    vacuum._not_before = 0.0
+    assert await vacuum.check() is True
+    assert vacuum.backoff == 0.0  # the old transaction ended: they went, and the backoff with them
+
+
+def _rollback(conn: Connection) -> None:
+    conn.exec_driver_sql("ROLLBACK")
 
 
 async def test_the_loop_vacuums_and_outlives_a_failure(
@@ -89,8 +155,7 @@ async def test_the_loop_vacuums_and_outlives_a_failure(
         stop = asyncio.Event()
         await asyncio.wait_for(Vacuum(database, _settings(1)).run(stop), 1.0)  # returns at once
         return
-    _churn(database, rows=30, rounds=2)
-    await _until("dead versions counted", lambda: _stats(database)[0] >= 30)
+    await _churn(database, rows=30, rounds=2, at_least=30)
     vacuum = Vacuum(database, _settings(30))
     real = database.run_outside_transaction
     failures = []
@@ -108,5 +173,31 @@ async def test_the_loop_vacuums_and_outlives_a_failure(
         await _until("a VACUUM after the failed one", lambda: vacuum.vacuums == 1, seconds=10)
         stop.set()
         await asyncio.wait_for(task, 2.0)
-    assert failures == ["VACUUM (SKIP_LOCKED, ANALYZE) delivery"]
+    assert failures == [VACUUM_SQL]
     assert "vacuuming delivery failed (RuntimeError: the server went away)" in caplog.text
+
+
+async def test_a_cancelled_statement_is_cancelled_in_the_server_too(database: Database) -> None:
+    """A stop cancels the VACUUM's task; the statement must end too, or ``dispose`` (which waits
+    for the database threads) would wait for it. A 30-second sleep stands in for a long VACUUM."""
+    if database.is_sqlite:
+        return
+    task = asyncio.create_task(database.run_outside_transaction("SELECT pg_sleep(30)"))
+    await _until("the statement running", lambda: _sleeping(database) == 1, seconds=10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _until("the statement cancelled in the server", lambda: _sleeping(database) == 0, seconds=10)
+
+
+def _sleeping(db: Database) -> int:
+    return int(
+        db.run_sync(
+            lambda s: s.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+                )
+            ).scalar_one()
+        )
+    )
