@@ -217,6 +217,8 @@ def test_normalise_fields_keeps_everything_and_copies() -> None:
     assert normalised == fields
     ref["oid"] = "changed"
     assert normalised["calleeUser"] == {"commonName": "Anne Hunter", "oid": "1556377", "objectType": "User"}
+    fields["unknown"].append(2)  # type: ignore[attr-defined]
+    assert normalised["unknown"] == [1]  # lists are copied too; scalars need not be
 
 
 @pytest.mark.parametrize(
