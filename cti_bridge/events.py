@@ -144,6 +144,11 @@ def parties(fields: Mapping[str, object]) -> list[Party]:
 DEDUPE_CALL_PREFIX = 31
 
 
+#: ``dedupe_key``'s serialisation, exactly ``json.dumps`` with these options; one encoder for every
+#: event, as ``json.dumps`` builds a new one per call whenever an option differs from its defaults.
+_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True, default=str)
+
+
 def dedupe_key(xelion_context_id: int, notification_type: str, fields: Mapping[str, object]) -> str:
     """The deduplication key of an event (xelion-protocol.md §4, chosen): ``<callId>|<digest>``.
 
@@ -160,18 +165,14 @@ def dedupe_key(xelion_context_id: int, notification_type: str, fields: Mapping[s
     random page of that index: one page written per event, and once the index outgrows the cache,
     one page read. At most 31 + 1 + 32 = 64 characters, the column's width.
     """
-    canonical = json.dumps(
+    canonical = _CANONICAL.encode(
         [
             xelion_context_id,
             notification_type,
             fields.get("callId"),
             fields.get("callerPhoneNumber"),
             fields.get("calleePhoneNumber"),
-        ],
-        separators=(",", ":"),
-        ensure_ascii=False,
-        sort_keys=True,
-        default=str,
+        ]
     )
     digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
     return f"{str(fields.get('callId') or '')[:DEDUPE_CALL_PREFIX]}|{digest}"

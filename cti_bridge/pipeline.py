@@ -59,6 +59,7 @@ from cti_bridge.store.deliveries import (
     lock_calls,
     new_delivery_id,
     ordering_key,
+    payload_text,
     touch_contexts,
     undelivered_keys,
 )
@@ -348,7 +349,7 @@ class Pipeline:
         events: list[NewEvent] = []
         payloads: list[str] = []
         for i, ((ctx, kind, fields), key) in enumerate(zip(items, keys, strict=True)):
-            payload = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+            payload = payload_text(fields)
             payloads.append(payload)
             if key in first:
                 repeats[key] = repeats.get(key, 0) + 1

@@ -68,6 +68,16 @@ class NewDelivery:
     xelion_oid: str | None = None  # for a delivery handed to the worker without a claim query
 
 
+#: How an event's payload is stored: compact JSON, UTF-8 as it is (one encoder for every event:
+#: ``json.dumps`` with options builds a new one per call).
+_PAYLOAD = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def payload_text(fields: dict[str, object]) -> str:
+    """The JSON text of an event's payload, as ``call_event.payload`` holds it."""
+    return _PAYLOAD.encode(fields)
+
+
 def ordering_key(call_id: str, credential_id: int) -> str:
     """The key that orders deliveries (reliability.md §3): one call, one user."""
     return f"{call_id}|{credential_id}"
@@ -124,7 +134,7 @@ def insert_event(
         notification_type,
         call_id,
         dedupe_key,
-        json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
+        payload_text(payload),
     )
     ids = insert_events(session, [event], now=now)
     if dedupe_key not in ids:

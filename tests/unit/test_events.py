@@ -7,7 +7,10 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from cti_bridge import events as events_module
 from cti_bridge.events import (
     CALL_EVENT_TYPES,
     Party,
@@ -17,6 +20,7 @@ from cti_bridge.events import (
     parse_xelion_time,
     parties,
 )
+from cti_bridge.store.deliveries import payload_text
 
 NEW_CALL = {
     "notificationType": "newCallEvent",
@@ -246,3 +250,23 @@ def test_parse_xelion_time_rejects_garbage(text: str) -> None:
 def test_parse_xelion_time_converts_other_zones() -> None:
     local = datetime(2026, 11, 24, 4, 12, 33, tzinfo=timezone(timedelta(hours=-5)))
     assert parse_xelion_time(local.isoformat()) == datetime(2026, 11, 24, 9, 12, 33, tzinfo=UTC)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=500)
+@given(fields=st.dictionaries(st.text(), _JSON, max_size=8))
+def test_the_shared_encoders_write_what_json_dumps_wrote(fields: dict[str, object]) -> None:
+    """Dedupe keys must stay the same across versions (a key written by the previous version must
+    match the same event received again), and stored payloads as they were: the encoders kept
+    for every event write exactly what ``json.dumps`` with the same options did."""
+    canonical = [7, "callHungUpEvent", fields.get("callId"), fields, None]
+    assert events_module._CANONICAL.encode(canonical) == json.dumps(
+        canonical, separators=(",", ":"), ensure_ascii=False, sort_keys=True, default=str
+    )
+    assert payload_text(fields) == json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
