@@ -122,7 +122,7 @@ async def main() -> None:
 
         default = httpx.AsyncClient(limits=httpx.Limits(max_connections=100, max_keepalive_connections=100))
         async with default:
-                show("httpx default transport (httpcore)", await bench_httpx(default, url, args))
+            show("httpx default transport (httpcore)", await bench_httpx(default, url, args))
 
         guarded = build_http_client(Settings(allow_private_targets=True))
         async with guarded:
