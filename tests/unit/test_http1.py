@@ -17,7 +17,6 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -30,6 +29,7 @@ from cti_bridge.delivery import http1
 from cti_bridge.delivery.egress import EgressRefused
 from cti_bridge.delivery.http1 import MAX_HEADER_BYTES, Http1Client, InvalidRequest, request_target
 from cti_bridge.delivery.retry import Outcome, classify
+from tests.unit.raw_http import serving
 
 
 @dataclass
@@ -47,13 +47,22 @@ class Request:
 Reply = Callable[[Request, asyncio.StreamWriter], Awaitable[bool]]
 
 
-def ok(body: bytes = b"{}", extra: str = "") -> Reply:
+def raw(*data: bytes, keep: bool = True, linger: float = 0.0) -> Reply:
+    """Answer with ``data`` as written; then wait ``linger`` seconds, and keep the connection open
+    (``keep``) or close it."""
+
     async def reply(_req: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body)
+        writer.write(b"".join(data))
         await writer.drain()
-        return True
+        if linger:
+            await asyncio.sleep(linger)
+        return keep
 
     return reply
+
+
+def ok(body: bytes = b"{}", extra: str = "") -> Reply:
+    return raw(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body)
 
 
 @dataclass
@@ -96,21 +105,6 @@ class RawServer:
         finally:
             writer.close()
             self._tasks.discard(task)
-
-
-@contextlib.asynccontextmanager
-async def serving(srv: RawServer, host: str = "127.0.0.1", **kwargs: Any) -> AsyncIterator[RawServer]:
-    """``srv`` listening on ``host`` (a free port) for the block; its connections closed after."""
-    listener = await asyncio.start_server(srv.serve, host, 0, **kwargs)
-    srv.port = listener.sockets[0].getsockname()[1]
-    try:
-        yield srv
-    finally:
-        listener.close()
-        for task in list(srv._tasks):
-            task.cancel()
-        await asyncio.gather(*srv._tasks, return_exceptions=True)
-        await listener.wait_closed()
 
 
 @pytest.fixture
@@ -203,10 +197,7 @@ async def test_a_fresh_connection_closed_unanswered_is_an_error_not_retried(
 async def test_a_pooled_connection_that_broke_off_mid_answer_is_not_retried(
     server: RawServer, client: Http1Client
 ) -> None:
-    async def half_a_status_line(_req: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 2")
-        await writer.drain()
-        return False
+    half_a_status_line = raw(b"HTTP/1.1 2", keep=False)
 
     server.replies = [ok(), half_a_status_line, ok()]
     assert await post(client, server.url()) == 200
@@ -251,10 +242,7 @@ async def test_concurrent_requests_each_get_a_connection(server: RawServer, clie
 
 
 async def test_a_body_ending_with_the_connection(server: RawServer, client: Http1Client) -> None:
-    async def until_close(_req: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
-        await writer.drain()
-        return False
+    until_close = raw(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it", keep=False)
 
     server.replies = [until_close]
     answer = await client.request("GET", server.url(), {}, None, max_bytes=4096)
@@ -264,12 +252,9 @@ async def test_a_body_ending_with_the_connection(server: RawServer, client: Http
 async def test_a_chunked_body_is_read_whole_and_the_connection_kept(
     server: RawServer, client: Http1Client
 ) -> None:
-    async def chunks(_req: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(
-            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
-        )
-        await writer.drain()
-        return True
+    chunks = raw(
+        b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
 
     server.replies = [chunks]
     first = await client.request("POST", server.url(), {}, b"{}", max_bytes=4096)
@@ -279,11 +264,10 @@ async def test_a_chunked_body_is_read_whole_and_the_connection_kept(
 
 
 async def test_an_interim_answer_is_skipped_for_the_final_one(server: RawServer, client: Http1Client) -> None:
-    async def early_hints(_req: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 103 Early Hints\r\nRetry-After: 99\r\n\r\n")
-        writer.write(b"HTTP/1.1 429 Too Many\r\nRetry-After: 7\r\nContent-Length: 2\r\n\r\nno")
-        await writer.drain()
-        return True
+    early_hints = raw(
+        b"HTTP/1.1 103 Early Hints\r\nRetry-After: 99\r\n\r\n",
+        b"HTTP/1.1 429 Too Many\r\nRetry-After: 7\r\nContent-Length: 2\r\n\r\nno",
+    )
 
     server.replies = [early_hints]
     answer = await client.request("POST", server.url(), {}, b"{}", max_bytes=4096)
@@ -293,10 +277,7 @@ async def test_an_interim_answer_is_skipped_for_the_final_one(server: RawServer,
 async def test_a_no_content_answer_has_no_body_and_keeps_the_connection(
     server: RawServer, client: Http1Client
 ) -> None:
-    async def no_content(_req: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-        await writer.drain()
-        return True
+    no_content = raw(b"HTTP/1.1 204 No Content\r\n\r\n")
 
     server.replies = [no_content]
     assert (await client.request("DELETE", server.url(), {}, None, max_bytes=10)).status == 204
@@ -319,10 +300,7 @@ async def test_headers_larger_than_the_limit_are_a_protocol_error(
 
 
 async def test_an_answer_that_is_not_http_is_a_protocol_error(server: RawServer, client: Http1Client) -> None:
-    async def garbage(_req: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-        await writer.drain()
-        return True
+    garbage = raw(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
 
     server.replies = [garbage]
     with pytest.raises(httpx.RemoteProtocolError, match="not valid HTTP"):
@@ -475,11 +453,7 @@ async def test_https_verifies_the_certificate_and_reuses_the_connection(tmp_path
 async def test_the_deadline_after_the_status_returns_the_status(
     server: RawServer, client: Http1Client
 ) -> None:
-    async def status_then_silence(_req: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 50\r\n\r\nabc")
-        await writer.drain()
-        await asyncio.sleep(5)
-        return False
+    status_then_silence = raw(b"HTTP/1.1 201 Created\r\nContent-Length: 50\r\n\r\nabc", keep=False, linger=5)
 
     server.replies = [status_then_silence]
     answer = await client.request("POST", server.url(), {}, b"{}", max_bytes=4096)
@@ -561,12 +535,9 @@ async def test_an_answer_nobody_asked_for_in_the_same_read_is_never_given_to_the
     """A 201 followed, in the same read, by the start of another answer: the connection is not
     pooled, so the next request cannot be given that stray answer's status."""
 
-    async def two_answers(_req: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(
-            b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\nHTTP/1.1 503 Busy\r\nContent-Length: 0\r\n"
-        )
-        await writer.drain()
-        return True
+    two_answers = raw(
+        b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\nHTTP/1.1 503 Busy\r\nContent-Length: 0\r\n"
+    )
 
     server.replies = [two_answers, ok()]
     assert await post(client, server.url()) == 201
@@ -651,10 +622,7 @@ async def test_an_internationalised_host_is_sent_in_its_idna_form(client: Http1C
 async def test_a_body_whose_last_coding_is_not_chunked_ends_with_the_connection(
     server: RawServer, client: Http1Client
 ) -> None:
-    async def gzip_until_close(_req: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nwhole body")
-        await writer.drain()
-        return False
+    gzip_until_close = raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nwhole body", keep=False)
 
     server.replies = [gzip_until_close]
     answer = await client.request("GET", server.url(), {}, None, max_bytes=100)
@@ -664,13 +632,10 @@ async def test_a_body_whose_last_coding_is_not_chunked_ends_with_the_connection(
 async def test_a_trailer_does_not_replace_the_retry_after_header(
     server: RawServer, client: Http1Client
 ) -> None:
-    async def with_trailer(_req: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(
-            b"HTTP/1.1 503 Busy\r\nRetry-After: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"2\r\nno\r\n0\r\nRetry-After: 86400\r\n\r\n"
-        )
-        await writer.drain()
-        return True
+    with_trailer = raw(
+        b"HTTP/1.1 503 Busy\r\nRetry-After: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nno\r\n0\r\nRetry-After: 86400\r\n\r\n"
+    )
 
     server.replies = [with_trailer]
     answer = await client.request("POST", server.url(), {}, b"{}", max_bytes=100)
@@ -680,11 +645,11 @@ async def test_a_trailer_does_not_replace_the_retry_after_header(
 async def test_a_switching_protocols_answer_is_a_protocol_error(
     server: RawServer, client: Http1Client
 ) -> None:
-    async def upgrade(_req: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(5)
-        return False
+    upgrade = raw(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        keep=False,
+        linger=5,
+    )
 
     server.replies = [upgrade]
     with pytest.raises(httpx.RemoteProtocolError):

@@ -31,6 +31,7 @@ from cti_bridge.render import MappingSpec, compile_mapping
 from cti_bridge.routing import MappingCache
 from cti_bridge.store.db import Database
 from cti_bridge.store.deliveries import Claimed
+from tests.unit.raw_http import serving
 
 TOKEN = "access-token-0123456789"
 KIND = "callConnectedEvent"
@@ -164,17 +165,8 @@ class Server:
 
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
-    srv = Server()
-    listener = await asyncio.start_server(srv.serve, "127.0.0.1", 0)
-    srv.port = listener.sockets[0].getsockname()[1]
-    try:
+    async with serving(Server()) as srv:
         yield srv
-    finally:
-        listener.close()
-        for task in list(srv._tasks):
-            task.cancel()
-        await asyncio.gather(*srv._tasks, return_exceptions=True)
-        await listener.wait_closed()
 
 
 def settings(**overrides: object) -> Settings:
