@@ -243,10 +243,7 @@ class TokenManager(Generic[KeyT]):
         Cancellation: the caller stops waiting; a refresh it started runs on to its commit (it is
         shielded), and other callers still get its result.
         """
-        cached = self._cache.get(key)
-        if cached is not None and self._fresh(cached.expires_at):
-            return cached
-        return await self._join(key, None)
+        return self.peek(key) or await self._join(key, None)
 
     async def refresh_after_401(self, key: KeyT, rejected: str) -> AccessToken:
         """A token other than ``rejected`` (the one a CRM just answered 401 to).

@@ -594,12 +594,6 @@ class DeliveryWorker:
         duration_ms = int((time.monotonic() - t0) * 1000)
         await self._finish(item, result, started, duration_ms)
 
-    async def _compiled(self, mapping_id: int) -> CompiledMapping:
-        cached = self.mappings.peek(mapping_id)
-        if cached is not None:
-            return cached
-        return await self.db.run(lambda s: self.mappings.get(s, mapping_id))
-
     def _context(self, item: Claimed, token: AccessToken | None) -> RenderContext:
         token_view: dict[str, object] | None = None
         if token is not None:
@@ -632,8 +626,9 @@ class DeliveryWorker:
         # The caches answer nearly every delivery: a coroutine only when they do not.
         compiled = self.mappings.peek(item.mapping_id)
         if compiled is None:
+            mapping_id = item.mapping_id
             try:
-                compiled = await self._compiled(item.mapping_id)
+                compiled = await self.db.run(lambda s: self.mappings.get(s, mapping_id))
             except (LookupError, TemplateError) as exc:
                 return _Result(state="dead", outcome="dead", error=f"mapping: {exc}")
         try:

@@ -170,8 +170,7 @@ def insert_deliveries(
     return [str(r["id"]) for r in rows]
 
 
-# Built per event or per delivery on the hot path, and never changed after: not frozen, since a
-# frozen dataclass's __init__ costs five times as much (1.1 against 0.2 us for nine fields).
+# Slotted, not frozen: see NewDelivery.
 @dataclass(slots=True)
 class Claimed:
     """A leased delivery with what the worker needs to send it."""
@@ -302,8 +301,7 @@ def claim_due(
     ]
 
 
-# Built per event or per delivery on the hot path, and never changed after: not frozen, since a
-# frozen dataclass's __init__ costs five times as much (1.1 against 0.2 us for nine fields).
+# Slotted, not frozen: see NewDelivery.
 @dataclass(slots=True)
 class AttemptRecord:
     """What one try sent and got back; secrets already masked by the worker."""
@@ -707,8 +705,7 @@ def sqlite_datetime(value: datetime | None) -> str | None:
     return value.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
 
 
-# Built per event or per delivery on the hot path, and never changed after: not frozen, since a
-# frozen dataclass's __init__ costs five times as much (1.1 against 0.2 us for nine fields).
+# Slotted, not frozen: see NewDelivery.
 @dataclass(slots=True)
 class NewEvent:
     """An event of an ingest batch, already deduplicated within the batch."""
@@ -913,8 +910,7 @@ def pending_keys(session: Session, ordering_keys: Sequence[str]) -> set[str]:
     return _keys_in_states(session, ordering_keys, ("pending",))
 
 
-# Built per event or per delivery on the hot path, and never changed after: not frozen, since a
-# frozen dataclass's __init__ costs five times as much (1.1 against 0.2 us for nine fields).
+# Slotted, not frozen: see NewDelivery.
 @dataclass(slots=True)
 class Completion:
     """The outcome of one attempt, to be recorded by ``complete_many``."""

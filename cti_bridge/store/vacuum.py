@@ -80,11 +80,6 @@ def table_stats(session: Session) -> TableStats:
     return TableStats(int(row[0] or 0), int(row[1] or 0), None if row[2] is None else float(row[2]))
 
 
-def dead_rows(session: Session) -> int:
-    """Dead row versions of ``delivery`` as the statistics last counted them."""
-    return table_stats(session).dead
-
-
 class Vacuum:
     """The check loop (PostgreSQL only; on SQLite ``run`` returns at once)."""
 

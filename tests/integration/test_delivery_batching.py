@@ -25,7 +25,7 @@ from sqlmodel import Session, col
 from cti_bridge.app import StoreSourceHooks
 from cti_bridge.clock import utcnow
 from cti_bridge.config import Settings
-from cti_bridge.delivery.worker import DeliveryWorker
+from cti_bridge.delivery.worker import DeliveryWorker, _Result
 from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import HandoffRoom, Pipeline
 from cti_bridge.routing import MappingCache, RoutingCache
@@ -545,3 +545,40 @@ async def test_a_completion_batch_applies_exactly_the_completions_whose_claim_ho
         )
     )
     assert numbers == sorted((i, 1) for i in applied_ids)
+
+
+@pytest.mark.parametrize("cancel_after", [0.0, 0.003, 0.01])
+async def test_an_outcome_is_written_once_even_if_its_task_is_cancelled_while_waiting(
+    database: Database, cancel_after: float
+) -> None:
+    """A delivery's task waits for its outcome's group commit without a shield: cancelled meanwhile
+    (a stop, reliability.md §20), before, during or after the flusher's commit, every outcome is
+    still written exactly once (state, attempt count, one attempt record) and the flusher itself
+    does not fail on the cancelled waits."""
+    w = make_world(database)
+    p = pipeline(database)
+    await asyncio.gather(*(p.submit(w.xelion_context_id, KIND, fields(f"x{i}")) for i in range(6)))
+    now = utcnow() + timedelta(seconds=1)
+    items = database.run_sync(lambda s: claim_due(s, now=now, limit=6, lease_seconds=LEASE))
+    assert len(items) == 6
+    worker = DeliveryWorker(
+        db=database,
+        mappings=MappingCache(),
+        tokens=cast(Any, None),
+        crm=cast(Any, None),
+        settings=Settings(database_url="sqlite:///unused.db"),
+    )
+    delivered = _Result(state="delivered", outcome="delivered", status=201)
+    tasks = [asyncio.create_task(worker._finish(item, delivered, utcnow(), 1)) for item in items]
+    await asyncio.sleep(cancel_after)
+    for task in tasks[::2]:
+        task.cancel()
+    ends = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    await asyncio.wait_for(worker._flush_all(), 10)
+    assert worker._flusher is None or worker._flusher.exception() is None
+    assert all(end is None or isinstance(end, asyncio.CancelledError) for end in ends)
+    assert [(d.state, d.attempts) for d in rows(database)] == [("delivered", 1)] * 6
+    records = database.run_sync(
+        lambda s: s.execute(select(func.count()).select_from(DeliveryAttempt)).scalar_one()
+    )
+    assert records == 6

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from cti_bridge.config import Settings
 from cti_bridge.store.db import Database
-from cti_bridge.store.vacuum import SKIPPED_PAUSE, VACUUM_SQL, Vacuum, dead_rows, table_stats
+from cti_bridge.store.vacuum import SKIPPED_PAUSE, VACUUM_SQL, Vacuum, table_stats
 from tests.integration.test_delivery_leases import make_world
 
 
@@ -70,7 +70,7 @@ async def test_the_table_is_vacuumed_once_its_dead_versions_reach_the_threshold(
         assert not vacuum.enabled and await vacuum.check() is False  # no statistics view asked
         return
     dead, vacuums = await _churn(database, rows=40, rounds=3, at_least=60)
-    assert database.run_sync(dead_rows) == dead
+    assert database.run_sync(table_stats).dead == dead
 
     assert await Vacuum(database, _settings(dead + 1)).check() is False  # one short of it
     assert await Vacuum(database, _settings(0)).check() is False  # switched off
