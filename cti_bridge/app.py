@@ -47,6 +47,7 @@ from cti_bridge.store.db import Database, InstanceLock, make_engine
 from cti_bridge.store.tokens import UserCredentialTokenStore
 from cti_bridge.store.vacuum import Vacuum
 from cti_bridge.xelion.directory import HttpXelionDirectory
+from cti_bridge.xelion.ownership import LocalOwnership, Ownership, PostgresOwnership
 from cti_bridge.xelion.source import SourceManager, SourceOptions
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ class Daemon:
     retention: Retention
     lock: InstanceLock | None
     vacuum: Vacuum | None = None
+    ownership: Ownership = field(default_factory=LocalOwnership)
     background: set[asyncio.Future[None]] = field(default_factory=set)
     admin_app: FastAPI | None = None
 
@@ -227,9 +229,30 @@ class Daemon:
             await self.sources.update(config)
 
     async def start_sources(self) -> None:
+        """Apply every stored integration to the sources, and stop those no longer stored."""
         ids = await self.db.run(source_store.all_context_ids)
         for ctx_id in ids:
             await self.apply_integration(ctx_id)
+        for ctx_id in self.sources.running() - set(ids):
+            await self.sources.stop(ctx_id)
+
+    async def follow_integrations(self, stop: asyncio.Event) -> None:
+        """PostgreSQL replicas: every ``replica_poll_seconds``, apply what another replica's admin
+        API changed (an integration created, deleted, or with new credentials or event types), which
+        only that replica's supervisor heard of. An unchanged integration costs a read, no reconnect.
+
+        Cancellation: ends the loop; a change being applied finishes in the source manager.
+        """
+        every = self.settings.replica_poll_seconds
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
+            if stop.is_set():
+                return
+            try:
+                await self.start_sources()
+            except Exception:
+                log.warning("reading the integrations for other replicas' changes failed", exc_info=True)
 
     async def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready when the database answers and every STORED integration's source is subscribed: an
@@ -242,11 +265,17 @@ class Daemon:
             ids, db_ok = [], False
         live = self.sources.statuses()
         statuses = {str(i): str(live[i].state) if i in live else str(SourceState.STOPPED) for i in ids}
-        ok = db_ok and all(s == SourceState.SUBSCRIBED for s in statuses.values())
+        # A replica standing by for another's websocket does its other work (API, deliveries).
+        ok = db_ok and all(s in (SourceState.SUBSCRIBED, SourceState.STANDBY) for s in statuses.values())
         return ok, {"database": "ok" if db_ok else "unavailable", "sources": statuses}
 
     def source_metrics(self) -> dict[int, tuple[str, int]]:
-        return {k: (str(v.state), v.reconnects) for k, v in self.sources.statuses().items()}
+        # A standby's figures are the owner's: the stored state (metrics.py reads it), not "standby".
+        return {
+            k: (str(v.state), v.reconnects)
+            for k, v in self.sources.statuses().items()
+            if v.state is not SourceState.STANDBY
+        }
 
     async def close(self) -> None:
         # Refreshes in flight commit their rotated tokens before the client goes away.
@@ -255,6 +284,7 @@ class Daemon:
         await self.crm_http.aclose()
         await self.worker.crm.aclose()
         await self.xelion_http.aclose()
+        await self.ownership.aclose()
         self.db.dispose()
         if self.lock is not None:
             self.lock.release()
@@ -314,6 +344,16 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
         # The worker is woken by the pipeline's hand-off (``accept``) only when it left work pending.
         pipeline = Pipeline(db, routing, clock=clock, handoff=worker)
         hooks = StoreSourceHooks(db, box, pipeline, metrics)
+        ownership: Ownership = (
+            LocalOwnership()
+            if db.is_sqlite
+            else PostgresOwnership(
+                settings.database_url,
+                poll_seconds=settings.replica_poll_seconds,
+                connect_timeout=settings.connect_timeout,
+                clock=clock,
+            )
+        )
         sources = SourceManager(
             hooks,
             xelion_http,
@@ -325,6 +365,7 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
                 healthy_after=settings.xelion_healthy_after,
                 app_key=settings.xelion_app_key,
             ),
+            ownership,
         )
         daemon = Daemon(
             settings=settings,
@@ -343,6 +384,7 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
             retention=Retention(db, settings, clock, metrics),
             lock=lock,
             vacuum=Vacuum(db, settings),
+            ownership=ownership,
         )
         metrics_holder.append(daemon)
     except BaseException:
@@ -414,10 +456,17 @@ async def serve(
             stop_task = tg.create_task(stop.wait(), name="stop-signal")
             retention_task = tg.create_task(daemon.retention.run(stop), name="retention")
             vacuum_task = tg.create_task(daemon.vacuum.run(stop), name="vacuum") if daemon.vacuum else None
+            follow_task = (
+                None
+                if daemon.db.is_sqlite
+                else tg.create_task(daemon.follow_integrations(stop), name="follow-integrations")
+            )
             await asyncio.wait({stop_task, server_task, worker_task}, return_when=asyncio.FIRST_COMPLETED)
             log.info(
                 "stopping: sources first, then the worker (grace %.0f s)", settings.shutdown_grace_seconds
             )
+            if follow_task is not None:
+                follow_task.cancel()  # it must not start a source that stop_all has just stopped
             await daemon.sources.stop_all()
             # Every event received is committed (and its fresh deliveries handed over) before the
             # worker stops taking work: SIGTERM loses nothing that was read from a socket.

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     # versions (0: never), checked this often
     pg_vacuum_dead_rows: int = Field(default=10000, ge=0)
     pg_vacuum_check_seconds: float = Field(default=2.0, gt=0)
+    # PostgreSQL replicas (xelion/ownership.py): how often a standby tries to take an integration's
+    # websocket, the owner checks its lock connection, and a replica picks up integrations that were
+    # created, changed or deleted through another replica's admin API
+    replica_poll_seconds: float = Field(default=5.0, gt=0)
 
     @field_validator("allowed_xelion_hosts", mode="before")
     @classmethod

@@ -105,6 +105,8 @@ class SourceState(StrEnum):
     SUBSCRIBED = "subscribed"
     BACKOFF = "backoff"
     FAILED = "failed"
+    #: Another replica owns the websocket (PostgreSQL replicas, xelion/ownership.py): this one waits.
+    STANDBY = "standby"
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from cti_bridge.clock import Clock, SystemClock
 from cti_bridge.events import CALL_EVENT_TYPES, normalise_fields, parse_notification
 from cti_bridge.ports import SourceConfig, SourceHooks, SourceState
+from cti_bridge.xelion.ownership import Held, LocalOwnership, Ownership
 from cti_bridge.xelion.rest import XelionError, XelionSession
 
 logger = logging.getLogger(__name__)
@@ -437,14 +438,62 @@ class XelionSource:
             return None
 
 
-@dataclass
+class _TermHooks:
+    """The hooks of one ownership term of a source (``xelion/ownership.py``).
+
+    Events always go through: if another replica took over a moment ago, the dedupe key makes an
+    event read by both one event. The integration's shared state (its state, gaps, the stored session
+    token) is written only while this replica still owns the websocket (``Held.confirm``), so a
+    replica that lost it cannot overwrite the new owner's state, reopen a gap the new owner closed,
+    or forget the session token the new owner saved. The first gap of a takeover starts where the
+    previous owner was last seen (``gap_since``), not when this replica's source started.
+    """
+
+    def __init__(self, hooks: SourceHooks, held: Held, gap_since: datetime | None) -> None:
+        self._hooks = hooks
+        self._held = held
+        self._gap_since = gap_since
+        # Every event goes straight through (the hot path: no extra coroutine per event).
+        self.on_event = hooks.on_event
+
+    async def on_state(self, xelion_context_id: int, state: SourceState, error: str | None) -> None:
+        if await self._held.confirm():
+            await self._hooks.on_state(xelion_context_id, state, error)
+
+    async def gap_opened(self, xelion_context_id: int, started_at: datetime, reason: str) -> None:
+        since, self._gap_since = self._gap_since, None
+        if since is not None and since < started_at:
+            started_at = since
+        if await self._held.confirm():
+            await self._hooks.gap_opened(xelion_context_id, started_at, reason)
+
+    async def gap_closed(self, xelion_context_id: int, ended_at: datetime) -> None:
+        if await self._held.confirm():
+            await self._hooks.gap_closed(xelion_context_id, ended_at)
+
+    async def load_session_token(self, xelion_context_id: int) -> str | None:
+        return await self._hooks.load_session_token(xelion_context_id)
+
+    async def save_session_token(self, xelion_context_id: int, token: str | None) -> None:
+        if await self._held.confirm():
+            await self._hooks.save_session_token(xelion_context_id, token)
+
+
+@dataclass(eq=False)
 class _Entry:
-    source: XelionSource
-    task: asyncio.Task[None]
+    config: SourceConfig
+    task: asyncio.Task[None] | None = None
+    source: XelionSource | None = None  # the running term's source; None while standing by
+    standby_since: datetime | None = None
 
 
 class SourceManager:
     """Runs one :class:`XelionSource` per integration, each in its own asyncio task.
+
+    A source runs only while this replica owns its integration's websocket (``ownership``; with the
+    default :class:`LocalOwnership`, always). Until then it stands by (state ``STANDBY``, written
+    nowhere: the owner's state is the integration's); when the ownership is lost the source stops
+    without writing anything and stands by again.
 
     Every public coroutine is serialised by one lock, so concurrent calls for the same integration
     cannot race. Cancelling a caller while it waits for a source to stop does not interrupt that
@@ -452,11 +501,16 @@ class SourceManager:
     """
 
     def __init__(
-        self, hooks: SourceHooks, client: httpx.AsyncClient, options: SourceOptions | None = None
+        self,
+        hooks: SourceHooks,
+        client: httpx.AsyncClient,
+        options: SourceOptions | None = None,
+        ownership: Ownership | None = None,
     ) -> None:
         self._hooks = hooks
         self._client = client
         self._options = options or SourceOptions()
+        self._ownership: Ownership = ownership or LocalOwnership()
         self._entries: dict[int, _Entry] = {}
         self._lock = asyncio.Lock()
 
@@ -468,7 +522,7 @@ class SourceManager:
         """
         async with self._lock:
             entry = self._entries.get(config.xelion_context_id)
-            if entry is not None and not entry.task.done():
+            if entry is not None and entry.task is not None and not entry.task.done():
                 await self._update_locked(entry, config)
                 return
             self._start_locked(config)
@@ -487,9 +541,7 @@ class SourceManager:
         """Stop (with logout) and start again with ``config``. Cancellation: as :meth:`stop`."""
         async with self._lock:
             entry = self._entries.pop(config.xelion_context_id, None)
-            if entry is not None:
-                await self._stop_entry(entry)
-            self._start_locked(config)
+            await self._replace_locked(entry, config)
 
     async def update(self, config: SourceConfig) -> None:
         """Apply a configuration change without needless reconnects.
@@ -516,26 +568,94 @@ class SourceManager:
             self._entries.clear()
             await asyncio.gather(*(self._stop_entry(entry) for entry in entries), return_exceptions=True)
 
+    def running(self) -> frozenset[int]:
+        """The integrations that have a source here (running, standing by, or failed)."""
+        return frozenset(self._entries)
+
     def status(self, xelion_context_id: int) -> SourceStatus:
         """The status of one source; ``STOPPED`` for an integration without a running source."""
         entry = self._entries.get(xelion_context_id)
         if entry is None:
             return SourceStatus(state=SourceState.STOPPED)
-        return entry.source.status()
+        return self._status(entry)
 
     def statuses(self) -> dict[int, SourceStatus]:
-        return {context_id: entry.source.status() for context_id, entry in self._entries.items()}
+        return {context_id: self._status(entry) for context_id, entry in self._entries.items()}
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _start_locked(self, config: SourceConfig) -> None:
-        source = XelionSource(config, self._hooks, self._client, self._options)
-        task = asyncio.create_task(source.run(), name=f"xelion-source-{config.xelion_context_id}")
-        task.add_done_callback(self._task_done)
-        self._entries[config.xelion_context_id] = _Entry(source=source, task=task)
+    @staticmethod
+    def _status(entry: _Entry) -> SourceStatus:
+        if entry.source is not None:
+            return entry.source.status()
+        return SourceStatus(state=SourceState.STANDBY, since=entry.standby_since)
+
+    def _start_locked(
+        self, config: SourceConfig, held: Held | None = None, after: asyncio.Task[None] | None = None
+    ) -> None:
+        entry = _Entry(config=config)
+        entry.task = asyncio.create_task(
+            self._run_owned(entry, held, after), name=f"xelion-source-{config.xelion_context_id}"
+        )
+        entry.task.add_done_callback(self._task_done)
+        self._entries[config.xelion_context_id] = entry
+
+    async def _replace_locked(self, entry: _Entry | None, config: SourceConfig) -> None:
+        """Stop ``entry`` (if any) and start ``config`` after it. The ownership this replica holds
+        goes straight to the new source (``retain``), so no other replica takes over in between."""
+        if entry is None or entry.task is None:
+            self._start_locked(config)
+            return
+        held = self._ownership.retain(config.xelion_context_id)
+        # The new task owns ``held`` from here on and starts once the old one has stopped.
+        self._start_locked(config, held, after=entry.task)
+        await self._stop_entry(entry)
+
+    async def _run_owned(self, entry: _Entry, held: Held | None, after: asyncio.Task[None] | None) -> None:
+        """Stand by until this replica owns the websocket, run the source while it does, repeat.
+
+        Returns when the source ends by itself (``FAILED``). Cancellation: the source stops (logs
+        out, reports ``STOPPED`` if still the owner) and the ownership is let go.
+        """
+        ctx = entry.config.xelion_context_id
+        gap_since: datetime | None = None
+        try:
+            if after is not None:
+                await asyncio.wait({after})
+            while True:
+                if held is None:
+                    entry.source = None
+                    entry.standby_since = self._clock_now()
+                    held = await self._ownership.acquire(ctx)
+                starts = [t for t in (held.since, gap_since) if t is not None]
+                hooks = _TermHooks(self._hooks, held, min(starts) if starts else None)
+                source = XelionSource(entry.config, hooks, self._client, self._options)
+                entry.source = source
+                run = asyncio.create_task(source.run(), name=f"xelion-source-run-{ctx}")
+                lost = asyncio.create_task(held.lost.wait(), name=f"xelion-source-owned-{ctx}")
+                try:
+                    await asyncio.wait({run, lost}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    lost.cancel()
+                    if not run.done():
+                        run.cancel()
+                        await asyncio.wait({run})  # the source's own shutdown, uninterrupted
+                if not held.lost.is_set() or (run.done() and not run.cancelled()):
+                    run.result()  # ended by itself: FAILED (or a bug, raised here)
+                    return
+                gap_since = self._clock_now()
+                logger.warning("this replica lost the websocket of integration %d; standing by", ctx)
+                await self._ownership.release(held)
+                held = None
+        finally:
+            if held is not None:
+                await self._ownership.release(held)
+
+    def _clock_now(self) -> datetime:
+        return self._options.clock.now()
 
     async def _update_locked(self, entry: _Entry, config: SourceConfig) -> None:
-        old = entry.source.config
+        old = entry.config
         same_connection = (
             old.target == config.target
             and old.admin_username == config.admin_username
@@ -543,17 +663,23 @@ class SourceManager:
         )
         if not same_connection:
             self._entries.pop(config.xelion_context_id, None)
-            await self._stop_entry(entry)
-            self._start_locked(config)
+            await self._replace_locked(entry, config)
             return
-        entry.source.config = config
-        if frozenset(config.event_types) != entry.source.event_types and not entry.task.done():
-            await entry.source.set_event_types(frozenset(config.event_types))
+        entry.config = config
+        source = entry.source
+        if source is None:
+            return  # standing by: the next term starts with ``config``
+        source.config = config
+        running = entry.task is not None and not entry.task.done()
+        if frozenset(config.event_types) != source.event_types and running:
+            await source.set_event_types(frozenset(config.event_types))
 
     @staticmethod
     async def _stop_entry(entry: _Entry) -> None:
         # Cancel the task itself, not through the source: a task that has not started running yet
         # has no source-side handle, and cancelling it before it runs is a complete stop.
+        if entry.task is None:
+            return
         entry.task.cancel()
         await asyncio.wait([entry.task])
 

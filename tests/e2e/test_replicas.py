@@ -1,0 +1,272 @@
+"""Two replicas of one tenant on one PostgreSQL database (DESIGN.md §5, xelion/ownership.py), both
+whole daemons with their admin APIs, against one Xelion simulator and one CRM simulator.
+
+What an operator of replicas relies on: one websocket and one Xelion session per integration however
+many replicas run, every event delivered once, the standby taking over (with the gap recorded) when
+the owner stops or loses its database connection, and a change made through one replica's admin API
+applied by the replica that owns the websocket."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from cti_bridge.app import Daemon, build, serve
+from cti_bridge.clock import xelion_time
+from cti_bridge.config import load_settings
+from cti_bridge.sim.xelion import XelionSimulator
+from cti_bridge.xelion.ownership import NAMESPACE
+from tests.conftest import create_pg_database, drop_pg_database
+from tests.e2e.stack import Bridge, TrackingCrmSimulator, settings_for, simulators
+
+POLL = 0.2  # replica_poll_seconds of these replicas
+
+
+@dataclass
+class Replica:
+    name: str
+    daemon: Daemon
+    api: httpx.AsyncClient
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    async def source_state(self, xelion_context_id: int) -> str | None:
+        """This replica's own view (api/ready): subscribed, standby, ..."""
+        resp = await self.api.get("/api/ready")
+        return (resp.json().get("sources") or {}).get(str(xelion_context_id))
+
+    async def halt(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 30)
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    url = create_pg_database(pg_server)
+    try:
+        yield url
+    finally:
+        drop_pg_database(pg_server, url)
+
+
+@asynccontextmanager
+async def replica(
+    name: str, db_url: str, xelion: XelionSimulator, admin_token: str
+) -> AsyncIterator[Replica]:
+    settings = load_settings(
+        None,
+        **settings_for(
+            db_url,
+            xelion,
+            admin_token,
+            replica_poll_seconds=POLL,
+            xelion_backoff_min=0.05,
+            xelion_backoff_max=0.2,
+        ),
+    )
+    daemon = build(settings)
+    stop = asyncio.Event()
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(daemon, stop, on_started=port.set_result))
+    api = httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{await asyncio.wait_for(port, 20)}",
+        headers={"Authorization": f"xelion {admin_token}"},
+        timeout=10,
+    )
+    r = Replica(name, daemon, api, stop, task)
+    try:
+        yield r
+    finally:
+        await api.aclose()
+        if not task.done():
+            await r.halt()
+
+
+@dataclass
+class World:
+    xelion: XelionSimulator
+    crm: TrackingCrmSimulator
+    a: Replica
+    b: Replica
+    bridge: Bridge  # the operator, talking to replica a
+
+    @property
+    def ctx(self) -> int:
+        return self.bridge.xelion_context_id
+
+    def user_space_sessions(self) -> int:
+        return self.xelion.sessions_by_user_space().get(f"cti-bridge-{self.ctx}", 0)
+
+    async def states(self) -> tuple[str | None, str | None]:
+        return await self.a.source_state(self.ctx), await self.b.source_state(self.ctx)
+
+    async def integration(self, via: Replica) -> dict[str, Any]:
+        resp = await via.api.get(
+            "/api/crm-integrations",
+            params={"xelionHost": f"127.0.0.1:{self.xelion.port}", "xelionTenant": "master"},
+        )
+        assert resp.status_code == 200, resp.text
+        return dict(resp.json())
+
+    async def one_owner(self, timeout: float = 10.0) -> Replica:
+        """Wait until one replica is subscribed and the other stands by; return the owner."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            states = await self.states()
+            if sorted(s or "" for s in states) == ["standby", "subscribed"] and self.xelion.open_sockets == 1:
+                return self.a if states[0] == "subscribed" else self.b
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"never one owner: {await self.states()}, {self.xelion.open_sockets} sockets")
+
+
+@asynccontextmanager
+async def two_replicas(pg_url: str) -> AsyncIterator[World]:
+    async with AsyncExitStack() as stack:
+        xelion, crm = await stack.enter_async_context(simulators())
+        token = secrets.token_urlsafe(24)
+        a = await stack.enter_async_context(replica("a", pg_url, xelion, token))
+        b = await stack.enter_async_context(replica("b", pg_url, xelion, token))
+        bridge = Bridge(xelion=xelion, crm=crm, api=a.api, admin_token=token)
+        yield World(xelion, crm, a, b, bridge)
+
+
+async def lock_holders(pg_url: str, xelion_context_id: int) -> list[int]:
+    conninfo = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2"
+            " AND classid::bigint = %s AND objid::bigint = %s",
+            (NAMESPACE, xelion_context_id),
+        )
+        return [int(row[0]) for row in await cur.fetchall()]
+
+
+async def terminate(pg_url: str, pid: int) -> None:
+    conninfo = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+async def steady(world: World, seconds: float) -> None:
+    """For ``seconds``: never more than one socket or one session of the integration at Xelion."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        assert world.xelion.open_sockets <= 1, f"{world.xelion.open_sockets} websockets open"
+        assert world.user_space_sessions() <= 1, world.xelion.sessions_by_user_space()
+        await asyncio.sleep(0.01)
+
+
+async def calls_delivered_once(world: World, calls: int, already: int = 0) -> None:
+    """Place ``calls`` incoming calls to anne (3 events each) and check each event made exactly one
+    CRM request and was stored once (no duplicate counted)."""
+    placed = [await world.xelion.place_call("incoming", callee="anne") for _ in range(calls)]
+    expected = already + 3 * calls
+    items = await world.bridge.wait_settled(expected)
+    assert len(items) == expected and all(d["state"] == "delivered" for d in items), items
+    await asyncio.sleep(3 * POLL)  # a second reader would have made its copies by now
+    got = [r for r in world.crm.received if r.path.startswith("/calls/")]
+    call_ids = {p.call_id for p in placed}
+    mine = [r for r in got if r.json().get("callId") in call_ids]
+    assert len(mine) == 3 * calls, f"{len(mine)} CRM requests for {3 * calls} events"
+    for d in items:
+        if d["callId"] in call_ids:
+            detail = await world.bridge.delivery(d["id"])
+            assert detail["event"]["duplicates"] == 0, detail["event"]
+
+
+async def test_two_replicas_hold_one_websocket_and_deliver_each_event_once(pg_url: str) -> None:
+    async with two_replicas(pg_url) as world:
+        await world.bridge.configure(users=("anne",))
+        owner = await world.one_owner()
+        assert owner is world.a  # created through a, whose source started at once
+        await steady(world, 1.0)
+        assert len(await lock_holders(pg_url, world.ctx)) == 1
+        await calls_delivered_once(world, 3)
+        # Every replica shows the owner's state of the integration, not its own standby.
+        for r in (world.a, world.b):
+            assert (await world.integration(r))["source"]["state"] == "subscribed"
+            assert (await r.api.get("/api/ready")).status_code == 200
+            assert 'cti_bridge_source_up{state="subscribed"' in (await r.api.get("/api/metrics")).text
+
+
+async def test_the_standby_takes_over_when_the_owner_stops(pg_url: str) -> None:
+    async with two_replicas(pg_url) as world:
+        await world.bridge.configure(users=("anne",))
+        owner = await world.one_owner()
+        standby = world.b if owner is world.a else world.a
+        await calls_delivered_once(world, 1)
+        stopped_at = datetime.now(UTC)
+        await owner.halt()  # SIGTERM: logs out of Xelion, lets go of the lock
+
+        async def took_over() -> bool:
+            return await standby.source_state(world.ctx) == "subscribed"
+
+        await world.bridge.wait_until(took_over, timeout=10, what="the standby to take over")
+        await steady(world, 0.5)
+        # The period without a listener is a gap (reliability.md §18), from no later than the stop
+        # (the standby last saw the owner hold the lock before it stopped) to the takeover.
+        source = (await world.integration(standby))["source"]
+        assert source["state"] == "subscribed"
+        newest = source["gaps"][0]
+        assert newest["end"] is not None
+        assert newest["start"] <= xelion_time(stopped_at)
+        assert newest["start"] >= xelion_time(stopped_at - timedelta(seconds=5))
+        # Events after the takeover reach the CRM once, through the standby.
+        world.bridge.api = standby.api
+        await calls_delivered_once(world, 2, already=3)
+
+
+async def test_a_replica_that_loses_its_lock_connection_stops_listening(pg_url: str) -> None:
+    async with two_replicas(pg_url) as world:
+        await world.bridge.configure(users=("anne",))
+        await world.one_owner()
+        (pid,) = await lock_holders(pg_url, world.ctx)
+        await terminate(pg_url, pid)  # a PostgreSQL failover, or an operator ending the session
+        # The owner notices within its check interval and stops its socket; one replica owns it
+        # again (whichever asks first) and reads alone.
+        await asyncio.sleep(3 * POLL)
+        await world.one_owner()
+        await steady(world, 1.0)
+        new_holders = await lock_holders(pg_url, world.ctx)
+        assert len(new_holders) == 1 and new_holders != [pid]
+        await calls_delivered_once(world, 2)
+        assert (await world.integration(world.a))["source"]["state"] == "subscribed"
+
+
+async def test_a_change_through_one_replica_reaches_the_owner(pg_url: str) -> None:
+    async with two_replicas(pg_url) as world:
+        await world.bridge.configure(users=("anne",), events=("newCallEvent",))
+        assert await world.one_owner() is world.a
+        # b's admin API changes the subscription; only b's supervisor hears of it, a owns the socket.
+        resp = await world.b.api.put(
+            f"/api/crm-integrations/{world.ctx}/crm-contexts/{world.bridge.crm_context_id}/event-uri-mappings",
+            json=[world.bridge.mapping("newCallEvent"), world.bridge.mapping("callHungUpEvent")],
+        )
+        assert resp.status_code == 200, resp.text
+
+        def resubscribed() -> bool:
+            subs = world.xelion.subscriptions()
+            return len(subs) == 1 and "callHungUpEvent" in subs[0]
+
+        await world.bridge.wait_until(resubscribed, timeout=5, what="a to re-subscribe")
+        assert await world.one_owner() is world.a  # re-subscribed on the live socket, no handover
+        # b's admin API deletes the integration: a's socket closes and a logs out.
+        resp = await world.b.api.delete(f"/api/crm-integrations/{world.ctx}")
+        assert resp.status_code in (200, 204), resp.text
+        await world.bridge.wait_until(
+            lambda: world.xelion.open_sockets == 0 and world.user_space_sessions() == 0,
+            timeout=5,
+            what="the owner to stop the deleted integration's source",
+        )
+        for r in (world.a, world.b):
+            assert await r.source_state(world.ctx) is None

@@ -1,0 +1,217 @@
+"""Which replica listens on an integration's websocket (xelion/ownership.py, DESIGN.md §5), on a real
+PostgreSQL: one owner at a time, the standby takes over when the owner lets go or its connection
+dies, a restart keeps the ownership, a cancelled wait holds nothing. SQLite has one process, and
+``LocalOwnership`` grants everything at once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from cti_bridge.ports import SourceState
+from cti_bridge.xelion.ownership import NAMESPACE, LocalOwnership, PostgresOwnership
+from cti_bridge.xelion.source import _TermHooks
+from tests.conftest import create_pg_database, drop_pg_database
+
+POLL = 0.05
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh database: advisory locks are per database, so the tests cannot see each other's."""
+    url = create_pg_database(pg_server)
+    try:
+        yield url
+    finally:
+        drop_pg_database(pg_server, url)
+
+
+@pytest.fixture
+async def replicas(pg_url: str) -> AsyncIterator[list[PostgresOwnership]]:
+    owners = [PostgresOwnership(pg_url, poll_seconds=POLL) for _ in range(3)]
+    try:
+        yield owners
+    finally:
+        for owner in owners:
+            await owner.aclose()
+
+
+async def holder_pids(pg_url: str, xelion_context_id: int) -> list[int]:
+    """The server processes holding the integration's lock, as an operator would look them up."""
+    conninfo = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2"
+            " AND classid::bigint = %s AND objid::bigint = %s",
+            (NAMESPACE, xelion_context_id),
+        )
+        return [int(row[0]) for row in await cur.fetchall()]
+
+
+async def terminate_holder(pg_url: str, xelion_context_id: int) -> None:
+    """End the session of the lock's holder in the server (a restart, a failover, an operator)."""
+    (pid,) = await holder_pids(pg_url, xelion_context_id)
+    conninfo = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as admin:
+        await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+async def not_done_after(task: asyncio.Task[object], seconds: float) -> bool:
+    await asyncio.wait({task}, timeout=seconds)
+    return not task.done()
+
+
+async def test_one_owner_at_a_time_and_the_standby_takes_over_when_released(
+    pg_url: str, replicas: list[PostgresOwnership]
+) -> None:
+    a, b, _ = replicas
+    held_a = await asyncio.wait_for(a.acquire(1), 5)
+    assert held_a.since is None  # nobody else held it: a takeover gap has no earlier start
+    assert a.held == {1}
+    waiting = asyncio.create_task(b.acquire(1))
+    assert await not_done_after(waiting, 10 * POLL), "two replicas own integration 1"
+    # Another integration is free for another replica.
+    held_b2 = await asyncio.wait_for(b.acquire(2), 5)
+    assert len(await holder_pids(pg_url, 1)) == 1
+    assert await held_a.confirm()
+
+    await a.release(held_a)
+    held_b = await asyncio.wait_for(waiting, 5)
+    assert held_b.since is not None  # b saw a hold it: the takeover gap starts there
+    assert a.held == frozenset() and b.held == {1, 2}
+    assert await held_b.confirm() and await held_b2.confirm()
+    assert not await held_a.confirm()  # released: no longer a's
+
+
+async def test_a_dead_lock_connection_tells_the_holder_and_frees_the_lock(
+    pg_url: str, replicas: list[PostgresOwnership]
+) -> None:
+    a, b, _ = replicas
+    held_a = await asyncio.wait_for(a.acquire(7), 5)
+    waiting = asyncio.create_task(b.acquire(7))
+    assert await not_done_after(waiting, 5 * POLL)
+    # The server ends a's session (a restart, a failover, an operator): its lock goes with it.
+    await terminate_holder(pg_url, 7)
+    await asyncio.wait_for(held_a.lost.wait(), 5)  # a's check noticed
+    assert not await held_a.confirm()
+    held_b = await asyncio.wait_for(waiting, 5)
+    assert await held_b.confirm()
+    # a may stand by again; it gets the lock only once b lets go.
+    again = asyncio.create_task(a.acquire(7))
+    assert await not_done_after(again, 5 * POLL)
+    await b.release(held_b)
+    assert (await asyncio.wait_for(again, 5)).since is not None
+
+
+async def test_a_restart_keeps_the_ownership(pg_url: str, replicas: list[PostgresOwnership]) -> None:
+    a, b, _ = replicas
+    first = await a.acquire(3)
+    second = a.retain(3)  # what SourceManager does before stopping the old source
+    assert second is not None
+    assert b.retain(3) is None  # b does not own it
+    await a.release(first)  # the old source has stopped
+    waiting = asyncio.create_task(b.acquire(3))
+    assert await not_done_after(waiting, 10 * POLL), "the lock went between two sources of a restart"
+    await a.release(second)
+    await asyncio.wait_for(waiting, 5)
+    # Releasing a hold twice changes nothing (b keeps it).
+    await a.release(second)
+    assert len(await holder_pids(pg_url, 3)) == 1 and b.held == {3}
+
+
+async def test_a_cancelled_wait_holds_nothing(pg_url: str, replicas: list[PostgresOwnership]) -> None:
+    a, b, c = replicas
+    held_a = await a.acquire(4)
+    waiting = asyncio.create_task(b.acquire(4))
+    assert await not_done_after(waiting, 5 * POLL)
+    waiting.cancel()
+    await asyncio.wait({waiting})
+    await a.release(held_a)
+    # b stopped waiting: the lock is free for c, and b holds nothing.
+    await asyncio.wait_for(c.acquire(4), 5)
+    assert b.held == frozenset()
+    assert len(await holder_pids(pg_url, 4)) == 1
+
+
+async def test_closing_lets_go_of_everything(pg_url: str, replicas: list[PostgresOwnership]) -> None:
+    a, b, _ = replicas
+    held = [await a.acquire(i) for i in (1, 2)]
+    await a.aclose()
+    assert all(h.lost.is_set() for h in held)
+    await asyncio.wait_for(b.acquire(1), 5)
+    await asyncio.wait_for(b.acquire(2), 5)
+    with pytest.raises(RuntimeError):
+        await a.acquire(3)
+
+
+async def test_local_ownership_grants_everything_at_once() -> None:
+    local = LocalOwnership()
+    held = await local.acquire(1)
+    assert held.since is None and await held.confirm()
+    assert local.retain(1) is not None
+    await local.release(held)
+    assert await held.confirm()  # one process: nothing can take it
+
+
+class RecordingHooks:
+    """The daemon's side of a source, recording what reaches it (what the store would write)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    async def on_event(
+        self, xelion_context_id: int, notification_type: str, fields: dict[str, object]
+    ) -> None:
+        self.calls.append(("event", notification_type))
+
+    async def on_state(self, xelion_context_id: int, state: SourceState, error: str | None) -> None:
+        self.calls.append(("state", state))
+
+    async def gap_opened(self, xelion_context_id: int, started_at: datetime, reason: str) -> None:
+        self.calls.append(("gap_opened", started_at))
+
+    async def gap_closed(self, xelion_context_id: int, ended_at: datetime) -> None:
+        self.calls.append(("gap_closed", ended_at))
+
+    async def load_session_token(self, xelion_context_id: int) -> str | None:
+        return "stored"
+
+    async def save_session_token(self, xelion_context_id: int, token: str | None) -> None:
+        self.calls.append(("token", token))
+
+
+async def test_a_source_that_lost_its_websocket_writes_no_shared_state(
+    pg_url: str, replicas: list[PostgresOwnership]
+) -> None:
+    a, b, _ = replicas
+    first = await a.acquire(5)
+    seen = datetime(2026, 1, 1, tzinfo=UTC)
+    recorded = RecordingHooks()
+    hooks = _TermHooks(recorded, first, gap_since=seen)
+    # While a owns it: everything goes through, and the takeover gap starts where the previous owner
+    # was last seen, not when this source started.
+    later = seen + timedelta(seconds=7)
+    await hooks.gap_opened(5, later, "starting")
+    await hooks.on_state(5, SourceState.SUBSCRIBED, None)
+    await hooks.save_session_token(5, "t1")
+    assert recorded.calls == [("gap_opened", seen), ("state", SourceState.SUBSCRIBED), ("token", "t1")]
+    await hooks.gap_opened(5, later, "dropped")  # only the first gap of a term moves
+    assert recorded.calls[-1] == ("gap_opened", later)
+
+    # The server ends a's session and b takes over before a's source has stopped.
+    await terminate_holder(pg_url, 5)
+    await asyncio.wait_for(b.acquire(5), 5)
+    recorded.calls.clear()
+    await hooks.on_state(5, SourceState.STOPPED, None)  # a's source stopping
+    await hooks.gap_opened(5, later, "websocket closed")
+    await hooks.gap_closed(5, later)
+    await hooks.save_session_token(5, None)  # its logout would forget b's session token
+    await hooks.on_event(5, "callHungUpEvent", {})  # an event still read: the dedupe key copes
+    assert recorded.calls == [("event", "callHungUpEvent")]
+    assert first.lost.is_set()
+    assert await hooks.load_session_token(5) == "stored"
