@@ -263,8 +263,9 @@ async def drive(
     return len(reqs) / elapsed
 
 
-async def aiohttp_floor(crm: Crm, n: int, concurrency: int) -> float:
-    """One round of the aiohttp floor (after a warm-up of its own): requests/s."""
+async def aiohttp_floor(crm: Crm, n: int, concurrency: int) -> tuple[float, float]:
+    """One round of the aiohttp floor (after a warm-up of its own): requests/s, and the CPU seconds
+    per 1,000 requests of the whole path (the client, the CRM simulator)."""
     token = await crm.access_token()
     reqs = floor_requests(crm.url, n)
     for _, _, h in reqs:
@@ -277,9 +278,12 @@ async def aiohttp_floor(crm: Crm, n: int, concurrency: int) -> float:
                 return response.status
 
         await drive(send, reqs[: min(500, n)], concurrency)
+        pids = (os.getpid(), crm.child.pid)
+        cpu_before = sum(process_cpu_seconds(p) for p in pids)
         rate = await drive(send, reqs, concurrency)
+        cpu = sum(process_cpu_seconds(p) for p in pids) - cpu_before
     await crm.reset()
-    return rate
+    return rate, cpu / n * 1000
 
 
 async def floor(crm: Crm, n: int, concurrency: int, rounds: int, ref_n: int) -> dict[str, float]:
@@ -574,6 +578,8 @@ async def throughput(
     before = stack.sample()
     ours = [os.getpid(), crm.child.pid, stack.xelion.pid, stack.daemon.pid]
     ours_before = sum(process_cpu_seconds(p) for p in ours)
+    sims = (crm.child.pid, stack.xelion.pid)
+    sims_before = sum(process_cpu_seconds(p) for p in sims)
     busy_before = cpu_busy_seconds()
     pg_cpu = (lambda: command_cpu_seconds("postgres", stack.pg_name)) if stack.pg_name else (lambda: 0.0)
     pg_before = pg_cpu()
@@ -593,6 +599,7 @@ async def throughput(
     pg = pg_cpu() - pg_before  # the daemon's backends (pooled, so they live through the run)
     busy = cpu_busy_seconds() - busy_before
     foreign = busy - (sum(process_cpu_seconds(p) for p in ours) - ours_before) - pg
+    sims_cpu = sum(process_cpu_seconds(p) for p in sims) - sims_before
     last = await crm.last()
     committed, last_commit = stack.events_committed(prefix)
     if committed != n:
@@ -608,6 +615,8 @@ async def throughput(
         "window_waits": sent["window_waits"],
         "cpu_s_per_1000": round(cpu / n * 1000, 3),
         "cpu_utilisation": round(cpu / elapsed, 2),
+        # The two simulators' CPU: on a 2-core machine they share the cores with the daemon.
+        "sims_cpu_s_per_1000": round(sims_cpu / n * 1000, 3),
         "rss_mb_after": round(after.rss_mb, 1),
         # Cores kept busy by processes other than the benchmark's own (py-spy, other people's tests).
         "foreign_cores": round(max(0.0, foreign) / elapsed, 2),
@@ -666,13 +675,20 @@ async def bridge(http: aiohttp.ClientSession, crm: Crm, db: str, args: argparse.
             pair: dict[str, float] = {}
             for which in ("floor", "bridge") if r % 2 == 0 else ("bridge", "floor"):
                 if which == "floor":
-                    pair["floor"] = round(await aiohttp_floor(crm, args.events, args.concurrency), 1)
+                    rate, floor_cpu = await aiohttp_floor(crm, args.events, args.concurrency)
+                    pair["floor"] = round(rate, 1)
+                    pair["floor_cpu_s_per_1000"] = round(floor_cpu, 3)
                 else:
                     await crm.reset()
                     run = await throughput(stack, crm, args.events, f"round{r}", window=args.window)
                     pair["bridge"] = run["events_per_s"]
                     pair["cpu_s_per_1000"] = run["cpu_s_per_1000"]
+                    pair["sims_cpu_s_per_1000"] = run["sims_cpu_s_per_1000"]
             pair["ratio"] = round(pair["bridge"] / pair["floor"], 3)
+            # What the machine's cores could give at most: every core busy with the bridge's
+            # processes (daemon and simulators), at the CPU per event this round measured.
+            whole = pair["cpu_s_per_1000"] + pair["sims_cpu_s_per_1000"]
+            pair["ceiling"] = round((os.cpu_count() or 1) * 1000 / whole / pair["floor"], 3)
             out["ratio_rounds"].append(pair)
         if out["ratio_rounds"]:
             out["ratio_median"] = statistics.median(p["ratio"] for p in out["ratio_rounds"])
@@ -823,6 +839,30 @@ def report(results: dict[str, Any]) -> str:
                     for r in dbs
                 ],
             )
+        if all(r.get("ratio_rounds") for r in dbs):
+            row(
+                "    CPU s per 1,000: floor (client + CRM sim)",
+                [
+                    fmt(statistics.median(p["floor_cpu_s_per_1000"] for p in r["ratio_rounds"]), ".3f")
+                    for r in dbs
+                ],
+            )
+            row(
+                "      bridge (daemon + both sims)",
+                [
+                    fmt(
+                        statistics.median(
+                            p["cpu_s_per_1000"] + p["sims_cpu_s_per_1000"] for p in r["ratio_rounds"]
+                        ),
+                        ".3f",
+                    )
+                    for r in dbs
+                ],
+            )
+            row(
+                f"    ceiling: ratio with all {os.cpu_count()} cores busy (median)",
+                [fmt(statistics.median(p["ceiling"] for p in r["ratio_rounds"]), ".3f") for r in dbs],
+            )
         row("  ingest: events committed/s", [fmt(r["large"]["ingest_per_s"]) for r in dbs])
         row(
             f"events/s, N/10 = {dbs[0]['small']['events']:,} events",
@@ -837,6 +877,10 @@ def report(results: dict[str, Any]) -> str:
         row(
             "  daemon CPU use (cores) during the N run",
             [fmt(r["large"]["cpu_utilisation"], ".2f") for r in dbs],
+        )
+        row(
+            "  simulators' CPU s per 1,000 events (N run)",
+            [fmt(r["large"]["sims_cpu_s_per_1000"], ".3f") for r in dbs],
         )
         row(
             "  its PostgreSQL backends' CPU (cores), N run",
