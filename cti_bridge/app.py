@@ -155,6 +155,9 @@ class StoreSourceHooks:
     async def gap_closed(self, xelion_context_id: int, ended_at: datetime) -> None:
         await self.db.run(lambda s: source_store.close_gap(s, xelion_context_id, ended_at))
 
+    async def load_state(self, xelion_context_id: int) -> tuple[str | None, datetime | None]:
+        return await self.db.run(lambda s: source_store.load_state(s, xelion_context_id))
+
     async def load_session_token(self, xelion_context_id: int) -> str | None:
         return await self.db.run(lambda s: source_store.load_session_token(s, self.box, xelion_context_id))
 
@@ -180,7 +183,7 @@ class DaemonSupervisor:
 
     def integration_deleted(self, xelion_context_id: int) -> None:
         self.daemon.routing.invalidate(xelion_context_id)
-        self._spawn(self.daemon.sources.stop(xelion_context_id))
+        self._spawn(self.daemon.remove_integration(xelion_context_id))
 
     def credentials_changed(self, credential_id: int) -> None:
         self.daemon.routing.invalidate()
@@ -220,21 +223,38 @@ class Daemon:
     ownership: Ownership = field(default_factory=LocalOwnership)
     background: set[asyncio.Future[None]] = field(default_factory=set)
     admin_app: FastAPI | None = None
+    # Serialises reading an integration's configuration and applying it to its source: the admin
+    # API's changes (supervisor) and the replicas' follow pass.
+    config_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def apply_integration(self, xelion_context_id: int) -> None:
+        """Bring the integration's source in line with the stored configuration (read and applied
+        under ``config_lock``, so an older read cannot be applied after a newer one)."""
+        async with self.config_lock:
+            await self._apply_locked(xelion_context_id)
+
+    async def remove_integration(self, xelion_context_id: int) -> None:
+        """Stop a deleted integration's source (under ``config_lock``)."""
+        async with self.config_lock:
+            await self.sources.stop(xelion_context_id)
+
+    async def start_sources(self) -> None:
+        """Apply every stored integration to the sources, and stop those no longer stored: one
+        pass under ``config_lock``, so an integration created meanwhile through this replica's own
+        API is either in the pass's list or started after it, never stopped by it."""
+        async with self.config_lock:
+            ids = await self.db.run(source_store.all_context_ids)
+            for ctx_id in ids:
+                await self._apply_locked(ctx_id)
+            for ctx_id in self.sources.running() - set(ids):
+                await self.sources.stop(ctx_id)
+
+    async def _apply_locked(self, xelion_context_id: int) -> None:
         config = await self.db.run(lambda s: source_store.load_source_config(s, self.box, xelion_context_id))
         if config is None:
             await self.sources.stop(xelion_context_id)
         else:
             await self.sources.update(config)
-
-    async def start_sources(self) -> None:
-        """Apply every stored integration to the sources, and stop those no longer stored."""
-        ids = await self.db.run(source_store.all_context_ids)
-        for ctx_id in ids:
-            await self.apply_integration(ctx_id)
-        for ctx_id in self.sources.running() - set(ids):
-            await self.sources.stop(ctx_id)
 
     async def follow_integrations(self, stop: asyncio.Event) -> None:
         """PostgreSQL replicas: every ``replica_poll_seconds``, apply what another replica's admin

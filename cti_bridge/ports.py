@@ -149,6 +149,11 @@ class SourceHooks(Protocol):
         """The token of the source's last live Xelion session, to end it on the next login."""
         ...
 
+    async def load_state(self, xelion_context_id: int) -> tuple[str | None, datetime | None]:
+        """The stored state of the integration's source (its owner's, with replicas) and the time
+        of its last stored event."""
+        ...
+
     async def save_session_token(self, xelion_context_id: int, token: str | None) -> None:
         """Remember (or forget, with None) the token of the live session, encrypted at rest."""
         ...

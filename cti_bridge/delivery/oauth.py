@@ -4,7 +4,11 @@ reliability.md §10-§14 are the contract:
 
 - §10 single flight: one token-endpoint call per credential at a time. Concurrent callers join the
   one refresh in flight for that key (a task per key), so 100 deliveries meeting an expired token
-  make exactly one call.
+  make exactly one call. Across PostgreSQL replicas the refresh runs under the credential's lock
+  (``TokenStore.exclusive``) and re-reads the credential inside it, so a replica that waited uses
+  the other's new token: two replicas refreshing one rotating refresh token at once had one of
+  them answered invalid_grant, and when its "reauth required" committed first, a healthy grant
+  was parked and the freshly rotated refresh token thrown away.
 - §11 persist before use: the new tokens (a rotated refresh token included) are committed through
   ``TokenStore.save_tokens`` before the access token is handed to anyone. The refresh runs as its
   own task, shielded from the callers' cancellation, so a delivery cancelled mid-refresh (shutdown,
@@ -34,6 +38,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Hashable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
@@ -177,6 +182,10 @@ class TokenStore(Protocol[KeyT_contra]):
         (False when the version moved: the operator's new secrets are not condemned)."""
         ...
 
+    def exclusive(self, key: KeyT_contra) -> AbstractAsyncContextManager[None]:
+        """Hold the credential's refresh lock, shared by every replica of the database (§10)."""
+        ...
+
 
 # --- the manager -------------------------------------------------------------------------------------
 
@@ -306,26 +315,27 @@ class TokenManager(Generic[KeyT]):
         # A version conflict means someone else changed the credential during our refresh: reload
         # and decide again (a few times at most; it is an operator's or another replica's change).
         for _ in range(3):
-            snap = await self._store.load(key)
-            if snap.state == STATE_REAUTH_REQUIRED:
-                self._cache.pop(key, None)
-                raise ReauthRequired(key, snap.state_reason or "re-authorisation required")
-            if snap.access_token and snap.access_token != rejected and self._fresh(snap.expires_at):
-                token = AccessToken(snap.access_token, snap.expires_at, dict(snap.extra), snap.version)
-                self._cache[key] = token
-                return token
-            granted = await self._grant(key, snap)
-            if granted is None:
-                continue  # marking reauth_required lost against a newer version: reload
-            version = await self._store.save_tokens(
-                key,
-                snap.version,
-                access_token=granted.access_token,
-                expires_at=granted.expires_at,
-                refresh_token=granted.refresh_token,
-                extra=granted.extra,
-                device_code_used=granted.device_code_used,
-            )
+            stored = self._stored_token(key, await self._store.load(key), rejected)
+            if stored is not None:
+                return stored
+            async with self._store.exclusive(key):
+                # Another replica may have refreshed while this one waited for the lock: read again.
+                snap = await self._store.load(key)
+                stored = self._stored_token(key, snap, rejected)
+                if stored is not None:
+                    return stored
+                granted = await self._grant(key, snap)
+                if granted is None:
+                    continue  # marking reauth_required lost against a newer version: reload
+                version = await self._store.save_tokens(
+                    key,
+                    snap.version,
+                    access_token=granted.access_token,
+                    expires_at=granted.expires_at,
+                    refresh_token=granted.refresh_token,
+                    extra=granted.extra,
+                    device_code_used=granted.device_code_used,
+                )
             if version is None:
                 log.warning(
                     "token refresh for %s: the credential changed during the refresh; reloading",
@@ -338,6 +348,18 @@ class TokenManager(Generic[KeyT]):
         raise TokenEndpointError(
             f"{self._store.describe(key)} kept changing during the token refresh", retryable=True
         )
+
+    def _stored_token(self, key: KeyT, snap: CredentialSnapshot, rejected: str | None) -> AccessToken | None:
+        """The stored access token if it can be used as it is (cached); raises ``ReauthRequired``
+        for a credential marked so; None when a token request is needed."""
+        if snap.state == STATE_REAUTH_REQUIRED:
+            self._cache.pop(key, None)
+            raise ReauthRequired(key, snap.state_reason or "re-authorisation required")
+        if snap.access_token and snap.access_token != rejected and self._fresh(snap.expires_at):
+            token = AccessToken(snap.access_token, snap.expires_at, dict(snap.extra), snap.version)
+            self._cache[key] = token
+            return token
+        return None
 
     # --- one token request -------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -55,7 +56,7 @@ from cti_bridge.delivery.oauth import (
     CredentialSnapshot,
 )
 from cti_bridge.store.crypto import SecretBox, constant_time_equal, hash_token
-from cti_bridge.store.db import Database
+from cti_bridge.store.db import LOCK_REFRESH_APP, Database
 from cti_bridge.store.models import AppContext
 from cti_bridge.store.tokens import snapshot_of
 
@@ -295,3 +296,7 @@ class AppContextTokenStore:
             return int(session.exec(statement).rowcount)
 
         return await self._db.run(write) == 1
+
+    def exclusive(self, key: int) -> AbstractAsyncContextManager[None]:
+        """The refresh lock of the credential across replicas (delivery/oauth.py §10)."""
+        return self._db.exclusive(LOCK_REFRESH_APP, key)

@@ -44,14 +44,15 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import psycopg
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, create_engine
 
@@ -100,6 +101,20 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True)
+
+
+#: The first keys of the daemon's two-key advisory locks (PostgreSQL), one per kind of thing locked
+#: ("CTIB", "CTIU", "CTIA"). Two int4 keys live in a key space of their own (``objsubid`` 2), apart
+#: from the one-key transaction locks on callIds (store/deliveries.py) and the retention pass.
+LOCK_SOURCE_OWNER = 0x43544942  # an integration's websocket (xelion/ownership.py)
+LOCK_REFRESH_USER = 0x43544955  # a user credential's token refresh (delivery/oauth.py §10)
+LOCK_REFRESH_APP = 0x43544941  # an app context's token refresh
+
+
+def psycopg_conninfo(url: str) -> str:
+    """The libpq connection string of a ``postgresql[+psycopg]://`` database URL, for connections
+    the daemon opens with psycopg itself (locks that must live on a connection of their own)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class Database:
@@ -160,6 +175,45 @@ class Database:
             raise
         future.add_done_callback(self._thread_done)
         return await asyncio.wrap_future(future)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, namespace: int, key: int, *, wait: float = 30.0) -> AsyncIterator[None]:
+        """Hold a lock named (``namespace``, ``key``) shared by every replica of this database, for
+        a short piece of work that must not run in two replicas at once (a token refresh).
+
+        PostgreSQL: a session-level advisory lock on a connection opened for it and closed after
+        (closing lets go at once, whatever happened in between; a replica that dies lets go when
+        its connection does). Waiting for another replica's hold is bounded by ``wait`` seconds,
+        after which the work goes ahead without the lock (logged): what it guards must stay safe
+        without it, only less tidy. SQLite has one process: nothing to take.
+
+        Cancellation: the wait ends and the connection is closed, which lets go of the lock.
+        """
+        if self.is_sqlite:
+            yield
+            return
+        conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        try:
+            try:
+                async with asyncio.timeout(wait):
+                    conn = await psycopg.AsyncConnection.connect(
+                        psycopg_conninfo(self.url),
+                        autocommit=True,
+                        application_name="cti-bridge lock",
+                    )
+                    await conn.execute("SELECT pg_advisory_lock(%s, %s)", (namespace, key))
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                log.warning(
+                    "the lock (%d, %d) could not be taken (%s); going ahead without it",
+                    namespace,
+                    key,
+                    type(exc).__name__,
+                )
+            yield
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
 
     async def run_outside_transaction(self, sql: str) -> None:
         """Run ``sql``, a statement that cannot run inside a transaction (VACUUM), on a connection

@@ -70,6 +70,12 @@ def close_gap(session: Session, xelion_context_id: int, ended_at: datetime) -> N
     )
 
 
+def load_state(session: Session, xelion_context_id: int) -> tuple[str | None, datetime | None]:
+    """The source's stored state and the time of the last event stored (``last_event_at``)."""
+    ctx = session.get(XelionContext, xelion_context_id)
+    return (ctx.source_state, ctx.last_event_at) if ctx is not None else (None, None)
+
+
 def load_session_token(session: Session, box: SecretBox, xelion_context_id: int) -> str | None:
     ctx = session.get(XelionContext, xelion_context_id)
     return box.decrypt_opt(ctx.session_token_enc) if ctx is not None else None

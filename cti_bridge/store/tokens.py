@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
@@ -24,7 +25,7 @@ from cti_bridge.delivery.oauth import (
     CredentialSnapshot,
 )
 from cti_bridge.store.crypto import SecretBox
-from cti_bridge.store.db import Database
+from cti_bridge.store.db import LOCK_REFRESH_USER, Database
 from cti_bridge.store.models import AppContext, CrmContext, UserCredentials
 
 _MAX_REASON = 1000  # the width of user_credentials.state_reason
@@ -144,3 +145,7 @@ class UserCredentialTokenStore:
             return int(session.exec(statement).rowcount)
 
         return await self._db.run(write) == 1
+
+    def exclusive(self, key: int) -> AbstractAsyncContextManager[None]:
+        """The refresh lock of the credential across replicas (delivery/oauth.py §10)."""
+        return self._db.exclusive(LOCK_REFRESH_USER, key)

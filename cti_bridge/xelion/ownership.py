@@ -33,19 +33,18 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import psycopg
-from sqlalchemy.engine import make_url
 
 from cti_bridge.clock import Clock, SystemClock
+from cti_bridge.store.db import LOCK_SOURCE_OWNER, psycopg_conninfo
 
 log = logging.getLogger(__name__)
 
-#: The first key of the two-key advisory locks: "CTIB". Two int4 keys live in a key space of their
-#: own (``objsubid`` 2), apart from the daemon's one-key locks on callIds and the retention pass.
-NAMESPACE = 0x43544942
+#: The first key of the locks: two int4 keys, apart from the daemon's other advisory locks.
+NAMESPACE = LOCK_SOURCE_OWNER
 
 #: Server-side keepalives of the lock connection: a replica whose host vanished without closing its
 #: connection loses its locks after about idle + interval * count seconds, not the kernel's 2 hours.
@@ -86,6 +85,16 @@ class Ownership(Protocol):
         """
         ...
 
+    @property
+    def silent_loss(self) -> timedelta:
+        """How long a replica that vanished may keep its locks after it stopped reading."""
+        ...
+
+    def held_elsewhere(self, xelion_context_id: int) -> bool:
+        """True if the last try found another replica holding it (a standby proper; False when the
+        server did not answer, so nobody may be listening)."""
+        ...
+
     def retain(self, xelion_context_id: int) -> Held | None:
         """Another hold on an integration this replica owns now (None if it does not): a restart
         hands it to the new source so that no other replica takes over in between."""
@@ -109,6 +118,13 @@ class LocalOwnership:
 
     async def acquire(self, xelion_context_id: int) -> Held:
         return Held(xelion_context_id, None, 0, self)
+
+    def held_elsewhere(self, xelion_context_id: int) -> bool:
+        return False
+
+    @property
+    def silent_loss(self) -> timedelta:
+        return timedelta(0)
 
     def retain(self, xelion_context_id: int) -> Held | None:
         return Held(xelion_context_id, None, 0, self)
@@ -134,8 +150,7 @@ class PostgresOwnership:
         connect_timeout: float = 10.0,
         clock: Clock | None = None,
     ) -> None:
-        url = make_url(database_url).set(drivername="postgresql")
-        self._conninfo = url.render_as_string(hide_password=False)
+        self._conninfo = psycopg_conninfo(database_url)
         self.poll_seconds = poll_seconds
         self._connect_timeout = connect_timeout
         self._clock = clock or SystemClock()
@@ -145,6 +160,8 @@ class PostgresOwnership:
         self._holds: dict[int, list[Held]] = {}
         self._lock = asyncio.Lock()  # one statement at a time on the connection, and the counts
         self._guard: asyncio.Task[None] | None = None
+        self._elsewhere: set[int] = set()  # integrations another replica held at the last try
+        self._tasks: set[asyncio.Future[None]] = set()  # releases running on their own
         self._warned = False
         self._closed = False
 
@@ -153,23 +170,30 @@ class PostgresOwnership:
         """The integrations this replica owns now."""
         return frozenset(k for k, n in self._counts.items() if n > 0)
 
+    def held_elsewhere(self, xelion_context_id: int) -> bool:
+        return xelion_context_id in self._elsewhere
+
+    @property
+    def silent_loss(self) -> timedelta:
+        # The server's keepalives end a vanished replica's session (and locks) after this long;
+        # the replica itself notices a failing lock connection within one poll interval.
+        keepalive = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT
+        return timedelta(seconds=keepalive + self.poll_seconds)
+
     async def acquire(self, xelion_context_id: int) -> Held:
         seen: datetime | None = None
-        got: bool | None
         while True:
-            async with self._lock:
-                if self._closed:
-                    raise RuntimeError("ownership closed")
-                if self._counts.get(xelion_context_id, 0) > 0:
-                    return self._hold(xelion_context_id, seen)
-                try:
-                    got = await self._try_lock(xelion_context_id)
-                except (psycopg.Error, OSError, TimeoutError) as exc:
-                    self._drop(exc)
-                    got = None  # the server does not answer: who holds it is unknown
-                if got:
-                    log.info("this replica now owns the websocket of integration %d", xelion_context_id)
-                    return self._hold(xelion_context_id, seen)
+            # Each try runs to its end in a task of its own: a cancelled wait must not leave a lock
+            # the server granted in the same moment held by nobody (the next holder would wait
+            # for as long as this replica's connection lives).
+            attempt = asyncio.ensure_future(self._attempt(xelion_context_id, seen))
+            try:
+                held, got = await asyncio.shield(attempt)
+            except asyncio.CancelledError:
+                attempt.add_done_callback(self._let_go)
+                raise
+            if held is not None:
+                return held
             if got is False:
                 seen = self._clock.now()
             await asyncio.sleep(self.poll_seconds)
@@ -180,27 +204,11 @@ class PostgresOwnership:
         return self._hold(xelion_context_id, None)
 
     async def release(self, held: Held) -> None:
-        async with self._lock:
-            holds = self._holds.get(held.xelion_context_id, [])
-            if held.generation != self._generation or held not in holds:
-                return  # its lock went with an earlier connection
-            holds.remove(held)
-            self._counts[held.xelion_context_id] -= 1
-            if self._counts[held.xelion_context_id] > 0:
-                return
-            del self._counts[held.xelion_context_id]
-            del self._holds[held.xelion_context_id]
-            conn = self._conn
-            if conn is None:
-                return
-            try:
-                async with asyncio.timeout(self.poll_seconds):
-                    await conn.execute(
-                        "SELECT pg_advisory_unlock(%s, %s)", (NAMESPACE, held.xelion_context_id)
-                    )
-            except (psycopg.Error, OSError, TimeoutError) as exc:
-                self._drop(exc)  # a connection that fails has let go of its locks
-            log.info("this replica let go of the websocket of integration %d", held.xelion_context_id)
+        # Shielded like a try: a cancelled caller must not leave the unlock half done.
+        task = asyncio.ensure_future(self._release(held))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(task)
 
     async def confirm(self, held: Held) -> bool:
         async with self._lock:
@@ -229,6 +237,64 @@ class PostgresOwnership:
             self._drop(None)
 
     # -- internals --------------------------------------------------------------------------------
+
+    async def _attempt(
+        self, xelion_context_id: int, seen: datetime | None
+    ) -> tuple[Held | None, bool | None]:
+        """One try: (the hold, True) if this replica owns it now; (None, False) if another replica
+        holds it; (None, None) if the server did not answer (who holds it is unknown)."""
+        async with self._lock:
+            if self._closed:
+                raise RuntimeError("ownership closed")
+            if self._counts.get(xelion_context_id, 0) > 0:
+                return self._hold(xelion_context_id, seen), True
+            try:
+                got: bool | None = await self._try_lock(xelion_context_id)
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                self._drop(exc)
+                got = None
+            if got:
+                self._elsewhere.discard(xelion_context_id)
+                log.info("this replica now owns the websocket of integration %d", xelion_context_id)
+                return self._hold(xelion_context_id, seen), True
+            if got is False:
+                self._elsewhere.add(xelion_context_id)
+            else:
+                self._elsewhere.discard(xelion_context_id)
+            return None, got
+
+    def _let_go(self, attempt: asyncio.Future[tuple[Held | None, bool | None]]) -> None:
+        """A try whose waiter was cancelled: give back what it got."""
+        if attempt.cancelled() or attempt.exception() is not None:
+            return
+        held, _ = attempt.result()
+        if held is not None:
+            task = asyncio.ensure_future(self._release(held))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, held: Held) -> None:
+        async with self._lock:
+            holds = self._holds.get(held.xelion_context_id, [])
+            if held.generation != self._generation or held not in holds:
+                return  # its lock went with an earlier connection
+            holds.remove(held)
+            self._counts[held.xelion_context_id] -= 1
+            if self._counts[held.xelion_context_id] > 0:
+                return
+            del self._counts[held.xelion_context_id]
+            del self._holds[held.xelion_context_id]
+            conn = self._conn
+            if conn is None:
+                return
+            try:
+                async with asyncio.timeout(self.poll_seconds):
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock(%s, %s)", (NAMESPACE, held.xelion_context_id)
+                    )
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                self._drop(exc)  # a connection that fails has let go of its locks
+            log.info("this replica let go of the websocket of integration %d", held.xelion_context_id)
 
     def _hold(self, xelion_context_id: int, since: datetime | None) -> Held:
         held = Held(xelion_context_id, since, self._generation, self)

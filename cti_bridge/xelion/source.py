@@ -25,7 +25,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import httpx
@@ -474,6 +474,9 @@ class _TermHooks:
     async def load_session_token(self, xelion_context_id: int) -> str | None:
         return await self._hooks.load_session_token(xelion_context_id)
 
+    async def load_state(self, xelion_context_id: int) -> tuple[str | None, datetime | None]:
+        return await self._hooks.load_state(xelion_context_id)
+
     async def save_session_token(self, xelion_context_id: int, token: str | None) -> None:
         if await self._held.confirm():
             await self._hooks.save_session_token(xelion_context_id, token)
@@ -584,11 +587,21 @@ class SourceManager:
 
     # -- internals --------------------------------------------------------------------------------
 
-    @staticmethod
-    def _status(entry: _Entry) -> SourceStatus:
+    def _status(self, entry: _Entry) -> SourceStatus:
         if entry.source is not None:
             return entry.source.status()
-        return SourceStatus(state=SourceState.STANDBY, since=entry.standby_since)
+        if entry.standby_since is None:
+            # Between two sources of a restart (the old one still logging out): nothing listens.
+            return SourceStatus(state=SourceState.STOPPED)
+        if self._ownership.held_elsewhere(entry.config.xelion_context_id):
+            return SourceStatus(state=SourceState.STANDBY, since=entry.standby_since)
+        # Waiting for the ownership without knowing that another replica listens (the database
+        # does not answer): not a standby, and not ready.
+        return SourceStatus(
+            state=SourceState.CONNECTING,
+            since=entry.standby_since,
+            last_error="waiting for the websocket's ownership (the database lock)",
+        )
 
     def _start_locked(
         self, config: SourceConfig, held: Held | None = None, after: asyncio.Task[None] | None = None
@@ -627,8 +640,12 @@ class SourceManager:
                     entry.source = None
                     entry.standby_since = self._clock_now()
                     held = await self._ownership.acquire(ctx)
-                starts = [t for t in (held.since, gap_since) if t is not None]
-                hooks = _TermHooks(self._hooks, held, min(starts) if starts else None)
+                    entry.standby_since = None
+                # Where the first gap of this term starts: a takeover's where the other owner was
+                # last seen holding the websocket (earlier if it may have vanished unseen); after
+                # this replica's own loss with nobody else in between, where it lost it.
+                since = await self._takeover_since(ctx, held) if held.since is not None else gap_since
+                hooks = _TermHooks(self._hooks, held, since)
                 source = XelionSource(entry.config, hooks, self._client, self._options)
                 entry.source = source
                 run = asyncio.create_task(source.run(), name=f"xelion-source-run-{ctx}")
@@ -653,6 +670,30 @@ class SourceManager:
 
     def _clock_now(self) -> datetime:
         return self._options.clock.now()
+
+    async def _takeover_since(self, xelion_context_id: int, held: Held) -> datetime:
+        """The start of a takeover's gap: never later than the moment nobody listened any more
+        (reliability.md §18), and no earlier than needed.
+
+        The standby last saw the other replica hold the lock at ``held.since``. If that replica
+        stopped cleanly (the stored state is ``stopped`` or ``failed``), it listened until then.
+        Otherwise (it crashed, its host vanished, it lost the lock) it may have stopped reading up to
+        ``silent_loss`` before the server let go of its lock; but it was still reading when it
+        stored its last event (``last_event_at``, written at most a second late), and an earlier
+        drop of its socket left a gap open, which the new owner's gap joins.
+        """
+        assert held.since is not None
+        try:
+            state, last_event_at = await self._hooks.load_state(xelion_context_id)
+        except Exception:
+            logger.warning("reading the stored source state failed", exc_info=True)
+            state, last_event_at = None, None
+        if state in (SourceState.STOPPED, SourceState.FAILED):
+            return held.since
+        since = held.since - self._ownership.silent_loss
+        if last_event_at is not None:
+            since = max(since, min(held.since, last_event_at - timedelta(seconds=1)))
+        return since
 
     async def _update_locked(self, entry: _Entry, config: SourceConfig) -> None:
         old = entry.config

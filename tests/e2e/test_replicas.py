@@ -98,7 +98,7 @@ class World:
     crm: TrackingCrmSimulator
     a: Replica
     b: Replica
-    bridge: Bridge  # the operator, talking to replica a
+    bridge: ReplicaBridge  # the operator, talking to replica a
 
     @property
     def ctx(self) -> int:
@@ -129,6 +129,22 @@ class World:
         raise AssertionError(f"never one owner: {await self.states()}, {self.xelion.open_sockets} sockets")
 
 
+@dataclass(kw_only=True)
+class ReplicaBridge(Bridge):
+    """The operator's view through replica a, where either replica may end up owning the socket
+    (whichever asks first: a's supervisor, or b's reading of the new integration)."""
+
+    replicas: tuple[Replica, ...] = ()
+
+    async def wait_subscribed(self, timeout: float = 10.0, xelion_context_id: int | None = None) -> None:
+        ctx = xelion_context_id if xelion_context_id is not None else self.xelion_context_id
+
+        async def subscribed() -> bool:
+            return any([await r.source_state(ctx) == "subscribed" for r in self.replicas])
+
+        await self.wait_until(subscribed, timeout=timeout, what="a replica to subscribe")
+
+
 @asynccontextmanager
 async def two_replicas(pg_url: str) -> AsyncIterator[World]:
     async with AsyncExitStack() as stack:
@@ -136,7 +152,7 @@ async def two_replicas(pg_url: str) -> AsyncIterator[World]:
         token = secrets.token_urlsafe(24)
         a = await stack.enter_async_context(replica("a", pg_url, xelion, token))
         b = await stack.enter_async_context(replica("b", pg_url, xelion, token))
-        bridge = Bridge(xelion=xelion, crm=crm, api=a.api, admin_token=token)
+        bridge = ReplicaBridge(xelion=xelion, crm=crm, api=a.api, admin_token=token, replicas=(a, b))
         yield World(xelion, crm, a, b, bridge)
 
 
@@ -187,8 +203,7 @@ async def calls_delivered_once(world: World, calls: int, already: int = 0) -> No
 async def test_two_replicas_hold_one_websocket_and_deliver_each_event_once(pg_url: str) -> None:
     async with two_replicas(pg_url) as world:
         await world.bridge.configure(users=("anne",))
-        owner = await world.one_owner()
-        assert owner is world.a  # created through a, whose source started at once
+        await world.one_owner()
         await steady(world, 1.0)
         assert len(await lock_holders(pg_url, world.ctx)) == 1
         await calls_delivered_once(world, 3)
@@ -246,9 +261,11 @@ async def test_a_replica_that_loses_its_lock_connection_stops_listening(pg_url: 
 async def test_a_change_through_one_replica_reaches_the_owner(pg_url: str) -> None:
     async with two_replicas(pg_url) as world:
         await world.bridge.configure(users=("anne",), events=("newCallEvent",))
-        assert await world.one_owner() is world.a
-        # b's admin API changes the subscription; only b's supervisor hears of it, a owns the socket.
-        resp = await world.b.api.put(
+        owner = await world.one_owner()
+        other = world.b if owner is world.a else world.a
+        # The standby's admin API changes the subscription: only its own supervisor hears of it,
+        # and the owner holds the socket.
+        resp = await other.api.put(
             f"/api/crm-integrations/{world.ctx}/crm-contexts/{world.bridge.crm_context_id}/event-uri-mappings",
             json=[world.bridge.mapping("newCallEvent"), world.bridge.mapping("callHungUpEvent")],
         )
@@ -258,10 +275,10 @@ async def test_a_change_through_one_replica_reaches_the_owner(pg_url: str) -> No
             subs = world.xelion.subscriptions()
             return len(subs) == 1 and "callHungUpEvent" in subs[0]
 
-        await world.bridge.wait_until(resubscribed, timeout=5, what="a to re-subscribe")
-        assert await world.one_owner() is world.a  # re-subscribed on the live socket, no handover
-        # b's admin API deletes the integration: a's socket closes and a logs out.
-        resp = await world.b.api.delete(f"/api/crm-integrations/{world.ctx}")
+        await world.bridge.wait_until(resubscribed, timeout=5, what="the owner to re-subscribe")
+        assert await world.one_owner() is owner  # re-subscribed on the live socket, no handover
+        # The standby's admin API deletes the integration: the owner's socket closes, it logs out.
+        resp = await other.api.delete(f"/api/crm-integrations/{world.ctx}")
         assert resp.status_code in (200, 204), resp.text
         await world.bridge.wait_until(
             lambda: world.xelion.open_sockets == 0 and world.user_space_sessions() == 0,
@@ -270,3 +287,33 @@ async def test_a_change_through_one_replica_reaches_the_owner(pg_url: str) -> No
         )
         for r in (world.a, world.b):
             assert await r.source_state(world.ctx) is None
+
+
+async def test_a_second_takeover_reports_only_the_time_nobody_listened(pg_url: str) -> None:
+    """Found in review: a replica taking the websocket back started its gap where it had lost it
+    the first time, over the whole time the other replica was listening."""
+    async with two_replicas(pg_url) as world:
+        await world.bridge.configure(users=("anne",))
+        first = await world.one_owner()
+        for _ in range(20):  # make the other replica take over (whichever asks first wins)
+            (pid,) = await lock_holders(pg_url, world.ctx)
+            await terminate(pg_url, pid)
+            await asyncio.sleep(0.6)
+            if await world.one_owner() is not first:
+                break
+        second = await world.one_owner()
+        assert second is not first
+        await asyncio.sleep(4)  # second listens, subscribed, for 4 s
+        halted_at = datetime.now(UTC)
+        await second.halt()
+
+        async def took_over() -> bool:
+            return await first.source_state(world.ctx) == "subscribed"
+
+        await world.bridge.wait_until(took_over, timeout=10, what="first to take over again")
+        gaps = (await world.integration(first))["source"]["gaps"]
+        newest = gaps[0]
+        # The listener-less period began when `second` stopped (first saw it hold the lock <= 0.2 s before).
+        assert newest["start"] >= xelion_time(halted_at - timedelta(seconds=1)), (
+            f"gap starts {newest['start']}, second stopped listening at {xelion_time(halted_at)}"
+        )

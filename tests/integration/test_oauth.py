@@ -4,6 +4,7 @@ HTTP on 127.0.0.1, with the token store on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -31,8 +32,9 @@ from cti_bridge.delivery.oauth import (
     TokenNotReady,
 )
 from cti_bridge.sim.crm import CrmSimulator, Failure
+from cti_bridge.store import migrate
 from cti_bridge.store.crypto import SecretBox
-from cti_bridge.store.db import Database
+from cti_bridge.store.db import Database, make_engine
 from cti_bridge.store.tokens import UserCredentialTokenStore
 
 
@@ -533,3 +535,51 @@ async def test_every_token_endpoint_call_is_reported(
         await tokens.get(dead.id)
     assert results == ["error", "ok", "reauth_required"]
     assert tokens.refreshes == 3
+
+
+async def test_two_replicas_refreshing_one_rotating_credential_make_one_token_request(
+    db_url: str, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """PostgreSQL replicas deliver for the same user and both find its token expiring. Each refresh
+    with the same rotating refresh token: the second gets invalid_grant, and if its 'reauth required'
+    committed before the first one's new tokens, the credential was parked and the freshly rotated
+    refresh token thrown away (a dead grant out of a healthy one, at a token expiry)."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("one process per SQLite database: there are no replicas to race")
+    engine = make_engine(db_url)
+    migrate.upgrade(engine)
+    replica_a, replica_b = Database(db_url, engine=engine), Database(db_url)
+    try:
+        sim.rotate_refresh_tokens = True
+        cred = await add_credential(
+            replica_a,
+            secret_box,
+            sim.token_url,
+            refresh_token=sim.issue_refresh_token(CLIENT_ID),
+            access_token="expiring-access-token",
+            expires_at=clock.now() + timedelta(seconds=10),
+        )
+        second_arrived = asyncio.Event()
+
+        async def hold_the_first(grant_type: str) -> None:
+            # The first refresh waits (up to a second) for a second one to reach the endpoint: two
+            # replicas refreshing at once. With the refresh serialised there is none to wait for.
+            if sim.token_counts[grant_type] == 1:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(second_arrived.wait(), 1.0)
+            else:
+                second_arrived.set()
+
+        sim.token_hook = hold_the_first
+        a = manager(replica_a, secret_box, http, clock)
+        b = manager(replica_b, secret_box, http, clock)
+        got_a, got_b = await asyncio.gather(a.get(cred.id), b.get(cred.id))
+        assert sim.token_counts == {"refresh_token": 1}
+        assert got_a.access_token == got_b.access_token != "expiring-access-token"
+        row = await read_credential(replica_a, cred.id)
+        assert row.state == "active"
+        (current,) = sim.current_refresh_tokens(CLIENT_ID)
+        assert secret_box.decrypt_opt(row.refresh_token_enc) == current
+    finally:
+        replica_b.dispose()
+        replica_a.dispose()

@@ -138,6 +138,63 @@ async def test_a_cancelled_wait_holds_nothing(pg_url: str, replicas: list[Postgr
     assert len(await holder_pids(pg_url, 4)) == 1
 
 
+class SlowProxy:
+    """TCP proxy to PostgreSQL; server->client bytes are delayed by ``delay`` seconds (a slow link)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port, self.delay = host, port, 0.0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _conn(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection(self.host, self.port)
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, slow: bool) -> None:
+            try:
+                while data := await r.read(65536):
+                    if slow and self.delay:
+                        await asyncio.sleep(self.delay)
+                    w.write(data)
+                    await w.drain()
+            except Exception:
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pump(cr, sw, False), pump(sr, cw, True))
+
+
+async def test_a_wait_cancelled_while_the_server_grants_the_lock_leaves_nothing_held(pg_url: str) -> None:
+    """Found in review: the lock granted in the server while the waiter was cancelled (a standby
+    restarted or stopped) was held by nobody, and no replica could take the integration again."""
+    url = make_url(pg_url)
+    proxy = SlowProxy(url.host or "127.0.0.1", url.port or 5432)
+    port = await proxy.start()
+    via_proxy = url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    a = PostgresOwnership(via_proxy, poll_seconds=5.0)
+    b = PostgresOwnership(pg_url, poll_seconds=0.05)
+    try:
+        await a.release(await a.acquire(99))  # a's lock connection is open
+        proxy.delay = 0.5  # answers take 0.5 s (a slow link)
+        standby = asyncio.create_task(a.acquire(1))  # e.g. a standby that is being restarted
+        await asyncio.sleep(0.1)  # pg_try_advisory_lock has run on the server, answer on its way
+        standby.cancel()  # SourceManager.stop/restart cancels the standby's _run_owned
+        await asyncio.wait({standby})
+        assert standby.cancelled()
+        assert a.held == frozenset()  # a believes it holds nothing ...
+        pids = await holder_pids(pg_url, 1)
+        # ... but its lock connection holds the lock: no replica can ever take integration 1.
+        other = asyncio.create_task(b.acquire(1))
+        await asyncio.wait({other}, timeout=2)
+        assert other.done(), f"lock leaked: held by backend(s) {pids}, a.held={set(a.held)}"
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
 async def test_closing_lets_go_of_everything(pg_url: str, replicas: list[PostgresOwnership]) -> None:
     a, b, _ = replicas
     held = [await a.acquire(i) for i in (1, 2)]
@@ -180,6 +237,9 @@ class RecordingHooks:
 
     async def load_session_token(self, xelion_context_id: int) -> str | None:
         return "stored"
+
+    async def load_state(self, xelion_context_id: int) -> tuple[str | None, datetime | None]:
+        return "subscribed", None
 
     async def save_session_token(self, xelion_context_id: int, token: str | None) -> None:
         self.calls.append(("token", token))

@@ -403,3 +403,28 @@ def test_options_are_frozen() -> None:
         60.0,
         30.0,
     )
+
+
+class SlowStopHooks(RecordingHooks):
+    async def on_state(self, xelion_context_id: int, state: SourceState, error: str | None) -> None:
+        if state is SourceState.STOPPED:
+            await asyncio.sleep(1.0)  # the STOPPED write of the old source is slow (a busy database)
+        await super().on_state(xelion_context_id, state, error)
+
+
+async def test_a_restart_never_shows_standby_without_replicas(
+    sim: XelionSimulator, client: httpx.AsyncClient
+) -> None:
+    """Found in review: between the two sources of a restart the integration showed ``standby``,
+    which readiness counts as ready; one process has no other replica listening meanwhile."""
+    manager = SourceManager(SlowStopHooks(), client, fast_options())  # default LocalOwnership = SQLite
+    await manager.start(config_for(sim))
+    await wait_for(lambda: manager.status(1).state is SourceState.SUBSCRIBED)
+    restart = asyncio.create_task(manager.restart(config_for(sim)))
+    seen: set[SourceState] = set()
+    while not restart.done():
+        seen.add(manager.status(1).state)
+        await asyncio.sleep(0.01)
+    await manager.stop_all()
+    # readiness() counts STANDBY as ready, and it is documented as a PostgreSQL-replica state only
+    assert SourceState.STANDBY not in seen, seen

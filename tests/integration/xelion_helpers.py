@@ -47,6 +47,10 @@ class RecordingHooks:
     async def load_session_token(self, xelion_context_id: int) -> str | None:
         return self.tokens.get(xelion_context_id)
 
+    async def load_state(self, xelion_context_id: int) -> tuple[str | None, datetime | None]:
+        state = self.state_of(xelion_context_id)
+        return (None if state is None else str(state)), None
+
     async def save_session_token(self, xelion_context_id: int, token: str | None) -> None:
         self.tokens[xelion_context_id] = token
         self.token_saves.append((xelion_context_id, token))
