@@ -111,6 +111,10 @@ LOCK_REFRESH_USER = 0x43544955  # a user credential's token refresh (delivery/oa
 LOCK_REFRESH_APP = 0x43544941  # an app context's token refresh
 
 
+#: Connections ``Database.exclusive`` holds at most at once (PostgreSQL).
+EXCLUSIVE_CONNECTIONS = 8
+
+
 def psycopg_conninfo(url: str) -> str:
     """The libpq connection string of a ``postgresql[+psycopg]://`` database URL, for connections
     the daemon opens with psycopg itself (locks that must live on a connection of their own)."""
@@ -136,6 +140,7 @@ class Database:
         self._inline_conn: Connection | None = None
         self._inline_commits = 0  # quick units committed in the loop's thread (for the checkpointer)
         self._checkpointer: _Checkpointer | None = None
+        self._exclusive_slots = asyncio.Semaphore(EXCLUSIVE_CONNECTIONS)  # see ``exclusive``
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -193,9 +198,14 @@ class Database:
             yield
             return
         conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        slot = False
         try:
             try:
                 async with asyncio.timeout(wait):
+                    # A connection per hold, at most EXCLUSIVE_CONNECTIONS at once: a start with
+                    # every user's token expired must not take the server's last connections.
+                    await self._exclusive_slots.acquire()
+                    slot = True
                     conn = await psycopg.AsyncConnection.connect(
                         psycopg_conninfo(self.url),
                         autocommit=True,
@@ -214,6 +224,8 @@ class Database:
             if conn is not None:
                 with contextlib.suppress(Exception):
                     await conn.close()
+            if slot:
+                self._exclusive_slots.release()
 
     async def run_outside_transaction(self, sql: str) -> None:
         """Run ``sql``, a statement that cannot run inside a transaction (VACUUM), on a connection
