@@ -821,15 +821,22 @@ def lock_calls(session: Session, call_ids: Sequence[str]) -> None:
 
 def _keys_in_states(session: Session, ordering_keys: Sequence[str], states: Sequence[str]) -> set[str]:
     """The ordering keys among ``ordering_keys`` with a delivery in one of ``states`` (one query on
-    ``ix_delivery_order``)."""
+    ``ix_delivery_order``: a seek per key, whatever the backlog).
+
+    On SQLite the state test is written ``+state``, which keeps the planner off ``ix_delivery_due``:
+    without statistics it preferred that index's ``state IN (...)`` range and read every undelivered
+    delivery for each batch, 0.43 ms with 500 of them and 1.4 ms with 2,000 against 27 µs through
+    ``ix_delivery_order``, so ingest slowed down in step with the backlog (a CRM outage, a replay).
+    PostgreSQL plans from its statistics."""
     keys = sorted(set(ordering_keys))
     if not keys:
         return set()
     conn, drv = _driver(session)
+    state = "state" if drv.postgresql else "+state"
     rows = drv.rows_in(
         conn,
         "SELECT DISTINCT ordering_key FROM delivery WHERE ordering_key IN ({in_list}) "  # noqa: S608
-        f"AND state IN ({drv.marks(len(states))})",
+        f"AND {state} IN ({drv.marks(len(states))})",
         keys,
         *states,
     )
