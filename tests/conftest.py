@@ -87,6 +87,17 @@ def drop_pg_database(admin_url: str, url: str) -> None:
     engine.dispose()
 
 
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database only (tests of replicas and their advisory locks, which
+    are per database, so tests cannot see each other's); skipped when the server is unreachable."""
+    url = create_pg_database(pg_server)
+    try:
+        yield url
+    finally:
+        drop_pg_database(pg_server, url)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A URL of an empty database: a fresh SQLite file, or a fresh PostgreSQL database."""

@@ -10,24 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import psycopg
-import pytest
-from sqlalchemy.engine import make_url
 
 from cti_bridge.app import Daemon, build, serve
 from cti_bridge.clock import xelion_time
 from cti_bridge.config import load_settings
 from cti_bridge.sim.xelion import XelionSimulator
-from cti_bridge.xelion.ownership import NAMESPACE
-from tests.conftest import create_pg_database, drop_pg_database
 from tests.e2e.stack import Bridge, TrackingCrmSimulator, settings_for, simulators
+from tests.pg_locks import holder_pids, terminate
 
 POLL = 0.2  # replica_poll_seconds of these replicas
 
@@ -48,15 +44,6 @@ class Replica:
     async def halt(self) -> None:
         self.stop.set()
         await asyncio.wait_for(self.task, 30)
-
-
-@pytest.fixture
-def pg_url(pg_server: str) -> Iterator[str]:
-    url = create_pg_database(pg_server)
-    try:
-        yield url
-    finally:
-        drop_pg_database(pg_server, url)
 
 
 @asynccontextmanager
@@ -156,23 +143,6 @@ async def two_replicas(pg_url: str) -> AsyncIterator[World]:
         yield World(xelion, crm, a, b, bridge)
 
 
-async def lock_holders(pg_url: str, xelion_context_id: int) -> list[int]:
-    conninfo = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        cur = await conn.execute(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2"
-            " AND classid::bigint = %s AND objid::bigint = %s",
-            (NAMESPACE, xelion_context_id),
-        )
-        return [int(row[0]) for row in await cur.fetchall()]
-
-
-async def terminate(pg_url: str, pid: int) -> None:
-    conninfo = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-
-
 async def steady(world: World, seconds: float) -> None:
     """For ``seconds``: never more than one socket or one session of the integration at Xelion."""
     deadline = asyncio.get_running_loop().time() + seconds
@@ -205,7 +175,7 @@ async def test_two_replicas_hold_one_websocket_and_deliver_each_event_once(pg_ur
         await world.bridge.configure(users=("anne",))
         await world.one_owner()
         await steady(world, 1.0)
-        assert len(await lock_holders(pg_url, world.ctx)) == 1
+        assert len(await holder_pids(pg_url, world.ctx)) == 1
         await calls_delivered_once(world, 3)
         # Every replica shows the owner's state of the integration, not its own standby.
         for r in (world.a, world.b):
@@ -245,14 +215,14 @@ async def test_a_replica_that_loses_its_lock_connection_stops_listening(pg_url: 
     async with two_replicas(pg_url) as world:
         await world.bridge.configure(users=("anne",))
         await world.one_owner()
-        (pid,) = await lock_holders(pg_url, world.ctx)
+        (pid,) = await holder_pids(pg_url, world.ctx)
         await terminate(pg_url, pid)  # a PostgreSQL failover, or an operator ending the session
         # The owner notices within its check interval and stops its socket; one replica owns it
         # again (whichever asks first) and reads alone.
         await asyncio.sleep(3 * POLL)
         await world.one_owner()
         await steady(world, 1.0)
-        new_holders = await lock_holders(pg_url, world.ctx)
+        new_holders = await holder_pids(pg_url, world.ctx)
         assert len(new_holders) == 1 and new_holders != [pid]
         await calls_delivered_once(world, 2)
         assert (await world.integration(world.a))["source"]["state"] == "subscribed"
@@ -296,7 +266,7 @@ async def test_a_second_takeover_reports_only_the_time_nobody_listened(pg_url: s
         await world.bridge.configure(users=("anne",))
         first = await world.one_owner()
         for _ in range(20):  # make the other replica take over (whichever asks first wins)
-            (pid,) = await lock_holders(pg_url, world.ctx)
+            (pid,) = await holder_pids(pg_url, world.ctx)
             await terminate(pg_url, pid)
             await asyncio.sleep(0.6)
             if await world.one_owner() is not first:

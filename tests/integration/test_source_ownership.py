@@ -6,29 +6,18 @@ dies, a restart keeps the ownership, a cancelled wait holds nothing. SQLite has 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
 from cti_bridge.ports import SourceState
-from cti_bridge.xelion.ownership import NAMESPACE, LocalOwnership, PostgresOwnership
+from cti_bridge.xelion.ownership import LocalOwnership, PostgresOwnership
 from cti_bridge.xelion.source import _TermHooks
-from tests.conftest import create_pg_database, drop_pg_database
+from tests.pg_locks import holder_pids, terminate_holder
 
 POLL = 0.05
-
-
-@pytest.fixture
-def pg_url(pg_server: str) -> Iterator[str]:
-    """A fresh database: advisory locks are per database, so the tests cannot see each other's."""
-    url = create_pg_database(pg_server)
-    try:
-        yield url
-    finally:
-        drop_pg_database(pg_server, url)
 
 
 @pytest.fixture
@@ -39,26 +28,6 @@ async def replicas(pg_url: str) -> AsyncIterator[list[PostgresOwnership]]:
     finally:
         for owner in owners:
             await owner.aclose()
-
-
-async def holder_pids(pg_url: str, xelion_context_id: int) -> list[int]:
-    """The server processes holding the integration's lock, as an operator would look them up."""
-    conninfo = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        cur = await conn.execute(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2"
-            " AND classid::bigint = %s AND objid::bigint = %s",
-            (NAMESPACE, xelion_context_id),
-        )
-        return [int(row[0]) for row in await cur.fetchall()]
-
-
-async def terminate_holder(pg_url: str, xelion_context_id: int) -> None:
-    """End the session of the lock's holder in the server (a restart, a failover, an operator)."""
-    (pid,) = await holder_pids(pg_url, xelion_context_id)
-    conninfo = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as admin:
-        await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
 async def not_done_after(task: asyncio.Task[object], seconds: float) -> bool:
