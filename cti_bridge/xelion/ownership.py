@@ -156,9 +156,9 @@ class PostgresOwnership:
         self._clock = clock or SystemClock()
         self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
         self._generation = 0
-        self._counts: dict[int, int] = {}  # integration -> holds of this replica (lock held if > 0)
+        # integration -> this replica's holds of it; the lock is held while the list is not empty
         self._holds: dict[int, list[Held]] = {}
-        self._lock = asyncio.Lock()  # one statement at a time on the connection, and the counts
+        self._lock = asyncio.Lock()  # one statement at a time on the connection, and the holds
         self._guard: asyncio.Task[None] | None = None
         self._elsewhere: set[int] = set()  # integrations another replica held at the last try
         self._tasks: set[asyncio.Future[None]] = set()  # releases running on their own
@@ -168,7 +168,7 @@ class PostgresOwnership:
     @property
     def held(self) -> frozenset[int]:
         """The integrations this replica owns now."""
-        return frozenset(k for k, n in self._counts.items() if n > 0)
+        return frozenset(self._holds)
 
     def held_elsewhere(self, xelion_context_id: int) -> bool:
         return xelion_context_id in self._elsewhere
@@ -199,16 +199,13 @@ class PostgresOwnership:
             await asyncio.sleep(self.poll_seconds)
 
     def retain(self, xelion_context_id: int) -> Held | None:
-        if self._counts.get(xelion_context_id, 0) <= 0:
+        if xelion_context_id not in self._holds:
             return None
         return self._hold(xelion_context_id, None)
 
     async def release(self, held: Held) -> None:
         # Shielded like a try: a cancelled caller must not leave the unlock half done.
-        task = asyncio.ensure_future(self._release(held))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        await asyncio.shield(task)
+        await asyncio.shield(self._release_on_its_own(held))
 
     async def confirm(self, held: Held) -> bool:
         async with self._lock:
@@ -246,7 +243,7 @@ class PostgresOwnership:
         async with self._lock:
             if self._closed:
                 raise RuntimeError("ownership closed")
-            if self._counts.get(xelion_context_id, 0) > 0:
+            if xelion_context_id in self._holds:
                 return self._hold(xelion_context_id, seen), True
             try:
                 got: bool | None = await self._try_lock(xelion_context_id)
@@ -269,9 +266,15 @@ class PostgresOwnership:
             return
         held, _ = attempt.result()
         if held is not None:
-            task = asyncio.ensure_future(self._release(held))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._release_on_its_own(held)
+
+    def _release_on_its_own(self, held: Held) -> asyncio.Future[None]:
+        """``_release`` in a task of its own (kept referenced until done), which a cancelled
+        caller cannot interrupt."""
+        task = asyncio.ensure_future(self._release(held))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _release(self, held: Held) -> None:
         async with self._lock:
@@ -279,10 +282,8 @@ class PostgresOwnership:
             if held.generation != self._generation or held not in holds:
                 return  # its lock went with an earlier connection
             holds.remove(held)
-            self._counts[held.xelion_context_id] -= 1
-            if self._counts[held.xelion_context_id] > 0:
+            if holds:
                 return
-            del self._counts[held.xelion_context_id]
             del self._holds[held.xelion_context_id]
             conn = self._conn
             if conn is None:
@@ -298,7 +299,6 @@ class PostgresOwnership:
 
     def _hold(self, xelion_context_id: int, since: datetime | None) -> Held:
         held = Held(xelion_context_id, since, self._generation, self)
-        self._counts[xelion_context_id] = self._counts.get(xelion_context_id, 0) + 1
         self._holds.setdefault(xelion_context_id, []).append(held)
         if self._guard is None or self._guard.done():
             self._guard = asyncio.create_task(self._check(), name="source-ownership-check")
@@ -356,14 +356,13 @@ class PostgresOwnership:
             for held in holds:
                 held.lost.set()
         self._holds.clear()
-        self._counts.clear()
 
     async def _check(self) -> None:
         """While anything is held: is the lock connection still alive? (``poll_seconds`` apart)."""
         while True:
             await asyncio.sleep(self.poll_seconds)
             async with self._lock:
-                if not self._counts:
+                if not self._holds:
                     return
                 conn = self._conn
                 try:

@@ -9,12 +9,16 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 from sqlalchemy.engine import make_url
+from xelion_helpers import RecordingHooks as _Recording
+from xelion_helpers import client, config_for, fast_options, sim, wait_for  # noqa: F401
 
 from cti_bridge.ports import SourceState
+from cti_bridge.sim.xelion import XelionSimulator
 from cti_bridge.xelion.ownership import LocalOwnership, PostgresOwnership
-from cti_bridge.xelion.source import _TermHooks
+from cti_bridge.xelion.source import SourceManager, _TermHooks
 from tests.pg_locks import holder_pids, terminate_holder
 
 POLL = 0.05
@@ -244,3 +248,49 @@ async def test_a_source_that_lost_its_websocket_writes_no_shared_state(
     assert recorded.calls == [("event", "callHungUpEvent")]
     assert first.lost.is_set()
     assert await hooks.load_session_token(5) == "stored"
+
+
+class StoredStateHooks(_Recording):
+    """What the store would say of the previous owner: its last state and last stored event."""
+
+    def __init__(self, state: str, last_event_at: datetime | None) -> None:
+        super().__init__()
+        self.stored = (state, last_event_at)
+
+    async def load_state(self, xelion_context_id: int) -> tuple[str | None, datetime | None]:
+        return self.stored
+
+
+@pytest.mark.parametrize("stored_state", ["stopped", "subscribed", "subscribed, events until late"])
+async def test_a_takeovers_gap_starts_no_later_than_the_previous_owner_stopped_listening(
+    pg_url: str,
+    replicas: list[PostgresOwnership],
+    sim: XelionSimulator,  # noqa: F811 (a fixture)
+    client: httpx.AsyncClient,  # noqa: F811 (a fixture)
+    stored_state: str,
+) -> None:
+    """reliability.md §18 for a takeover: the previous owner stopped cleanly (stored 'stopped'), so
+    the gap starts where the standby last saw it hold the lock; or it did not (stored 'subscribed':
+    it crashed, vanished or lost the lock) and may have stopped reading up to ``silent_loss`` before
+    the server let go, but not before its last stored event."""
+    other, mine, _ = replicas
+    held_by_other = await other.acquire(1)
+    last_event = datetime.now(UTC) - timedelta(seconds=3) if "late" in stored_state else None
+    hooks = StoredStateHooks(stored_state.split(",")[0], last_event)
+    manager = SourceManager(hooks, client, fast_options(), mine)
+    await manager.start(config_for(sim))
+    try:
+        await wait_for(lambda: manager.status(1).state is SourceState.STANDBY, what="standing by")
+        await other.release(held_by_other)
+        let_go_at = datetime.now(UTC)  # the standby saw it held last before this
+        await wait_for(lambda: manager.status(1).state is SourceState.SUBSCRIBED, what="the takeover")
+        (start,) = [at for kind, _, at, _ in hooks.gaps if kind == "open"]
+        seen = let_go_at - timedelta(seconds=1)  # no earlier than this (it looks every 0.05 s)
+        if stored_state == "stopped":
+            assert seen <= start <= let_go_at
+        elif last_event is None:
+            assert seen - mine.silent_loss <= start <= let_go_at - mine.silent_loss
+        else:
+            assert start == last_event - timedelta(seconds=1)
+    finally:
+        await manager.stop_all()
