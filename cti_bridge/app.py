@@ -260,6 +260,7 @@ class Daemon:
         """PostgreSQL replicas: every ``replica_poll_seconds``, apply what another replica's admin
         API changed (an integration created, deleted, or with new credentials or event types), which
         only that replica's supervisor heard of. An unchanged integration costs a read, no reconnect.
+        Cached access tokens whose credential changed are dropped (``follow_credentials``).
 
         Cancellation: ends the loop; a change being applied finishes in the source manager.
         """
@@ -271,8 +272,16 @@ class Daemon:
                 return
             try:
                 await self.start_sources()
+                await self.follow_credentials()
             except Exception:
                 log.warning("reading the integrations for other replicas' changes failed", exc_info=True)
+
+    async def follow_credentials(self) -> None:
+        """Forget the cached access tokens of credentials that another replica's admin API changed
+        (a new refresh token or device code, a deleted user): one read of each kind's versions."""
+        for manager, kind in ((self.tokens, "user"), (self.app_tokens, "app context")):
+            for key in await manager.drop_changed():
+                log.info("%s %s changed in the database: its cached access token is dropped", kind, key)
 
     async def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready when the database answers and every STORED integration's source is subscribed: an

@@ -186,6 +186,10 @@ class TokenStore(Protocol[KeyT_contra]):
         """Hold the credential's refresh lock, shared by every replica of the database (§10)."""
         ...
 
+    async def versions(self) -> Mapping[Any, int]:
+        """The stored ``version`` of every credential of this kind (``drop_changed``)."""
+        ...
+
 
 # --- the manager -------------------------------------------------------------------------------------
 
@@ -274,6 +278,28 @@ class TokenManager(Generic[KeyT]):
         self._cache.pop(key, None)
         self._device_not_before.pop(key, None)
         self._device_interval.pop(key, None)
+
+    async def drop_changed(self) -> list[KeyT]:
+        """Forget the cached tokens whose credential was changed or deleted in the store since they
+        were cached, and return their keys.
+
+        This replica's own admin API calls ``invalidate``; a change made through another replica's
+        API reaches this one only through the database, where every change of the secrets bumps the
+        credential's ``version``. Without this, a replica kept handing out the old grant's access
+        token (a user moved to a new connected app, a grant the operator replaced) until it
+        expired: up to an hour, or for good with a CRM that gives no expiry. A token cached at the
+        stored version or later (this replica's own refresh, saved after the read) stays.
+        Dropping costs the next delivery of that user one read of the credential, and a token
+        request only when the store holds no usable access token (a new refresh token clears it).
+        """
+        if not self._cache:
+            return []
+        stored = await self._store.versions()
+        # A key no longer stored counts as a newer version: the credential was deleted.
+        dropped = [k for k, token in self._cache.items() if token.version < stored.get(k, token.version + 1)]
+        for key in dropped:
+            self.invalidate(key)
+        return dropped
 
     async def aclose(self) -> None:
         """Wait for refreshes in flight to commit (each is bounded by the request timeout).

@@ -300,3 +300,12 @@ class AppContextTokenStore:
     def exclusive(self, key: int) -> AbstractAsyncContextManager[None]:
         """The refresh lock of the credential across replicas (delivery/oauth.py §10)."""
         return self._db.exclusive(LOCK_REFRESH_APP, key)
+
+    async def versions(self) -> dict[int, int]:
+        """Every credential's ``version`` (two columns of each row; ``TokenManager.drop_changed``)."""
+
+        def read(session: Session) -> dict[int, int]:
+            rows = session.exec(select(col(AppContext.id), col(AppContext.version))).all()
+            return {int(i): int(v) for i, v in rows if i is not None}
+
+        return await self._db.run(read)

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import update
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 
 from cti_bridge.clock import utcnow
 from cti_bridge.delivery.oauth import (
@@ -149,3 +149,12 @@ class UserCredentialTokenStore:
     def exclusive(self, key: int) -> AbstractAsyncContextManager[None]:
         """The refresh lock of the credential across replicas (delivery/oauth.py §10)."""
         return self._db.exclusive(LOCK_REFRESH_USER, key)
+
+    async def versions(self) -> dict[int, int]:
+        """Every credential's ``version`` (two columns of each row; ``TokenManager.drop_changed``)."""
+
+        def read(session: Session) -> dict[int, int]:
+            rows = session.exec(select(col(UserCredentials.id), col(UserCredentials.version))).all()
+            return {int(i): int(v) for i, v in rows if i is not None}
+
+        return await self._db.run(read)

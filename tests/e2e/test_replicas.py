@@ -22,7 +22,7 @@ from cti_bridge.app import Daemon, build, serve
 from cti_bridge.clock import xelion_time
 from cti_bridge.config import load_settings
 from cti_bridge.sim.xelion import XelionSimulator
-from tests.e2e.stack import Bridge, TrackingCrmSimulator, settings_for, simulators
+from tests.e2e.stack import CLIENT_ID, Bridge, TrackingCrmSimulator, settings_for, simulators
 from tests.pg_locks import holder_pids, terminate
 
 POLL = 0.2  # replica_poll_seconds of these replicas
@@ -287,3 +287,35 @@ async def test_a_second_takeover_reports_only_the_time_nobody_listened(pg_url: s
         assert newest["start"] >= xelion_time(halted_at - timedelta(seconds=1)), (
             f"gap starts {newest['start']}, second stopped listening at {xelion_time(halted_at)}"
         )
+
+
+async def test_a_new_grant_set_through_one_replica_replaces_the_owners_cached_token(pg_url: str) -> None:
+    async with two_replicas(pg_url) as world:
+        await world.bridge.configure(users=("anne",))
+        owner = await world.one_owner()
+        other = world.b if owner is world.a else world.a
+        await calls_delivered_once(world, 1)
+        cred = await world.bridge.credential_id("anne")
+        assert owner.daemon.tokens.peek(cred) is not None  # the owner delivered: it holds a token
+        old = {r.headers.get("Authorization") for r in world.crm.received if r.path.startswith("/calls/")}
+
+        # The operator moves anne to a new grant through the standby's admin API; the CRM revokes
+        # the old refresh token, and the old grant's access tokens still work (as most CRMs do).
+        new_refresh_token = world.crm.issue_refresh_token(CLIENT_ID)
+        for token in world.crm.current_refresh_tokens(CLIENT_ID):
+            if token != new_refresh_token:
+                world.crm.revoke_refresh_token(token)
+        update = f"/api/users/{cred}/refreshtoken/update"
+        resp = await other.api.post(update, json={"value": new_refresh_token})
+        assert resp.status_code == 200, resp.text
+        await world.bridge.wait_until(
+            lambda: owner.daemon.tokens.peek(cred) is None,
+            timeout=5,
+            what="the owner to drop the old grant's cached token",
+        )
+
+        await calls_delivered_once(world, 1, already=3)
+        later = [r for r in world.crm.received if r.path.startswith("/calls/")][3:]
+        assert len(later) == 3
+        assert not {r.headers.get("Authorization") for r in later} & old
+        assert world.crm.token_counts["refresh_token"] == 2  # the first grant once, the new one once

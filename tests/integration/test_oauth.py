@@ -21,6 +21,7 @@ from oauth_helpers import (
     operator_sets_refresh_token,
     read_credential,
 )
+from sqlmodel import Session
 
 from cti_bridge.config import Settings
 from cti_bridge.delivery.egress import build_http_client
@@ -35,6 +36,7 @@ from cti_bridge.sim.crm import CrmSimulator, Failure
 from cti_bridge.store import migrate
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.db import Database, make_engine
+from cti_bridge.store.integrations import delete_credential, update_secret
 from cti_bridge.store.tokens import UserCredentialTokenStore
 
 
@@ -583,3 +585,44 @@ async def test_two_replicas_refreshing_one_rotating_credential_make_one_token_re
     finally:
         replica_b.dispose()
         replica_a.dispose()
+
+
+async def test_a_cached_token_is_dropped_once_another_replica_changed_its_credential(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """Two token managers over one database, as two replicas have. The operator gives the user a
+    new grant through replica a's admin API (its own ``invalidate`` is a's alone): replica b keeps
+    the old grant's access token cached until ``drop_changed`` (its follow pass) reads the new
+    version; then its next token comes from the new refresh token."""
+    first_refresh_token = sim.issue_refresh_token(CLIENT_ID)
+    cred = await add_credential(database, secret_box, sim.token_url, refresh_token=first_refresh_token)
+    a = manager(database, secret_box, http, clock)
+    b = manager(database, secret_box, http, clock)
+    old = await b.get(cred.id)
+    assert await b.drop_changed() == []  # its own refresh saved the stored version
+    assert (await a.get(cred.id)).access_token == old.access_token  # read from the store
+    assert await a.drop_changed() == []
+    assert sim.token_counts == {"refresh_token": 1}
+
+    new_refresh_token = sim.issue_refresh_token(CLIENT_ID)
+    sim.revoke_refresh_token(first_refresh_token)  # the old grant is gone at the CRM
+
+    def operator_update(s: Session) -> None:
+        assert update_secret(s, secret_box, cred.id, "refreshtoken", new_refresh_token, now=clock.now())
+
+    await database.run(operator_update)
+    a.invalidate(cred.id)  # what a's own admin API does (DaemonSupervisor.credentials_changed)
+    assert b.peek(cred.id) == old  # b has not heard of it: it would still send the old grant's token
+    assert await b.drop_changed() == [cred.id]
+    assert b.peek(cred.id) is None
+    new = await b.get(cred.id)
+    assert new.access_token != old.access_token
+    # With the first refresh token (revoked) this would have been invalid_grant: ReauthRequired.
+    assert sim.token_counts == {"refresh_token": 2}
+    assert (await read_credential(database, cred.id)).state == "active"
+    assert await b.drop_changed() == []
+
+    # The user is deleted through a: b forgets its token as well.
+    await database.run(lambda s: delete_credential(s, cred.id))
+    assert await b.drop_changed() == [cred.id]
+    assert b.peek(cred.id) is None
