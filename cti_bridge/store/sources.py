@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from sqlalchemy import func
 from sqlmodel import Session, col, select, update
 
 from cti_bridge.ports import SourceConfig, XelionTarget
@@ -71,9 +72,17 @@ def close_gap(session: Session, xelion_context_id: int, ended_at: datetime) -> N
 
 
 def load_state(session: Session, xelion_context_id: int) -> tuple[str | None, datetime | None]:
-    """The source's stored state and the time of the last event stored (``last_event_at``)."""
+    """The source's stored state, and the last moment its owner is known to have listened: the
+    later of its last stored event (``last_event_at``, written up to a second late) and the end of
+    its last gap (a subscription)."""
     ctx = session.get(XelionContext, xelion_context_id)
-    return (ctx.source_state, ctx.last_event_at) if ctx is not None else (None, None)
+    if ctx is None:
+        return None, None
+    subscribed = session.exec(
+        select(func.max(SourceGap.ended_at)).where(col(SourceGap.xelion_context_id) == xelion_context_id)
+    ).first()
+    seen = [t for t in (ctx.last_event_at, subscribed) if t is not None]
+    return ctx.source_state, max(seen) if seen else None
 
 
 def load_session_token(session: Session, box: SecretBox, xelion_context_id: int) -> str | None:

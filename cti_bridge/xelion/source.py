@@ -41,6 +41,8 @@ from cti_bridge.xelion.rest import XelionError, XelionSession
 logger = logging.getLogger(__name__)
 
 SOURCE_USER_SPACE_PREFIX = "cti-bridge-"
+#: The reason of the gap a source opens when it stops (a daemon stopping, an integration restarted).
+STOPPED_REASON = "cti-bridge stopped listening"
 
 
 class _QuietLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -191,9 +193,11 @@ class XelionSource:
     async def run(self) -> None:
         """Connect, subscribe and forward events until stopped, cancelled or failed.
 
-        Cancellation: the socket is closed, the session logged out (bounded by
-        ``logout_timeout``), ``STOPPED`` reported, and the ``CancelledError`` re-raised. An open gap is
-        left open: nothing listens until the next start closes it.
+        Cancellation: the socket is closed, a gap opened (unless one is open already), the session
+        logged out (bounded by ``logout_timeout``), ``STOPPED`` reported, and the ``CancelledError``
+        re-raised. The gap stays open: nothing listens until the next start (of this process or any
+        other) subscribes again and closes it, so the time the daemon was down is a gap too
+        (reliability.md §18).
         """
         self._task = asyncio.current_task()
         try:
@@ -395,6 +399,7 @@ class XelionSource:
         if ws is not None:
             with contextlib.suppress(Exception):
                 await ws.close()
+        await self._open_gap(STOPPED_REASON)  # from here nothing listens
         if self._session is not None and self._session.logged_in:
             try:
                 async with asyncio.timeout(self._options.logout_timeout):
@@ -644,7 +649,12 @@ class SourceManager:
                 # Where the first gap of this term starts: a takeover's where the other owner was
                 # last seen holding the websocket (earlier if it may have vanished unseen); after
                 # this replica's own loss with nobody else in between, where it lost it.
-                since = await self._takeover_since(ctx, held) if held.since is not None else gap_since
+                if held.since is not None:
+                    since: datetime | None = await self._takeover_since(ctx, held)
+                elif gap_since is not None:
+                    since = gap_since
+                else:
+                    since = await self._restart_since(ctx)
                 hooks = _TermHooks(self._hooks, held, since)
                 source = XelionSource(entry.config, hooks, self._client, self._options)
                 entry.source = source
@@ -670,6 +680,26 @@ class SourceManager:
 
     def _clock_now(self) -> datetime:
         return self._options.clock.now()
+
+    async def _restart_since(self, xelion_context_id: int) -> datetime | None:
+        """The start of the first gap when nobody else was seen holding the websocket (a start of
+        the daemon, a restart of the source, a replica taking an integration nobody held).
+
+        A source that stopped cleanly (stored ``stopped`` or ``failed``) left a gap open when it
+        stopped, which the new one joins: None. One that ended without a word (``kill -9``, a crash,
+        a lost host: its stored state says it was still listening) gave no stop time; it was
+        listening at the last moment the store knows of (its last stored event, written up to a
+        second late, or the subscription that ended its last gap), so the gap starts there. It may
+        be longer than the outage, never shorter (reliability.md §18).
+        """
+        try:
+            state, listened_at = await self._hooks.load_state(xelion_context_id)
+        except Exception:
+            logger.warning("reading the stored source state failed", exc_info=True)
+            return None
+        if state in (None, SourceState.STOPPED, SourceState.FAILED) or listened_at is None:
+            return None
+        return listened_at - timedelta(seconds=1)
 
     async def _takeover_since(self, xelion_context_id: int, held: Held) -> datetime:
         """The start of a takeover's gap: never later than the moment nobody listened any more
