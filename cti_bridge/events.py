@@ -205,4 +205,8 @@ def parse_xelion_time(s: str) -> datetime:
     dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
         return dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC)
+    try:
+        return dt.astimezone(UTC)
+    except OverflowError:
+        # An offset that carries year 1 or 9999 out of range in UTC: unreadable like any other.
+        raise ValueError(f"{s!r} is out of range in UTC") from None

@@ -4,7 +4,8 @@ These, with the operators of ``semantics``, are the only code a template can rea
 as EL values and are coerced as EL coerces arguments to a Java ``String``/``int`` parameter (null is
 "" or 0). No function reads a clock, a file or the network, with one bounded exception: ``formatDate``
 resolves an IANA zone name (checked against a strict pattern first) through ``zoneinfo``, which reads
-the system's time-zone database.
+the system's time-zone database. The date functions parse with ``cti_bridge.events.parse_xelion_time``
+(pure), so a template reads a date-time exactly as the rest of the bridge does.
 
 Every string a function builds is bounded by the 64 KiB rule before it is built (``fn:replace``
 computes the length of its result first), so nesting functions cannot blow up memory or time.
@@ -19,7 +20,7 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Final
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
@@ -28,6 +29,7 @@ import phonenumbers
 
 from cti_bridge.el.errors import RenderError, TemplateEvalError
 from cti_bridge.el.semantics import describe, empty, to_long, to_str
+from cti_bridge.events import parse_xelion_time
 
 MAX_STRING: Final = 65536
 VARIADIC: Final = 255
@@ -179,21 +181,22 @@ def fn_digits(value: object) -> str:
     return "".join(c for c in to_str(value) if "0" <= c <= "9")
 
 
-_DATE_RE: Final = re.compile(r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.\d+)?Z?")
 _ZONE_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_+\-]{0,30}(?:/[A-Za-z0-9_+\-]{1,30}){0,3}")
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _parse_date(value: object, name: str) -> datetime:
-    """A Xelion date, ``YYYY-MM-DD HH:MM:SS`` in UTC (ISO ``T`` and ``Z`` also accepted)."""
-    text = to_str(value)
-    match = _DATE_RE.fullmatch(text)
-    if match is None:
-        raise TemplateEvalError(f"fn:{name}: {describe(value)} is not a date YYYY-MM-DD HH:MM:SS")
+    """A Xelion date-time as an aware UTC datetime, fractional seconds kept (to the microsecond).
+
+    ``YYYY-MM-DD HH:MM:SS`` is UTC; ISO-8601 is accepted as well (xelion-protocol.md §1): an offset
+    is converted to UTC, no zone means UTC.
+    """
     try:
-        y, mo, d, h, mi, sec = (int(g) for g in match.groups())
-        return datetime(y, mo, d, h, mi, sec, tzinfo=UTC)
+        return parse_xelion_time(to_str(value))
     except ValueError:
-        raise TemplateEvalError(f"fn:{name}: {describe(value)} is not a valid date") from None
+        raise TemplateEvalError(
+            f"fn:{name}: {describe(value)} is not a date-time (YYYY-MM-DD HH:MM:SS or ISO-8601)"
+        ) from None
 
 
 def _zone(value: object) -> tzinfo:
@@ -222,15 +225,18 @@ def fn_format_date(value: object, pattern: object, zone: object = None) -> str:
 
 
 def fn_iso_utc(value: object) -> str:
+    """``2026-11-24T09:12:33Z``: whole seconds (el-templates.md §5); a fraction is dropped."""
     return _parse_date(value, "isoUtc").strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# Exact integers, not the float timestamp(): floor division rounds down before 1970 too, as Java's
+# Instant.toEpochMilli does, so epochSeconds always names the second isoUtc prints.
 def fn_epoch_seconds(value: object) -> int:
-    return int(_parse_date(value, "epochSeconds").timestamp())
+    return (_parse_date(value, "epochSeconds") - _EPOCH) // timedelta(seconds=1)
 
 
 def fn_epoch_millis(value: object) -> int:
-    return int(_parse_date(value, "epochMillis").timestamp()) * 1000
+    return (_parse_date(value, "epochMillis") - _EPOCH) // timedelta(milliseconds=1)
 
 
 def fn_mmss(value: object) -> str:

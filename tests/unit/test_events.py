@@ -241,7 +241,18 @@ def test_parse_xelion_time(text: str, expected: datetime) -> None:
     assert parsed.utcoffset() == timedelta(0)
 
 
-@pytest.mark.parametrize("text", ["", "yesterday", "2026-13-01 00:00:00", "24-11-2026 09:12"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "yesterday",
+        "2026-13-01 00:00:00",
+        "24-11-2026 09:12",
+        # Out of range once in UTC: a ValueError too (rest.py's validUntil catches only that).
+        "9999-12-31T23:59:59-01:00",
+        "0001-01-01T00:00:00+01:00",
+    ],
+)
 def test_parse_xelion_time_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError):
         parse_xelion_time(text)
