@@ -18,7 +18,7 @@ import json
 import operator
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -789,12 +789,33 @@ def inactive_credentials(session: Session, credential_ids: Sequence[int]) -> dic
     if not ids:
         return {}
     conn, drv = _driver(session)
-    rows = drv.rows_in(
-        conn,
-        "SELECT id, state_reason FROM user_credentials WHERE id IN ({in_list}) AND state <> 'active'",
-        ids,
-    )
-    return {int(cred_id): reason for cred_id, reason in rows}
+    sql = "SELECT id, state_reason FROM user_credentials WHERE id IN ({in_list}) AND state <> 'active'"
+    found = {int(cred_id): reason for cred_id, reason in drv.rows_in(conn, sql, ids)}
+    if found and drv.postgresql:
+        # An operator's repair may be committing meanwhile (``update_secret``: the credential and
+        # its parked deliveries in one transaction). Read the inactive ones again under a share
+        # lock, which waits for it: without, this batch could start deliveries parked that the
+        # repair did not see to resume, and they would wait for ever. Only when one is inactive:
+        # the hot path stays a plain read. SQLite has one writer at a time: nothing to wait for.
+        rows = drv.rows_in(conn, sql + " ORDER BY id FOR SHARE", sorted(found))
+        found = {int(cred_id): reason for cred_id, reason in rows}
+    return found
+
+
+def reauth_required(session: Session, credential_ids: Sequence[int]) -> set[int]:
+    """The credentials among ``credential_ids`` still marked ``reauth_required``: a completion
+    parks a credential's deliveries only then (§13). On PostgreSQL the rows are locked (in id
+    order) until the transaction ends, so an operator's repair committing meanwhile is either seen
+    here (and nothing is parked) or waits and resumes what this transaction parks; taken before any
+    delivery row, in the order the repair takes them (the credential, then its deliveries)."""
+    ids = sorted(set(credential_ids))
+    if not ids:
+        return set()
+    conn, drv = _driver(session)
+    sql = "SELECT id FROM user_credentials WHERE id IN ({in_list}) AND state = 'reauth_required'"
+    if drv.postgresql:
+        sql += " ORDER BY id FOR UPDATE"
+    return {int(row[0]) for row in drv.rows_in(conn, sql, ids)}
 
 
 def lock_calls(session: Session, call_ids: Sequence[str]) -> None:
@@ -949,6 +970,13 @@ def complete_many(session: Session, completions: Sequence[Completion], *, now: d
     """
     if not completions:
         return []
+    parking = [c.credential_id for c in completions if c.state == "parked" and c.credential_id is not None]
+    if parking:
+        still = reauth_required(session, parking)
+        completions = [
+            _resumed(c, now) if c.state == "parked" and c.credential_id not in still else c
+            for c in completions
+        ]
     conn, drv = _driver(session)
     at = drv.dt(now)
     apply = _apply_postgresql if drv.postgresql else _apply_sqlite
@@ -986,6 +1014,14 @@ def complete_many(session: Session, completions: Sequence[Completion], *, now: d
         if c.state == "parked" and c.credential_id is not None:
             park_credential(session, credential_id=c.credential_id, reason=c.park_reason, now=now)
     return applied
+
+
+def _resumed(c: Completion, now: datetime) -> Completion:
+    """A parked outcome whose credential an operator repaired meanwhile (a new refresh token or
+    device code: the state is ``active`` again, and its parked deliveries were resumed before this
+    one was written): the delivery is due again now instead of parked, where nothing would resume
+    it. The attempt record still says what happened."""
+    return replace(c, state="pending", next_attempt_at=now, credential_id=None, park_reason="")
 
 
 def _new_state(c: Completion, drv: _DriverSql, at: object) -> tuple[object, ...]:

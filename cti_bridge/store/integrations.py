@@ -26,6 +26,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
 from cti_bridge.store.crypto import SecretBox
+from cti_bridge.store.deliveries import unpark_credential
 from cti_bridge.store.models import (
     AdminSession,
     CrmContext,
@@ -543,6 +544,11 @@ def update_secret(
     row.updated_at = now
     session.add(row)
     session.flush()
+    if kind in ("refreshtoken", "devicecode"):
+        # The user's parked deliveries resume in the same transaction as the repair: done in a
+        # task after the commit (as it was), a crash or a failing statement in between left them
+        # parked behind an active credential, and nothing ever looked at them again (§13).
+        unpark_credential(session, credential_id=credential_id, now=now)
     return _credview(row, xid)
 
 
