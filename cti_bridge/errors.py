@@ -83,3 +83,47 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad command line (argparse)
     CONFIG = 3  # an invalid setting (one line names it)
     DATABASE = 4  # the database cannot be opened, is locked by another instance, or migration failed
+
+
+# --- the token manager's (delivery/oauth.py) --------------------------------------------------
+
+
+class TokenError(CtiBridgeError):
+    """Root of the token manager's errors. Texts name the credential, never a secret."""
+
+
+class ReauthRequired(TokenError):
+    """The credential needs a new refresh token or device code; it is marked ``reauth_required``."""
+
+    def __init__(self, key: object, reason: str) -> None:
+        super().__init__(f"credential {key} needs re-authorisation: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class TokenNotReady(TokenError):
+    """The device-code grant is still waiting for the user (``authorization_pending``/``slow_down``).
+    Retryable: ask again after ``retry_after`` seconds; not a failed attempt."""
+
+    def __init__(self, key: object, retry_after: float) -> None:
+        super().__init__(f"credential {key}: device authorisation pending, retry in {retry_after:g} s")
+        self.key = key
+        self.retry_after = retry_after
+
+
+class TokenEndpointError(TokenError):
+    """The token endpoint failed: ``retryable`` for 5xx, 408/429, timeouts and connection errors;
+    not for other 4xx, malformed answers or a token endpoint refused by the outbound guard."""
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+
+
+class CredentialNotFound(TokenEndpointError):
+    """The credential no longer exists (deleted meanwhile). Not retryable."""
+
+    def __init__(self, key: object) -> None:
+        super().__init__(f"credential {key} does not exist", retryable=False)
+        self.key = key

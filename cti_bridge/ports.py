@@ -7,10 +7,11 @@ changed; the Xelion source reports through ``SourceHooks``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -157,3 +158,27 @@ class SourceHooks(Protocol):
     async def save_session_token(self, xelion_context_id: int, token: str | None) -> None:
         """Remember (or forget, with None) the token of the live session, encrypted at rest."""
         ...
+
+
+# --- a stored OAuth2 credential (delivery/oauth.py's TokenStore, implemented in store/) ------------
+
+STATE_ACTIVE = "active"
+STATE_REAUTH_REQUIRED = "reauth_required"
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialSnapshot:
+    """One credential as stored, secrets decrypted. ``repr`` leaves the secrets out."""
+
+    client_id: str | None
+    client_secret: str | None = field(repr=False)
+    refresh_token: str | None = field(repr=False)
+    device_code: str | None = field(repr=False)
+    access_token: str | None = field(repr=False)
+    expires_at: datetime | None
+    extra: Mapping[str, Any] = field(repr=False)
+    state: str
+    version: int
+    token_endpoint: str
+    auth_method: str = "client_secret_post"
+    state_reason: str | None = None

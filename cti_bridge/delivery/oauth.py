@@ -50,13 +50,21 @@ from authlib.oauth2.rfc6749.parameters import prepare_token_request
 
 from cti_bridge.clock import Clock
 from cti_bridge.delivery.egress import EgressRefused, check_url, read_limited
-from cti_bridge.errors import CtiBridgeError
+
+# The errors, the stored credential and its states live where the store can reach them without
+# importing the delivery package (DESIGN.md §2); re-exported here for the manager's callers.
+from cti_bridge.errors import CredentialNotFound as CredentialNotFound
+from cti_bridge.errors import ReauthRequired as ReauthRequired
+from cti_bridge.errors import TokenEndpointError as TokenEndpointError
+from cti_bridge.errors import TokenError as TokenError
+from cti_bridge.errors import TokenNotReady as TokenNotReady
+from cti_bridge.ports import STATE_ACTIVE as STATE_ACTIVE
+from cti_bridge.ports import STATE_REAUTH_REQUIRED as STATE_REAUTH_REQUIRED
+from cti_bridge.ports import CredentialSnapshot as CredentialSnapshot
 
 log = logging.getLogger(__name__)
 
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
-STATE_ACTIVE = "active"
-STATE_REAUTH_REQUIRED = "reauth_required"
 AUTH_METHODS = frozenset({"client_secret_post", "client_secret_basic"})
 # Answers that mean the grant itself is dead: only an operator (a new refresh token or device
 # code) can fix it (reliability.md §13). invalid_code is Zoho's invalid_grant (answered with 200).
@@ -75,66 +83,7 @@ KeyT_contra = TypeVar("KeyT_contra", bound=Hashable, contravariant=True)
 # --- errors ------------------------------------------------------------------------------------------
 
 
-class TokenError(CtiBridgeError):
-    """Root of the token manager's errors. Texts name the credential, never a secret."""
-
-
-class ReauthRequired(TokenError):
-    """The credential needs a new refresh token or device code; it is marked ``reauth_required``."""
-
-    def __init__(self, key: object, reason: str) -> None:
-        super().__init__(f"credential {key} needs re-authorisation: {reason}")
-        self.key = key
-        self.reason = reason
-
-
-class TokenNotReady(TokenError):
-    """The device-code grant is still waiting for the user (``authorization_pending``/``slow_down``).
-    Retryable: ask again after ``retry_after`` seconds; not a failed attempt."""
-
-    def __init__(self, key: object, retry_after: float) -> None:
-        super().__init__(f"credential {key}: device authorisation pending, retry in {retry_after:g} s")
-        self.key = key
-        self.retry_after = retry_after
-
-
-class TokenEndpointError(TokenError):
-    """The token endpoint failed: ``retryable`` for 5xx, 408/429, timeouts and connection errors;
-    not for other 4xx, malformed answers or a token endpoint refused by the outbound guard."""
-
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.status = status
-
-
-class CredentialNotFound(TokenEndpointError):
-    """The credential no longer exists (deleted meanwhile). Not retryable."""
-
-    def __init__(self, key: object) -> None:
-        super().__init__(f"credential {key} does not exist", retryable=False)
-        self.key = key
-
-
 # --- the persistence protocol ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class CredentialSnapshot:
-    """One credential as stored, secrets decrypted. ``repr`` leaves the secrets out."""
-
-    client_id: str | None
-    client_secret: str | None = field(repr=False)
-    refresh_token: str | None = field(repr=False)
-    device_code: str | None = field(repr=False)
-    access_token: str | None = field(repr=False)
-    expires_at: datetime | None
-    extra: Mapping[str, Any] = field(repr=False)
-    state: str
-    version: int
-    token_endpoint: str
-    auth_method: str = "client_secret_post"
-    state_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

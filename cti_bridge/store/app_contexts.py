@@ -49,12 +49,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from cti_bridge.clock import utcnow
-from cti_bridge.delivery.oauth import (
-    STATE_ACTIVE,
-    STATE_REAUTH_REQUIRED,
-    CredentialNotFound,
-    CredentialSnapshot,
-)
+from cti_bridge.errors import CredentialNotFound
+from cti_bridge.ports import STATE_ACTIVE, STATE_REAUTH_REQUIRED, CredentialSnapshot
 from cti_bridge.store.crypto import SecretBox, constant_time_equal, hash_token
 from cti_bridge.store.db import LOCK_REFRESH_APP, Database
 from cti_bridge.store.models import AppContext

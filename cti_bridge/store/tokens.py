@@ -18,12 +18,8 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from cti_bridge.clock import utcnow
-from cti_bridge.delivery.oauth import (
-    STATE_ACTIVE,
-    STATE_REAUTH_REQUIRED,
-    CredentialNotFound,
-    CredentialSnapshot,
-)
+from cti_bridge.errors import CredentialNotFound
+from cti_bridge.ports import STATE_ACTIVE, STATE_REAUTH_REQUIRED, CredentialSnapshot
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.db import LOCK_REFRESH_USER, Database
 from cti_bridge.store.models import AppContext, CrmContext, UserCredentials
