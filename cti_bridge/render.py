@@ -16,7 +16,12 @@ expression on the common path, one JSON encoder built once. Output rules (el-tem
 - Every rendered string is at most 64 KiB.
 
 ``Authorization`` and ``Idempotency-Key`` are the delivery worker's business, not this module's. Values
-read from ``token`` are reported in ``RenderedRequest.secret_values`` so that logs can mask them.
+read from ``token`` are reported in ``RenderedRequest.secret_values`` so that logs can mask them. A
+template error may quote the value it failed on, so an error raised with a token in the context has
+every string of that token masked in its text before it leaves this module (``mask_message``): the
+worker's attempt records and log lines, the preview's answer and ``cti-bridge render`` all show that
+text (el-templates.md §4, reliability.md §14). The mask helpers live here, beside the encodings
+they must know, and the worker uses them too.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
@@ -55,9 +60,14 @@ __all__ = [
     "TemplateSyntaxError",
     "compile_mapping",
     "mapping_spec_from_json",
+    "mask",
+    "mask_message",
+    "mask_order",
+    "mask_ordered",
     "now_text",
     "render_command",
     "request_preview",
+    "token_secrets",
 ]
 
 METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
@@ -165,6 +175,110 @@ def _track(value: object, seen: list[str]) -> object:
     if isinstance(value, list | tuple):
         return [_track(v, seen) for v in value]
     return value
+
+
+# -- secrets -------------------------------------------------------------------------------------------
+
+MASK: Final = "***"
+#: Shorter values are not masked: a one-to-three character value ("1", "id", "api") would star out
+#: pieces of every text it met, while showing it gives nothing away.
+MIN_SECRET: Final = 4
+#: Where an error message's quoted value ends: ``repr``'s closing quote, after the ``...`` of a value
+#: cut short (``semantics.describe`` keeps 37 characters of a string, a bad URL is quoted to 80).
+_QUOTE_END_RE: Final = re.compile(r"\.\.\.['\"]|['\"]")
+
+
+def _request_forms(raw: str, twice: bool) -> tuple[str, ...]:
+    """The forms a secret takes in a rendered request, other than itself: a URI component
+    (``_quote_component``; when ``twice``, also after ``fn:urlEncode``), a form field (``urlencode``)
+    and a JSON string (``_ENCODER``)."""
+    once = quote(raw, safe="")
+    forms = (once, quote_plus(raw), json.dumps(raw, ensure_ascii=False)[1:-1])
+    return (*forms, quote(once, safe="")) if twice and once != raw else forms
+
+
+def token_secrets(token: Mapping[str, object] | None) -> tuple[str, ...]:
+    """Every string reachable from a token view (``token.accessToken`` and each extra field of the
+    token answer, in maps and lists too), itself and in the forms of a request (``_request_forms``)
+    and of a value an error message quotes (``repr``). Strings shorter than ``MIN_SECRET`` are left
+    out; numbers and booleans are not secrets."""
+    raws: dict[str, None] = {}
+    stack: list[object] = [token]
+    while stack:  # a loop, not recursion: a token answer may nest as deep as JSON allows
+        value = stack.pop()
+        if isinstance(value, str):
+            if len(value) >= MIN_SECRET:
+                raws[value] = None
+        elif isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+    out: dict[str, None] = {}
+    for raw in raws:
+        out[raw] = None
+        out.update(dict.fromkeys(_request_forms(raw, twice=True)))
+        out[repr(raw)[1:-1]] = None
+    return tuple(out)
+
+
+def mask_order(secrets: Iterable[str]) -> tuple[str, ...]:
+    """The secret values worth masking, longest first (so no secret is half-masked)."""
+    return tuple(sorted({s for s in secrets if len(s) >= MIN_SECRET}, key=len, reverse=True))
+
+
+def mask_ordered(text: str, ordered: tuple[str, ...]) -> str:
+    """Replace every secret value of ``ordered`` (``mask_order``) in ``text``."""
+    for secret in ordered:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def mask(text: str, secrets: Iterable[str]) -> str:
+    """Replace every secret value in ``text``."""
+    return mask_ordered(text, mask_order(secrets))
+
+
+def mask_message(text: str, secrets: Iterable[str]) -> str:
+    """``mask``, and a secret an error message cut short: a quoted value is cut to its first
+    characters (``describe``: 37 and ``...``; a URL: 80), so a secret can end it half-shown, which
+    the whole secret does not match. A quoted value ending in the first ``MIN_SECRET`` or more
+    characters of a secret has them masked too. For error texts only (slower than ``mask``)."""
+    ordered = mask_order(secrets)
+    text = mask_ordered(text, ordered)
+    if not ordered:
+        return text
+    parts: list[str] = []
+    start = 0  # where the text not yet copied to parts starts
+    for found in _QUOTE_END_RE.finditer(text):
+        end = found.start()
+        cut = min((_head_at(text, start, end, secret) for secret in ordered), default=end)
+        if end - cut >= MIN_SECRET:
+            parts += [text[start:cut], MASK]
+            start = end
+    return "".join(parts) + text[start:] if parts else text
+
+
+def _head_at(text: str, start: int, end: int, secret: str) -> int:
+    """Where the longest start of ``secret`` (``MIN_SECRET`` characters or more) that ends
+    ``text[start:end]`` begins; ``end`` if none does."""
+    head = secret[:MIN_SECRET]
+    at = text.find(head, max(start, end - len(secret)), end)
+    while at != -1:
+        if secret.startswith(text[at:end]):
+            return at
+        at = text.find(head, at + 1, end)
+    return end
+
+
+def _mask_error(err: TemplateError, token: Mapping[str, object] | None) -> None:
+    """Mask, in the error itself, every value of ``token`` that its message may quote."""
+    if token is None:
+        return
+    masked = mask_message(err.message, token_secrets(token))
+    if masked != err.message:
+        err.message = masked
+        err.args = (masked,)  # what pickling and a plain Exception's str would show
 
 
 def _jsonable(value: object) -> object:
@@ -478,7 +592,11 @@ class CompiledMapping:
         """Whether the mapping applies to this event (true when it has no condition)."""
         if self.condition is None:
             return True
-        return self.condition_holds_in(context_names(ctx))
+        try:
+            return self.condition_holds_in(context_names(ctx))
+        except TemplateError as err:
+            _mask_error(err, ctx.token)
+            raise
 
     def condition_holds_in(self, names: Names) -> bool:
         """``condition_holds`` with the names already built (``context_names``): the pipeline builds
@@ -530,10 +648,12 @@ class CompiledMapping:
                 headers["Content-Type"] = self.content_type
         except TemplateError as err:
             err.locate(xelion_event=self.xelion_event)
+            _mask_error(err, ctx.token)
             raise
         except _SLIPS as exc:
             err2 = slipped(exc, None)
             err2.locate(xelion_event=self.xelion_event)
+            _mask_error(err2, ctx.token)
             raise err2 from None
         secrets = _secret_values(seen, url, headers, body) if seen else ()
         return RenderedRequest(self.method, url, headers, body, self._warnings(names), secrets)
@@ -551,9 +671,10 @@ def _secret_values(
     """Every string read from the token, plus each encoded form of it that appears in the request."""
     text = "\n".join([url, *headers.values(), body.decode("utf-8", "replace") if body else ""])
     out: dict[str, None] = {}
+    twice = "%25" in text  # a value encoded twice shows its '%' as '%25'; saves a quote() per value
     for raw in seen:
         out[raw] = None
-        for variant in (quote(raw, safe=""), quote_plus(raw), json.dumps(raw, ensure_ascii=False)[1:-1]):
+        for variant in _request_forms(raw, twice):
             if variant != raw and variant in text:
                 out[variant] = None
     return tuple(out)

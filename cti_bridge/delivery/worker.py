@@ -32,7 +32,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -61,7 +61,7 @@ from cti_bridge.delivery.retry import (
 from cti_bridge.el import TemplateError
 from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import HandoffRoom
-from cti_bridge.render import CompiledMapping, RenderContext, RenderedRequest
+from cti_bridge.render import CompiledMapping, RenderContext, RenderedRequest, mask, mask_order, mask_ordered
 from cti_bridge.routing import MappingCache
 from cti_bridge.store.db import Database
 from cti_bridge.store.deliveries import (
@@ -86,30 +86,12 @@ FLUSH_MAX = 256
 FLUSH_DELAY = 0.002
 #: Under a backlog, a claim for only a few places first waits this long for more to free.
 CLAIM_GATHER = 0.005
-MASK = "***"
-
-
-def mask_order(secrets: Iterable[str]) -> tuple[str, ...]:
-    """The secret values worth masking, longest first (so no secret is half-masked)."""
-    return tuple(sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True))
-
-
-def mask(text: str, secrets: Iterable[str]) -> str:
-    """Replace every secret value in ``text``."""
-    return _masked(text, mask_order(secrets))
-
-
-def _masked(text: str, ordered: tuple[str, ...]) -> str:
-    for secret in ordered:
-        if secret in text:
-            text = text.replace(secret, MASK)
-    return text
 
 
 def _excerpt(data: bytes | None, ordered: tuple[str, ...]) -> str | None:
     if data is None:
         return None
-    return _masked(data[:EXCERPT_BYTES].decode("utf-8", errors="replace"), ordered)
+    return mask_ordered(data[:EXCERPT_BYTES].decode("utf-8", errors="replace"), ordered)
 
 
 @dataclass
@@ -687,6 +669,8 @@ class DeliveryWorker:
         try:
             req: RenderedRequest = compiled.render(self._context(item, token))
         except TemplateError as exc:
+            # The error's text comes masked from render.py (every string of the token view, in the
+            # forms it can take there, cut short ones too), so what is stored and logged is masked.
             return _Result(state="dead", outcome="dead", error=f"render: {exc}", secrets=secrets)
         secrets = (token.access_token, *req.secret_values)
         base = _Result(
@@ -751,7 +735,7 @@ class DeliveryWorker:
         ordered = mask_order(result.secrets)  # once for the four texts below
         if result.error:
             # A template error may quote an evaluated value, and that value may come from the token.
-            result.error = _masked(result.error, ordered)
+            result.error = mask_ordered(result.error, ordered)
         attempt = AttemptRecord(
             started_at=started,
             duration_ms=duration_ms,
@@ -759,7 +743,7 @@ class DeliveryWorker:
             http_status=result.status,
             error=result.error,
             request_method=result.method,
-            request_url=_masked(result.url, ordered),
+            request_url=mask_ordered(result.url, ordered),
             request_excerpt=_excerpt(result.request_body, ordered),
             response_excerpt=_excerpt(result.response_body, ordered),
         )

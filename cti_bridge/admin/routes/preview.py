@@ -4,7 +4,8 @@ Body: ``{"mapping": {...}}`` (a mapping in the manual's shape) or ``{"xelionEven
 context's stored mappings for that event), plus ``"event"`` (a notification object or a whole
 websocket frame) and optionally ``"xelionUsername"`` (the party the delivery is for). The answer
 shows, per mapping, the exact request (method, URL, headers, body), whether the condition holds,
-and warnings for names the event does not carry. Values drawn from the user's token are masked.
+and warnings for names the event does not carry. Values drawn from the user's token are masked, in
+a mapping's render error too (render.py masks every value of the token in the error's text).
 """
 
 from __future__ import annotations
