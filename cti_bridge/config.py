@@ -25,6 +25,9 @@ from cti_bridge.errors import ConfigError
 
 ENV_PREFIX = "CTI_BRIDGE_"
 DEFAULT_RETRY_SCHEDULE = (0.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 10800.0, 21600.0)
+# The requests a delivery attempt makes one after another: a token refresh and the CRM request
+# (see Settings._lease_covers_an_attempt).
+ATTEMPT_REQUESTS = 2
 
 
 def _split_csv(value: object) -> object:
@@ -137,6 +140,29 @@ class Settings(BaseSettings):
             raise ValueError("secret_key: must be set when the database is not an embedded SQLite file")
         if self.xelion_backoff_max < self.xelion_backoff_min:
             raise ValueError("xelion_backoff_max: must not be smaller than xelion_backoff_min")
+        return self
+
+    @model_validator(mode="after")
+    def _lease_covers_an_attempt(self) -> Settings:
+        """``lease_seconds > 2 * request_timeout``: reliability.md §4's "longer than the request
+        timeout plus a token refresh".
+
+        A shorter lease lets another worker claim a delivery that a live worker is still sending,
+        and the CRM gets it twice. ``request_timeout`` bounds each request whole, connecting
+        included: the CRM request (delivery/http1.py) and the token request (the same settings'
+        ``build_http_client``, delivery/egress.py), so an attempt that refreshes its token first
+        ends within two of them. The rarer attempt that meets a 401 (§6: refresh once, retry once)
+        makes two more; if it outlasts the lease, the newer claim decides and the CRM may see the
+        request twice, with the same Idempotency-Key, which the at-least-once promise allows.
+        """
+        least = ATTEMPT_REQUESTS * self.request_timeout
+        if self.lease_seconds <= least:
+            raise ValueError(
+                f"lease_seconds: must be longer than {ATTEMPT_REQUESTS} x {ENV_PREFIX}REQUEST_TIMEOUT "
+                f"({ATTEMPT_REQUESTS} x {self.request_timeout:g} s = {least:g} s), "
+                f"not {self.lease_seconds:g} s: a delivery attempt makes a token refresh and the CRM "
+                "request, each up to the request timeout, and its lease must outlast both"
+            )
         return self
 
     @property

@@ -7,6 +7,10 @@ themselves, because the manual's lists are bare arrays with extension keys besid
 Length limits match the columns of ``store.models``, so a value the API accepts always fits the
 database (PostgreSQL would refuse a too-long ``VARCHAR`` with an error instead of a 422).
 Unknown keys are ignored, as the manual's Java server (Jackson) did for the examples it shows.
+
+A mapping's ``xelionEvent`` must be a call event type (``events.CALL_EVENT_TYPES``): the source
+subscribes to every type the mappings name (xelion-protocol.md §3.2) but keeps only call events, so
+a mapping for any other type would be saved and never delivered.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from cti_bridge.events import CALL_EVENT_TYPES
 
 # Secrets (client secrets, tokens, device codes) may be long JWTs; 16 KiB is far beyond any real one.
 SECRET_MAX = 16384
@@ -31,6 +37,8 @@ _HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253})|\[[0-9A-Fa-f:.]{
 # The tenant is one path segment of that URL.
 _TENANT_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]{1,255}$")
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+# Sorted, so that the error message and the OpenAPI enum read the same every time.
+XELION_EVENTS = tuple(sorted(CALL_EVENT_TYPES))
 
 
 def check_host(value: str) -> str:
@@ -42,6 +50,12 @@ def check_host(value: str) -> str:
 def check_tenant(value: str) -> str:
     if not _TENANT_RE.match(value) or value in (".", ".."):
         raise ValueError("must be one URL path segment (letters, digits, '.', '_', '-', ...)")
+    return value
+
+
+def check_xelion_event(value: str) -> str:
+    if value not in CALL_EVENT_TYPES:
+        raise ValueError("must be a call event type: one of " + ", ".join(XELION_EVENTS))
     return value
 
 
@@ -93,7 +107,11 @@ class UserCredentialsIn(_In):
 
 
 class EventUriMappingIn(_In):
-    xelionEvent: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    xelionEvent: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=64),
+        Field(json_schema_extra={"enum": list(XELION_EVENTS)}),
+    ]
     crmResourceUri: Annotated[str, StringConstraints(min_length=1, max_length=TEMPLATE_MAX)]
     # An object or array (a JSON template tree), a string (a raw body template) or null (no body).
     crmResourcePayload: Any = None
@@ -102,6 +120,8 @@ class EventUriMappingIn(_In):
     headers: dict[str, Annotated[str, StringConstraints(max_length=TEMPLATE_MAX)]] | None = None
     contentType: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     condition: Annotated[str, StringConstraints(min_length=1, max_length=TEMPLATE_MAX)] | None = None
+
+    _event = field_validator("xelionEvent")(check_xelion_event)
 
     @field_validator("crmResourcePayload")
     @classmethod

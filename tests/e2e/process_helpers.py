@@ -304,6 +304,8 @@ async def process_world(tmp_path: Path, db_url: str, **env: str) -> AsyncIterato
         "retry_schedule": "0,0.2,0.5,1,1,1,1,1",
         "retry_jitter": "0",
         "lease_seconds": "3",
+        # A lease must outlast a token refresh and the CRM request (config.py): 3 s > 2 x 1 s.
+        "request_timeout": "1",
         **env,
     }
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("CTI_BRIDGE_")}

@@ -45,7 +45,10 @@ async def _wait_in_progress(
 
 async def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path, db_url: str) -> None:
     grace = 5.0
-    async with process_world(tmp_path, db_url, shutdown_grace_seconds=str(grace)) as world:
+    # The CRM holds each request longer than process_world's 1 s request timeout: the default here.
+    async with process_world(
+        tmp_path, db_url, shutdown_grace_seconds=str(grace), request_timeout="30", lease_seconds="120"
+    ) as world:
         world.crm.add_rule("/slow/", Failure.slow(1.0))
         await _configure(world)
         for _ in range(4):  # internal calls: anne and bob each get every event
@@ -80,7 +83,9 @@ async def test_sigterm_returns_requests_slower_than_the_grace_to_the_queue(
     tmp_path: Path, db_url: str
 ) -> None:
     grace = 1.0
-    async with process_world(tmp_path, db_url, shutdown_grace_seconds=str(grace)) as world:
+    async with process_world(
+        tmp_path, db_url, shutdown_grace_seconds=str(grace), request_timeout="30", lease_seconds="120"
+    ) as world:
         world.crm.add_rule("/slow/", Failure.slow(20.0))
         await _configure(world)
         for _ in range(2):

@@ -91,6 +91,60 @@ def test_invalid_setting_names_it(env: dict[str, str], named: str, monkeypatch: 
     assert str(info.value).startswith(named + ":")
 
 
+@pytest.mark.parametrize(
+    ("env", "numbers"),
+    [
+        ({"CTI_BRIDGE_LEASE_SECONDS": "60"}, "(2 x 30 s = 60 s), not 60 s"),
+        ({"CTI_BRIDGE_REQUEST_TIMEOUT": "60"}, "(2 x 60 s = 120 s), not 120 s"),  # the default lease
+        ({"CTI_BRIDGE_LEASE_SECONDS": "3"}, "(2 x 30 s = 60 s), not 3 s"),
+        ({"CTI_BRIDGE_LEASE_SECONDS": "0.9", "CTI_BRIDGE_REQUEST_TIMEOUT": "0.5"}, "(2 x 0.5 s = 1 s)"),
+    ],
+)
+def test_a_lease_not_longer_than_an_attempt_is_refused_naming_both_settings(
+    env: dict[str, str], numbers: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # reliability.md §4: longer than the request timeout plus a token refresh.
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith("CTI_BRIDGE_LEASE_SECONDS: must be longer than 2 x CTI_BRIDGE_REQUEST_TIMEOUT ")
+    assert numbers in message
+    assert "\n" not in message
+
+
+def test_a_short_lease_in_the_toml_file_is_refused_too(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("request_timeout = 10.0\nlease_seconds = 20.0\n")
+    with pytest.raises(
+        ConfigError, match=r"^CTI_BRIDGE_LEASE_SECONDS: .*CTI_BRIDGE_REQUEST_TIMEOUT \(2 x 10 s"
+    ):
+        load_settings(str(cfg))
+
+
+@pytest.mark.parametrize(
+    ("lease", "timeout"),
+    [
+        (None, None),  # the defaults: 120 s against 2 x 30 s
+        ("2", "0.5"),  # as short as the kill -9 test's (tests/e2e/test_reliability_crash.py)
+        ("600", "60"),
+        ("61", None),
+    ],
+)
+def test_the_defaults_and_a_long_enough_lease_load(
+    lease: str | None, timeout: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if lease is not None:
+        monkeypatch.setenv("CTI_BRIDGE_LEASE_SECONDS", lease)
+    if timeout is not None:
+        monkeypatch.setenv("CTI_BRIDGE_REQUEST_TIMEOUT", timeout)
+    s = load_settings()
+    assert s.lease_seconds == float(lease or 120.0)
+    assert s.request_timeout == float(timeout or 30.0)
+    assert s.lease_seconds > 2 * s.request_timeout
+
+
 def test_cli_exits_3_with_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CTI_BRIDGE_")}
     env["CTI_BRIDGE_ADMIN_PORT"] = "not-a-port"

@@ -3,6 +3,12 @@
 Lists answer ``{"total": N, "offset": k, "items": [...]}`` (DESIGN.md §4). A session token sees only
 its own integration's deliveries; another integration's delivery id is a 404. Attempt records carry
 request and response excerpts whose secrets were masked when they were recorded.
+
+Bad input is refused before the database sees it, as on the manual's routes (``admin.common``): a
+query value out of range or holding a NUL, or a date-time beyond what converts to UTC, is 422 naming
+it; a delivery id that is not a UUID is 422 naming ``path.delivery_id`` (as a non-integer id is on
+the manual's routes), an unknown one 404. The bulk replay reads its body through ``admin.body``, so
+malformed JSON is 400 with the line and column.
 """
 
 from __future__ import annotations
@@ -10,12 +16,15 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
+from uuid import UUID
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from cti_bridge.admin.app import AdminDeps, get_deps
 from cti_bridge.admin.auth import Principal, require_principal
+from cti_bridge.admin.body import read_model
+from cti_bridge.admin.common import MAX_ID, Offset, query_text
 from cti_bridge.errors import ApiError, ErrorCode, invalid_request, not_found
 from cti_bridge.store import deliveries as store
 from cti_bridge.store.models import CallEvent, Delivery, DeliveryAttempt
@@ -29,6 +38,20 @@ def _iso(dt: datetime | None) -> str | None:
     return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def _utc(name: str, dt: datetime | None) -> datetime | None:
+    """``dt`` in UTC (naive means UTC). The columns hold UTC, so the database converts every bound
+    date-time: one near year 1 or 9999 whose UTC falls outside the calendar is refused here, by name,
+    rather than raising ``OverflowError`` in the driver (a 500)."""
+    if dt is None:
+        return None
+    try:
+        return dt.astimezone(UTC) if dt.tzinfo else dt.replace(tzinfo=UTC)
+    except OverflowError:
+        raise invalid_request(
+            f"{name}: out of range", f"{name} must fall between the years 1 and 9999 in UTC"
+        ) from None
+
+
 def _parse_time(name: str, value: str | None) -> datetime | None:
     if value is None:
         return None
@@ -38,7 +61,7 @@ def _parse_time(name: str, value: str | None) -> datetime | None:
         raise invalid_request(
             f"{name}: not a date-time", f"{name} must be ISO-8601, e.g. 2026-11-24T09:00:00Z"
         ) from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    return _utc(name, dt)
 
 
 def delivery_json(d: Delivery) -> dict[str, Any]:
@@ -86,6 +109,10 @@ def _scope(principal: Principal, xelion_context_id: int | None) -> int | None:
 
 Deps = Annotated[AdminDeps, Depends(get_deps)]
 Auth = Annotated[Principal, Depends(require_principal)]
+# Ids are UUIDs (``store.deliveries.new_delivery_id``); parsing the path as one keeps a NUL (which
+# PostgreSQL cannot compare) and any other non-id away from the database. ``str()`` of the parsed
+# value is the stored form.
+DeliveryId = Annotated[UUID, Path(description="a delivery id (a UUID)")]
 
 
 @router.get("", summary="List deliveries, newest first")
@@ -95,21 +122,21 @@ async def list_deliveries(
     state: Annotated[
         str | None, Query(description="pending, sending, delivered, dead, parked, dismissed")
     ] = None,
-    xelionContextId: int | None = None,
+    xelionContextId: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     username: str | None = None,
     callId: str | None = None,
     since: str | None = None,
     until: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> dict[str, Any]:
     if state is not None and state not in store.STATES:
         raise invalid_request("state: unknown state", f"state must be one of {', '.join(store.STATES)}")
     f = store.DeliveryFilter(
         state=state,
         xelion_context_id=_scope(principal, xelionContextId),
-        username=username,
-        call_id=callId,
+        username=query_text(username, "username"),
+        call_id=query_text(callId, "callId"),
         since=_parse_time("since", since),
         until=_parse_time("until", until),
     )
@@ -129,8 +156,8 @@ async def _load(
 
 
 @router.get("/{delivery_id}", summary="One delivery with its event and every attempt")
-async def get_delivery(delivery_id: str, deps: Deps, principal: Auth) -> dict[str, Any]:
-    delivery, event, attempts = await _load(deps, principal, delivery_id)
+async def get_delivery(delivery_id: DeliveryId, deps: Deps, principal: Auth) -> dict[str, Any]:
+    delivery, event, attempts = await _load(deps, principal, str(delivery_id))
     body = delivery_json(delivery)
     body["event"] = {
         "id": event.id,
@@ -150,11 +177,14 @@ def _wake(request: Request) -> None:
 
 
 @router.post("/{delivery_id}/replay", summary="Send a finished delivery again (same Idempotency-Key)")
-async def replay_one(delivery_id: str, deps: Deps, principal: Auth, request: Request) -> dict[str, Any]:
-    delivery, _, _ = await _load(deps, principal, delivery_id)
+async def replay_one(
+    delivery_id: DeliveryId, deps: Deps, principal: Auth, request: Request
+) -> dict[str, Any]:
+    ident = str(delivery_id)
+    delivery, _, _ = await _load(deps, principal, ident)
     now = deps.clock.now()
-    if not await deps.database.run(lambda s: store.replay(s, delivery_id, now)):
-        await _load(deps, principal, delivery_id)  # a 404 if retention deleted it meanwhile
+    if not await deps.database.run(lambda s: store.replay(s, ident, now)):
+        await _load(deps, principal, ident)  # a 404 if retention deleted it meanwhile
         raise ApiError(
             409,
             ErrorCode.CONFLICT,
@@ -162,24 +192,36 @@ async def replay_one(delivery_id: str, deps: Deps, principal: Auth, request: Req
             f"it is {delivery.state}; only {', '.join(store.REPLAYABLE)} deliveries can be replayed",
         )
     _wake(request)
-    return {"id": delivery_id, "state": "pending"}
+    return {"id": ident, "state": "pending"}
 
 
 class ReplayRequest(BaseModel):
     state: str = Field(default="dead", description="dead (default), dismissed or delivered")
     since: datetime | None = Field(default=None, description="only deliveries created at or after this time")
     until: datetime | None = None
-    xelionContextId: int | None = None
+    xelionContextId: int | None = Field(default=None, ge=1, le=MAX_ID)
 
 
-@router.post("/replay", summary="Replay every delivery in a state (dead by default) since a time")
-async def replay_many(body: ReplayRequest, deps: Deps, principal: Auth, request: Request) -> dict[str, Any]:
+@router.post(
+    "/replay",
+    summary="Replay every delivery in a state (dead by default) since a time",
+    # The body is read by admin.body (400 with line and column for malformed JSON), so its schema
+    # is given here for OpenAPI.
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": ReplayRequest.model_json_schema()}},
+        }
+    },
+)
+async def replay_many(deps: Deps, principal: Auth, request: Request) -> dict[str, Any]:
+    body = await read_model(request, ReplayRequest)
     if body.state not in store.REPLAYABLE:
         raise invalid_request(
             "state: cannot be replayed", f"state must be one of {', '.join(store.REPLAYABLE)}"
         )
-    since = body.since if body.since is None or body.since.tzinfo else body.since.replace(tzinfo=UTC)
-    until = body.until if body.until is None or body.until.tzinfo else body.until.replace(tzinfo=UTC)
+    since = _utc("since", body.since)
+    until = _utc("until", body.until)
     f = store.DeliveryFilter(
         state=body.state, xelion_context_id=_scope(principal, body.xelionContextId), since=since, until=until
     )
@@ -190,14 +232,15 @@ async def replay_many(body: ReplayRequest, deps: Deps, principal: Auth, request:
 
 
 @router.post("/{delivery_id}/dismiss", summary="Give up on a delivery")
-async def dismiss_one(delivery_id: str, deps: Deps, principal: Auth) -> dict[str, Any]:
-    delivery, _, _ = await _load(deps, principal, delivery_id)
+async def dismiss_one(delivery_id: DeliveryId, deps: Deps, principal: Auth) -> dict[str, Any]:
+    ident = str(delivery_id)
+    delivery, _, _ = await _load(deps, principal, ident)
     now = deps.clock.now()
-    if not await deps.database.run(lambda s: store.dismiss(s, delivery_id, now)):
+    if not await deps.database.run(lambda s: store.dismiss(s, ident, now)):
         raise ApiError(
             409,
             ErrorCode.CONFLICT,
             "delivery cannot be dismissed now",
             f"it is {delivery.state}; only {', '.join(store.DISMISSABLE)} deliveries can be dismissed",
         )
-    return {"id": delivery_id, "state": "dismissed"}
+    return {"id": ident, "state": "dismissed"}

@@ -1,0 +1,183 @@
+"""``api/deliveries`` answers bad input like the manual's routes do, on SQLite and on PostgreSQL.
+
+Out-of-range numbers and NUL characters in the query, a delivery id that is not a UUID, an
+out-of-range ``xelionContextId`` and malformed JSON in the bulk replay's body: each is a 422 (400
+for malformed JSON) naming what is wrong, never a 500 from the database. Before, SQLite raised
+``OverflowError`` for integers beyond 64 bits, and PostgreSQL refused NUL characters in text and
+integers beyond its ``integer`` columns.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from sqlmodel import Session
+
+from cti_bridge.admin.app import AdminDeps, create_admin_app
+from cti_bridge.admin.routes.deliveries import router as deliveries_router
+from cti_bridge.store.db import Database
+from cti_bridge.store.deliveries import NewDelivery, insert_deliveries, insert_event
+from tests.api.conftest import (
+    OPERATOR,
+    FakeClock,
+    Integration,
+    assert_error,
+    auth,
+    make_integration,
+    raw_json,
+)
+
+
+@pytest.fixture
+async def api(deps: AdminDeps) -> AsyncIterator[httpx.AsyncClient]:
+    """The admin API with the deliveries routes, as the daemon builds it (``app.py``)."""
+    deps.extra_routers = [deliveries_router]
+    transport = httpx.ASGITransport(app=create_admin_app(deps))
+    async with httpx.AsyncClient(transport=transport, base_url="http://cti-bridge.test") as c:
+        yield c
+
+
+async def _one_dead_delivery(
+    api: httpx.AsyncClient, database: Database, clock: FakeClock
+) -> tuple[str, Integration]:
+    """Tenant A's integration with one dead delivery for anne of call ``call-1``: its id, and the
+    integration (with a session token of its admin)."""
+    a = await make_integration(api, "a")
+    x, c = a.xelion_id, a.crm_id
+    base = f"/api/crm-integrations/{x}/crm-contexts/{c}"
+    mapping_id = (await api.get(f"{base}/event-uri-mappings", headers=OPERATOR)).json()[0]["id"]
+    user_id = int(
+        (await api.get(f"{base}/user-credentials", headers=OPERATOR)).json()[0]["userCredentialsId"]
+    )
+    now = clock.now()
+
+    def write(session: Session) -> str:
+        event_id = insert_event(
+            session,
+            xelion_context_id=x,
+            notification_type="newCallEvent",
+            call_id="call-1",
+            dedupe_key="call-1-new",
+            payload={"callId": "call-1", "calleeUser": "anne"},
+            now=now,
+        )
+        assert event_id is not None
+        new = NewDelivery(c, mapping_id, user_id, "anne", "callee", state="dead", last_error="HTTP 400")
+        (delivery_id,) = insert_deliveries(
+            session,
+            event_id=event_id,
+            xelion_context_id=x,
+            call_id="call-1",
+            deliveries=[new],
+            now=now,
+        )
+        return delivery_id
+
+    return await database.run(write), a
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"offset": "9223372036854775808"}, "offset"),  # beyond 64 bits: OverflowError on SQLite
+        ({"offset": str(2**31)}, "offset"),  # beyond the API's paging bound (common.MAX_OFFSET)
+        ({"xelionContextId": "99999999999999999999999"}, "xelionContextId"),
+        ({"xelionContextId": "99999999999"}, "xelionContextId"),  # beyond PostgreSQL's integer
+        ({"xelionContextId": "0"}, "xelionContextId"),
+        ({"username": "a\x00b"}, "username"),  # PostgreSQL cannot compare text with NUL
+        ({"callId": "a\x00b"}, "callId"),
+        ({"username": "u" * 256}, "username"),  # longer than the column: cannot match anything
+    ],
+)
+async def test_list_refuses_out_of_range_and_nul_query_values_naming_them(
+    api: httpx.AsyncClient, params: dict[str, str], field: str
+) -> None:
+    r = await api.get("/api/deliveries", params=params, headers=OPERATOR)
+    body = assert_error(r, 422, 10201)
+    assert f"query.{field}" in body["message"], body
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("since", "9999-12-31T23:59:59-01:00"),  # year 10000 in UTC: OverflowError when bound
+        ("until", "0001-01-01T00:00:00+01:00"),  # year 0 in UTC
+    ],
+)
+async def test_a_date_time_beyond_the_utc_calendar_is_422_naming_it(
+    api: httpx.AsyncClient, field: str, value: str
+) -> None:
+    r = await api.get("/api/deliveries", params={field: value}, headers=OPERATOR)
+    body = assert_error(r, 422, 10201)
+    assert body["message"].startswith(f"{field}: "), body
+    r = await api.post("/api/deliveries/replay", json={field: value}, headers=OPERATOR)
+    body = assert_error(r, 422, 10201)
+    assert body["message"].startswith(f"{field}: "), body
+
+
+async def test_list_with_valid_filters_still_finds_the_delivery(
+    api: httpx.AsyncClient, database: Database, clock: FakeClock
+) -> None:
+    delivery_id, a = await _one_dead_delivery(api, database, clock)
+    params = {"xelionContextId": str(a.xelion_id), "username": "anne", "callId": "call-1", "offset": "0"}
+    r = await api.get("/api/deliveries", params=params, headers=OPERATOR)
+    assert r.status_code == 200, r.text
+    assert r.json()["total"] == 1 and [d["id"] for d in r.json()["items"]] == [delivery_id]
+    r = await api.get("/api/deliveries", params={**params, "offset": str(2**31 - 1)}, headers=OPERATOR)
+    assert r.status_code == 200 and r.json() == {"total": 1, "offset": 2**31 - 1, "items": []}
+
+
+@pytest.mark.parametrize("bad_id", ["a%00b", "not-a-delivery-id", "1"])
+@pytest.mark.parametrize(("method", "suffix"), [("GET", ""), ("POST", "/replay"), ("POST", "/dismiss")])
+async def test_a_delivery_id_that_is_not_a_uuid_is_422_naming_it(
+    api: httpx.AsyncClient, method: str, suffix: str, bad_id: str
+) -> None:
+    # As for the manual's integer ids: an id that does not parse is 422 naming the path parameter.
+    r = await api.request(method, f"/api/deliveries/{bad_id}{suffix}", headers=OPERATOR)
+    body = assert_error(r, 422, 10201)
+    assert "path.delivery_id" in body["message"], body
+
+
+async def test_a_well_formed_unknown_delivery_id_is_404_and_a_known_one_is_found(
+    api: httpx.AsyncClient, database: Database, clock: FakeClock
+) -> None:
+    delivery_id, _ = await _one_dead_delivery(api, database, clock)
+    unknown = str(uuid.uuid4())
+    for method, suffix in (("GET", ""), ("POST", "/replay"), ("POST", "/dismiss")):
+        r = await api.request(method, f"/api/deliveries/{unknown}{suffix}", headers=OPERATOR)
+        assert_error(r, 404, 10100)
+    r = await api.get(f"/api/deliveries/{delivery_id}", headers=OPERATOR)
+    assert r.status_code == 200 and r.json()["id"] == delivery_id, r.text
+    r = await api.post(f"/api/deliveries/{delivery_id}/replay", headers=OPERATOR)
+    assert r.status_code == 200 and r.json() == {"id": delivery_id, "state": "pending"}, r.text
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999999", "99999999999", str(2**31), "0", "-1"])
+async def test_bulk_replay_refuses_an_out_of_range_xelion_context_id_naming_it(
+    api: httpx.AsyncClient, value: str
+) -> None:
+    r = await api.post("/api/deliveries/replay", **raw_json(f'{{"xelionContextId": {value}}}', OPERATOR))
+    body = assert_error(r, 422, 10201)
+    assert "xelionContextId" in body["message"], body
+
+
+async def test_bulk_replay_malformed_json_is_400_with_line_and_column(api: httpx.AsyncClient) -> None:
+    r = await api.post("/api/deliveries/replay", **raw_json('{"state": "dead",\n "since": }', OPERATOR))
+    body = assert_error(r, 400, 10200)
+    assert body["info"].startswith("line 2 column 11"), body
+
+
+async def test_bulk_replay_still_replays_within_a_session_scope(
+    api: httpx.AsyncClient, database: Database, clock: FakeClock
+) -> None:
+    delivery_id, a = await _one_dead_delivery(api, database, clock)
+    x, session = a.xelion_id, auth(a.token)
+    r = await api.post("/api/deliveries/replay", json={"xelionContextId": x + 1}, headers=session)
+    assert_error(r, 404, 10100)  # another integration's id, as before
+    r = await api.post("/api/deliveries/replay", json={"xelionContextId": x}, headers=session)
+    assert r.status_code == 200 and r.json() == {"replayed": 1}, r.text
+    r = await api.get(f"/api/deliveries/{delivery_id}", headers=session)
+    assert r.json()["state"] == "pending"
