@@ -34,6 +34,7 @@ from cti_bridge.delivery.crm_client import CrmClient
 from cti_bridge.delivery.egress import build_http_client
 from cti_bridge.delivery.oauth import TokenManager
 from cti_bridge.delivery.worker import DeliveryWorker
+from cti_bridge.events import CALL_EVENT_TYPES
 from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import IngestResult, Pipeline
 from cti_bridge.ports import SourceState
@@ -226,6 +227,8 @@ class Daemon:
     # Serialises reading an integration's configuration and applying it to its source: the admin
     # API's changes (supervisor) and the replicas' follow pass.
     config_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Per integration, the event types of its mappings that are not call events (last warned of).
+    _unsupported: dict[int, frozenset[str]] = field(default_factory=dict)
 
     async def apply_integration(self, xelion_context_id: int) -> None:
         """Bring the integration's source in line with the stored configuration (read and applied
@@ -252,9 +255,27 @@ class Daemon:
     async def _apply_locked(self, xelion_context_id: int) -> None:
         config = await self.db.run(lambda s: source_store.load_source_config(s, self.box, xelion_context_id))
         if config is None:
+            self._unsupported.pop(xelion_context_id, None)
             await self.sources.stop(xelion_context_id)
         else:
+            self._warn_unsupported(xelion_context_id, config.event_types)
             await self.sources.update(config)
+
+    def _warn_unsupported(self, xelion_context_id: int, event_types: frozenset[str]) -> None:
+        """Say once (per change) that an integration has mappings for types that are not call events.
+        The admin API refuses such a mapping now; one stored by an earlier version is still
+        subscribed (xelion-protocol.md §3.2) but its events are never delivered."""
+        unsupported = event_types - CALL_EVENT_TYPES
+        if unsupported == self._unsupported.get(xelion_context_id, frozenset()):
+            return
+        self._unsupported[xelion_context_id] = unsupported
+        if unsupported:
+            log.warning(
+                "integration %d has mappings for %s, which are not call events: nothing is delivered "
+                "for them; change or remove those mappings (PUT .../event-uri-mappings)",
+                xelion_context_id,
+                ", ".join(sorted(unsupported)),
+            )
 
     async def follow_integrations(self, stop: asyncio.Event) -> None:
         """PostgreSQL replicas: every ``replica_poll_seconds``, apply what another replica's admin

@@ -14,10 +14,15 @@ Xelion simulator ends up with: which tenants have a subscribed socket, and what 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
+
+import pytest
+from sqlmodel import Session
 
 from cti_bridge.ports import SourceConfig
 from cti_bridge.sim.xelion import add_demo_tenant
+from cti_bridge.store.models import EventUriMapping
 from tests.e2e.stack import ADMIN_PASSWORD, CLIENT_ID, CLIENT_SECRET, Stack, running_stack
 
 # What every source subscribes to; a mapping of another type adds it (store/sources.py).
@@ -146,3 +151,33 @@ async def test_a_pass_does_not_apply_its_older_read_after_the_operators_change(d
             (st.xelion_context_id, frozenset(BASE)),
             (st.xelion_context_id, frozenset(five)),
         ]
+
+
+async def test_a_stored_mapping_for_a_type_that_is_not_a_call_event_is_warned_of_once(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The admin API refuses such a mapping; one stored by an earlier version is still subscribed
+    (xelion-protocol.md §3.2) but nothing is delivered for it: the log says so, once per change."""
+    async with stack(db_url) as st:
+        await st.configure(users=("anne",), events=BASE)
+
+        def store_old_mapping(s: Session) -> None:
+            s.add(
+                EventUriMapping(
+                    crm_context_id=st.crm_context_id,
+                    xelion_event="presenceEvent",
+                    crm_resource_uri=f"{st.crm.url}/presence",
+                )
+            )
+
+        await st.daemon.db.run(store_old_mapping)
+        with caplog.at_level(logging.WARNING, logger="cti_bridge.app"):
+            for _ in range(3):  # the follow pass of a replica applies every few seconds
+                await st.daemon.apply_integration(st.xelion_context_id)
+        warned = [r.getMessage() for r in caplog.records if "not call events" in r.getMessage()]
+        assert warned == [
+            f"integration {st.xelion_context_id} has mappings for presenceEvent, which are not call "
+            "events: nothing is delivered for them; change or remove those mappings "
+            "(PUT .../event-uri-mappings)"
+        ]
+        await settled_subscriptions(st, [frozenset({*BASE, "presenceEvent"})])
