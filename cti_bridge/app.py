@@ -293,9 +293,12 @@ class Daemon:
                 return
             try:
                 await self.start_sources()
-                await self.follow_credentials()
             except Exception:
                 log.warning("reading the integrations for other replicas' changes failed", exc_info=True)
+            try:  # apart: one integration that cannot be applied must not keep stale tokens cached
+                await self.follow_credentials()
+            except Exception:
+                log.warning("reading the credentials for other replicas' changes failed", exc_info=True)
 
     async def follow_credentials(self) -> None:
         """Forget the cached access tokens of credentials that another replica's admin API changed

@@ -814,7 +814,11 @@ def reauth_required(session: Session, credential_ids: Sequence[int]) -> set[int]
     conn, drv = _driver(session)
     sql = "SELECT id FROM user_credentials WHERE id IN ({in_list}) AND state = 'reauth_required'"
     if drv.postgresql:
-        sql += " ORDER BY id FOR UPDATE"
+        # NO KEY UPDATE: it still waits for a repair's UPDATE and an ingest's FOR SHARE, but not for
+        # the key-share lock an ingest's foreign-key check takes when it inserts a delivery of the
+        # credential (FOR UPDATE made that insert wait here while this waited for the ingest's
+        # FOR SHARE of another credential: a deadlock).
+        sql += " ORDER BY id FOR NO KEY UPDATE"
     return {int(row[0]) for row in drv.rows_in(conn, sql, ids)}
 
 
@@ -979,8 +983,11 @@ def complete_many(session: Session, completions: Sequence[Completion], *, now: d
         ]
     conn, drv = _driver(session)
     at = drv.dt(now)
-    apply = _apply_postgresql if drv.postgresql else _apply_sqlite
-    applied = apply(conn, drv, completions, at)
+    if drv.postgresql:
+        parked = sorted({c.credential_id for c in completions if c.state == "parked" and c.credential_id})
+        applied = _apply_postgresql(conn, drv, completions, at, parked)
+    else:
+        applied = _apply_sqlite(conn, drv, completions, at)
     done = [c for c, ok in zip(completions, applied, strict=True) if ok]
     if not done:
         return applied
@@ -1038,19 +1045,28 @@ def _new_state(c: Completion, drv: _DriverSql, at: object) -> tuple[object, ...]
 
 
 def _apply_postgresql(
-    conn: _Raw, drv: _DriverSql, completions: Sequence[Completion], at: object
+    conn: _Raw, drv: _DriverSql, completions: Sequence[Completion], at: object, parked: Sequence[int] = ()
 ) -> list[bool]:
     """The conditional state changes on PostgreSQL: the rows are read and locked first, in id
     order (``FOR UPDATE``: two replicas completing overlapping batches cannot deadlock), then the
-    UPDATE runs for the completions whose claim matches (one executemany)."""
+    UPDATE runs for the completions whose claim matches (one executemany).
+
+    ``parked``: the credentials whose deliveries this transaction will park (``park_credential``).
+    Their undelivered rows are locked in the same statement, in the same order: parked one by one
+    afterwards, two replicas' batches parking different credentials, each holding a delivery of the
+    other's, locked them in opposite orders (a deadlock)."""
+    ids = sorted({c.delivery_id for c in completions})
+    batch = set(ids)
     owners: dict[str, str | None] = {
         str(i): owner
-        for i, owner in drv.rows_in(
+        for i, owner, state in drv.rows_in(
             conn,
-            "SELECT id, lease_owner FROM delivery WHERE id IN ({in_list}) AND state = 'sending' "
-            "ORDER BY id FOR UPDATE",
-            sorted({c.delivery_id for c in completions}),
+            "SELECT id, lease_owner, state FROM delivery WHERE (id IN ({in_list}) AND state = 'sending') "
+            "OR (credential_id = ANY(%s) AND state IN ('pending', 'sending')) ORDER BY id FOR UPDATE",
+            ids,
+            list(parked),
         )
+        if str(i) in batch and state == "sending"
     }
     applied: list[bool] = []
     for c in completions:

@@ -446,10 +446,17 @@ def list_credentials(
     return [_credview(r, crm.xelion_context_id) for r in rows], int(total)
 
 
-def _credential_row(session: Session, credential_id: int) -> tuple[UserCredentials, int] | None:
+def _credential_row(
+    session: Session, credential_id: int, *, for_update: bool = False
+) -> tuple[UserCredentials, int] | None:
+    """The credential and its integration's id. ``for_update``: the row is read locked (PostgreSQL
+    ``FOR NO KEY UPDATE``; SQLite's write lock already serialises), so a change computed from it
+    (``version + 1``) cannot race a replica's token save between the read and the write."""
     if not valid_id(credential_id):
         return None
-    row = session.get(UserCredentials, credential_id)
+    row = session.get(
+        UserCredentials, credential_id, with_for_update={"key_share": True} if for_update else None
+    )
     if row is None:
         return None
     crm = session.get(CrmContext, row.crm_context_id)
@@ -520,7 +527,10 @@ def update_secret(
     """
     if kind not in SECRET_KINDS:
         raise ValueError(f"unknown credential type {kind}")
-    found = _credential_row(session, credential_id)
+    # Locked: a replica's token save between this read and the write below would otherwise end at
+    # the same version (both v+1), and the other replicas would never see the change
+    # (TokenManager.drop_changed), nor would the save's compare-and-set fail.
+    found = _credential_row(session, credential_id, for_update=True)
     if found is None:
         return None
     row, xid = found

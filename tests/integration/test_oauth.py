@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +24,7 @@ from oauth_helpers import (
 )
 from sqlmodel import Session
 
+from cti_bridge.clock import utcnow
 from cti_bridge.config import Settings
 from cti_bridge.delivery.egress import build_http_client
 from cti_bridge.delivery.oauth import (
@@ -33,7 +35,7 @@ from cti_bridge.delivery.oauth import (
     TokenNotReady,
 )
 from cti_bridge.sim.crm import CrmSimulator, Failure
-from cti_bridge.store import migrate
+from cti_bridge.store import integrations, migrate
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.db import Database, make_engine
 from cti_bridge.store.integrations import delete_credential, update_secret
@@ -626,3 +628,61 @@ async def test_a_cached_token_is_dropped_once_another_replica_changed_its_creden
     await database.run(lambda s: delete_credential(s, cred.id))
     assert await b.drop_changed() == [cred.id]
     assert b.peek(cred.id) is None
+
+
+async def test_a_replicas_token_save_during_an_operator_update_waits_and_loses(
+    db_url: str, secret_box: SecretBox, sim: CrmSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator sets a new refresh token through replica a while replica b saves tokens of the
+    old grant (its refresh, begun at version 1). Both wrote version 2: b's cached old-grant token
+    looked current to ``drop_changed``, and the old access token stayed stored. The update now reads
+    the credential locked, so b's compare-and-set save waits for it and then fails (the manager
+    reloads and refreshes with the new grant)."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("one process per SQLite database: there are no replicas to race")
+    engine = make_engine(db_url)
+    migrate.upgrade(engine)
+    replica_a, replica_b = Database(db_url, engine=engine), Database(db_url)
+    try:
+        cred = await add_credential(replica_a, secret_box, sim.token_url, refresh_token="rt-old")
+        await read_credential(replica_b, cred.id)  # b's pool has a connection: its save is quick
+        real_row = integrations._credential_row
+        saved: dict[str, object] = {}
+
+        def b_saves_the_old_grant() -> None:
+            store = UserCredentialTokenStore(replica_b, secret_box)
+            saved["version"] = asyncio.run(
+                store.save_tokens(
+                    cred.id, 1, access_token="at-old-grant", expires_at=None, refresh_token="rt-old",
+                    extra={}, device_code_used=False,
+                )
+            )  # fmt: skip
+            saved["during_the_update"] = not committed.is_set()
+
+        committed = threading.Event()
+        saver = threading.Thread(target=b_saves_the_old_grant)
+
+        def read_then_b_saves(session: Session, credential_id: int, **kw: bool) -> object:
+            found = real_row(session, credential_id, **kw)  # the operator's transaction has read it
+            saver.start()
+            saver.join(2.0)  # without the lock, b's save is done by now
+            return found
+
+        monkeypatch.setattr(integrations, "_credential_row", read_then_b_saves)
+
+        def operator_update(s: Session) -> None:
+            assert update_secret(s, secret_box, cred.id, "refreshtoken", "rt-new", now=utcnow()) is not None
+
+        with Session(engine) as session:
+            operator_update(session)
+            committed.set()
+            session.commit()
+        saver.join(10)
+        assert saved == {"version": None, "during_the_update": False}
+        row = await read_credential(replica_a, cred.id)
+        assert row.version == 2
+        assert secret_box.decrypt_opt(row.refresh_token_enc) == "rt-new"
+        assert row.access_token_enc is None
+    finally:
+        replica_b.dispose()
+        replica_a.dispose()

@@ -13,17 +13,23 @@ runs in another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 from sqlmodel import Session, col
 
+from cti_bridge import pipeline as pipeline_module
 from cti_bridge.clock import utcnow
+from cti_bridge.store import deliveries as deliveries_module
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.db import Database
 from cti_bridge.store.deliveries import (
+    Claimed,
     Completion,
     claim_due,
     complete_many,
@@ -31,7 +37,7 @@ from cti_bridge.store.deliveries import (
     park_credential,
 )
 from cti_bridge.store.integrations import update_secret
-from cti_bridge.store.models import Delivery, UserCredentials
+from cti_bridge.store.models import CrmContext, Delivery, EventUriMapping, UserCredentials, XelionContext
 from tests.integration.test_delivery_batching import KIND, LEASE, attempt, fields, make_world, pipeline
 
 
@@ -115,6 +121,27 @@ async def test_a_parked_outcome_while_the_grant_is_still_dead_parks_the_user(dat
     assert set(states(database).values()) == {"parked"}
 
 
+def two_users_world(s: Session) -> tuple[int, int, int]:
+    """One integration, one mapping, anne and bob with credentials (anne's id the lower)."""
+    xc = XelionContext(host="xelion.example", tenant="t", admin_username="admin", admin_password_enc="x")
+    s.add(xc)
+    s.flush()
+    assert xc.id is not None
+    crm = CrmContext(xelion_context_id=xc.id, authorization_server_uri="https://crm.example/token")
+    s.add(crm)
+    s.flush()
+    assert crm.id is not None
+    s.add(EventUriMapping(crm_context_id=crm.id, xelion_event=KIND, crm_resource_uri="https://crm.example/c"))
+    y = UserCredentials(crm_context_id=crm.id, xelion_username="anne")
+    s.add(y)
+    s.flush()
+    x = UserCredentials(crm_context_id=crm.id, xelion_username="bob")
+    s.add(x)
+    s.flush()
+    assert y.id is not None and x.id is not None
+    return xc.id, y.id, x.id
+
+
 def while_a_repair_commits(database: Database, box: SecretBox, credential_id: int, work: object) -> object:
     """Run ``work(session)`` in another thread while the repair's transaction is open here; commit
     the repair after a moment. Returns what ``work`` returned, and whether it had returned before
@@ -174,3 +201,131 @@ async def test_a_parked_outcome_written_during_the_repair_waits_for_it(
     )
     assert done == {"result": [True], "before_commit": False}
     assert states(database) == {r.delivery_ids[0]: "pending" for r in results}
+
+
+async def test_an_ingest_and_a_parking_completion_do_not_deadlock(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: an ingest batch holds a share lock on a dead credential X (``inactive_credentials``)
+    while a completion parks Y and X. The completion locks its credentials in id order, so it holds Y
+    and waits for X; the ingest then inserts a delivery of Y, whose foreign-key check takes a
+    key-share lock on Y. With FOR UPDATE on the credentials that check waited for the completion,
+    and the completion for the ingest: a deadlock, which aborted the completion (its outcomes
+    unrecorded, the deliveries sent again after their lease). FOR NO KEY UPDATE lets the check by."""
+    if database.is_sqlite:
+        pytest.skip("SQLite has one writer at a time: an ingest and a completion cannot overlap")
+
+    ctx, y, x = database.run_sync(two_users_world)
+    assert y < x
+    p = pipeline(database)
+    await p.submit(ctx, KIND, {"callId": "c1", "calleeUser": "anne"})
+    await p.submit(ctx, KIND, {"callId": "c2", "calleeUser": "bob"})
+    now = utcnow() + timedelta(seconds=1)
+    claimed = {
+        c.credential_id: c
+        for c in database.run_sync(lambda s: claim_due(s, now=now, limit=10, lease_seconds=LEASE))
+    }
+    assert set(claimed) == {x, y}
+    mark_reauth_required(database, x)
+
+    outcome: dict[str, object] = {}
+
+    def completion() -> None:
+        parked = [
+            Completion(
+                claimed[c].id, claimed[c].claim, "parked", attempt("parked"), count_attempt=False,
+                credential_id=c, park_reason="re-authorisation required",
+            )
+            for c in (y, x)
+        ]  # fmt: skip
+        try:
+            outcome["completion"] = database.run_sync(lambda s: complete_many(s, parked, now=now))
+        except Exception as exc:
+            outcome["completion"] = type(exc).__name__
+
+    completing = threading.Thread(target=completion)
+    real = pipeline_module.inactive_credentials
+
+    def then_ys_grant_dies_and_a_completion_parks(
+        session: Session, ids: Sequence[int]
+    ) -> dict[int, str | None]:
+        found = real(session, ids)  # FOR SHARE on x, the dead one
+        mark_reauth_required(database, y)  # the token manager: anne's grant died a moment ago
+        completing.start()
+        completing.join(0.3)  # the completion now holds y and waits for x
+        return found
+
+    monkeypatch.setattr(pipeline_module, "inactive_credentials", then_ys_grant_dies_and_a_completion_parks)
+    batch = [
+        (ctx, KIND, {"callId": "c3", "calleeUser": "anne"}),
+        (ctx, KIND, {"callId": "c4", "calleeUser": "bob"}),
+    ]
+    database.run_sync(lambda s: p._ingest_batch(s, batch, None))  # inserts a delivery of y
+    completing.join(10)
+    assert outcome == {"completion": [True, True]}
+    assert set(states(database).values()) == {"parked"}
+
+
+async def test_two_completions_parking_different_users_do_not_deadlock(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL, two replicas: one batch parks anne and holds a retry of bob's, the other parks bob
+    and holds a delivered one of anne's. Parking took each user's other rows after the batch's own,
+    in opposite orders: a deadlock, which aborted one batch. The rows a batch will park are now
+    locked with its own, in one statement in id order, so one batch waits for the other."""
+    if database.is_sqlite:
+        pytest.skip("SQLite has one writer at a time: two completions cannot overlap")
+    ctx, anne, bob = database.run_sync(two_users_world)
+    p = pipeline(database)
+    for i, user in enumerate(("anne", "anne", "bob", "bob")):
+        await p.submit(ctx, KIND, {"callId": f"c{i}", "calleeUser": user})
+    now = utcnow() + timedelta(seconds=1)
+    leased = database.run_sync(lambda s: claim_due(s, now=now, limit=10, lease_seconds=LEASE))
+    annes = [c for c in leased if c.credential_id == anne]
+    bobs = [c for c in leased if c.credential_id == bob]
+    mark_reauth_required(database, anne)
+    mark_reauth_required(database, bob)
+
+    def done(c: Claimed, state: str, parks: int | None = None) -> Completion:
+        return Completion(
+            c.id, c.claim, state, attempt(state), next_attempt_at=now if state == "pending" else None,
+            credential_id=parks, park_reason="re-authorisation required",
+        )  # fmt: skip
+
+    batches = {
+        "one": [done(annes[0], "parked", anne), done(bobs[0], "pending")],
+        "two": [done(bobs[1], "parked", bob), done(annes[1], "delivered")],
+    }
+    both_at_parking = threading.Barrier(2)
+    real_park = deliveries_module.park_credential
+
+    def park_once_both_got_here(session: Session, **kw: Any) -> int:
+        # Without the shared lock both batches get here, each holding its own rows: the deadlock.
+        # With it the second waits in its first statement, and this wait just times out.
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_at_parking.wait(1.0)
+        return int(real_park(session, **kw))
+
+    monkeypatch.setattr(deliveries_module, "park_credential", park_once_both_got_here)
+    outcome: dict[str, object] = {}
+
+    def run(name: str) -> None:
+        try:
+            outcome[name] = database.run_sync(lambda s: complete_many(s, batches[name], now=now))
+        except Exception as exc:
+            outcome[name] = type(exc).__name__
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    # Both committed (a deadlock aborts one: its value would name the error). Whichever went first
+    # parked, among its user's undelivered deliveries, the one the other batch still held (parking
+    # takes in-flight ones too), so that one completion of the other batch did not apply.
+    one, two = outcome["one"], outcome["two"]
+    assert one in ([True, True], [True, False]) and two in ([True, True], [True, False]), outcome
+    assert [one, two].count([True, True]) == 1
+    final = states(database)
+    assert final[annes[1].id] == ("delivered" if two == [True, True] else "parked")
+    assert {final[annes[0].id], final[bobs[0].id], final[bobs[1].id]} == {"parked"}
