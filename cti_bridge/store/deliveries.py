@@ -1057,16 +1057,23 @@ def _apply_postgresql(
     other's, locked them in opposite orders (a deadlock)."""
     ids = sorted({c.delivery_id for c in completions})
     batch = set(ids)
-    owners: dict[str, str | None] = {
-        str(i): owner
-        for i, owner, state in drv.rows_in(
+    if parked:  # rare: the common statement stays a plain seek of the batch's own rows
+        rows = drv.rows_in(
             conn,
             "SELECT id, lease_owner, state FROM delivery WHERE (id IN ({in_list}) AND state = 'sending') "
             "OR (credential_id = ANY(%s) AND state IN ('pending', 'sending')) ORDER BY id FOR UPDATE",
             ids,
             list(parked),
         )
-        if str(i) in batch and state == "sending"
+    else:
+        rows = drv.rows_in(
+            conn,
+            "SELECT id, lease_owner, state FROM delivery WHERE id IN ({in_list}) AND state = 'sending' "
+            "ORDER BY id FOR UPDATE",
+            ids,
+        )
+    owners: dict[str, str | None] = {
+        str(i): owner for i, owner, state in rows if str(i) in batch and state == "sending"
     }
     applied: list[bool] = []
     for c in completions:
