@@ -365,14 +365,19 @@ def release_all_leases(session: Session, *, now: datetime) -> int:
 
 
 def park_credential(session: Session, *, credential_id: int, reason: str, now: datetime) -> int:
-    """Park every undelivered delivery of a credential (reliability.md §13). Through
-    ``ix_delivery_credential_undelivered``, whose condition the query repeats."""
+    """Park the credential's deliveries waiting to be sent (reliability.md §13). Through
+    ``ix_delivery_credential_undelivered``, whose condition the query repeats.
+
+    Not those in flight (``sending``): their requests are out already, and parking them took their
+    lease, so a delivered one's outcome was thrown away (the claim no longer held) and the delivery
+    sent again once resumed. Each one's own outcome decides: delivered, or parked by its own attempt
+    (the credential is marked, so the token manager refuses it a token)."""
     result: Any = session.execute(
         update(Delivery)
         .where(
             col(Delivery.credential_id) == credential_id,
             text(UNDELIVERED_SQL),
-            col(Delivery.state).in_(("pending", "sending")),
+            col(Delivery.state) == "pending",
         )
         .values(state="parked", lease_owner=None, lease_expires_at=None, last_error=reason, updated_at=now)
     )
@@ -1061,7 +1066,7 @@ def _apply_postgresql(
         rows = drv.rows_in(
             conn,
             "SELECT id, lease_owner, state FROM delivery WHERE (id IN ({in_list}) AND state = 'sending') "
-            "OR (credential_id = ANY(%s) AND state IN ('pending', 'sending')) ORDER BY id FOR UPDATE",
+            "OR (credential_id = ANY(%s) AND state = 'pending') ORDER BY id FOR UPDATE",
             ids,
             list(parked),
         )
