@@ -151,8 +151,9 @@ class SourceHooks(Protocol):
         ...
 
     async def load_state(self, xelion_context_id: int) -> tuple[str | None, datetime | None]:
-        """The stored state of the integration's source (its owner's, with replicas) and the time
-        of its last stored event."""
+        """The stored state of the integration's source (its owner's, with replicas) and the last
+        moment its owner is known to have listened: its last stored event (less the second it may
+        have been written late) or the subscription that ended its last gap, whichever is later."""
         ...
 
     async def save_session_token(self, xelion_context_id: int, token: str | None) -> None:

@@ -6,7 +6,7 @@ decrypting the admin password only in memory.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select, update
@@ -73,15 +73,16 @@ def close_gap(session: Session, xelion_context_id: int, ended_at: datetime) -> N
 
 def load_state(session: Session, xelion_context_id: int) -> tuple[str | None, datetime | None]:
     """The source's stored state, and the last moment its owner is known to have listened: the
-    later of its last stored event (``last_event_at``, written up to a second late) and the end of
-    its last gap (a subscription)."""
+    later of its last stored event (``last_event_at``, written up to a second late, so a second
+    earlier) and the end of its last gap (its subscription, to the microsecond)."""
     ctx = session.get(XelionContext, xelion_context_id)
     if ctx is None:
         return None, None
     subscribed = session.exec(
         select(func.max(SourceGap.ended_at)).where(col(SourceGap.xelion_context_id) == xelion_context_id)
     ).first()
-    seen = [t for t in (ctx.last_event_at, subscribed) if t is not None]
+    event = None if ctx.last_event_at is None else ctx.last_event_at - timedelta(seconds=1)
+    seen = [t for t in (event, subscribed) if t is not None]
     return ctx.source_state, max(seen) if seen else None
 
 

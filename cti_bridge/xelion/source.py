@@ -688,9 +688,10 @@ class SourceManager:
         A source that stopped cleanly (stored ``stopped`` or ``failed``) left a gap open when it
         stopped, which the new one joins: None. One that ended without a word (``kill -9``, a crash,
         a lost host: its stored state says it was still listening) gave no stop time; it was
-        listening at the last moment the store knows of (its last stored event, written up to a
-        second late, or the subscription that ended its last gap), so the gap starts there. It may
-        be longer than the outage, never shorter (reliability.md §18).
+        listening at the last moment the store knows of (``load_state``: its last stored event, less
+        the second it may have been written late, or the subscription that ended its last gap), so
+        the gap starts there: never before that gap ended, so the two do not overlap. It may be
+        longer than the outage, never shorter (reliability.md §18).
         """
         try:
             state, listened_at = await self._hooks.load_state(xelion_context_id)
@@ -699,7 +700,7 @@ class SourceManager:
             return None
         if state in (None, SourceState.STOPPED, SourceState.FAILED) or listened_at is None:
             return None
-        return listened_at - timedelta(seconds=1)
+        return listened_at
 
     async def _takeover_since(self, xelion_context_id: int, held: Held) -> datetime:
         """The start of a takeover's gap: never later than the moment nobody listened any more
