@@ -54,7 +54,7 @@ from cti_bridge.ports import STATE_ACTIVE, STATE_REAUTH_REQUIRED, CredentialSnap
 from cti_bridge.store.crypto import SecretBox, constant_time_equal, hash_token
 from cti_bridge.store.db import LOCK_REFRESH_APP, Database
 from cti_bridge.store.models import AppContext
-from cti_bridge.store.tokens import snapshot_of
+from cti_bridge.store.tokens import snapshot_of, versions_of
 
 # Compared against when a row has no access token, so that the answer takes as long either way.
 _NO_TOKEN = "\x01" * 32
@@ -298,10 +298,5 @@ class AppContextTokenStore:
         return self._db.exclusive(LOCK_REFRESH_APP, key)
 
     async def versions(self) -> dict[int, int]:
-        """Every credential's ``version`` (two columns of each row; ``TokenManager.drop_changed``)."""
-
-        def read(session: Session) -> dict[int, int]:
-            rows = session.exec(select(col(AppContext.id), col(AppContext.version))).all()
-            return {int(i): int(v) for i, v in rows if i is not None}
-
-        return await self._db.run(read)
+        """Every credential's ``version`` (``TokenManager.drop_changed``)."""
+        return await self._db.run(lambda s: versions_of(s, AppContext))

@@ -980,6 +980,7 @@ def complete_many(session: Session, completions: Sequence[Completion], *, now: d
     if not completions:
         return []
     parking = [c.credential_id for c in completions if c.state == "parked" and c.credential_id is not None]
+    still: set[int] = set()  # the credentials this transaction parks
     if parking:
         still = reauth_required(session, parking)
         completions = [
@@ -989,8 +990,7 @@ def complete_many(session: Session, completions: Sequence[Completion], *, now: d
     conn, drv = _driver(session)
     at = drv.dt(now)
     if drv.postgresql:
-        parked = sorted({c.credential_id for c in completions if c.state == "parked" and c.credential_id})
-        applied = _apply_postgresql(conn, drv, completions, at, parked)
+        applied = _apply_postgresql(conn, drv, completions, at, sorted(still))
     else:
         applied = _apply_sqlite(conn, drv, completions, at)
     done = [c for c, ok in zip(completions, applied, strict=True) if ok]
@@ -1062,21 +1062,13 @@ def _apply_postgresql(
     other's, locked them in opposite orders (a deadlock)."""
     ids = sorted({c.delivery_id for c in completions})
     batch = set(ids)
+    where = "id IN ({in_list}) AND state = 'sending'"
+    extra: tuple[object, ...] = ()
     if parked:  # rare: the common statement stays a plain seek of the batch's own rows
-        rows = drv.rows_in(
-            conn,
-            "SELECT id, lease_owner, state FROM delivery WHERE (id IN ({in_list}) AND state = 'sending') "
-            "OR (credential_id = ANY(%s) AND state = 'pending') ORDER BY id FOR UPDATE",
-            ids,
-            list(parked),
-        )
-    else:
-        rows = drv.rows_in(
-            conn,
-            "SELECT id, lease_owner, state FROM delivery WHERE id IN ({in_list}) AND state = 'sending' "
-            "ORDER BY id FOR UPDATE",
-            ids,
-        )
+        where, extra = f"({where}) OR (credential_id = ANY(%s) AND state = 'pending')", (list(parked),)
+    # Constant SQL in two shapes; every value is a parameter.
+    sql = f"SELECT id, lease_owner, state FROM delivery WHERE {where} ORDER BY id FOR UPDATE"  # noqa: S608
+    rows = drv.rows_in(conn, sql, ids, *extra)
     owners: dict[str, str | None] = {
         str(i): owner for i, owner, state in rows if str(i) in batch and state == "sending"
     }

@@ -147,10 +147,11 @@ class UserCredentialTokenStore:
         return self._db.exclusive(LOCK_REFRESH_USER, key)
 
     async def versions(self) -> dict[int, int]:
-        """Every credential's ``version`` (two columns of each row; ``TokenManager.drop_changed``)."""
+        """Every credential's ``version`` (``TokenManager.drop_changed``)."""
+        return await self._db.run(lambda s: versions_of(s, UserCredentials))
 
-        def read(session: Session) -> dict[int, int]:
-            rows = session.exec(select(col(UserCredentials.id), col(UserCredentials.version))).all()
-            return {int(i): int(v) for i, v in rows if i is not None}
 
-        return await self._db.run(read)
+def versions_of(session: Session, model: type[UserCredentials] | type[AppContext]) -> dict[int, int]:
+    """Every row's ``version`` by id, of either kind of credential (two columns of each row)."""
+    rows = session.exec(select(col(model.id), col(model.version))).all()
+    return {int(i): int(v) for i, v in rows if i is not None}

@@ -693,14 +693,19 @@ class SourceManager:
         the gap starts there: never before that gap ended, so the two do not overlap. It may be
         longer than the outage, never shorter (reliability.md §18).
         """
-        try:
-            state, listened_at = await self._hooks.load_state(xelion_context_id)
-        except Exception:
-            logger.warning("reading the stored source state failed", exc_info=True)
-            return None
+        state, listened_at = await self._stored_state(xelion_context_id)
         if state in (None, SourceState.STOPPED, SourceState.FAILED) or listened_at is None:
             return None
         return listened_at
+
+    async def _stored_state(self, xelion_context_id: int) -> tuple[str | None, datetime | None]:
+        """``load_state``, or (None, None) when the database does not answer (logged): a gap then
+        starts as if nothing were known of the previous owner."""
+        try:
+            return await self._hooks.load_state(xelion_context_id)
+        except Exception:
+            logger.warning("reading the stored source state failed", exc_info=True)
+            return None, None
 
     async def _takeover_since(self, xelion_context_id: int, held: Held) -> datetime:
         """The start of a takeover's gap: never later than the moment nobody listened any more
@@ -714,11 +719,7 @@ class SourceManager:
         drop of its socket left a gap open, which the new owner's gap joins.
         """
         assert held.since is not None
-        try:
-            state, last_event_at = await self._hooks.load_state(xelion_context_id)
-        except Exception:
-            logger.warning("reading the stored source state failed", exc_info=True)
-            state, last_event_at = None, None
+        state, last_event_at = await self._stored_state(xelion_context_id)
         if state in (SourceState.STOPPED, SourceState.FAILED):
             return held.since
         since = held.since - self._ownership.silent_loss

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -152,11 +153,20 @@ def deps(
     )
 
 
+@asynccontextmanager
+async def admin_client(deps: AdminDeps, *routers: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the admin app built from ``deps``, with ``routers`` added as ``app.py`` adds
+    its own (deliveries, preview, ...)."""
+    if routers:
+        deps.extra_routers = list(routers)
+    transport = httpx.ASGITransport(app=create_admin_app(deps))
+    async with httpx.AsyncClient(transport=transport, base_url="http://cti-bridge.test") as c:
+        yield c
+
+
 @pytest.fixture
 async def client(deps: AdminDeps) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_admin_app(deps)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://cti-bridge.test") as c:
+    async with admin_client(deps) as c:
         yield c
 
 

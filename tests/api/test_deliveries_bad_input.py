@@ -16,7 +16,7 @@ import httpx
 import pytest
 from sqlmodel import Session
 
-from cti_bridge.admin.app import AdminDeps, create_admin_app
+from cti_bridge.admin.app import AdminDeps
 from cti_bridge.admin.routes.deliveries import router as deliveries_router
 from cti_bridge.store.db import Database
 from cti_bridge.store.deliveries import NewDelivery, insert_deliveries, insert_event
@@ -24,6 +24,7 @@ from tests.api.conftest import (
     OPERATOR,
     FakeClock,
     Integration,
+    admin_client,
     assert_error,
     auth,
     make_integration,
@@ -34,9 +35,7 @@ from tests.api.conftest import (
 @pytest.fixture
 async def api(deps: AdminDeps) -> AsyncIterator[httpx.AsyncClient]:
     """The admin API with the deliveries routes, as the daemon builds it (``app.py``)."""
-    deps.extra_routers = [deliveries_router]
-    transport = httpx.ASGITransport(app=create_admin_app(deps))
-    async with httpx.AsyncClient(transport=transport, base_url="http://cti-bridge.test") as c:
+    async with admin_client(deps, deliveries_router) as c:
         yield c
 
 

@@ -15,12 +15,12 @@ from typing import Any
 import httpx
 import pytest
 
-from cti_bridge.admin.app import AdminDeps, create_admin_app
+from cti_bridge.admin.app import AdminDeps
 from cti_bridge.admin.routes.preview import router as preview_router
 from cti_bridge.events import CALL_EVENT_TYPES
 from cti_bridge.store.db import Database
 from cti_bridge.store.models import EventUriMapping, XelionContext
-from tests.api.conftest import OPERATOR, assert_error, integration_body, make_integration, rows
+from tests.api.conftest import OPERATOR, admin_client, assert_error, integration_body, make_integration, rows
 from tests.api.xelion_world import XelionWorld
 
 # Notification types Xelion has besides call events, a case slip, and a name Xelion never sends.
@@ -44,9 +44,7 @@ def assert_names_the_field_and_lists_the_types(body: dict[str, Any], field: str)
 @pytest.fixture
 async def api(deps: AdminDeps) -> AsyncIterator[httpx.AsyncClient]:
     """The admin API with the preview route, as the daemon builds it (``app.py``)."""
-    deps.extra_routers = [preview_router]
-    transport = httpx.ASGITransport(app=create_admin_app(deps))
-    async with httpx.AsyncClient(transport=transport, base_url="http://cti-bridge.test") as c:
+    async with admin_client(deps, preview_router) as c:
         yield c
 
 

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -58,6 +58,21 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+def replicas(db_url: str) -> Iterator[tuple[Database, Database]]:
+    """Two replicas' databases (each its own engine and pool) over one migrated PostgreSQL database."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("one process per SQLite database: there are no replicas to race")
+    engine = make_engine(db_url)
+    migrate.upgrade(engine)
+    replica_a, replica_b = Database(db_url, engine=engine), Database(db_url)
+    try:
+        yield replica_a, replica_b
+    finally:
+        replica_b.dispose()
+        replica_a.dispose()
 
 
 def manager(
@@ -542,51 +557,47 @@ async def test_every_token_endpoint_call_is_reported(
 
 
 async def test_two_replicas_refreshing_one_rotating_credential_make_one_token_request(
-    db_url: str, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+    replicas: tuple[Database, Database],
+    secret_box: SecretBox,
+    sim: CrmSimulator,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
 ) -> None:
     """PostgreSQL replicas deliver for the same user and both find its token expiring. Each refresh
     with the same rotating refresh token: the second gets invalid_grant, and if its 'reauth required'
     committed before the first one's new tokens, the credential was parked and the freshly rotated
     refresh token thrown away (a dead grant out of a healthy one, at a token expiry)."""
-    if db_url.startswith("sqlite"):
-        pytest.skip("one process per SQLite database: there are no replicas to race")
-    engine = make_engine(db_url)
-    migrate.upgrade(engine)
-    replica_a, replica_b = Database(db_url, engine=engine), Database(db_url)
-    try:
-        sim.rotate_refresh_tokens = True
-        cred = await add_credential(
-            replica_a,
-            secret_box,
-            sim.token_url,
-            refresh_token=sim.issue_refresh_token(CLIENT_ID),
-            access_token="expiring-access-token",
-            expires_at=clock.now() + timedelta(seconds=10),
-        )
-        second_arrived = asyncio.Event()
+    replica_a, replica_b = replicas
+    sim.rotate_refresh_tokens = True
+    cred = await add_credential(
+        replica_a,
+        secret_box,
+        sim.token_url,
+        refresh_token=sim.issue_refresh_token(CLIENT_ID),
+        access_token="expiring-access-token",
+        expires_at=clock.now() + timedelta(seconds=10),
+    )
+    second_arrived = asyncio.Event()
 
-        async def hold_the_first(grant_type: str) -> None:
-            # The first refresh waits (up to a second) for a second one to reach the endpoint: two
-            # replicas refreshing at once. With the refresh serialised there is none to wait for.
-            if sim.token_counts[grant_type] == 1:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(second_arrived.wait(), 1.0)
-            else:
-                second_arrived.set()
+    async def hold_the_first(grant_type: str) -> None:
+        # The first refresh waits (up to a second) for a second one to reach the endpoint: two
+        # replicas refreshing at once. With the refresh serialised there is none to wait for.
+        if sim.token_counts[grant_type] == 1:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(second_arrived.wait(), 1.0)
+        else:
+            second_arrived.set()
 
-        sim.token_hook = hold_the_first
-        a = manager(replica_a, secret_box, http, clock)
-        b = manager(replica_b, secret_box, http, clock)
-        got_a, got_b = await asyncio.gather(a.get(cred.id), b.get(cred.id))
-        assert sim.token_counts == {"refresh_token": 1}
-        assert got_a.access_token == got_b.access_token != "expiring-access-token"
-        row = await read_credential(replica_a, cred.id)
-        assert row.state == "active"
-        (current,) = sim.current_refresh_tokens(CLIENT_ID)
-        assert secret_box.decrypt_opt(row.refresh_token_enc) == current
-    finally:
-        replica_b.dispose()
-        replica_a.dispose()
+    sim.token_hook = hold_the_first
+    a = manager(replica_a, secret_box, http, clock)
+    b = manager(replica_b, secret_box, http, clock)
+    got_a, got_b = await asyncio.gather(a.get(cred.id), b.get(cred.id))
+    assert sim.token_counts == {"refresh_token": 1}
+    assert got_a.access_token == got_b.access_token != "expiring-access-token"
+    row = await read_credential(replica_a, cred.id)
+    assert row.state == "active"
+    (current,) = sim.current_refresh_tokens(CLIENT_ID)
+    assert secret_box.decrypt_opt(row.refresh_token_enc) == current
 
 
 async def test_a_cached_token_is_dropped_once_another_replica_changed_its_credential(
@@ -631,58 +642,53 @@ async def test_a_cached_token_is_dropped_once_another_replica_changed_its_creden
 
 
 async def test_a_replicas_token_save_during_an_operator_update_waits_and_loses(
-    db_url: str, secret_box: SecretBox, sim: CrmSimulator, monkeypatch: pytest.MonkeyPatch
+    replicas: tuple[Database, Database],
+    secret_box: SecretBox,
+    sim: CrmSimulator,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The operator sets a new refresh token through replica a while replica b saves tokens of the
     old grant (its refresh, begun at version 1). Both wrote version 2: b's cached old-grant token
     looked current to ``drop_changed``, and the old access token stayed stored. The update now reads
     the credential locked, so b's compare-and-set save waits for it and then fails (the manager
     reloads and refreshes with the new grant)."""
-    if db_url.startswith("sqlite"):
-        pytest.skip("one process per SQLite database: there are no replicas to race")
-    engine = make_engine(db_url)
-    migrate.upgrade(engine)
-    replica_a, replica_b = Database(db_url, engine=engine), Database(db_url)
-    try:
-        cred = await add_credential(replica_a, secret_box, sim.token_url, refresh_token="rt-old")
-        await read_credential(replica_b, cred.id)  # b's pool has a connection: its save is quick
-        real_row = integrations._credential_row
-        saved: dict[str, object] = {}
+    replica_a, replica_b = replicas
+    cred = await add_credential(replica_a, secret_box, sim.token_url, refresh_token="rt-old")
+    await read_credential(replica_b, cred.id)  # b's pool has a connection: its save is quick
+    real_row = integrations._credential_row
+    saved: dict[str, object] = {}
 
-        def b_saves_the_old_grant() -> None:
-            store = UserCredentialTokenStore(replica_b, secret_box)
-            saved["version"] = asyncio.run(
-                store.save_tokens(
-                    cred.id, 1, access_token="at-old-grant", expires_at=None, refresh_token="rt-old",
-                    extra={}, device_code_used=False,
-                )
-            )  # fmt: skip
-            saved["during_the_update"] = not committed.is_set()
+    def b_saves_the_old_grant() -> None:
+        store = UserCredentialTokenStore(replica_b, secret_box)
+        saved["version"] = asyncio.run(
+            store.save_tokens(
+                cred.id, 1, access_token="at-old-grant", expires_at=None, refresh_token="rt-old",
+                extra={}, device_code_used=False,
+            )
+        )  # fmt: skip
+        saved["during_the_update"] = not committed.is_set()
 
-        committed = threading.Event()
-        saver = threading.Thread(target=b_saves_the_old_grant)
+    committed = threading.Event()
+    saver = threading.Thread(target=b_saves_the_old_grant)
 
-        def read_then_b_saves(session: Session, credential_id: int, **kw: bool) -> object:
-            found = real_row(session, credential_id, **kw)  # the operator's transaction has read it
-            saver.start()
-            saver.join(2.0)  # without the lock, b's save is done by now
-            return found
+    def read_then_b_saves(session: Session, credential_id: int, **kw: bool) -> object:
+        found = real_row(session, credential_id, **kw)  # the operator's transaction has read it
+        saver.start()
+        saver.join(2.0)  # without the lock, b's save is done by now
+        return found
 
-        monkeypatch.setattr(integrations, "_credential_row", read_then_b_saves)
+    monkeypatch.setattr(integrations, "_credential_row", read_then_b_saves)
 
-        def operator_update(s: Session) -> None:
-            assert update_secret(s, secret_box, cred.id, "refreshtoken", "rt-new", now=utcnow()) is not None
+    def operator_update(s: Session) -> None:
+        assert update_secret(s, secret_box, cred.id, "refreshtoken", "rt-new", now=utcnow()) is not None
 
-        with Session(engine) as session:
-            operator_update(session)
-            committed.set()
-            session.commit()
-        saver.join(10)
-        assert saved == {"version": None, "during_the_update": False}
-        row = await read_credential(replica_a, cred.id)
-        assert row.version == 2
-        assert secret_box.decrypt_opt(row.refresh_token_enc) == "rt-new"
-        assert row.access_token_enc is None
-    finally:
-        replica_b.dispose()
-        replica_a.dispose()
+    with Session(replica_a.engine) as session:
+        operator_update(session)
+        committed.set()
+        session.commit()
+    saver.join(10)
+    assert saved == {"version": None, "during_the_update": False}
+    row = await read_credential(replica_a, cred.id)
+    assert row.version == 2
+    assert secret_box.decrypt_opt(row.refresh_token_enc) == "rt-new"
+    assert row.access_token_enc is None

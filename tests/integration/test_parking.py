@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -25,6 +25,7 @@ from sqlmodel import Session, col
 
 from cti_bridge import pipeline as pipeline_module
 from cti_bridge.clock import utcnow
+from cti_bridge.pipeline import IngestResult
 from cti_bridge.store import deliveries as deliveries_module
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.db import Database
@@ -61,12 +62,33 @@ def repair(s: Session, box: SecretBox, credential_id: int) -> None:
     assert update_secret(s, box, credential_id, "refreshtoken", "rt-new", now=utcnow()) is not None
 
 
+async def three_calls(database: Database, w: Any) -> list[IngestResult]:
+    """One event of anne's (one delivery) in each of three calls."""
+    p = pipeline(database)
+    return await asyncio.gather(*(p.submit(w.xelion_context_id, KIND, fields(f"c{i}")) for i in range(3)))
+
+
+def lease(database: Database, limit: int) -> tuple[datetime, list[Claimed]]:
+    """A worker's claim of ``limit`` due deliveries (in flight from here), a second from now."""
+    now = utcnow() + timedelta(seconds=1)
+    return now, database.run_sync(lambda s: claim_due(s, now=now, limit=limit, lease_seconds=LEASE))
+
+
+def parked_outcome(
+    c: Claimed, credential_id: int, reason: str = "re-authorisation required: invalid_grant"
+) -> Completion:
+    """The worker's outcome of an attempt that met the user's dead grant."""
+    return Completion(
+        c.id, c.claim, "parked", attempt("parked"), count_attempt=False,
+        credential_id=credential_id, park_reason=reason,
+    )  # fmt: skip
+
+
 async def test_the_repair_resumes_parked_deliveries_in_its_own_transaction(
     database: Database, secret_box: SecretBox
 ) -> None:
     w = make_world(database)
-    p = pipeline(database)
-    results = await asyncio.gather(*(p.submit(w.xelion_context_id, KIND, fields(f"c{i}")) for i in range(3)))
+    results = await three_calls(database, w)
     mark_reauth_required(database, w.credential_id)
     database.run_sync(
         lambda s: park_credential(s, credential_id=w.credential_id, reason="dead", now=utcnow())
@@ -84,22 +106,12 @@ async def test_a_parked_outcome_written_after_the_repair_leaves_the_delivery_due
     """The token manager marked the grant dead and the worker queued a parked outcome; the operator
     repaired the grant before the outcome was written."""
     w = make_world(database)
-    p = pipeline(database)
-    results = await asyncio.gather(*(p.submit(w.xelion_context_id, KIND, fields(f"c{i}")) for i in range(3)))
-    now = utcnow() + timedelta(seconds=1)
-    claimed = database.run_sync(lambda s: claim_due(s, now=now, limit=1, lease_seconds=LEASE))
+    results = await three_calls(database, w)
+    now, claimed = lease(database, 1)
     mark_reauth_required(database, w.credential_id)
     database.run_sync(lambda s: repair(s, secret_box, w.credential_id))
 
-    outcome = Completion(
-        claimed[0].id,
-        claimed[0].claim,
-        "parked",
-        attempt("parked"),
-        count_attempt=False,
-        credential_id=w.credential_id,
-        park_reason="re-authorisation required: invalid_grant",
-    )
+    outcome = parked_outcome(claimed[0], w.credential_id)
     assert database.run_sync(lambda s: complete_many(s, [outcome], now=now)) == [True]
     assert states(database) == {r.delivery_ids[0]: "pending" for r in results}
     due = database.run_sync(lambda s: s.get(Delivery, claimed[0].id))
@@ -108,15 +120,10 @@ async def test_a_parked_outcome_written_after_the_repair_leaves_the_delivery_due
 
 async def test_a_parked_outcome_while_the_grant_is_still_dead_parks_the_user(database: Database) -> None:
     w = make_world(database)
-    p = pipeline(database)
-    await asyncio.gather(*(p.submit(w.xelion_context_id, KIND, fields(f"c{i}")) for i in range(3)))
-    now = utcnow() + timedelta(seconds=1)
-    claimed = database.run_sync(lambda s: claim_due(s, now=now, limit=1, lease_seconds=LEASE))
+    await three_calls(database, w)
+    now, claimed = lease(database, 1)
     mark_reauth_required(database, w.credential_id)
-    outcome = Completion(
-        claimed[0].id, claimed[0].claim, "parked", attempt("parked"), count_attempt=False,
-        credential_id=w.credential_id, park_reason="re-authorisation required: invalid_grant",
-    )  # fmt: skip
+    outcome = parked_outcome(claimed[0], w.credential_id)
     assert database.run_sync(lambda s: complete_many(s, [outcome], now=now)) == [True]
     assert set(states(database).values()) == {"parked"}
 
@@ -187,15 +194,10 @@ async def test_a_parked_outcome_written_during_the_repair_waits_for_it(
     if database.is_sqlite:
         pytest.skip("SQLite has one writer at a time: a repair and a completion cannot overlap")
     w = make_world(database)
-    p = pipeline(database)
-    results = await asyncio.gather(*(p.submit(w.xelion_context_id, KIND, fields(f"c{i}")) for i in range(3)))
-    now = utcnow() + timedelta(seconds=1)
-    claimed = database.run_sync(lambda s: claim_due(s, now=now, limit=1, lease_seconds=LEASE))
+    results = await three_calls(database, w)
+    now, claimed = lease(database, 1)
     mark_reauth_required(database, w.credential_id)
-    outcome = Completion(
-        claimed[0].id, claimed[0].claim, "parked", attempt("parked"), count_attempt=False,
-        credential_id=w.credential_id, park_reason="re-authorisation required: invalid_grant",
-    )  # fmt: skip
+    outcome = parked_outcome(claimed[0], w.credential_id)
     done = while_a_repair_commits(
         database, secret_box, w.credential_id, lambda s: complete_many(s, [outcome], now=now)
     )
@@ -231,13 +233,7 @@ async def test_an_ingest_and_a_parking_completion_do_not_deadlock(
     outcome: dict[str, object] = {}
 
     def completion() -> None:
-        parked = [
-            Completion(
-                claimed[c].id, claimed[c].claim, "parked", attempt("parked"), count_attempt=False,
-                credential_id=c, park_reason="re-authorisation required",
-            )
-            for c in (y, x)
-        ]  # fmt: skip
+        parked = [parked_outcome(claimed[c], c, "re-authorisation required") for c in (y, x)]
         try:
             outcome["completion"] = database.run_sync(lambda s: complete_many(s, parked, now=now))
         except Exception as exc:
@@ -335,15 +331,10 @@ async def test_parking_leaves_a_delivery_in_flight_to_its_own_outcome(database: 
     second's lease too, so its 2xx answer was not recorded (the claim no longer held) and it was sent
     again once the grant was repaired. Now its own outcome stands."""
     w = make_world(database)
-    p = pipeline(database)
-    results = await asyncio.gather(*(p.submit(w.xelion_context_id, KIND, fields(f"c{i}")) for i in range(3)))
-    now = utcnow() + timedelta(seconds=1)
-    first, second = database.run_sync(lambda s: claim_due(s, now=now, limit=2, lease_seconds=LEASE))
+    results = await three_calls(database, w)
+    now, (first, second) = lease(database, 2)
     mark_reauth_required(database, w.credential_id)
-    parked = Completion(
-        first.id, first.claim, "parked", attempt("parked"), count_attempt=False,
-        credential_id=w.credential_id, park_reason="re-authorisation required: invalid_grant",
-    )  # fmt: skip
+    parked = parked_outcome(first, w.credential_id)
     assert database.run_sync(lambda s: complete_many(s, [parked], now=now)) == [True]
     delivered = Completion(second.id, second.claim, "delivered", attempt())
     assert database.run_sync(lambda s: complete_many(s, [delivered], now=now)) == [True]
