@@ -189,11 +189,9 @@ class DaemonSupervisor:
     def credentials_changed(self, credential_id: int) -> None:
         self.daemon.routing.invalidate()
         self.daemon.tokens.invalidate(credential_id)
-
-        async def resume() -> None:
-            await self.daemon.worker.unpark(credential_id)
-
-        self._spawn(resume())
+        # The repair's own transaction resumed the parked deliveries (store.integrations
+        # update_secret): the worker only needs to know there is work to claim.
+        self.daemon.worker.wake()
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

@@ -74,7 +74,6 @@ from cti_bridge.store.deliveries import (
     pending_keys,
     release,
     release_all_leases,
-    unpark_credential,
 )
 
 log = logging.getLogger(__name__)
@@ -272,15 +271,6 @@ class DeliveryWorker:
             by_claim.setdefault(claim, []).append(delivery_id)
         for claim, ids in by_claim.items():
             await self.db.run(partial(release, delivery_ids=ids, claim=claim, now=now))
-
-    async def unpark(self, credential_id: int) -> int:
-        """Make a credential's parked deliveries due again (its refresh token or device code changed)."""
-        now = self.clock.now()
-        count = await self.db.run(lambda s: unpark_credential(s, credential_id=credential_id, now=now))
-        if count:
-            log.info("credential %s: %d parked deliveries resumed", credential_id, count)
-        self.wake()
-        return count
 
     async def run(self) -> None:
         """Claim and send until ``stop()``.
