@@ -112,16 +112,13 @@ class _Result:
 
 def _write_completions(
     session: Session, *, completions: list[Completion], keys: list[str], now: datetime
-) -> tuple[list[bool], set[str]]:
-    """One flush: the outcomes, and which of the finished deliveries' calls have a successor
-    ``pending`` (claimable now that its predecessor is stored)."""
-    applied = complete_many(session, completions, now=now)
-    finished = [
-        key
-        for c, key, ok in zip(completions, keys, applied, strict=True)
-        if ok and c.state in ("delivered", "dead")
-    ]
-    return applied, pending_keys(session, finished)
+) -> tuple[list[str | None], set[str]]:
+    """One flush: the state each outcome wrote (None: its lease was lost), and which of the
+    finished deliveries' calls have a successor ``pending`` (claimable now that its predecessor is
+    stored)."""
+    written = complete_many(session, completions, now=now)
+    finished = [key for key, state in zip(keys, written, strict=True) if state in ("delivered", "dead")]
+    return written, pending_keys(session, finished)
 
 
 class DeliveryWorker:
@@ -182,7 +179,7 @@ class DeliveryWorker:
         self._running_keys: Counter[str] = Counter()
         self._key_of: dict[tuple[str, str], str] = {}  # (delivery id, claim) -> ordering key
         self._waiting_keys: set[str] = set()
-        self._completions: list[tuple[Completion, asyncio.Future[bool], str]] = []
+        self._completions: list[tuple[Completion, asyncio.Future[str | None], str]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         # No hand-off before run() has released a predecessor's leases (sole owner): that release
@@ -495,9 +492,10 @@ class DeliveryWorker:
 
     # -- group-committed completions -------------------------------------------------------------
 
-    def _complete(self, completion: Completion, ordering_key: str) -> asyncio.Future[bool]:
-        """Queue an outcome for the flusher; the future tells (after the commit) whether it applied."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    def _complete(self, completion: Completion, ordering_key: str) -> asyncio.Future[str | None]:
+        """Queue an outcome for the flusher; the future tells (after the commit) the state it wrote,
+        or None if it did not apply."""
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._completions.append((completion, future, ordering_key))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop(), name="completions")
@@ -519,7 +517,7 @@ class DeliveryWorker:
             now = self.clock.now()
             completions = [c for c, _, _ in batch]
             try:
-                applied, successors = await self.db.run(
+                written, successors = await self.db.run(
                     partial(
                         _write_completions, completions=completions, keys=[k for _, _, k in batch], now=now
                     ),
@@ -538,9 +536,9 @@ class DeliveryWorker:
                 wake = self._key_done(c.delivery_id, c.claim) or wake
             if wake:
                 self.wake()  # the next delivery of a call is claimable now that this one is stored
-            for (_, future, _), ok in zip(batch, applied, strict=True):
+            for (_, future, _), state in zip(batch, written, strict=True):
                 if not future.done():
-                    future.set_result(ok)
+                    future.set_result(state)
 
     # -- one delivery ------------------------------------------------------------------------
 
@@ -751,15 +749,22 @@ class DeliveryWorker:
         )
         # Queued before the wait: if this task is cancelled meanwhile, the flusher still writes the
         # outcome (it only skips answering a cancelled future), so no shield is needed.
-        ok = await self._complete(completion, item.ordering_key)
-        if not ok:
+        written = await self._complete(completion, item.ordering_key)
+        if written is None:
             log.info("delivery %s: lease lost before completion; the newer claim decides", item.id)
         else:
             if self.metrics is not None:
-                self.metrics.finished(state)
-            if state == "pending":
+                self.metrics.finished(written)
+            if written == "pending":
                 self._due_dirty = True  # a retry is scheduled: let the loop take its time into account
                 self._wake.set()
+        if written is not None and written != state:
+            # Parked, but an operator repaired the credential before the outcome was stored: the
+            # delivery is due again (store.deliveries._resumed), not parked.
+            log.info(
+                "delivery %s: its credential was repaired meanwhile; due again (%s)", item.id, result.error
+            )
+            return
         if state == "delivered":
             log.debug("delivery %s delivered (HTTP %s) in %d ms", item.id, result.status, duration_ms)
         elif state != "pending" or result.outcome != "retry":

@@ -341,7 +341,7 @@ def complete(
         next_attempt_at=next_attempt_at,
         count_attempt=count_attempt,
     )
-    return complete_many(session, [completion], now=now)[0]
+    return complete_many(session, [completion], now=now)[0] is not None
 
 
 def release(session: Session, *, delivery_ids: Sequence[str], claim: str, now: datetime) -> int:
@@ -968,10 +968,12 @@ class Completion:
     park_reason: str = ""
 
 
-def complete_many(session: Session, completions: Sequence[Completion], *, now: datetime) -> list[bool]:
+def complete_many(session: Session, completions: Sequence[Completion], *, now: datetime) -> list[str | None]:
     """``complete`` for many deliveries in one transaction, with a few set-based statements.
 
-    Returns, per completion, whether it applied. As in ``complete``, a completion applies only if
+    Returns, per completion, the state it wrote, or None where it did not apply: a parked outcome
+    whose credential was repaired meanwhile writes ``pending`` (``_resumed``), and the worker must
+    count and wake for what was written. As in ``complete``, a completion applies only if
     the delivery is still ``sending`` under the same claim token, and a delivery completes at most
     once per batch (the first completion that matches). The state changes are conditional
     UPDATEs (``_apply_sqlite``, ``_apply_postgresql``); then the attempt records are inserted with
@@ -993,9 +995,10 @@ def complete_many(session: Session, completions: Sequence[Completion], *, now: d
         applied = _apply_postgresql(conn, drv, completions, at, sorted(still))
     else:
         applied = _apply_sqlite(conn, drv, completions, at)
+    written = [c.state if ok else None for c, ok in zip(completions, applied, strict=True)]
     done = [c for c, ok in zip(completions, applied, strict=True) if ok]
     if not done:
-        return applied
+        return written
     # Numbered over the delivery's whole life: a replay restarts the retry schedule
     # (``attempts``) but not the attempt log. Each delivery appears once in ``done``.
     conn.executemany(
@@ -1025,7 +1028,7 @@ def complete_many(session: Session, completions: Sequence[Completion], *, now: d
     for c in done:
         if c.state == "parked" and c.credential_id is not None:
             park_credential(session, credential_id=c.credential_id, reason=c.park_reason, now=now)
-    return applied
+    return written
 
 
 def _resumed(c: Completion, now: datetime) -> Completion:

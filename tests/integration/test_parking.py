@@ -17,7 +17,7 @@ import contextlib
 import threading
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import select, update
@@ -25,7 +25,11 @@ from sqlmodel import Session, col
 
 from cti_bridge import pipeline as pipeline_module
 from cti_bridge.clock import utcnow
+from cti_bridge.config import Settings
+from cti_bridge.delivery.worker import DeliveryWorker, _Result
+from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import IngestResult
+from cti_bridge.routing import MappingCache
 from cti_bridge.store import deliveries as deliveries_module
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.db import Database
@@ -112,10 +116,46 @@ async def test_a_parked_outcome_written_after_the_repair_leaves_the_delivery_due
     database.run_sync(lambda s: repair(s, secret_box, w.credential_id))
 
     outcome = parked_outcome(claimed[0], w.credential_id)
-    assert database.run_sync(lambda s: complete_many(s, [outcome], now=now)) == [True]
+    # The worker counts and wakes for what was written, so the answer says "pending", not "parked".
+    assert database.run_sync(lambda s: complete_many(s, [outcome], now=now)) == ["pending"]
     assert states(database) == {r.delivery_ids[0]: "pending" for r in results}
     due = database.run_sync(lambda s: s.get(Delivery, claimed[0].id))
     assert due is not None and due.next_attempt_at == now and due.lease_owner is None
+
+
+@pytest.mark.parametrize("repaired", [False, True])
+async def test_the_worker_counts_and_wakes_for_the_state_written(
+    database: Database, secret_box: SecretBox, repaired: bool
+) -> None:
+    """The worker's attempt met the dead grant; when the operator repaired it before the outcome was
+    stored, the delivery is due again: the metrics say ``pending``, not ``parked``, and the worker's
+    loop is woken to send it, instead of waiting for its next look at the due times."""
+    w = make_world(database)
+    await three_calls(database, w)
+    now, claimed = lease(database, 1)
+    mark_reauth_required(database, w.credential_id)
+    if repaired:
+        database.run_sync(lambda s: repair(s, secret_box, w.credential_id))
+    metrics = Metrics(database)
+    worker = DeliveryWorker(
+        db=database,
+        mappings=MappingCache(),
+        tokens=cast(Any, None),
+        crm=cast(Any, None),
+        settings=Settings(database_url="sqlite:///unused.db"),
+        metrics=metrics,
+    )
+    worker._wake.clear()
+    parked = _Result(state="parked", outcome="parked", error="re-authorisation required: invalid_grant")
+    await asyncio.wait_for(worker._finish(claimed[0], parked, now, 1), 10)
+    written = "pending" if repaired else "parked"
+    assert database.run_sync(lambda s: s.get(Delivery, claimed[0].id)).state == written  # type: ignore[union-attr]
+    counted = {
+        state: metrics.registry.get_sample_value("cti_bridge_deliveries_finished_total", {"state": state})
+        for state in ("parked", "pending")
+    }
+    assert counted == {written: 1.0, ({"parked", "pending"} - {written}).pop(): None}
+    assert worker._wake.is_set() is repaired
 
 
 async def test_a_parked_outcome_while_the_grant_is_still_dead_parks_the_user(database: Database) -> None:
@@ -124,7 +164,7 @@ async def test_a_parked_outcome_while_the_grant_is_still_dead_parks_the_user(dat
     now, claimed = lease(database, 1)
     mark_reauth_required(database, w.credential_id)
     outcome = parked_outcome(claimed[0], w.credential_id)
-    assert database.run_sync(lambda s: complete_many(s, [outcome], now=now)) == [True]
+    assert database.run_sync(lambda s: complete_many(s, [outcome], now=now)) == ["parked"]
     assert set(states(database).values()) == {"parked"}
 
 
@@ -201,7 +241,7 @@ async def test_a_parked_outcome_written_during_the_repair_waits_for_it(
     done = while_a_repair_commits(
         database, secret_box, w.credential_id, lambda s: complete_many(s, [outcome], now=now)
     )
-    assert done == {"result": [True], "before_commit": False}
+    assert done == {"result": ["pending"], "before_commit": False}
     assert states(database) == {r.delivery_ids[0]: "pending" for r in results}
 
 
@@ -258,7 +298,7 @@ async def test_an_ingest_and_a_parking_completion_do_not_deadlock(
     ]
     database.run_sync(lambda s: p._ingest_batch(s, batch, None))  # inserts a delivery of y
     completing.join(10)
-    assert outcome == {"completion": [True, True]}
+    assert outcome == {"completion": ["parked", "parked"]}
     assert set(states(database).values()) == {"parked"}
 
 
@@ -318,7 +358,7 @@ async def test_two_completions_parking_different_users_do_not_deadlock(
         t.join(20)
     # Both committed whole (a deadlock aborts one: its value would name the error). Parking leaves
     # the other batch's in-flight delivery alone: its own outcome decides.
-    assert outcome == {"one": [True, True], "two": [True, True]}
+    assert outcome == {"one": ["parked", "pending"], "two": ["parked", "delivered"]}
     final = states(database)
     assert final[annes[1].id] == "delivered"
     assert final[annes[0].id] == final[bobs[1].id] == "parked"
@@ -335,9 +375,9 @@ async def test_parking_leaves_a_delivery_in_flight_to_its_own_outcome(database: 
     now, (first, second) = lease(database, 2)
     mark_reauth_required(database, w.credential_id)
     parked = parked_outcome(first, w.credential_id)
-    assert database.run_sync(lambda s: complete_many(s, [parked], now=now)) == [True]
+    assert database.run_sync(lambda s: complete_many(s, [parked], now=now)) == ["parked"]
     delivered = Completion(second.id, second.claim, "delivered", attempt())
-    assert database.run_sync(lambda s: complete_many(s, [delivered], now=now)) == [True]
+    assert database.run_sync(lambda s: complete_many(s, [delivered], now=now)) == ["delivered"]
     final = states(database)
     assert final[second.id] == "delivered"
     assert final[first.id] == "parked"
