@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlmodel import select
+from sqlmodel import delete, select
 
 from cti_bridge.admin.app import AdminDeps, create_admin_app
 from cti_bridge.config import Settings
@@ -488,6 +488,31 @@ async def test_second_post_replaces_the_credentials_and_the_cached_token(h: Harn
     r = await call(h, third, token_uri=other_uri)
     assert r.status_code == 201, r.text
     assert_error(await call(h, third), 401, 10000)  # not the token of the first context
+
+
+async def test_another_replicas_cached_token_is_dropped_once_the_context_is_posted_again(h: Harness) -> None:
+    """Replicas share the database, not their token caches: a second POST through this replica's
+    API reaches another replica's token manager only through the context's ``version``, which its
+    follow pass (``drop_changed`` over ``AppContextTokenStore.versions``) reads."""
+    first, _ = await register(h)
+    [row] = contexts(h.database)
+    assert row.id is not None
+    async with httpx.AsyncClient() as http:
+        other = TokenManager(AppContextTokenStore(h.database, h.box), http, h.clock, 60, allow_private=True)
+        assert (await other.get(row.id)).access_token == first
+        assert await other.drop_changed() == []  # nothing changed: the cached token stays
+
+        second, _ = await register(h)  # the user posts again (through this replica's API)
+        cached = other.peek(row.id)
+        assert cached is not None and cached.access_token == first  # not heard of it yet
+        assert await other.drop_changed() == [row.id]
+        assert other.peek(row.id) is None
+        assert (await other.get(row.id)).access_token == second
+        assert await other.drop_changed() == []
+
+        await h.database.run(lambda s: s.execute(delete(AppContext)))  # deleted: forgotten as well
+        assert await other.drop_changed() == [row.id]
+        assert other.peek(row.id) is None
 
 
 async def test_the_xelion_token_must_be_valid_there_and_the_users_own(hs: Harness) -> None:
