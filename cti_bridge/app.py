@@ -156,6 +156,9 @@ class StoreSourceHooks:
     async def gap_closed(self, xelion_context_id: int, ended_at: datetime) -> None:
         await self.db.run(lambda s: source_store.close_gap(s, xelion_context_id, ended_at))
 
+    async def heartbeat(self, xelion_context_id: int, at: datetime) -> None:
+        await self.db.run(lambda s: source_store.heartbeat(s, xelion_context_id, at))
+
     async def load_state(self, xelion_context_id: int) -> tuple[str | None, datetime | None]:
         return await self.db.run(lambda s: source_store.load_state(s, xelion_context_id))
 
@@ -414,6 +417,7 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
                 backoff_min=settings.xelion_backoff_min,
                 backoff_max=settings.xelion_backoff_max,
                 healthy_after=settings.xelion_healthy_after,
+                heartbeat_interval=settings.source_heartbeat_seconds or None,
                 app_key=settings.xelion_app_key,
             ),
             ownership,

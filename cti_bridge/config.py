@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     xelion_backoff_min: float = Field(default=1.0, gt=0)
     xelion_backoff_max: float = Field(default=60.0, gt=0)
     xelion_healthy_after: float = Field(default=30.0, ge=0)
+    # How often a subscribed source stores that it is listening (0: never): after a kill -9 the
+    # downtime gap starts at most this long before the daemon stopped listening (reliability §18).
+    source_heartbeat_seconds: float = Field(default=30.0, ge=0)
     xelion_request_timeout: float = Field(default=10.0, gt=0)
     xelion_app_key: str | None = None
 

@@ -146,6 +146,11 @@ class SourceHooks(Protocol):
         """The open gap of this integration ended (the socket is subscribed again)."""
         ...
 
+    async def heartbeat(self, xelion_context_id: int, at: datetime) -> None:
+        """The socket is still subscribed at ``at`` (written every ``heartbeat_interval``): after a
+        crash the downtime gap starts no earlier than the last one."""
+        ...
+
     async def load_session_token(self, xelion_context_id: int) -> str | None:
         """The token of the source's last live Xelion session, to end it on the next login."""
         ...
@@ -153,7 +158,8 @@ class SourceHooks(Protocol):
     async def load_state(self, xelion_context_id: int) -> tuple[str | None, datetime | None]:
         """The stored state of the integration's source (its owner's, with replicas) and the last
         moment its owner is known to have listened: its last stored event (less the second it may
-        have been written late) or the subscription that ended its last gap, whichever is later."""
+        have been written late), the subscription that ended its last gap, or its last heartbeat,
+        whichever is latest."""
         ...
 
     async def save_session_token(self, xelion_context_id: int, token: str | None) -> None:

@@ -47,6 +47,9 @@ class XelionContext(SQLModel, table=True):
     source_state: str = Field(default="stopped", max_length=16)
     source_error: str | None = Field(default=None, max_length=1000)
     last_event_at: datetime | None = None
+    # The last time its source was known subscribed (``source_heartbeat_seconds``): after a
+    # ``kill -9`` the downtime gap starts no earlier, however quiet the integration (§18).
+    listened_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 

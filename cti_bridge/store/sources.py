@@ -71,10 +71,23 @@ def close_gap(session: Session, xelion_context_id: int, ended_at: datetime) -> N
     )
 
 
+def heartbeat(session: Session, xelion_context_id: int, at: datetime) -> None:
+    """The source is subscribed at ``at`` (``listened_at``; it never goes back)."""
+    session.execute(
+        update(XelionContext)
+        .where(
+            col(XelionContext.id) == xelion_context_id,
+            col(XelionContext.listened_at).is_(None) | (col(XelionContext.listened_at) < at),
+        )
+        .values(listened_at=at)
+    )
+
+
 def load_state(session: Session, xelion_context_id: int) -> tuple[str | None, datetime | None]:
     """The source's stored state, and the last moment its owner is known to have listened: the
-    later of its last stored event (``last_event_at``, written up to a second late, so a second
-    earlier) and the end of its last gap (its subscription, to the microsecond)."""
+    latest of its last stored event (``last_event_at``, written up to a second late, so a second
+    earlier), the end of its last gap (its subscription, to the microsecond) and its last
+    heartbeat (``listened_at``, written while subscribed)."""
     ctx = session.get(XelionContext, xelion_context_id)
     if ctx is None:
         return None, None
@@ -82,7 +95,7 @@ def load_state(session: Session, xelion_context_id: int) -> tuple[str | None, da
         select(func.max(SourceGap.ended_at)).where(col(SourceGap.xelion_context_id) == xelion_context_id)
     ).first()
     event = None if ctx.last_event_at is None else ctx.last_event_at - timedelta(seconds=1)
-    seen = [t for t in (event, subscribed) if t is not None]
+    seen = [t for t in (event, subscribed, ctx.listened_at) if t is not None]
     return ctx.source_state, max(seen) if seen else None
 
 

@@ -72,6 +72,8 @@ class SourceOptions:
     backoff_min: float = 1.0
     backoff_max: float = 60.0
     healthy_after: float = 30.0
+    #: How often a subscribed source stores that it listens (``SourceHooks.heartbeat``; None: never).
+    heartbeat_interval: float | None = 30.0
     logout_timeout: float = 5.0
     renew_retry_delay: float = 5.0
     app_key: str | None = None
@@ -347,6 +349,7 @@ class XelionSource:
             probe = {"messageType": "test", "probe": f"cti-bridge-{self._id}-{self._probes}"}
             await ws.send(json.dumps(probe))
             confirmed = False
+            beating: asyncio.Task[None] | None = None
             try:
                 async with asyncio.timeout(options.open_timeout) as deadline:
                     async for message in ws:
@@ -354,12 +357,20 @@ class XelionSource:
                             confirmed = True
                             deadline.reschedule(None)
                             await self._subscribed()
+                            if options.heartbeat_interval:
+                                beating = asyncio.create_task(
+                                    self._beat(options.heartbeat_interval),
+                                    name=f"xelion-heartbeat-{self._id}",
+                                )
                             continue
                         await self._handle(message)  # events may come before the echo
             except TimeoutError:
                 if confirmed:
                     raise
                 raise _NoEcho() from None
+            finally:
+                if beating is not None:
+                    beating.cancel()  # before the gap opens: no heartbeat claims a later listen
 
     async def _subscribed(self) -> None:
         self._connected_at = self._clock.monotonic()
@@ -368,6 +379,14 @@ class XelionSource:
         logger.info("subscribed to Xelion %s (%d event types)", self._where, len(self._event_types))
         await self._set_state(SourceState.SUBSCRIBED, None)
         await self._close_gap()
+
+    async def _beat(self, every: float) -> None:
+        """While subscribed: store that this source listens, every ``every`` seconds. After a
+        ``kill -9`` the next start's gap begins at the last one (``load_state``), not at the last
+        event or subscription, which for a quiet integration may be hours before (§18)."""
+        while True:
+            await asyncio.sleep(every)
+            await self._call_hook("heartbeat", self._hooks.heartbeat(self._id, self._clock.now()))
 
     async def _handle(self, message: str | bytes) -> None:
         parsed = parse_notification(message)
@@ -475,6 +494,10 @@ class _TermHooks:
     async def gap_closed(self, xelion_context_id: int, ended_at: datetime) -> None:
         if await self._held.confirm():
             await self._hooks.gap_closed(xelion_context_id, ended_at)
+
+    async def heartbeat(self, xelion_context_id: int, at: datetime) -> None:
+        if await self._held.confirm():
+            await self._hooks.heartbeat(xelion_context_id, at)
 
     async def load_session_token(self, xelion_context_id: int) -> str | None:
         return await self._hooks.load_session_token(xelion_context_id)
@@ -689,9 +712,10 @@ class SourceManager:
         stopped, which the new one joins: None. One that ended without a word (``kill -9``, a crash,
         a lost host: its stored state says it was still listening) gave no stop time; it was
         listening at the last moment the store knows of (``load_state``: its last stored event, less
-        the second it may have been written late, or the subscription that ended its last gap), so
-        the gap starts there: never before that gap ended, so the two do not overlap. It may be
-        longer than the outage, never shorter (reliability.md §18).
+        the second it may have been written late, the subscription that ended its last gap, or its
+        last heartbeat), so the gap starts there: never before that gap ended, so the two do not
+        overlap. It may be longer than the outage (by at most the heartbeat interval), never shorter
+        (reliability.md §18).
         """
         state, listened_at = await self._stored_state(xelion_context_id)
         if state in (None, SourceState.STOPPED, SourceState.FAILED) or listened_at is None:

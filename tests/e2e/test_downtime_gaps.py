@@ -124,3 +124,27 @@ async def test_after_kill_9_without_events_the_gap_starts_at_the_last_subscripti
         newest, previous = doc["gaps"][0], doc["gaps"][1]
         assert previous["end"] == xelion_time(subscribed_at)
         assert previous["end"] <= newest["start"] <= missed <= newest["end"]
+
+
+async def test_after_kill_9_of_a_quiet_integration_the_gap_starts_at_its_last_heartbeat(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A quiet integration (a night, a weekend) has no recent event: without the heartbeat the gap
+    began at its subscription, hours or days before the outage. A subscribed source stores that it
+    listens every ``source_heartbeat_seconds``; the gap starts at the last such moment."""
+    async with process_world(tmp_path, db_url, source_heartbeat_seconds="0.3") as world:
+        await world.configure(("anne",), [world.mapping(e, f"calls/{e}") for e in EVENTS])
+        doc = await subscribed_again(world, 0)
+        assert doc["lastEventAt"] is None
+        await asyncio.sleep(3.0)  # quiet: no event, only heartbeats
+        killed_at = datetime.now(UTC)
+        await world.daemon.kill()
+        missed = await missed_call(world)
+        await asyncio.sleep(1.1)
+        await world.restart()
+        doc = await subscribed_again(world, len(doc["gaps"]))
+
+        newest, previous = doc["gaps"][0], doc["gaps"][1]
+        # The subscription was 3 s before the kill; the last heartbeat at most 0.3 s (and a write).
+        assert xelion_time(killed_at - timedelta(seconds=1.5)) <= newest["start"] <= missed <= newest["end"]
+        assert previous["end"] < newest["start"]

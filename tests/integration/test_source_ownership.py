@@ -208,6 +208,9 @@ class RecordingHooks:
     async def gap_closed(self, xelion_context_id: int, ended_at: datetime) -> None:
         self.calls.append(("gap_closed", ended_at))
 
+    async def heartbeat(self, xelion_context_id: int, at: datetime) -> None:
+        self.calls.append(("heartbeat", at))
+
     async def load_session_token(self, xelion_context_id: int) -> str | None:
         return "stored"
 
@@ -232,7 +235,13 @@ async def test_a_source_that_lost_its_websocket_writes_no_shared_state(
     await hooks.gap_opened(5, later, "starting")
     await hooks.on_state(5, SourceState.SUBSCRIBED, None)
     await hooks.save_session_token(5, "t1")
-    assert recorded.calls == [("gap_opened", seen), ("state", SourceState.SUBSCRIBED), ("token", "t1")]
+    await hooks.heartbeat(5, later)
+    assert recorded.calls == [
+        ("gap_opened", seen),
+        ("state", SourceState.SUBSCRIBED),
+        ("token", "t1"),
+        ("heartbeat", later),
+    ]
     await hooks.gap_opened(5, later, "dropped")  # only the first gap of a term moves
     assert recorded.calls[-1] == ("gap_opened", later)
 
@@ -244,6 +253,7 @@ async def test_a_source_that_lost_its_websocket_writes_no_shared_state(
     await hooks.gap_opened(5, later, "websocket closed")
     await hooks.gap_closed(5, later)
     await hooks.save_session_token(5, None)  # its logout would forget b's session token
+    await hooks.heartbeat(5, later)  # it no longer listens for the integration: b does
     await hooks.on_event(5, "callHungUpEvent", {})  # an event still read: the dedupe key copes
     assert recorded.calls == [("event", "callHungUpEvent")]
     assert first.lost.is_set()

@@ -245,6 +245,32 @@ async def test_gaps_are_recorded_and_resubscribed_after_reconnect(
     await manager.stop_all()
 
 
+async def test_a_subscribed_source_beats_and_never_within_a_gap(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    """The heartbeat (``listened_at``, reliability.md §18) says the socket is subscribed: it comes
+    every ``heartbeat_interval`` from the subscription on, stops when the socket drops and starts
+    again with the next subscription, and none falls inside a gap."""
+    manager = await started(sim, client, hooks, fast_options(heartbeat_interval=0.05))
+    await wait_for(lambda: len(hooks.heartbeats) >= 3, what="three heartbeats")
+    await sim.drop_all_sockets()
+    await wait_for(lambda: len(hooks.gaps) == 4, what="the second gap closed")
+    beats_when_resubscribed = len(hooks.heartbeats)
+    await wait_for(lambda: len(hooks.heartbeats) >= beats_when_resubscribed + 3, what="beats after it")
+    await manager.stop_all()
+    beats = [at for _, at in hooks.heartbeats]
+    stopped = len(beats)
+    await asyncio.sleep(0.2)
+    assert len(hooks.heartbeats) == stopped  # nothing beats once stopped
+    assert beats == sorted(beats)
+    gaps = [at for _, _, at, _ in hooks.gaps]  # open, close, open, close, open (the stop's)
+    assert len(gaps) == 5
+    spans = [(gaps[0], gaps[1]), (gaps[2], gaps[3]), (gaps[4], None)]
+    for start, end in spans:
+        assert not [b for b in beats if b >= start and (end is None or b < end)], (start, end)
+    assert any(gaps[1] <= b < gaps[2] for b in beats) and any(gaps[3] <= b < gaps[4] for b in beats)
+
+
 async def test_expired_session_logs_in_again_and_reconnects(
     sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
 ) -> None:

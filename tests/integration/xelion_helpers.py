@@ -24,6 +24,7 @@ class RecordingHooks:
         self.events: list[tuple[int, str, dict[str, object]]] = []
         self.states: list[tuple[int, SourceState, str | None]] = []
         self.gaps: list[tuple[str, int, datetime, str | None]] = []
+        self.heartbeats: list[tuple[int, datetime]] = []
         self.tokens: dict[int, str | None] = {}
         self.token_saves: list[tuple[int, str | None]] = []
         self.fail_events = False
@@ -43,6 +44,9 @@ class RecordingHooks:
 
     async def gap_closed(self, xelion_context_id: int, ended_at: datetime) -> None:
         self.gaps.append(("close", xelion_context_id, ended_at, None))
+
+    async def heartbeat(self, xelion_context_id: int, at: datetime) -> None:
+        self.heartbeats.append((xelion_context_id, at))
 
     async def load_session_token(self, xelion_context_id: int) -> str | None:
         return self.tokens.get(xelion_context_id)
