@@ -11,10 +11,13 @@ from cti_bridge.xelion.ownership import NAMESPACE
 
 
 async def holder_pids(pg_url: str, xelion_context_id: int) -> list[int]:
-    """The server processes holding the integration's websocket lock."""
+    """The server processes holding the integration's websocket lock. Advisory locks belong to one
+    database, and pg_locks lists every database's: another cti-bridge on the same server (a second
+    test run, a daemon on its own database) holds the same keys there."""
     async with await psycopg.AsyncConnection.connect(psycopg_conninfo(pg_url), autocommit=True) as conn:
         cur = await conn.execute(
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " AND classid::bigint = %s AND objid::bigint = %s",
             (NAMESPACE, xelion_context_id),
         )

@@ -52,14 +52,25 @@ _STATUS_CODES = {
 }
 
 
+class ErrorJSONResponse(JSONResponse):
+    """An error answer, written ASCII-only: its text may quote what the client sent (a key, a path),
+    and a lone surrogate there cannot be encoded as UTF-8, which made the error a 500. As an escape
+    it is valid JSON, and any other character reads the same to a JSON parser."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, code: ErrorCode, message: str, info: str = "", **kw: Any) -> JSONResponse:
-    return JSONResponse({"errorCode": int(code), "message": message, "info": info}, status_code=status, **kw)
+    return ErrorJSONResponse(
+        {"errorCode": int(code), "message": message, "info": info}, status_code=status, **kw
+    )
 
 
 async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     headers: dict[str, str] | None = getattr(exc, "headers", None)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return ErrorJSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -59,13 +59,16 @@ def _parse_float(text: str) -> float:
 
 
 def loc_text(loc: Sequence[int | str]) -> str:
-    """A pydantic location as a path: ``userCredentials[0].clientId``; the root is ``body``."""
+    """A pydantic location as a path: ``userCredentials[0].clientId``; the root is ``body``.
+
+    A key is the client's text: a lone surrogate in it is written as its escape (``\\udfff``),
+    since the error answer naming it must be encodable (it was a 500)."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + part
+            out += ("." if out else "") + part.encode("utf-8", "backslashreplace").decode("utf-8")
     return out or "body"
 
 

@@ -11,14 +11,17 @@ from cti_bridge.errors import ApiError, ErrorCode
 from cti_bridge.ports import XelionCheckError, XelionTarget
 from cti_bridge.store.integrations import INT_MAX
 
-DEFAULT_LIMIT = 1000
-MAX_LIMIT = 10000
 MAX_OFFSET = 2**31 - 1
 # Row ids are positive 32-bit integers (``store.integrations.valid_id``): a larger number given as a
 # filter would be an error from the database (PostgreSQL's ``integer``, SQLite beyond 64 bits).
 MAX_ID = INT_MAX
 
-Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="at most this many items")]
+# The manual's lists have no paging: without ``limit`` a list is whole. A default of 1,000 cut a
+# larger tenant's users short, and a script doing what the manual says (GET the mappings, edit,
+# PUT them back) deleted every mapping past the 1,000th.
+Limit = Annotated[
+    int | None, Query(ge=1, le=MAX_OFFSET, description="at most this many items (default: all)")
+]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="skip this many items")]
 
 

@@ -15,10 +15,12 @@ a mapping for any other type would be saved and never delivered.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from cti_bridge.events import CALL_EVENT_TYPES
@@ -44,7 +46,33 @@ XELION_EVENTS = tuple(sorted(CALL_EVENT_TYPES))
 def check_host(value: str) -> str:
     if not _HOST_RE.match(value):
         raise ValueError("must be a host name or address, optionally with :port")
+    _check_host_and_port(urlsplit(f"//{value}"))
     return value
+
+
+def _check_host_and_port(parts: Any) -> None:
+    """What the pattern above and ``urlsplit`` let through but no HTTP client can send (each was a
+    500 of the admin API, or a source or delivery failing for good, once stored): a port beyond
+    65535, a bracketed address that is not IPv6, an empty or over-long DNS label (IDNA)."""
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
+    if port == 0:
+        raise ValueError("has a port that is not a number from 1 to 65535")
+    host = parts.hostname
+    if not host:
+        raise ValueError("must name a host")
+    if parts.netloc.rpartition("@")[2].startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("has a bracketed address that is not an IPv6 address") from None
+        return
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError("has a host name with an empty or over-long label") from None
 
 
 def check_tenant(value: str) -> str:
@@ -63,6 +91,11 @@ def check_http_uri(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError("must be an absolute http:// or https:// URI")
+    _check_host_and_port(parts)
+    try:
+        httpx.URL(value)  # what the token endpoint's and the services' requests are built from
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"is not a URI that can be sent: {str(exc)[:200]}") from None
     return value
 
 

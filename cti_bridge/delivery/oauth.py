@@ -381,6 +381,14 @@ class TokenManager(Generic[KeyT]):
         except EgressRefused as exc:
             self._report("error")
             raise TokenEndpointError(f"{who}: token endpoint {exc}", retryable=False) from None
+        except (httpx.InvalidURL, ValueError) as exc:
+            # A token endpoint no client can send to (a port beyond 65535, an empty DNS label),
+            # stored before the admin API refused such URIs: a retry cannot help. It was an
+            # "internal error" with a traceback on every attempt, until the last retry.
+            self._report("error")
+            raise TokenEndpointError(
+                f"{who}: token endpoint URI cannot be used ({type(exc).__name__})", retryable=False
+            ) from None
         except (httpx.HTTPError, OSError) as exc:
             self._report("error")
             log.warning("token %s grant for %s at %s failed: %s", grant, who, host, type(exc).__name__)

@@ -277,7 +277,9 @@ def get_integration(session: Session, xelion_context_id: int) -> IntegrationView
     return IntegrationView(_xview(row), None if crm is None else _cview(crm))
 
 
-def list_integrations(session: Session, *, offset: int, limit: int) -> tuple[list[IntegrationView], int]:
+def list_integrations(
+    session: Session, *, offset: int, limit: int | None
+) -> tuple[list[IntegrationView], int]:
     total = session.exec(select(func.count()).select_from(XelionContext)).one()
     rows = session.exec(
         select(XelionContext).order_by(col(XelionContext.id)).offset(offset).limit(limit)
@@ -430,7 +432,7 @@ def list_credentials(
     username: str | None,
     oid: str | None,
     offset: int,
-    limit: int,
+    limit: int | None,
 ) -> tuple[list[CredentialView], int]:
     crm = session.get(CrmContext, crm_context_id)
     assert crm is not None
@@ -492,7 +494,18 @@ def update_identity(
         if taken is not None:
             raise StoreConflict(f"user {xelion_username} already has credentials in this CRM context")
         row.xelion_username = xelion_username
-    if xelion_oid is not None:
+    if xelion_oid is not None and xelion_oid != row.xelion_oid:
+        # Events name their users by oid as well as by name, and routing keeps one user per oid:
+        # a second one would silently take the first one's events.
+        holder = session.exec(
+            select(UserCredentials.xelion_username).where(
+                UserCredentials.crm_context_id == row.crm_context_id,
+                UserCredentials.xelion_oid == xelion_oid,
+                col(UserCredentials.id) != credential_id,
+            )
+        ).first()
+        if holder is not None:
+            raise StoreConflict(f"oid {xelion_oid} is user {holder}'s in this CRM context")
         row.xelion_oid = xelion_oid
     row.updated_at = now
     session.add(row)
@@ -592,7 +605,7 @@ def _insert_mappings(
 
 
 def list_mappings(
-    session: Session, crm_context_id: int, *, offset: int, limit: int
+    session: Session, crm_context_id: int, *, offset: int, limit: int | None
 ) -> tuple[list[MappingView], int]:
     """The current (not retired) mappings of a CRM context, in the order they were given."""
     conds: list[ColumnElement[bool]] = [

@@ -29,9 +29,11 @@ import pytest
 from sqlmodel import delete, select
 
 from cti_bridge.admin.app import AdminDeps, create_admin_app
+from cti_bridge.admin.routes import apps
 from cti_bridge.config import Settings
 from cti_bridge.delivery.egress import build_http_client
 from cti_bridge.delivery.oauth import TokenManager
+from cti_bridge.errors import ApiError
 from cti_bridge.ports import NullSupervisor
 from cti_bridge.sim.crm import CrmSimulator, Failure
 from cti_bridge.store.app_contexts import AppContextTokenStore
@@ -750,6 +752,11 @@ async def test_call_bad_input_names_the_field(hs: Harness) -> None:
         (("endpointContext", "method"), None, "endpointContext.method"),
         (("endpointContext", "method"), "TRACE", "endpointContext.method"),
         (("endpointContext", "endpointUri"), "file:///etc/passwd", "endpointContext.endpointUri"),
+        # URIs no client can send: each was a 500 (a port out of range, an empty DNS label, a
+        # control character)
+        (("endpointContext", "endpointUri"), "http://127.0.0.1:99999/x", "endpointContext.endpointUri"),
+        (("endpointContext", "endpointUri"), "http://a..b/x", "endpointContext.endpointUri"),
+        (("endpointContext", "endpointUri"), "http://127.0.0.1:9/\x01", "endpointContext.endpointUri"),
         (("xelionUsername",), None, "xelionUsername"),
         (("appXelionContext", "tenant"), "a/b", "appXelionContext.tenant"),
     ):
@@ -764,6 +771,24 @@ async def test_call_bad_input_names_the_field(hs: Harness) -> None:
         error = assert_error(await hs.client.post(url, json=body, headers=auth), 422, 10201)
         assert field_name in error["message"], error
     assert hs.crm.received == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:99999/x",
+        "http://a..b/x",
+        "http://127.0.0.1:9/\x01",
+        "http://" + "a" * 64 + ".example/x",
+    ],
+)
+async def test_a_url_the_client_cannot_send_is_a_422_at_the_call_as_well(url: str) -> None:
+    """The endpoint URI's check refuses these before any call; the call itself, the last line,
+    answers the same instead of a 500 for any it does not foresee."""
+    async with build_http_client(Settings(allow_private_targets=True)) as http:
+        with pytest.raises(ApiError) as info:
+            await apps._send(http, "GET", url, {}, None, 1024)
+    assert info.value.status == 422 and "endpointContext.endpointUri" in info.value.message
 
 
 async def test_service_errors_are_answered_as_they_came(hs: Harness) -> None:

@@ -290,3 +290,57 @@ async def test_health_ready_and_openapi(client: httpx.AsyncClient, deps: AdminDe
     ):
         assert path in spec["paths"], path
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_a_lone_surrogate_in_a_key_is_a_422_that_names_it(client: httpx.AsyncClient) -> None:
+    """The error naming the key quoted it, and an answer with a lone surrogate cannot be encoded
+    as UTF-8: every body route answered 500."""
+    r = await client.post("/api/session/login", **raw_json(b'{"\\udfff": 1}'))
+    body = assert_error(r, 422, 10201)
+    assert "\\udfff" in body["info"] and "surrogate" in body["message"]
+    a = await make_integration(client, "a")
+    url = f"/api/crm-integrations/{a.xelion_id}/crm-contexts/{a.crm_id}/event-uri-mappings"
+    raw = b'[{"xelionEvent":"newCallEvent","crmResourceUri":"https://c.example/x","headers":{"\\ud800":"v"}}]'
+    body = assert_error(await client.put(url, **raw_json(raw, OPERATOR)), 422, 10201)
+    assert body["info"] == "[0].headers.\\ud800"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("host", "[1:2]"),  # bracketed, not IPv6
+        ("host", "pbx..example.com"),  # an empty DNS label
+        ("host", "pbx-a.example.com:99999"),
+        ("authorizationServerUri", "http://127.0.0.1:99999/token"),
+        ("authorizationServerUri", "https://crm..example.org/token"),
+        ("authorizationServerUri", "https://" + "a" * 64 + ".example.org/token"),
+        ("authorizationServerUri", "https://a:-1/token"),
+        ("authorizationServerUri", "https://crm.example.org/to\x01ken"),
+    ],
+)
+async def test_hosts_and_uris_no_client_can_send_are_422_not_stored(
+    client: httpx.AsyncClient, field: str, value: str
+) -> None:
+    """Each passed the checks and then failed every use: a 500 of the API, a source failing for
+    good, or deliveries failing on every attempt with an internal error."""
+    body = integration_body("a")
+    part = "xelionContext" if field == "host" else "crmContext"
+    body[part][field] = value
+    r = await client.post("/api/crm-integrations", json=body, headers=OPERATOR)
+    assert_error(r, 422, 10201)
+    assert f"{part}.{field}" in r.json()["message"]
+    r = await client.get("/api/crm-integrations", headers=OPERATOR)
+    assert r.json() == []
+
+
+async def test_an_environment_host_no_client_can_send_is_422_and_the_old_one_stays(
+    client: httpx.AsyncClient,
+) -> None:
+    a = await make_integration(client, "a")
+    url = f"/api/xelion-environment/{a.xelion_id}"
+    for host in ("[1:2]", "pbx..example.com", "pbx-a.example.com:0"):
+        assert_error(
+            await client.put(url, json={"host": host, "tenant": "alpha"}, headers=OPERATOR), 422, 10201
+        )
+    r = await client.get(url, headers=OPERATOR)
+    assert r.status_code == 200 and r.json()["host"] == "pbx-a.example.com", r.text

@@ -176,6 +176,27 @@ async def test_manual_zoho_mappings_put_verbatim_then_get(
     assert [m["id"] for m in r.json()] == [items[1]["id"], items[2]["id"]]
 
 
+async def test_a_list_without_limit_is_whole_so_a_get_edit_put_round_trip_keeps_every_mapping(
+    client: httpx.AsyncClient,
+) -> None:
+    """The manual's lists have no paging. With a default page of 1,000, GET returned the first
+    1,000 of 1,500 mappings, and PUTting them back (the manual's way to edit) deleted 500."""
+    a = await make_integration(client, "a")
+    url = maps_url(a.xelion_id, a.crm_id)
+    body = [
+        {"xelionEvent": "callHungUpEvent", "crmResourceUri": f"https://crm.example.org/calls/{i}/${{callId}}"}
+        for i in range(1500)
+    ]
+    r = await client.put(url, json=body, headers=auth(a.token))
+    assert r.status_code == 200, r.text
+    r = await client.get(url, headers=auth(a.token))
+    assert r.headers["X-Total-Count"] == "1500" and len(r.json()) == 1500
+    edited = [{**m, "crmResourceUri": m["crmResourceUri"] + "?v=2"} for m in r.json()]
+    assert (await client.put(url, json=edited, headers=auth(a.token))).status_code == 200
+    r = await client.get(url, headers=auth(a.token))
+    assert len(r.json()) == 1500 and all(m["crmResourceUri"].endswith("?v=2") for m in r.json())
+
+
 async def test_mapping_extensions_are_stored_and_shown_only_when_set(client: httpx.AsyncClient) -> None:
     a = await make_integration(client, "a")
     url = maps_url(a.xelion_id, a.crm_id)

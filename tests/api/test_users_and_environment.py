@@ -45,6 +45,18 @@ async def test_get_put_delete_user(client: httpx.AsyncClient, supervisor: Record
         409,
         10300,
     )
+    # Taking bob's oid: 409, since events find their user by oid too (one user per oid); the same
+    # oid again is no change.
+    bobs_oid = (await client.get(f"/api/users/{ids['bob']}", headers=auth(a.token))).json()["xelionOid"]
+    assert bobs_oid
+    err = assert_error(
+        await client.put(f"/api/users/{ids['anne']}", json={"xelionOid": bobs_oid}, headers=auth(a.token)),
+        409,
+        10300,
+    )
+    assert "bob" in err["info"]
+    r = await client.put(f"/api/users/{ids['anne']}", json={"xelionOid": "333444555"}, headers=auth(a.token))
+    assert r.status_code == 200, r.text
     err = assert_error(
         await client.put(f"/api/users/{ids['anne']}", json={"xelionOid": 5}, headers=auth(a.token)),
         422,

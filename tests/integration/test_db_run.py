@@ -196,6 +196,7 @@ async def test_a_write_lock_held_elsewhere_does_not_freeze_the_loop(sqlite_datab
     # plus whatever a loaded machine adds).
     assert max(gaps) < hold / 2, max(gaps)
     assert INLINE_LOCK_WAIT_MS / 1000 < hold / 2
+
     def count(s: Session) -> int:
         return int(s.exec(text("SELECT count(*) FROM t_lock")).one()[0])  # type: ignore[call-overload]
 

@@ -444,6 +444,28 @@ async def test_unreachable_token_endpoint_is_retryable(
     assert (await read_credential(database, cred.id)).state == "active"
 
 
+@pytest.mark.parametrize(
+    "uri",
+    ["http://127.0.0.1:99999/token", "http://crm..example.org/token", "http://" + "a" * 64 + ".example/t"],
+)
+async def test_a_stored_token_endpoint_no_client_can_send_to_is_a_permanent_error(
+    database: Database, secret_box: SecretBox, clock: FakeClock, uri: str
+) -> None:
+    """Stored before the admin API refused such URIs: it was a ValueError or UnicodeError out of the
+    HTTP client, an "internal error" of every delivery with a traceback on every attempt, retried
+    through the whole schedule."""
+    cred = await add_credential(database, secret_box, uri, refresh_token="rt-some-refresh-token")
+    async with build_http_client(Settings(allow_private_targets=True)) as production_client:
+        tokens = TokenManager(
+            UserCredentialTokenStore(database, secret_box), production_client, clock, 60.0, allow_private=True
+        )
+        with pytest.raises(TokenEndpointError) as info:
+            await tokens.get(cred.id)
+    assert not info.value.retryable
+    assert "cannot be used" in str(info.value)
+    assert (await read_credential(database, cred.id)).state == "active"
+
+
 async def test_token_endpoint_goes_through_the_outbound_guard(
     database: Database, secret_box: SecretBox, sim: CrmSimulator, clock: FakeClock
 ) -> None:

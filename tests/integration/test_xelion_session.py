@@ -80,6 +80,19 @@ async def test_unreachable_server() -> None:
     assert caught.value.kind == "unreachable"
 
 
+@pytest.mark.parametrize("host", ["[1:2]", "pbx..example.com", "127.0.0.1:99999"])
+async def test_a_stored_host_no_client_can_reach_is_unreachable_not_a_crash(host: str) -> None:
+    """Stored before the admin API refused such hosts: httpx raised InvalidURL or a ValueError,
+    which the source logged with a traceback on every reconnect and the admin API answered 500."""
+    async with httpx.AsyncClient(trust_env=False) as http:
+        session = XelionSession(
+            http, XelionTarget("http", host, "master"), "admin", "pw", "cti-bridge-1", timeout=2
+        )
+        with pytest.raises(XelionUnreachable) as caught:
+            await session.login()
+    assert caught.value.kind == "unreachable"
+
+
 async def test_renews_before_expiry_with_the_rotating_renewal_token(client: httpx.AsyncClient) -> None:
     async with XelionSimulator(token_lifetime=3.0) as sim:
         sim.add_user("master", "admin", ADMIN_PASSWORD, admin=True)

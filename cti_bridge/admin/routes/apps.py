@@ -365,6 +365,13 @@ async def _send(
             f"Invalid request: endpointContext.endpointUri: refused by the outbound guard: {exc}",
             "endpointContext.endpointUri",
         ) from None
+    except (httpx.InvalidURL, ValueError) as exc:
+        # A URL no client can send (schemas.check_http_uri refuses those it can foresee; a query
+        # parameter may still add one): the caller's to fix, so a 422, not a 500.
+        raise invalid_request(
+            f"Invalid request: endpointContext.endpointUri: cannot be sent ({type(exc).__name__})",
+            "endpointContext.endpointUri",
+        ) from None
     except httpx.TimeoutException as exc:
         if _timed_out(exc):
             raise ApiError(

@@ -25,7 +25,7 @@ from cti_bridge.admin.auth import (
     require_principal,
 )
 from cti_bridge.admin.body import read_model, read_models
-from cti_bridge.admin.common import DEFAULT_LIMIT, Limit, Offset, paged, query_text, xelion_failure
+from cti_bridge.admin.common import Limit, Offset, paged, query_text, xelion_failure
 from cti_bridge.admin.deps import AdminDeps, get_deps
 from cti_bridge.admin.mappings import mapping_input, validate_mappings
 from cti_bridge.clock import xelion_time
@@ -205,7 +205,7 @@ async def get_crm_integration(
     principal: Auth,
     xelionHost: Annotated[str | None, Query()] = None,
     xelionTenant: Annotated[str | None, Query()] = None,
-    limit: Limit = DEFAULT_LIMIT,
+    limit: Limit = None,
     offset: Offset = 0,
 ) -> JSONResponse:
     host = query_text(xelionHost, "xelionHost")
@@ -341,7 +341,7 @@ async def get_user_credentials(
     principal: Auth,
     username: Annotated[str | None, Query()] = None,
     oid: Annotated[str | None, Query()] = None,
-    limit: Limit = DEFAULT_LIMIT,
+    limit: Limit = None,
     offset: Offset = 0,
 ) -> JSONResponse:
     crm = await crm_context_for(deps, principal, xelionContextId, crmContextId)
@@ -408,7 +408,7 @@ async def get_event_uri_mappings(
     crmContextId: int,
     deps: Deps,
     principal: Auth,
-    limit: Limit = DEFAULT_LIMIT,
+    limit: Limit = None,
     offset: Offset = 0,
 ) -> JSONResponse:
     crm = await crm_context_for(deps, principal, xelionContextId, crmContextId)
