@@ -153,6 +153,25 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return spec
 
 
+class TrailingSlashMiddleware:
+    """``/api/users/1/`` is ``/api/users/1``: the route is found as it is, not through FastAPI's
+    307 redirect to the path without the slash, which a script that does not follow redirects
+    (curl without ``-L``) read as a failure, and which it would have to resend its body to."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = dict(scope)
+            scope["path"] = path.rstrip("/") or "/"
+            raw: bytes | None = scope.get("raw_path")
+            if raw:
+                scope["raw_path"] = raw.rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
+
+
 def create_admin_app(deps: AdminDeps) -> FastAPI:
     """The admin API over ``deps`` (stored on ``app.state.deps``), with ``deps.extra_routers`` included."""
     app = FastAPI(
@@ -173,6 +192,7 @@ def create_admin_app(deps: AdminDeps) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(TrailingSlashMiddleware)
     for module in (integrations, users, environment, session, health, apps):
         app.include_router(module.router)
     for router in deps.extra_routers:

@@ -241,6 +241,17 @@ async def test_unknown_path_and_wrong_method_are_in_xelion_shape(client: httpx.A
     assert "POST" in r.headers.get("allow", "")
 
 
+async def test_a_trailing_slash_reaches_the_route_without_a_redirect(client: httpx.AsyncClient) -> None:
+    """A script that writes ``/api/crm-integrations/`` got a 307 and, without following it, failed."""
+    body = integration_body("a")
+    r = await client.post("/api/crm-integrations/", json=body, headers=OPERATOR)
+    assert r.status_code == 200, r.text
+    x = r.json()["xelionContext"]["id"]
+    r = await client.get(f"/api/xelion-environment/{x}/", headers=OPERATOR)
+    assert r.status_code == 200 and r.json()["host"] == body["xelionContext"]["host"], r.text
+    assert_error(await client.get("/api/nothing-here/", headers=OPERATOR), 404, 10100)
+
+
 async def test_a_bug_is_500_11000_with_no_trace_and_logged(deps: AdminDeps, caplog) -> None:
     boom = APIRouter()
 
