@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 #: How long the stop waits for the worker's run() to end after ``worker.stop()`` (which already
 #: spent the grace period): it only has to write the release of unfinished deliveries.
 _WORKER_EXIT_TIMEOUT = 10.0
+#: How long the stop waits at least for token refreshes in flight to commit their rotated tokens
+#: once the grace period is spent (a hanging token endpoint held the exit for the whole request
+#: timeout, past the grace, and a container runtime's stop timeout with it).
+_REFRESH_EXIT_MIN = 1.0
 
 
 def secret_key_for(settings: Settings) -> str:
@@ -331,10 +335,17 @@ class Daemon:
             if v.state is not SourceState.STANDBY
         }
 
-    async def close(self) -> None:
-        # Refreshes in flight commit their rotated tokens before the client goes away.
-        await self.tokens.aclose()
-        await self.app_tokens.aclose()
+    async def close(self, refresh_wait: float | None = None) -> None:
+        """Close every client and the database. Refreshes in flight may commit their rotated tokens
+        first, for up to ``refresh_wait`` seconds (None: the grace period). One cut short ends as a
+        ``kill -9`` in mid-refresh does: the old refresh token still usable, or, if the provider
+        rotated it meanwhile, the credential marked for re-authorisation (reliability.md §11)."""
+        wait = self.settings.shutdown_grace_seconds if refresh_wait is None else refresh_wait
+        for manager in (self.tokens, self.app_tokens):
+            try:
+                await asyncio.wait_for(manager.aclose(), max(_REFRESH_EXIT_MIN, wait))
+            except TimeoutError:
+                log.warning("stopping without waiting longer for a token refresh in flight")
         await self.crm_http.aclose()
         await self.worker.crm.aclose()
         await self.xelion_http.aclose()
@@ -493,6 +504,8 @@ async def serve(
         lifespan="off",
     )
     server = _Server(config)
+    loop = asyncio.get_running_loop()
+    grace_ends: float | None = None
     try:
         async with asyncio.TaskGroup() as tg:
             server_task = tg.create_task(server.serve(), name="admin-api")
@@ -517,6 +530,7 @@ async def serve(
                 else tg.create_task(daemon.follow_integrations(stop), name="follow-integrations")
             )
             await asyncio.wait({stop_task, server_task, worker_task}, return_when=asyncio.FIRST_COMPLETED)
+            grace_ends = loop.time() + settings.shutdown_grace_seconds
             log.info(
                 "stopping: sources first, then the worker (grace %.0f s)", settings.shutdown_grace_seconds
             )
@@ -541,7 +555,7 @@ async def serve(
     finally:
         for task in list(daemon.background):
             task.cancel()
-        await daemon.close()
+        await daemon.close(None if grace_ends is None else grace_ends - loop.time())
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

@@ -400,7 +400,16 @@ class TokenManager(Generic[KeyT]):
         error = _safe_code(doc.get("error")) if doc is not None else None
         if error is not None or not 200 <= status < 300:
             return await self._failed(key, snap, who, host, grant, status, error)
-        assert doc is not None
+        if doc is None:
+            # A 2xx that is not a JSON object: a maintenance page, a proxy's answer. Not the token
+            # endpoint speaking OAuth; the next attempt may reach it.
+            self._report("error")
+            log.warning("token %s grant for %s at %s: HTTP %d, not a JSON object", grant, who, host, status)
+            raise TokenEndpointError(
+                f"{who}: token endpoint {host} answered HTTP {status} without a JSON object",
+                retryable=True,
+                status=status,
+            )
         access_token = doc.get("access_token")
         if not isinstance(access_token, str) or not access_token:
             self._report("error")
@@ -460,7 +469,13 @@ class TokenManager(Generic[KeyT]):
             self._device_not_before[key] = self._clock.monotonic() + interval
             raise TokenNotReady(key, interval)
         self._report("error")
-        retryable = status >= 500 or status in (408, 425, 429)
+        # An error without an OAuth error code is not the authorization server refusing this grant:
+        # a firewall's or a proxy's page, a maintenance answer, a moved URL. Killing every delivery
+        # that needs a token meanwhile would lose them over a passing fault (a 403 page for ten
+        # seconds killed a third of a run's deliveries); they retry on the schedule instead, and the
+        # error shows in their lastError. An OAuth error (invalid_request, invalid_scope, ...) stays
+        # permanent: the request itself is wrong.
+        retryable = status >= 500 or status in (408, 425, 429) or error is None
         raise TokenEndpointError(
             f"{who}: token endpoint {host} answered HTTP {status}" + (f" ({error})" if error else ""),
             retryable=retryable,

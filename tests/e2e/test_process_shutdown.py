@@ -138,3 +138,32 @@ async def test_sigterm_logs_out_of_xelion(tmp_path: Path, db_url: str) -> None:
                 break
             await asyncio.sleep(0.02)
         assert world.xelion.open_sockets == 0
+
+
+async def test_sigterm_does_not_wait_past_the_grace_for_a_hanging_token_refresh(
+    tmp_path: Path, db_url: str
+) -> None:
+    """The token endpoint never answers: the deliveries waiting for the refresh go back to the
+    queue when the grace ends, and the exit no longer waits for the refresh's own request timeout
+    (30 s here), which kept the process up past any container runtime's stop timeout."""
+    grace = 2.0
+    async with process_world(
+        tmp_path, db_url, shutdown_grace_seconds=str(grace), request_timeout="30", lease_seconds="120"
+    ) as world:
+        refresh_started = asyncio.Event()
+
+        async def hang(grant_type: str) -> None:
+            refresh_started.set()
+            await asyncio.Event().wait()  # never answers (ended when the simulator stops)
+
+        world.crm.token_hook = hang
+        await _configure(world)
+        await world.xelion.place_call("incoming", callee="anne")
+        await asyncio.wait_for(refresh_started.wait(), 10)
+        await world.wait_deliveries(3)
+        code, elapsed = await world.daemon.terminate()
+        world.crm.token_hook = None
+        assert code == 0, world.daemon.logs(4000)
+        assert elapsed < grace + 5.0, f"took {elapsed:.1f} s to exit (grace {grace} s)"
+        db = await read_db_async(world.db_url)
+    assert db.states() == {"pending": 3}, db.states()

@@ -400,8 +400,13 @@ async def test_invalid_grant_during_an_operator_update_does_not_park_the_new_tok
         (Failure.http(503), True),
         (Failure.http(500), True),
         (Failure.retry_after(30), True),
-        (Failure.http(400, b'{"error":"invalid_request"}'), False),
-        (Failure.http(404, b"not found"), False),
+        (Failure.http(400, b'{"error":"invalid_request"}'), False),  # OAuth: the request is wrong
+        # No OAuth error code: not the authorization server refusing the grant (a firewall's page,
+        # a proxy, a moved URL). Such a 403 for ten seconds was made permanent and killed every
+        # delivery that needed a token meanwhile; they retry on the schedule now.
+        (Failure.http(404, b"not found"), True),
+        (Failure.http(403, b"<html>Access denied</html>"), True),
+        (Failure.http(200, b"<html>maintenance</html>"), True),  # was an AssertionError
         (Failure.http(200, b'{"token_type":"Bearer"}'), False),  # no access_token
         (Failure.dropped(), True),
     ],
