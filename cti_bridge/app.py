@@ -16,10 +16,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from cti_bridge.delivery.worker import DeliveryWorker
 from cti_bridge.events import CALL_EVENT_TYPES
 from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import IngestResult, Pipeline
-from cti_bridge.ports import SourceState
+from cti_bridge.ports import EventsNotRecorded, SourceState
 from cti_bridge.retention import Retention
 from cti_bridge.routing import MappingCache, RoutingCache
 from cti_bridge.store import migrate
@@ -78,6 +79,8 @@ def secret_key_for(settings: Settings) -> str:
 
 #: How many events of one source may wait for their commit before ``on_event`` waits too.
 MAX_UNCOMMITTED = 1000
+#: How often a source held up by a database that does not commit says so (seconds).
+STALL_WARNING = 10.0
 
 
 class StoreSourceHooks:
@@ -97,8 +100,9 @@ class StoreSourceHooks:
         self.pipeline = pipeline
         self.metrics = metrics
         self.max_uncommitted = max_uncommitted
-        self._uncommitted: dict[int, deque[asyncio.Future[IngestResult]]] = {}
-        self._failed: dict[int, Exception] = {}
+        # Per source, the events handed over and not yet committed, with when (monotonic) each was.
+        self._uncommitted: dict[int, deque[tuple[asyncio.Future[IngestResult], float]]] = {}
+        self._failed: dict[int, EventsNotRecorded] = {}
 
     async def on_event(
         self, xelion_context_id: int, notification_type: str, fields: dict[str, object]
@@ -113,35 +117,64 @@ class StoreSourceHooks:
         this source waiting for their commit, this waits for the oldest.
 
         A failed commit is logged (at ERROR, by the pipeline) and raised from this source's next
-        ``on_event``: the source then drops the socket, records a gap and reconnects, as when the
-        commit failed in this call. The failed batch's events are not retried here: like any
-        event lost while the source was disconnected, they fall in the recorded gap.
+        ``on_event`` as ``EventsNotRecorded``, which says when the first event of the failed batch
+        was handed over: the source then drops the socket and records a gap from that moment, so
+        that the lost events fall in it, and reconnects. They are not retried here: Xelion does not
+        resend, and the gap is where the operator looks for them.
         """
         failed = self._failed.pop(xelion_context_id, None)
         if failed is not None:
             raise failed
         future = self.pipeline.submit(xelion_context_id, notification_type, fields)
         waiting = self._uncommitted.setdefault(xelion_context_id, deque())
-        waiting.append(future)
+        waiting.append((future, time.monotonic()))
         future.add_done_callback(partial(self._committed, xelion_context_id))
         while len(waiting) > self.max_uncommitted:
-            oldest = waiting[0]
-            await asyncio.wait({oldest})
+            await self._wait_for_commit(xelion_context_id, waiting[0][0], len(waiting))
             failed = self._failed.pop(xelion_context_id, None)
             if failed is not None:
                 raise failed
 
+    async def _wait_for_commit(
+        self, xelion_context_id: int, oldest: asyncio.Future[IngestResult], n: int
+    ) -> None:
+        """Wait for ``oldest``'s commit, saying so every ``STALL_WARNING`` seconds: meanwhile the
+        source reads nothing from its socket, which Xelion's pings end after about 40 s."""
+        waited = 0.0
+        while not oldest.done():
+            done, _ = await asyncio.wait({oldest}, timeout=STALL_WARNING)
+            if not done:
+                waited += STALL_WARNING
+                log.warning(
+                    "integration %d: %d events have waited %.0f s for the database; reading from Xelion is "
+                    "paused until they are committed",
+                    xelion_context_id,
+                    n,
+                    waited,
+                )
+
     def _committed(self, xelion_context_id: int, future: asyncio.Future[IngestResult]) -> None:
         waiting = self._uncommitted.get(xelion_context_id)
+        handed_at: float | None = None
         if waiting:
-            with contextlib.suppress(ValueError):
-                waiting.remove(future)  # almost always the oldest: futures resolve in order
+            if waiting[0][0] is future:  # almost always: futures resolve in order
+                handed_at = waiting.popleft()[1]
+            else:
+                for i, (f, at) in enumerate(waiting):
+                    if f is future:
+                        handed_at = at
+                        del waiting[i]
+                        break
         if future.cancelled():
             return
         exc = future.exception()
         if exc is not None:
-            if isinstance(exc, Exception):
-                self._failed.setdefault(xelion_context_id, exc)
+            if isinstance(exc, Exception) and xelion_context_id not in self._failed:
+                # The first failed event of the batch (callbacks run in order): the gap starts here.
+                ago = 0.0 if handed_at is None else time.monotonic() - handed_at
+                self._failed[xelion_context_id] = EventsNotRecorded(
+                    exc, datetime.now(UTC) - timedelta(seconds=ago)
+                )
             return
         result = future.result()
         self.metrics.event(result.duplicate)

@@ -125,13 +125,27 @@ class SourceConfig:
     )
 
 
+class EventsNotRecorded(Exception):
+    """Events handed to ``SourceHooks.on_event`` earlier were not recorded (their commit failed).
+
+    ``since`` is when the first of them was handed over: the gap the source opens starts there,
+    not when it heard of the failure, so that those events fall in it (reliability.md §18).
+    """
+
+    def __init__(self, cause: Exception, since: datetime) -> None:
+        super().__init__(type(cause).__name__)
+        self.cause = cause
+        self.since = since
+
+
 class SourceHooks(Protocol):
     """How a Xelion source reports to the rest of the daemon (implemented over the store)."""
 
     async def on_event(
         self, xelion_context_id: int, notification_type: str, fields: dict[str, object]
     ) -> None:
-        """Record one call event durably (with its deliveries); returns once committed."""
+        """Hand one call event over to be recorded durably (with its deliveries). May return before
+        the commit; a commit that failed is raised from a later call as ``EventsNotRecorded``."""
         ...
 
     async def on_state(self, xelion_context_id: int, state: SourceState, error: str | None) -> None:

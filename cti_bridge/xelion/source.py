@@ -31,10 +31,11 @@ from typing import Any, Literal
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.protocol import State
 
 from cti_bridge.clock import Clock, SystemClock
 from cti_bridge.events import CALL_EVENT_TYPES, normalise_fields, parse_notification
-from cti_bridge.ports import SourceConfig, SourceHooks, SourceState
+from cti_bridge.ports import EventsNotRecorded, SourceConfig, SourceHooks, SourceState
 from cti_bridge.xelion.ownership import Held, LocalOwnership, Ownership
 from cti_bridge.xelion.rest import XelionError, XelionSession
 
@@ -130,7 +131,12 @@ class _NoEcho(Exception):
 
 
 class _HookFailed(Exception):
-    """``on_event`` raised: the event was not recorded, so the socket is dropped and a gap opened."""
+    """``on_event`` raised: the event was not recorded, so the socket is dropped and a gap opened
+    from ``since``, the moment the first unrecorded event was read."""
+
+    def __init__(self, reason: str, since: datetime) -> None:
+        super().__init__(reason)
+        self.since = since
 
 
 class XelionSource:
@@ -167,6 +173,9 @@ class XelionSource:
         self._renewer: asyncio.Task[None] | None = None
         self._task: asyncio.Task[Any] | None = None
         self._connected_at: float | None = None  # monotonic time of the last subscription
+        # When this connection's events stopped being read or recorded, if before it was noticed
+        # closed: the start of its gap (None: when it is noticed).
+        self._unread_since: datetime | None = None
         self._probes = 0
         self._where = f"{config.target.host}/{config.target.tenant}"
 
@@ -269,6 +278,7 @@ class XelionSource:
         while True:
             await self._set_state(SourceState.CONNECTING, self._last_error)
             self._connected_at = None
+            self._unread_since = None
             try:
                 await self._connect_once()
                 reason = "Xelion closed the websocket"
@@ -293,6 +303,7 @@ class XelionSource:
                 reason = "websocket did not answer the subscription probe"
             except _HookFailed as exc:
                 reason = f"an event could not be recorded: {exc}"
+                self._unread_since = min(exc.since, self._unread_since or exc.since)
             except Exception as exc:
                 # A bug must not end the integration's only listener: log it, back off, try again.
                 logger.exception("unexpected error in the Xelion %s source", self._where)
@@ -302,7 +313,7 @@ class XelionSource:
                 self._connected_since = None
             connected_at = self._connected_at
             self._last_error = reason
-            await self._open_gap(reason)
+            await self._open_gap(reason, self._unread_since)
             if connected_at is not None and self._clock.monotonic() - connected_at >= options.healthy_after:
                 attempt = 0  # §3.6: reset only after a connection stayed up long enough
             delay = options.backoff_delay(attempt)
@@ -398,14 +409,24 @@ class XelionSource:
         if parsed.notification_type not in self._event_types:
             logger.debug("ignored a %s notification (not subscribed)", parsed.notification_type)
             return
-        self._last_event_at = self._clock.now()
+        read_at = self._last_event_at = self._clock.now()
         try:
             await self._hooks.on_event(self._id, parsed.notification_type, normalise_fields(parsed.fields))
+        except EventsNotRecorded as exc:
+            # An earlier batch's commit failed (logged by the pipeline): lost since its first event.
+            raise _HookFailed(str(exc), min(exc.since, read_at)) from exc
         except Exception as exc:
             logger.exception(
                 "recording a %s event from Xelion %s failed", parsed.notification_type, self._where
             )
-            raise _HookFailed(type(exc).__name__) from exc
+            raise _HookFailed(type(exc).__name__, read_at) from exc
+        ws = self._ws
+        if ws is not None and ws.state is not State.OPEN and self._unread_since is None:
+            # The socket closed while this event was being handed over: a database that does not
+            # commit holds on_event (its backpressure), nothing is read meanwhile, and Xelion's
+            # pings end the socket after about 40 s. What the server sent since is lost, so the gap
+            # starts when reading stopped, not when the close is noticed after the wait.
+            self._unread_since = read_at
 
     async def _shutdown(self) -> None:
         if self._renewer is not None:
@@ -441,11 +462,14 @@ class XelionSource:
         self._since = self._clock.now()
         await self._call_hook("on_state", self._hooks.on_state(self._id, state, error))
 
-    async def _open_gap(self, reason: str) -> None:
+    async def _open_gap(self, reason: str, since: datetime | None = None) -> None:
+        """Open a gap now, or at ``since`` if that is earlier (events not read or not recorded)."""
         if self._gap_open:
             return
         self._gap_open = True
-        await self._call_hook("gap_opened", self._hooks.gap_opened(self._id, self._clock.now(), reason))
+        now = self._clock.now()
+        start = now if since is None or since > now else since
+        await self._call_hook("gap_opened", self._hooks.gap_opened(self._id, start, reason))
 
     async def _close_gap(self) -> None:
         if not self._gap_open:

@@ -15,7 +15,7 @@ import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
@@ -28,6 +28,7 @@ from cti_bridge.config import Settings
 from cti_bridge.delivery.worker import DeliveryWorker, _Result
 from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import HandoffRoom, Pipeline
+from cti_bridge.ports import EventsNotRecorded
 from cti_bridge.routing import MappingCache, RoutingCache
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.db import Database
@@ -359,11 +360,17 @@ async def test_a_failed_commit_is_raised_to_the_source_on_its_next_event(
         raise RuntimeError("disk full")
 
     monkeypatch.setattr("cti_bridge.pipeline.insert_delivery_rows", broken)
+    handed_over = datetime.now(UTC)
     await hooks.on_event(ctx, KIND, fields("x"))  # returns before the commit
+    await asyncio.sleep(0.3)
     await hooks.flush()
     monkeypatch.undo()
-    with pytest.raises(RuntimeError, match="disk full"):
+    told = datetime.now(UTC)
+    with pytest.raises(EventsNotRecorded, match="RuntimeError") as info:
         await hooks.on_event(ctx, KIND, fields("y"))
+    assert isinstance(info.value.cause, RuntimeError) and "disk full" in str(info.value.cause)
+    # The source's gap starts when the lost event was handed over, not when it heard of the loss.
+    assert handed_over <= info.value.since < told - timedelta(seconds=0.2)
     # Reported once; the next event (after the source reconnected) is taken again.
     for n in range(5):  # more than max_uncommitted: on_event waits for the oldest meanwhile
         await hooks.on_event(ctx, KIND, fields(f"z{n}"))

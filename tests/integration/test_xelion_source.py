@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -269,6 +270,53 @@ async def test_a_subscribed_source_beats_and_never_within_a_gap(
     for start, end in spans:
         assert not [b for b in beats if b >= start and (end is None or b < end)], (start, end)
     assert any(gaps[1] <= b < gaps[2] for b in beats) and any(gaps[3] <= b < gaps[4] for b in beats)
+
+
+class HeldHooks(RecordingHooks):
+    """on_event waits while ``go`` is clear, as the daemon's does while the database does not
+    commit (its backpressure); ``held_at`` is when the first such wait began."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+        self.go.set()
+        self.held_at: datetime | None = None
+
+    async def on_event(
+        self, xelion_context_id: int, notification_type: str, fields: dict[str, object]
+    ) -> None:
+        await super().on_event(xelion_context_id, notification_type, fields)
+        if not self.go.is_set():
+            self.held_at = self.held_at or datetime.now(UTC)
+            await self.go.wait()
+
+
+async def test_a_socket_that_died_while_an_event_was_held_has_its_gap_from_then(
+    sim: XelionSimulator, client: httpx.AsyncClient
+) -> None:
+    """A stalled database held on_event for a minute: nothing was read, Xelion's pings ended the
+    socket, and what the server sent meanwhile was lost; but the gap started when the close was
+    noticed, after the wait, so the lost calls fell in no gap (reliability.md §18). It now starts
+    when the held event was read."""
+    hooks = HeldHooks()
+    manager = await started(sim, client, hooks)
+    await wait_for(lambda: bool(sim.subscriptions()))
+    hooks.go.clear()
+    before = datetime.now(UTC)
+    await sim.place_call("incoming", callee="anne")
+    await wait_for(lambda: hooks.held_at is not None, what="an event held")
+    await sim.drop_all_sockets()  # the socket ends while the source reads nothing
+    lost_at = datetime.now(UTC)
+    await sim.place_call("incoming", callee="bob")  # sent to no socket: lost
+    await asyncio.sleep(0.2)
+    hooks.go.set()
+    await wait_for(lambda: len(hooks.gaps) == 4, what="the drop's gap closed")
+    kind, _, start, reason = hooks.gaps[2]
+    assert kind == "open" and reason is not None and "closed" in reason
+    assert hooks.held_at is not None
+    assert before <= start <= hooks.held_at < lost_at  # the lost call falls in the gap
+    assert "bob" not in str([f for _, _, f in hooks.events])
+    await manager.stop_all()
 
 
 async def test_expired_session_logs_in_again_and_reconnects(
