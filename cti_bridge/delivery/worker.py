@@ -749,7 +749,13 @@ class DeliveryWorker:
         )
         # Queued before the wait: if this task is cancelled meanwhile, the flusher still writes the
         # outcome (it only skips answering a cancelled future), so no shield is needed.
-        written = await self._complete(completion, item.ordering_key)
+        try:
+            written = await self._complete(completion, item.ordering_key)
+        except Exception:
+            # The flusher logged the failed commit; the delivery stays leased and goes back to the
+            # queue when its lease ends. Raised on, it ended this task as an exception nobody
+            # retrieves, which asyncio logged a second time.
+            return
         if written is None:
             log.info("delivery %s: lease lost before completion; the newer claim decides", item.id)
         else:

@@ -591,3 +591,37 @@ async def test_an_outcome_is_written_once_even_if_its_task_is_cancelled_while_wa
         lambda s: s.execute(select(func.count()).select_from(DeliveryAttempt)).scalar_one()
     )
     assert records == 6
+
+
+async def test_a_failed_completion_commit_ends_the_delivery_task_quietly_and_leaves_the_lease(
+    database: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The flusher logs the failed commit once; the delivery's task ends without an exception
+    (asyncio logged "Task exception was never retrieved" for each), and the delivery stays leased
+    until its lease ends, when it is claimed again."""
+    w = make_world(database)
+    p = pipeline(database)
+    await p.submit(w.xelion_context_id, KIND, fields("f1"))
+    now = utcnow() + timedelta(seconds=1)
+    (item,) = database.run_sync(lambda s: claim_due(s, now=now, limit=1, lease_seconds=LEASE))
+    worker = DeliveryWorker(
+        db=database,
+        mappings=MappingCache(),
+        tokens=cast(Any, None),
+        crm=cast(Any, None),
+        settings=Settings(database_url="sqlite:///unused.db"),
+    )
+
+    def broken(*_args: object, **_kw: object) -> object:
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr("cti_bridge.delivery.worker._write_completions", broken)
+    delivered = _Result(state="delivered", outcome="delivered", status=201)
+    task = asyncio.create_task(worker._finish(item, delivered, utcnow(), 1))
+    await asyncio.wait_for(asyncio.wait({task}), 10)
+    assert task.exception() is None
+    assert [r.message for r in caplog.records if "outcomes failed" in r.message] == [
+        "recording 1 delivery outcomes failed: database went away"
+    ]
+    (row,) = rows(database)
+    assert row.state == "sending" and row.lease_owner is not None
