@@ -33,7 +33,7 @@ from cti_bridge.clock import Clock, SystemClock
 from cti_bridge.config import Settings
 from cti_bridge.delivery.crm_client import CrmClient
 from cti_bridge.delivery.egress import build_http_client
-from cti_bridge.delivery.oauth import TokenManager
+from cti_bridge.delivery.oauth import REFRESH_FAILURE_PAUSE, TokenManager
 from cti_bridge.delivery.worker import DeliveryWorker
 from cti_bridge.events import CALL_EVENT_TYPES
 from cti_bridge.metrics import Metrics
@@ -419,6 +419,7 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
             margin_seconds=settings.token_refresh_margin_seconds,
             allow_private=settings.allow_private_targets,
             on_refresh=lambda result: metrics.refreshes.labels(result).inc(),
+            failure_pause=REFRESH_FAILURE_PAUSE,
         )
         # One token manager implementation, two kinds of credential: CRM users and app contexts.
         app_tokens = TokenManager(

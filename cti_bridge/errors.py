@@ -112,8 +112,10 @@ class TokenNotReady(TokenError):
 
 
 class TokenEndpointError(TokenError):
-    """The token endpoint failed: ``retryable`` for 5xx, 408/429, timeouts and connection errors;
-    not for other 4xx, malformed answers or a token endpoint refused by the outbound guard."""
+    """The token endpoint failed: ``retryable`` for 5xx, 408/425/429, timeouts, connection errors
+    and answers that are not OAuth (a 4xx without an OAuth error code, a 2xx that is not JSON); not
+    for OAuth errors other than the re-authorisation ones, a 2xx without an access token, a URI no
+    client can send to, or a token endpoint refused by the outbound guard."""
 
     def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
         super().__init__(message)

@@ -73,6 +73,10 @@ DEVICE_REAUTH_ERRORS = frozenset({"access_denied", "expired_token"})
 DEVICE_WAIT_ERRORS = frozenset({"authorization_pending", "slow_down"})
 DEFAULT_DEVICE_INTERVAL = 5.0  # RFC 8628 §3.2: 5 s when the server does not say
 MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
+#: How long a failed token request answers for the credential's next ones in the delivery worker
+#: (seconds): a failing endpoint is asked about once per pause and credential, not once per delivery
+#: that needs a token. Deliveries retry after 5 s at the earliest anyway (reliability.md §7).
+REFRESH_FAILURE_PAUSE = 5.0
 _TOKEN_FIELDS = frozenset({"access_token", "refresh_token", "expires_in", "expires_at"})
 _SAFE_CODE = re.compile(r"[^A-Za-z0-9_.\-]")
 
@@ -170,8 +174,10 @@ class TokenManager(Generic[KeyT]):
         allow_private: bool = False,
         max_response_bytes: int = MAX_TOKEN_RESPONSE_BYTES,
         on_refresh: Callable[[str], None] | None = None,
+        failure_pause: float = 0.0,
     ) -> None:
         self._store = store
+        self._failure_pause = failure_pause
         self._http = http
         self._clock = clock
         self._margin = timedelta(seconds=margin_seconds)
@@ -182,6 +188,8 @@ class TokenManager(Generic[KeyT]):
         # Device-code polling: not before this monotonic time, and the current interval (§3.5).
         self._device_not_before: dict[KeyT, float] = {}
         self._device_interval: dict[KeyT, float] = {}
+        # The last failed token request per key, until when it stands in for a new one.
+        self._last_failure: dict[KeyT, tuple[float, TokenEndpointError]] = {}
         self.refreshes = 0  # token-endpoint calls made (metrics, reliability.md §21)
         # Called once per token-endpoint call with its result: "ok", "reauth_required",
         # "pending" (device grant waiting) or "error" (metrics, reliability.md §21).
@@ -227,6 +235,7 @@ class TokenManager(Generic[KeyT]):
         self._cache.pop(key, None)
         self._device_not_before.pop(key, None)
         self._device_interval.pop(key, None)
+        self._last_failure.pop(key, None)
 
     async def drop_changed(self) -> list[KeyT]:
         """Forget the cached tokens whose credential was changed or deleted in the store since they
@@ -293,13 +302,20 @@ class TokenManager(Generic[KeyT]):
             stored = self._stored_token(key, await self._store.load(key), rejected)
             if stored is not None:
                 return stored
+            self._recently_failed(key)
             async with self._store.exclusive(key):
                 # Another replica may have refreshed while this one waited for the lock: read again.
                 snap = await self._store.load(key)
                 stored = self._stored_token(key, snap, rejected)
                 if stored is not None:
                     return stored
-                granted = await self._grant(key, snap)
+                try:
+                    granted = await self._grant(key, snap)
+                except TokenEndpointError as exc:
+                    if self._failure_pause > 0:
+                        self._last_failure[key] = (self._clock.monotonic() + self._failure_pause, exc)
+                    raise
+                self._last_failure.pop(key, None)
                 if granted is None:
                     continue  # marking reauth_required lost against a newer version: reload
                 version = await self._store.save_tokens(
@@ -323,6 +339,21 @@ class TokenManager(Generic[KeyT]):
         raise TokenEndpointError(
             f"{self._store.describe(key)} kept changing during the token refresh", retryable=True
         )
+
+    def _recently_failed(self, key: KeyT) -> None:
+        """Raise the last token request's failure again if it is less than ``failure_pause`` old
+        (the delivery worker's manager: ``REFRESH_FAILURE_PAUSE``). Single flight joins the callers
+        of one moment; without this, each delivery that came after a failure sent a request of its
+        own: about 200 in a 15 s outage of one endpoint. The admin API's manager has none: a
+        person trying again wants a new request."""
+        failed = self._last_failure.get(key)
+        if failed is None:
+            return
+        until, exc = failed
+        if self._clock.monotonic() >= until:
+            del self._last_failure[key]
+            return
+        raise TokenEndpointError(str(exc), retryable=exc.retryable, status=exc.status)
 
     def _stored_token(self, key: KeyT, snap: CredentialSnapshot, rejected: str | None) -> AccessToken | None:
         """The stored access token if it can be used as it is (cached); raises ``ReauthRequired``

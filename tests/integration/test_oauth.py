@@ -22,7 +22,7 @@ from oauth_helpers import (
     operator_sets_refresh_token,
     read_credential,
 )
-from sqlmodel import Session
+from sqlmodel import Session, update
 
 from cti_bridge.clock import utcnow
 from cti_bridge.config import Settings
@@ -39,6 +39,7 @@ from cti_bridge.store import integrations, migrate
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.db import Database, make_engine
 from cti_bridge.store.integrations import delete_credential, update_secret
+from cti_bridge.store.models import UserCredentials
 from cti_bridge.store.tokens import UserCredentialTokenStore
 
 
@@ -556,6 +557,49 @@ async def test_secrets_never_logged_nor_in_exception_texts(
     assert "user credential" in caplog.text  # the log names the credential...
     for secret in secrets:
         assert secret not in texts  # ...never a secret
+
+
+async def test_a_failed_token_request_answers_for_the_next_ones_during_the_pause(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """The delivery worker's manager: in an outage of the token endpoint each delivery that came
+    after a failure sent a request of its own (about 200 in 15 s for one credential). Within the
+    pause the last failure answers; after it, or once the operator changes the credential, a new
+    request is made. A token stored meanwhile (another replica's refresh) is used at once."""
+    cred = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    tokens = manager(database, secret_box, http, clock, failure_pause=5.0)
+    sim.token_failures.append(Failure.http(503))
+    with pytest.raises(TokenEndpointError) as first:
+        await tokens.get(cred.id)
+    for _ in range(10):
+        with pytest.raises(TokenEndpointError) as again:
+            await tokens.get(cred.id)
+        assert (str(again.value), again.value.retryable, again.value.status) == (str(first.value), True, 503)
+    assert sim.token_counts == {"refresh_token": 1}
+    clock.advance(5.0)
+    assert (await tokens.get(cred.id)).access_token
+    assert sim.token_counts == {"refresh_token": 2}
+
+    # The operator's change (invalidate) ends the pause at once.
+    sim.token_failures.append(Failure.http(503))
+    with pytest.raises(TokenEndpointError):
+        await tokens.refresh_after_401(cred.id, (await tokens.get(cred.id)).access_token)
+    tokens.invalidate(cred.id)
+    await database.run(lambda s: s.execute(update(UserCredentials).values(access_token_enc=None)))
+    assert (await tokens.get(cred.id)).access_token
+    assert sim.token_counts == {"refresh_token": 4}
+
+    # Without a pause (the admin API's manager) every call asks again.
+    plain = manager(database, secret_box, http, clock)
+    plain.invalidate(cred.id)
+    await database.run(lambda s: s.execute(update(UserCredentials).values(access_token_enc=None)))
+    sim.token_failures.append(Failure.http(503))
+    with pytest.raises(TokenEndpointError):
+        await plain.get(cred.id)
+    assert (await plain.get(cred.id)).access_token
+    assert sim.token_counts == {"refresh_token": 6}
 
 
 async def test_every_token_endpoint_call_is_reported(
