@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -68,6 +69,15 @@ class Party:
     common_name: str | None
 
 
+def _finite_or_text(text: str) -> float | str:
+    """A JSON number as a float, or its text when it is beyond a double (``1e400``): infinities and
+    NaN (``NaN``, ``Infinity``, which Python's json reads too) would reach the templates, where no
+    finite arithmetic or printing applies; as text they print as sent, and a number context refuses
+    them with the template's own error."""
+    value = float(text)
+    return value if math.isfinite(value) else text
+
+
 def parse_notification(frame: str | bytes) -> ParsedNotification | None:
     """Parse one websocket frame; ``None`` for anything that is not a notification we can use.
 
@@ -82,7 +92,7 @@ def parse_notification(frame: str | bytes) -> ParsedNotification | None:
             logger.debug("ignored a binary frame that is not UTF-8 (%d bytes)", len(frame))
             return None
     try:
-        data = json.loads(frame)
+        data = json.loads(frame, parse_float=_finite_or_text, parse_constant=str)
     except ValueError:
         logger.debug("ignored a frame that is not JSON (%d characters)", len(frame))
         return None

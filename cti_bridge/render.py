@@ -81,6 +81,7 @@ _CHEAP_LENGTH: Final = MAX_RENDERED_BYTES // 4
 _HEADER_NAME_RE: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x20\x7f]")
 _URI_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
+_URI_LITERAL_RE: Final = re.compile(r"[^\x21-\x7e]")
 _STATIC_BASE_RE: Final = re.compile(r"https?://[^/?#\s]+", re.IGNORECASE)
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -424,6 +425,20 @@ class CompiledMapping:
         bad = _URI_CONTROL_RE.search(text)
         if bad is not None:
             raise TemplateSyntaxError("control character in the URI", column=bad.start() + 1, where=where)
+        for part in template.parts:
+            # White space and non-ASCII text outside ``${...}``: no request line can carry them, and
+            # after a literal base the rendered URL is not parsed again (a space was refused only
+            # when the CRM request was made).
+            if not isinstance(part, str):
+                continue
+            odd = _URI_LITERAL_RE.search(part)
+            if odd is not None:
+                at = text.find(part)
+                raise TemplateSyntaxError(
+                    f"{odd.group()!r} in the URI: percent-encode it (a space is %20)",
+                    column=None if at < 0 else at + odd.start() + 1,
+                    where=where,
+                )
         steps: list[Callable[[Names], str]] = []
         for index, part in enumerate(template.parts):
             if isinstance(part, str):
@@ -447,11 +462,13 @@ class CompiledMapping:
 
         def render_uri(names: Names) -> str:
             try:
-                url = "".join([step(names) for step in steps])
+                pieces = [step(names) for step in steps]
             except TemplateError as err:
                 err.locate(where=where)
                 raise
-            return check(url)
+            if sum(map(len, pieces)) > MAX_RENDERED_BYTES:  # before the join (see template.py)
+                raise RenderError("rendered string longer than 64 KiB", where=where)
+            return check("".join(pieces))
 
         return render_uri
 
@@ -466,6 +483,8 @@ class CompiledMapping:
             raise RenderError(
                 f"the URI contains white space or a control character: {url[:80]!r}", where="crmResourceUri"
             )
+        if not url.isascii():
+            raise RenderError(f"the URI contains a non-ASCII character: {url[:80]!r}", where="crmResourceUri")
         try:
             parts = urlsplit(url)
             host = parts.hostname

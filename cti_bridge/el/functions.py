@@ -156,9 +156,12 @@ def _parse_phone(number: object, region: object) -> phonenumbers.PhoneNumber | N
         return None
     region_code = to_str(region).upper() or None
     try:
-        return phonenumbers.parse(text, region_code)
+        parsed = phonenumbers.parse(text, region_code)
     except phonenumbers.NumberParseException:
         return None
+    # An internal extension ("201") parses, but is no possible number: "+31201" would be a false
+    # E.164 number for the CRM to match. It stays as it is, like any unparseable input.
+    return parsed if phonenumbers.is_possible_number(parsed) else None
 
 
 def fn_e164(number: object, region: object = None) -> str:
@@ -226,7 +229,9 @@ def fn_format_date(value: object, pattern: object, zone: object = None) -> str:
 
 def fn_iso_utc(value: object) -> str:
     """``2026-11-24T09:12:33Z``: whole seconds (el-templates.md §5); a fraction is dropped."""
-    return _parse_date(value, "isoUtc").strftime("%Y-%m-%dT%H:%M:%SZ")
+    when = _parse_date(value, "isoUtc")
+    # Not strftime's %Y, which does not pad years before 1000 on glibc ("1-01-01T...").
+    return f"{when.year:04d}-{when:%m-%dT%H:%M:%S}Z"
 
 
 # Exact integers, not the float timestamp(): floor division rounds down before 1970 too, as Java's

@@ -260,9 +260,11 @@ class _Parser:
         """``ns:name(`` ahead? Otherwise the ':' belongs to a ``?:``."""
         toks = self.tokens
         p = self.pos
+        # Not ``KEYWORD`` at p + 1: in ``c ? a : empty(b)`` or ``c ? a : not(b)`` the ':' is the
+        # conditional's, and a function is never named by a reserved word.
         return (
             p + 2 < len(toks)
-            and toks[p + 1].kind in (IDENT, KEYWORD)
+            and toks[p + 1].kind == IDENT
             and toks[p + 2].kind == OP
             and toks[p + 2].value == "("
         )

@@ -10,6 +10,7 @@ context does not carry is null.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 import simpleeval
 
@@ -113,7 +114,12 @@ class Template:
             steps.append(_literal_step(part) if isinstance(part, str) else _expr_step(part._fn))
 
         def render(ctx: Context) -> str:
-            return "".join([step(ctx) for step in steps])
+            out = [step(ctx) for step in steps]
+            # Counted before the join: one long event value repeated in many parts made a string of
+            # gigabytes before the caller's 64 KiB check (each part itself is the value, not a copy).
+            if sum(map(len, out)) > MAX_RENDERED_CHARS:
+                raise TemplateEvalError(f"rendered string longer than {MAX_RENDERED_CHARS} characters")
+            return "".join(out)
 
         return render
 
@@ -137,6 +143,11 @@ class Template:
 
     def __repr__(self) -> str:
         return f"Template({self.text!r})"
+
+
+#: No rendered string may exceed 64 KiB (el-templates.md §7); a character is at least one byte, so
+#: more characters than that are too long whatever their encoding.
+MAX_RENDERED_CHARS: Final = 65536
 
 
 def _literal_step(text: str) -> Callable[[Context], str]:

@@ -253,6 +253,23 @@ def test_uri_base_may_not_smuggle_white_space() -> None:
         compile_mapping(spec("${base}/p")).render(ctx({"base": "https://a.example/\r\nX-Evil: 1"}))
 
 
+def test_uri_text_a_request_line_cannot_carry_is_refused() -> None:
+    """A space or a non-ASCII character in the URI's literal text was saved, rendered (after a
+    literal base the URL is not parsed again) and refused only by the CRM request; in the text an
+    expression supplies, it is refused when rendered."""
+    for uri, column in (
+        ("https://crm.example/a b?x=${duration}", 22),
+        ("https://crm.example/m\u00fcnchen/${callId}", 22),
+        ("https://crm.example/calls/${callId}/ x", 37),
+    ):
+        with pytest.raises(TemplateSyntaxError, match="percent-encode") as info:
+            compile_mapping(spec(uri))
+        assert (info.value.where, info.value.column) == ("crmResourceUri", column), uri
+    compile_mapping(spec("https://crm.example/a%20b?q=${fn:toUpperCase(callId) == 'X' ? 1 : 2}"))
+    with pytest.raises(RenderError, match="non-ASCII"):
+        compile_mapping(spec("${base}/p")).render(ctx({"base": "https://a.example/m\u00fcnchen"}))
+
+
 def test_constant_uri_is_checked_when_compiled() -> None:
     with pytest.raises(TemplateSyntaxError) as info:
         compile_mapping(spec("crm.example.org/calls"))
