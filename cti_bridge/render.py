@@ -30,7 +30,7 @@ import contextlib
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Final
 from urllib.parse import quote, quote_plus, urlencode, urlsplit
@@ -82,6 +82,7 @@ _HEADER_NAME_RE: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x20\x7f]")
 _URI_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
 _URI_LITERAL_RE: Final = re.compile(r"[^\x21-\x7e]")
+_NOT_IN_CONDITIONS: Final = frozenset({"token", "deliveryId"})
 _STATIC_BASE_RE: Final = re.compile(r"https?://[^/?#\s]+", re.IGNORECASE)
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -402,6 +403,14 @@ class CompiledMapping:
                 err.locate(where="condition")
                 raise
             self._places += [(n, "condition") for n in sorted(self.condition.names)]
+        # Conditions are evaluated when the event is stored (pipeline.py), before any token is
+        # fetched and before the delivery exists: these names are null there, and in the previews.
+        self._condition_notes: tuple[str, ...] = tuple(
+            f"the condition names {n!r}, which is null there: conditions are evaluated when the event "
+            "arrives, before any token or delivery id"
+            for n in sorted(self.condition.names if self.condition is not None else ())
+            if n in _NOT_IN_CONDITIONS
+        )
         self.condition_equals = _name_equals_string(self.condition)
 
         self.names: frozenset[str] = frozenset(n for n, _ in self._places)
@@ -608,11 +617,12 @@ class CompiledMapping:
         return context_names(ctx, seen)
 
     def condition_holds(self, ctx: RenderContext) -> bool:
-        """Whether the mapping applies to this event (true when it has no condition)."""
+        """Whether the mapping applies to this event (true when it has no condition), evaluated as
+        the pipeline does: without ``token`` and ``deliveryId``, which do not exist yet then."""
         if self.condition is None:
             return True
         try:
-            return self.condition_holds_in(context_names(ctx))
+            return self.condition_holds_in(context_names(replace(ctx, token=None, delivery_id=None)))
         except TemplateError as err:
             _mask_error(err, ctx.token)
             raise
@@ -633,8 +643,9 @@ class CompiledMapping:
 
     def _warnings(self, names: Names) -> tuple[str, ...]:
         if all(n in names for n in self.names):
-            return ()
-        return tuple(f"unknown name {n!r} in {where}" for n, where in self._places if n not in names)
+            return self._condition_notes
+        unknown = tuple(f"unknown name {n!r} in {where}" for n, where in self._places if n not in names)
+        return unknown + self._condition_notes
 
     def render(self, ctx: RenderContext) -> RenderedRequest:
         """The request for this event. Raises ``TemplateEvalError`` or ``RenderError``, located."""

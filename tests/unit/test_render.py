@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -20,6 +21,7 @@ from cti_bridge.render import (
     RenderError,
     _quote_component,
     compile_mapping,
+    context_names,
     mapping_spec_from_json,
     render_command,
     request_preview,
@@ -532,3 +534,22 @@ def test_render_command_reports_bad_files(tmp_path: Path) -> None:
 def test_uri_component_quoting_is_urllibs(text: str) -> None:
     # The fast path for values that need no escaping must not change any value's encoding.
     assert _quote_component(text) == quote(text, safe="")
+
+
+def test_a_condition_is_evaluated_without_token_and_delivery_id_in_the_preview_too() -> None:
+    """The pipeline evaluates conditions when the event is stored, before any token exists; the
+    previews evaluated them with the token, so ``${not empty token.instance_url}`` held in the
+    preview and never in production. Both now agree, and the preview says why."""
+    compiled = compile_mapping(spec(condition="${not empty token.instance_url}"))
+    with_token = ctx(
+        token={"accessToken": "at", "instance_url": "https://x.my.salesforce.com"}, delivery_id="d"
+    )
+    assert compiled.condition_holds(with_token) is False
+    assert (
+        compiled.condition_holds_in(context_names(replace(with_token, token=None, delivery_id=None))) is False
+    )
+    warnings = compiled.render(with_token).warnings
+    assert any("conditions are evaluated when the event arrives" in w for w in warnings), warnings
+    plain = compile_mapping(spec(condition="${duration > 0}"))
+    assert plain.condition_holds(with_token) is True
+    assert not plain.render(with_token).warnings
