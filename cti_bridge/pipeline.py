@@ -139,6 +139,7 @@ class HandoffRoom:
     default_host_room: int
     mapping_host: dict[int, str]
     reserved: int = 0  # what the worker reserved (returned in ``accept``)
+    leased_at: float | None = None  # monotonic, before the transaction: its leases start later
 
     def take(self, mapping_id: int) -> bool:
         """Use one place for a delivery of ``mapping_id`` if there is one."""

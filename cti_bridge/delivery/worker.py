@@ -225,6 +225,7 @@ class DeliveryWorker:
             default_host_room=cap - self._reserved,
             mapping_host=dict(self._mapping_host),
             reserved=n,
+            leased_at=self.clock.monotonic(),  # the ingest's lease starts after this
         )
         self._reserved += n
         return room
@@ -245,8 +246,9 @@ class DeliveryWorker:
             # does, the deliveries go back to the queue rather than wait for their lease.
             self._spawn(self._release([(c.claim, c.id) for c in claimed]))
         else:
+            leased_at = room.leased_at if room is not None else None
             for item in claimed:
-                self._start(item)
+                self._start(item, leased_at)
         wake = bool(queued_keys)
         for key in blocked_keys:
             if self._running_keys.get(key):
@@ -338,6 +340,7 @@ class DeliveryWorker:
         claimed: list[Claimed] = []
         if limit > 0:
             now = self.clock.now()
+            leased_at = self.clock.monotonic()
             gen = self._backlog_gen
             self._reserved += limit  # a hand-off meanwhile must not take the same places
             try:
@@ -353,7 +356,7 @@ class DeliveryWorker:
                 await self._release([(c.claim, c.id) for c in claimed])
                 return
             for item in claimed:
-                self._start(item)
+                self._start(item, leased_at)
             if len(claimed) == limit:
                 self._backlog = True  # there may be more: claim again when a place frees
             elif gen == self._backlog_gen and not full:
@@ -390,13 +393,19 @@ class DeliveryWorker:
             due = self._due_at = await self.db.run(partial(next_due_at, skip_mappings=skip), quick=True)
         return due
 
-    def _start(self, item: Claimed) -> None:
-        """Run a leased delivery in its own task."""
+    def _start(self, item: Claimed, leased_at: float | None = None) -> None:
+        """Run a leased delivery in its own task. ``leased_at``: the monotonic time no later than
+        the start of its lease (before the claim's transaction), from which the lease's end is
+        known without asking the database."""
         if item.id in self._inflight:
             # Our own earlier claim of it outlived its lease and is still running: the new claim
-            # decides, and the running one's completion will change nothing.
+            # decides; the running one does not send once its lease is over (``_send``), and its
+            # completion changes nothing.
             log.warning("delivery %s claimed again while still in flight here", item.id)
-        task = asyncio.create_task(self._process(item), name=f"delivery-{item.id}")
+        start = self.clock.monotonic() if leased_at is None else leased_at
+        task = asyncio.create_task(
+            self._process(item, start + self.settings.lease_seconds), name=f"delivery-{item.id}"
+        )
         self._inflight[item.id] = (task, item)
         self._count(task, self._host_of(item.mapping_id))
         self._running_keys[item.ordering_key] += 1
@@ -542,11 +551,11 @@ class DeliveryWorker:
 
     # -- one delivery ------------------------------------------------------------------------
 
-    async def _process(self, item: Claimed) -> None:
+    async def _process(self, item: Claimed, lease_end: float | None = None) -> None:
         started = self.clock.now()
         t0 = time.monotonic()
         try:
-            result = await self._attempt(item)
+            result = await self._attempt(item, lease_end)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not kill the worker nor lose the delivery
@@ -590,7 +599,7 @@ class DeliveryWorker:
             self._now_second, self._now_formatted = second, xelion_time(now)
         return self._now_formatted
 
-    async def _attempt(self, item: Claimed) -> _Result:
+    async def _attempt(self, item: Claimed, lease_end: float | None = None) -> _Result:
         if item.credential_id is None:
             return _Result(state="dead", outcome="dead", error="the user's credentials were deleted")
         # The caches answer nearly every delivery: a coroutine only when they do not.
@@ -616,7 +625,7 @@ class DeliveryWorker:
                 )
             return _Result(state="dead", outcome="dead", error=f"token endpoint: {exc}")
 
-        result = await self._send(item, compiled, token)
+        result = await self._send(item, compiled, token, lease_end=lease_end)
         if result.outcome == "refresh":
             try:
                 token = await self.tokens.refresh_after_401(item.credential_id, token.access_token)
@@ -628,7 +637,7 @@ class DeliveryWorker:
                 return self._retry(
                     item, _Result(state="pending", outcome="retry", status=401, error=f"token refresh: {exc}")
                 )
-            result = await self._send(item, compiled, token, second_try=True)
+            result = await self._send(item, compiled, token, second_try=True, lease_end=lease_end)
         if result.state == "pending":
             return self._retry(item, result)
         return result
@@ -651,7 +660,13 @@ class DeliveryWorker:
         return result
 
     async def _send(
-        self, item: Claimed, compiled: CompiledMapping, token: AccessToken, *, second_try: bool = False
+        self,
+        item: Claimed,
+        compiled: CompiledMapping,
+        token: AccessToken,
+        *,
+        second_try: bool = False,
+        lease_end: float | None = None,
     ) -> _Result:
         secrets: tuple[str, ...] = (token.access_token,)
         try:
@@ -682,6 +697,20 @@ class DeliveryWorker:
         retry_after: float | None = None
         try:
             async with self.limiter.slot(host):
+                if (
+                    lease_end is not None
+                    and self.clock.monotonic() + self.settings.request_timeout > lease_end
+                ):
+                    # The lease would end before the request could: a long wait for a token (another
+                    # replica's refresh lock, a hung token endpoint) or for a place at the host. Another
+                    # claim may already have it, in this process too, and would send it as well; so
+                    # nothing is sent, and if the claim still holds it is tried again later.
+                    return _Result(
+                        state="pending",
+                        outcome="retry",
+                        error="not sent: the lease would have ended before the request (a long wait)",
+                        count_attempt=False,
+                    )
                 answer = await self.crm.send(
                     req.method, req.url, headers, req.body, max_bytes=self.settings.max_response_bytes
                 )

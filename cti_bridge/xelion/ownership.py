@@ -149,9 +149,11 @@ class PostgresOwnership:
         poll_seconds: float = 5.0,
         connect_timeout: float = 10.0,
         clock: Clock | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         self._conninfo = psycopg_conninfo(database_url)
         self.poll_seconds = poll_seconds
+        self._idle_timeout = idle_timeout
         self._connect_timeout = connect_timeout
         self._clock = clock or SystemClock()
         self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
@@ -174,11 +176,21 @@ class PostgresOwnership:
         return xelion_context_id in self._elsewhere
 
     @property
+    def idle_timeout(self) -> float:
+        """Seconds after which the server ends a lock connection that ran no statement: a live
+        owner checks it every ``poll_seconds``, so only a hung one (SIGSTOP, a frozen VM, whose
+        kernel still answers keepalives) is cut off, and its integrations taken over."""
+        if self._idle_timeout is not None:
+            return self._idle_timeout
+        return max(3 * self.poll_seconds, 15.0)
+
+    @property
     def silent_loss(self) -> timedelta:
-        # The server's keepalives end a vanished replica's session (and locks) after this long;
-        # the replica itself notices a failing lock connection within one poll interval.
+        # The server's keepalives end a vanished replica's session (and locks) after this long, its
+        # idle timeout a hung one's; the replica itself notices a failing lock connection within one
+        # poll interval.
         keepalive = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT
-        return timedelta(seconds=keepalive + self.poll_seconds)
+        return timedelta(seconds=max(keepalive, self.idle_timeout) + self.poll_seconds)
 
     async def acquire(self, xelion_context_id: int) -> Held:
         seen: datetime | None = None
@@ -318,7 +330,7 @@ class PostgresOwnership:
         return bool(row and row[0])
 
     async def _connect(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
-        return await asyncio.wait_for(
+        conn = await asyncio.wait_for(
             psycopg.AsyncConnection.connect(
                 self._conninfo,
                 autocommit=True,
@@ -336,6 +348,17 @@ class PostgresOwnership:
             ),
             self._connect_timeout + 1,
         )
+        if conn.info.server_version >= 140000:  # idle_session_timeout is new in PostgreSQL 14
+            try:
+                async with asyncio.timeout(self.poll_seconds):
+                    await conn.execute(
+                        "SELECT set_config('idle_session_timeout', %s, false)",
+                        (f"{int(self.idle_timeout * 1000)}ms",),
+                    )
+            except BaseException:
+                await conn.close()
+                raise
+        return conn
 
     def _drop(self, exc: BaseException | None) -> None:
         """The connection failed (or we are closing): every lock of it is gone; tell every holder."""

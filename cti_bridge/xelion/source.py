@@ -25,7 +25,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal
 
 import httpx
@@ -761,19 +761,24 @@ class SourceManager:
 
         The standby last saw the other replica hold the lock at ``held.since``. If that replica
         stopped cleanly (the stored state is ``stopped`` or ``failed``), it listened until then.
-        Otherwise (it crashed, its host vanished, it lost the lock) it may have stopped reading up to
-        ``silent_loss`` before the server let go of its lock; but it was still reading when it
-        stored its last event (``last_event_at``, written at most a second late), and an earlier
-        drop of its socket left a gap open, which the new owner's gap joins.
+        Otherwise (it crashed, hung, its host vanished, it lost the lock) it listened at least until
+        the last moment the store knows of (``load_state``: its last event less a second, its last
+        subscription, its last heartbeat), and may have stopped right after: the gap starts there,
+        at most a heartbeat interval early. Without any of those (a database of an older version),
+        it is assumed to have read until ``silent_loss`` before the server let go of its lock. An
+        earlier drop of its socket left a gap open, which the new owner's gap joins.
         """
         assert held.since is not None
-        state, last_event_at = await self._stored_state(xelion_context_id)
+        state, listened_at = await self._stored_state(xelion_context_id)
         if state in (SourceState.STOPPED, SourceState.FAILED):
             return held.since
-        since = held.since - self._ownership.silent_loss
-        if last_event_at is not None:
-            since = max(since, min(held.since, last_event_at - timedelta(seconds=1)))
-        return since
+        if listened_at is not None:
+            # The last proof that it listened (``load_state``: an event, its subscription, a
+            # heartbeat): it may have stopped right after. Not ``silent_loss`` before the lock went,
+            # which assumed it read until its host vanished: a hung process (SIGSTOP, a frozen VM)
+            # stops reading long before, and its gap was short by the time it hung.
+            return min(held.since, listened_at)
+        return held.since - self._ownership.silent_loss
 
     async def _update_locked(self, entry: _Entry, config: SourceConfig) -> None:
         old = entry.config

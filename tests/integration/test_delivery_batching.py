@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -261,9 +262,11 @@ class RecordingWorker(DeliveryWorker):
     """The real worker's room accounting; a started delivery holds its place and is never sent."""
 
     started: list[Claimed]
+    leased_at: list[float | None]
 
-    def _start(self, item: Claimed) -> None:
+    def _start(self, item: Claimed, leased_at: float | None = None) -> None:
         self.started.append(item)
+        self.leased_at.append(leased_at)
         placeholder = cast(Any, object())
         self._inflight[item.id] = (placeholder, item)
         self._count(placeholder, self._host_of(item.mapping_id))
@@ -279,6 +282,7 @@ def recording_worker(db: Database, clock: Any = None, **settings: Any) -> Record
         clock=clock,
     )
     worker.started = []
+    worker.leased_at = []
     return worker
 
 
@@ -297,6 +301,9 @@ async def test_the_hand_off_respects_the_worker_room(database: Database) -> None
     results = await asyncio.gather(*(p.submit(ctx, KIND, fields(f"call-{n}")) for n in range(2, 5)))
     assert [r.handed_off for r in results] == [1, 0, 0]
     assert len(worker.started) == worker.inflight == 3
+    # Each knows when its lease began (no later than the reservation), so that it never sends
+    # after the lease ended.
+    assert all(t is not None and t <= time.monotonic() for t in worker.leased_at)
     states = [d.state for d in rows(database)]
     assert states == ["sending", "sending", "sending", "pending", "pending"]
     assert worker._reserved == 0

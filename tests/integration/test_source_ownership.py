@@ -39,6 +39,28 @@ async def not_done_after(task: asyncio.Task[object], seconds: float) -> bool:
     return not task.done()
 
 
+async def test_a_hung_owner_loses_its_lock_to_the_servers_idle_timeout(pg_url: str) -> None:
+    """A hung owner (SIGSTOP, a frozen VM) keeps its connection: its kernel answers the keepalives,
+    so the server kept the lock, and nobody listened for as long as it hung. Its connection now has
+    an idle timeout, longer than the owner's own check interval: a hung owner, which runs no check,
+    loses the lock, and a standby takes over."""
+    hung = PostgresOwnership(pg_url, poll_seconds=POLL, idle_timeout=1.0)
+    standby = PostgresOwnership(pg_url, poll_seconds=POLL, idle_timeout=1.0)
+    try:
+        held = await asyncio.wait_for(hung.acquire(7), 5)
+        await asyncio.sleep(2.5)  # alive: its check runs every POLL seconds, the lock stays
+        assert not held.lost.is_set() and await held.confirm()
+        assert await holder_pids(pg_url, 7)
+        assert hung._guard is not None
+        hung._guard.cancel()  # from here it runs no statement, as a stopped process would
+        taken = await asyncio.wait_for(standby.acquire(7), 10)
+        assert taken.since is not None  # it saw the hung one hold it first
+        assert not await held.confirm()  # the hung one's lock went with its session
+    finally:
+        await hung.aclose()
+        await standby.aclose()
+
+
 async def test_one_owner_at_a_time_and_the_standby_takes_over_when_released(
     pg_url: str, replicas: list[PostgresOwnership]
 ) -> None:
@@ -261,17 +283,22 @@ async def test_a_source_that_lost_its_websocket_writes_no_shared_state(
 
 
 class StoredStateHooks(_Recording):
-    """What the store would say of the previous owner: its last state and last stored event."""
+    """What the store would say of the previous owner (``load_state``): its last state and the last
+    moment it is known to have listened (its last event less a second, its subscription, its last
+    heartbeat)."""
 
-    def __init__(self, state: str, last_event_at: datetime | None) -> None:
+    def __init__(self, state: str, listened_at: datetime | None) -> None:
         super().__init__()
-        self.stored = (state, last_event_at)
+        self.stored = (state, listened_at)
 
     async def load_state(self, xelion_context_id: int) -> tuple[str | None, datetime | None]:
         return self.stored
 
 
-@pytest.mark.parametrize("stored_state", ["stopped", "subscribed", "subscribed, events until late"])
+@pytest.mark.parametrize(
+    "stored_state",
+    ["stopped", "subscribed", "subscribed, listened 3 s ago", "subscribed, hung 10 min ago"],
+)
 async def test_a_takeovers_gap_starts_no_later_than_the_previous_owner_stopped_listening(
     pg_url: str,
     replicas: list[PostgresOwnership],
@@ -281,12 +308,18 @@ async def test_a_takeovers_gap_starts_no_later_than_the_previous_owner_stopped_l
 ) -> None:
     """reliability.md §18 for a takeover: the previous owner stopped cleanly (stored 'stopped'), so
     the gap starts where the standby last saw it hold the lock; or it did not (stored 'subscribed':
-    it crashed, vanished or lost the lock) and may have stopped reading up to ``silent_loss`` before
-    the server let go, but not before its last stored event."""
+    it crashed, hung, vanished or lost the lock), and the gap starts at the last moment it is known
+    to have listened. Only when nothing is known (a database of an older version) is it assumed to
+    have read until ``silent_loss`` before the server let go. A hung owner (SIGSTOP) kept its lock
+    for as long as it hung, and its gap started ``silent_loss`` before the takeover: the calls of
+    the time before were lost outside any gap."""
     other, mine, _ = replicas
     held_by_other = await other.acquire(1)
-    last_event = datetime.now(UTC) - timedelta(seconds=3) if "late" in stored_state else None
-    hooks = StoredStateHooks(stored_state.split(",")[0], last_event)
+    ago = {"3 s": timedelta(seconds=3), "10 min": timedelta(minutes=10)}
+    last_listened = next(
+        (datetime.now(UTC) - d for k, d in ago.items() if k in stored_state), None
+    )  # fmt: skip
+    hooks = StoredStateHooks(stored_state.split(",")[0], last_listened)
     manager = SourceManager(hooks, client, fast_options(), mine)
     await manager.start(config_for(sim))
     try:
@@ -298,9 +331,9 @@ async def test_a_takeovers_gap_starts_no_later_than_the_previous_owner_stopped_l
         seen = let_go_at - timedelta(seconds=1)  # no earlier than this (it looks every 0.05 s)
         if stored_state == "stopped":
             assert seen <= start <= let_go_at
-        elif last_event is None:
+        elif last_listened is None:
             assert seen - mine.silent_loss <= start <= let_go_at - mine.silent_loss
         else:
-            assert start == last_event - timedelta(seconds=1)
+            assert start == last_listened
     finally:
         await manager.stop_all()

@@ -424,3 +424,25 @@ async def test_a_token_holding_a_line_break_is_dead_and_never_written(
     assert (result.state, result.outcome, result.status) == ("dead", "dead", None)
     assert result.error is not None and "tok-0123456789" not in result.error
     assert server.seen == []
+
+
+async def test_nothing_is_sent_once_the_lease_would_end_before_the_request(
+    server: Server, crm: list[CrmClient]
+) -> None:
+    """A replica that waited long for a token (another replica hung holding the refresh lock) had
+    its lease run out; its claim loop claimed the delivery again, and every claim's task sent it
+    when the wait ended: the CRM got one event up to seven times. A task whose lease would end
+    before the request could (the request timeout) now sends nothing."""
+    worker = make_worker(crm, settings(request_timeout=0.5))
+    compiled = compile_mapping(
+        MappingSpec(xelion_event=KIND, crm_resource_uri=server.url("/calls"), crm_resource_payload={"a": 1})
+    )
+    token = AccessToken(access_token=TOKEN, expires_at=None, extra={}, version=1)
+    now = time.monotonic()
+    late = await worker._send(claimed(), compiled, token, lease_end=now + 0.4)
+    assert (late.state, late.outcome, late.count_attempt, late.status) == ("pending", "retry", False, None)
+    assert late.error is not None and "lease" in late.error
+    assert server.seen == []
+    in_time = await worker._send(claimed(), compiled, token, lease_end=now + 60)
+    assert (in_time.state, in_time.status) == ("delivered", 201)
+    assert len(server.seen) == 1
