@@ -114,6 +114,26 @@ LOCK_REFRESH_APP = 0x43544941  # an app context's token refresh
 #: Connections ``Database.exclusive`` holds at most at once (PostgreSQL).
 EXCLUSIVE_CONNECTIONS = 8
 
+#: TCP keepalives of the connections that hold advisory locks, on both ends: a replica whose host
+#: vanished without closing them lets go of its locks after about idle + interval * count seconds,
+#: not the kernel's 2 hours.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
+
+
+def keepalive_options() -> dict[str, Any]:
+    """The psycopg connection arguments that set those keepalives (client and server side)."""
+    return {
+        "keepalives": 1,
+        "keepalives_idle": KEEPALIVE_IDLE,
+        "keepalives_interval": KEEPALIVE_INTERVAL,
+        "keepalives_count": KEEPALIVE_COUNT,
+        "options": (
+            f"-c tcp_keepalives_idle={KEEPALIVE_IDLE}"
+            f" -c tcp_keepalives_interval={KEEPALIVE_INTERVAL}"
+            f" -c tcp_keepalives_count={KEEPALIVE_COUNT}"
+        ),
+    }
+
 
 def psycopg_conninfo(url: str) -> str:
     """The libpq connection string of a ``postgresql[+psycopg]://`` database URL, for connections
@@ -206,10 +226,13 @@ class Database:
                     # every user's token expired must not take the server's last connections.
                     await self._exclusive_slots.acquire()
                     slot = True
+                    # With keepalives: a replica whose host vanishes mid-refresh would otherwise
+                    # hold the lock for hours, and every refresh elsewhere wait the whole ``wait``.
                     conn = await psycopg.AsyncConnection.connect(
                         psycopg_conninfo(self.url),
                         autocommit=True,
                         application_name="cti-bridge lock",
+                        **keepalive_options(),
                     )
                     await conn.execute("SELECT pg_advisory_lock(%s, %s)", (namespace, key))
             except (psycopg.Error, OSError, TimeoutError) as exc:

@@ -39,16 +39,19 @@ from typing import Protocol
 import psycopg
 
 from cti_bridge.clock import Clock, SystemClock
-from cti_bridge.store.db import LOCK_SOURCE_OWNER, psycopg_conninfo
+from cti_bridge.store.db import (
+    KEEPALIVE_COUNT,
+    KEEPALIVE_IDLE,
+    KEEPALIVE_INTERVAL,
+    LOCK_SOURCE_OWNER,
+    keepalive_options,
+    psycopg_conninfo,
+)
 
 log = logging.getLogger(__name__)
 
 #: The first key of the locks: two int4 keys, apart from the daemon's other advisory locks.
 NAMESPACE = LOCK_SOURCE_OWNER
-
-#: Server-side keepalives of the lock connection: a replica whose host vanished without closing its
-#: connection loses its locks after about idle + interval * count seconds, not the kernel's 2 hours.
-KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
 
 
 @dataclass(eq=False)
@@ -336,15 +339,7 @@ class PostgresOwnership:
                 autocommit=True,
                 connect_timeout=max(1, int(self._connect_timeout)),
                 application_name="cti-bridge source owner",
-                keepalives=1,
-                keepalives_idle=KEEPALIVE_IDLE,
-                keepalives_interval=KEEPALIVE_INTERVAL,
-                keepalives_count=KEEPALIVE_COUNT,
-                options=(
-                    f"-c tcp_keepalives_idle={KEEPALIVE_IDLE}"
-                    f" -c tcp_keepalives_interval={KEEPALIVE_INTERVAL}"
-                    f" -c tcp_keepalives_count={KEEPALIVE_COUNT}"
-                ),
+                **keepalive_options(),
             ),
             self._connect_timeout + 1,
         )

@@ -9,6 +9,7 @@ import asyncio
 import logging
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 from sqlalchemy import text
 
@@ -136,3 +137,25 @@ async def test_sqlite_takes_nothing(sqlite_database: Database) -> None:
     async with sqlite_database.exclusive(NS, 1):
         async with sqlite_database.exclusive(NS, 1):  # one process: no lock to wait for
             pass
+
+
+async def test_a_lock_connection_sets_keepalives_on_both_ends(
+    replicas: tuple[Database, Database], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica whose host vanishes in the middle of a refresh must let go of the lock within
+    about 25 s, as its websocket lock does, not after the kernel's 2 hours (each refresh of that
+    credential elsewhere waited the whole 30 s meanwhile)."""
+    a, _ = replicas
+    real = psycopg.AsyncConnection.connect
+    seen: list[dict[str, object]] = []
+
+    async def recording(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs)
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", recording)
+    async with a.exclusive(NS, 5):
+        pass
+    (kwargs,) = seen
+    assert (kwargs["keepalives"], kwargs["keepalives_idle"], kwargs["keepalives_count"]) == (1, 10, 3)
+    assert "tcp_keepalives_idle=10" in str(kwargs["options"])
