@@ -113,11 +113,18 @@ def test_a_render_error_masks_the_token_value_it_quotes(uri: str, payload: objec
         assert not [piece for piece in PIECES if piece in text]
 
 
-def test_a_header_or_condition_error_is_masked_too() -> None:
+def test_a_header_error_is_masked_too_and_a_condition_never_sees_the_token() -> None:
     err = render_error("https://crm.example.org/calls", headers={"X-Key": "${token.sfdc.keys[0] * 2}"})
     assert str(err) == "newCallEvent: headers/X-Key: column 22: cannot coerce the string '***' to a number"
-    err = render_error("https://crm.example.org/calls", condition="${token.instance_url > 1}")
-    assert str(err) == "newCallEvent: condition: column 22: cannot coerce the string '***' to a number"
+    # A condition is evaluated when the event is stored, before any token (the pipeline): token is
+    # null there, in the preview too, so no token value can reach a condition's error.
+    compiled = compile_mapping(
+        MappingSpec(
+            "newCallEvent", "https://crm.example.org/calls", None, condition="${token.instance_url > 1}"
+        )
+    )
+    context = RenderContext(event={"callId": "1"}, xelion_event="newCallEvent", token=TOKEN)
+    assert compiled.condition_holds(context) is False
 
 
 def test_a_value_under_four_characters_is_not_masked() -> None:
