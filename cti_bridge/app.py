@@ -383,7 +383,7 @@ class Daemon:
         await self.worker.crm.aclose()
         await self.xelion_http.aclose()
         await self.ownership.aclose()
-        self.db.dispose()
+        self.db.dispose(wait=False)
         if self.lock is not None:
             self.lock.release()
 
@@ -570,15 +570,25 @@ async def serve(
             )
             if follow_task is not None:
                 follow_task.cancel()  # it must not start a source that stop_all has just stopped
-            await daemon.sources.stop_all()
+            # Each step is bounded by the grace: with a database that does not answer (a lock held
+            # by another program, a silent server) the sources' gap writes and the last commits
+            # waited for it, and the stop with them (65 s on a locked SQLite file; for ever on a
+            # PostgreSQL that accepts and never answers).
+            await _within(daemon.sources.stop_all(), settings.shutdown_grace_seconds, "stopping the sources")
             # Every event received is committed (and its fresh deliveries handed over) before the
             # worker stops taking work: SIGTERM loses nothing that was read from a socket.
-            await daemon.pipeline.flush()
-            await daemon.worker.stop()
+            await _within(daemon.pipeline.flush(), settings.shutdown_grace_seconds, "the last commits")
+            # The grace for the requests in flight, then the writes of their outcomes and of the
+            # release of the rest, which a database that does not answer would hold.
+            stopped = await _within(
+                daemon.worker.stop(),
+                settings.shutdown_grace_seconds + _WORKER_EXIT_TIMEOUT,
+                "recording the last outcomes",
+            )
             # The worker's run() returns once its loop has ended and the deliveries it did not finish
             # are back in the queue. Cancelling it before then would interrupt that release and
             # leave them leased ('sending') until the next start or lease expiry: wait (bounded).
-            await asyncio.wait({worker_task}, timeout=_WORKER_EXIT_TIMEOUT)
+            await asyncio.wait({worker_task}, timeout=_WORKER_EXIT_TIMEOUT if stopped else 1.0)
             worker_task.cancel()
             # A batch already in the database thread still commits (Database.run); the next does not start.
             retention_task.cancel()
@@ -590,6 +600,17 @@ async def serve(
         for task in list(daemon.background):
             task.cancel()
         await daemon.close(None if grace_ends is None else grace_ends - loop.time())
+
+
+async def _within(step: Awaitable[None], seconds: float, what: str) -> bool:
+    """Await one step of the stop for at most ``seconds`` (it is cancelled after that); whether it
+    finished."""
+    try:
+        await asyncio.wait_for(step, max(seconds, 1.0))
+    except TimeoutError:
+        log.warning("stopping: %s did not finish within %.0f s (the database?); going on", what, seconds)
+        return False
+    return True
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

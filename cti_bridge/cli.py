@@ -11,7 +11,10 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import sys
+import threading
+import time
 
 from cti_bridge import __version__
 from cti_bridge.errors import ConfigError, ExitCode, StoreLockedError
@@ -109,7 +112,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from sqlalchemy.exc import SQLAlchemyError
 
         if isinstance(exc, SQLAlchemyError | OSError):
-            print(f"cti-bridge: database unavailable: {type(exc).__name__}", file=sys.stderr)
+            # The driver's first line says why (refused, unknown database or role, timeout); libpq
+            # and sqlite3 messages name the host, port, user or file, never a password.
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            detail = f": {reason[0][:300]}" if reason else ""
+            print(f"cti-bridge: database unavailable: {type(exc).__name__}{detail}", file=sys.stderr)
             return ExitCode.DATABASE
         raise
 
@@ -127,7 +134,30 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     tune_gc()
     asyncio.run(_main())
+    _exit_if_a_thread_hangs(ExitCode.OK)
     return ExitCode.OK
+
+
+#: How long the process waits at its exit for database threads still running (seconds).
+EXIT_THREAD_WAIT = 5.0
+
+
+def _exit_if_a_thread_hangs(code: int) -> None:
+    """Python joins every database thread at exit, and one held by a database that does not answer
+    would hold the process for ever after a stop that has done all it could. Wait a little, then
+    exit without it: what it was doing is a transaction the database never confirmed, which a
+    ``kill -9`` could leave as well."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    deadline = time.monotonic() + EXIT_THREAD_WAIT
+    for t in others:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in others if t.is_alive()]
+    if stuck:
+        log.warning("exiting without waiting for %d database thread(s) that do not finish", len(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 #: The cyclic garbage collector's thresholds while the daemon runs (Python's are 700, 10, 10).

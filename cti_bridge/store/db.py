@@ -100,7 +100,17 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True)
+    # A connect timeout and keepalives: a server (or a PgBouncer before a dead one) that accepts the
+    # connection and never answers held the start (no exit code 4, no line), the stop and every
+    # database thread for ever.
+    return create_engine(
+        url,
+        pool_size=10,
+        max_overflow=10,
+        pool_pre_ping=True,
+        hide_parameters=True,
+        connect_args={"connect_timeout": PG_CONNECT_TIMEOUT, **keepalive_options()},
+    )
 
 
 #: The first keys of the daemon's two-key advisory locks (PostgreSQL), one per kind of thing locked
@@ -113,6 +123,9 @@ LOCK_REFRESH_APP = 0x43544941  # an app context's token refresh
 
 #: Connections ``Database.exclusive`` holds at most at once (PostgreSQL).
 EXCLUSIVE_CONNECTIONS = 8
+
+#: Seconds a new PostgreSQL connection of the pool may take (libpq's ``connect_timeout``).
+PG_CONNECT_TIMEOUT = 10
 
 #: TCP keepalives of the connections that hold advisory locks, on both ends: a replica whose host
 #: vanished without closing them lets go of its locks after about idle + interval * count seconds,
@@ -336,8 +349,11 @@ class Database:
             log.warning("database ping failed", exc_info=True)
             return False
 
-    def dispose(self) -> None:
-        self._executor.shutdown(wait=True)
+    def dispose(self, *, wait: bool = True) -> None:
+        """Close the engine and the database threads. ``wait=False`` (a stop): a thread held by a
+        database that does not answer is not waited for here (the process's exit decides, cli.py),
+        and work queued behind it is dropped."""
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)
         if self._checkpointer is not None:
             self._checkpointer.stop()
             self._checkpointer = None

@@ -100,6 +100,31 @@ def test_second_instance_on_same_sqlite_fails_fast(tmp_path: Path) -> None:
     assert first.returncode == 0
 
 
+def test_a_postgresql_that_accepts_and_never_answers_is_exit_4_with_the_reason(tmp_path: Path) -> None:
+    """A server (or a PgBouncer in front of a dead one) that accepts the connection and never
+    answers held the start for ever, with no line and no exit code. The pool's connect timeout
+    (10 s) ends it: exit 4, and the driver's reason on the line."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(50)
+        port = silent.getsockname()[1]
+        env = dict(
+            base_env(tmp_path, free_port()),
+            CTI_BRIDGE_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{port}/nothing",
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "cti_bridge", "run"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == ExitCode.DATABASE, proc.stderr
+    assert "database unavailable: OperationalError: " in proc.stderr
+    assert "timeout" in proc.stderr.lower()
+
+
 def test_migrate_command(tmp_path: Path) -> None:
     env = base_env(tmp_path, free_port())
     proc = subprocess.run(

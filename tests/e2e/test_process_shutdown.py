@@ -5,6 +5,7 @@ exits 0."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -167,3 +168,27 @@ async def test_sigterm_does_not_wait_past_the_grace_for_a_hanging_token_refresh(
         assert elapsed < grace + 5.0, f"took {elapsed:.1f} s to exit (grace {grace} s)"
         db = await read_db_async(world.db_url)
     assert db.states() == {"pending": 3}, db.states()
+
+
+async def test_sigterm_exits_while_the_database_is_locked_by_another_program(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Another program holds the SQLite file's write lock (an operator's sqlite3 shell): the stop's
+    gap write and the last commits each waited for SQLite's 30 s busy timeout, one after another
+    (65-75 s). Each step of the stop is now bounded by the grace, and the exit does not wait for a
+    database thread that does not finish."""
+    if not db_url.startswith("sqlite"):
+        pytest.skip("a file lock held by another program: SQLite")
+    async with process_world(tmp_path, db_url, shutdown_grace_seconds="2") as world:
+        await _configure(world)
+        await world.xelion.place_call("incoming", callee="anne")
+        await world.wait_deliveries(3)
+        path = db_url.removeprefix("sqlite:///")
+        locker = sqlite3.connect(path, timeout=30, isolation_level=None)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")
+            code, elapsed = await world.daemon.terminate(timeout=90)
+        finally:
+            locker.close()
+        assert code == 0, world.daemon.logs(4000)
+        assert elapsed < 40, f"took {elapsed:.0f} s to exit"
