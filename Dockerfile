@@ -21,5 +21,5 @@ ENV PATH=/opt/venv/bin:$PATH
 USER cti
 VOLUME ["/data"]
 EXPOSE 8080
-HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/api/health', timeout=4)" || exit 1
+HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import os,urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/api/health' % os.environ.get('CTI_BRIDGE_ADMIN_PORT', '8080'), timeout=4)" || exit 1
 CMD ["cti-bridge", "run"]

@@ -79,6 +79,8 @@ def secret_key_for(settings: Settings) -> str:
 
 #: How many events of one source may wait for their commit before ``on_event`` waits too.
 MAX_UNCOMMITTED = 1000
+#: How long ``api/ready`` waits for the database before it answers 503 (seconds).
+READINESS_WAIT = 2.0
 #: How often a source held up by a database that does not commit says so (seconds).
 STALL_WARNING = 10.0
 
@@ -349,10 +351,11 @@ class Daemon:
         """Ready when the database answers and every STORED integration's source is subscribed: an
         integration created a moment ago whose source has not started yet is not ready."""
         try:
-            ids = await self.db.run(source_store.all_context_ids)
+            # Bounded: on a locked or silent database the probe hung instead of answering 503.
+            ids = await asyncio.wait_for(self.db.run(source_store.all_context_ids), READINESS_WAIT)
             db_ok = True
-        except Exception:
-            log.warning("readiness: the database does not answer", exc_info=True)
+        except Exception as exc:
+            log.warning("readiness: the database does not answer (%s)", type(exc).__name__)
             ids, db_ok = [], False
         live = self.sources.statuses()
         statuses = {str(i): str(live[i].state) if i in live else str(SourceState.STOPPED) for i in ids}

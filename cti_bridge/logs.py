@@ -83,3 +83,5 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     # httpx logs every request URL at INFO; URLs may carry a token (CRM.COM's token parameter).
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # Alembic names every plugin it sets up at each start (7-12 lines); the migrations it runs stay.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -121,7 +121,11 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
-        self.registry.register(_StoreCollector(db, sources))
+        # The store's gauges in a registry of their own: rendered from a database thread, and left
+        # out (``cti_bridge_database_up 0``) when the database does not answer, so that the
+        # in-process counters and the process metrics are still scraped during an outage.
+        self.store_registry = CollectorRegistry(auto_describe=False)
+        self.store_registry.register(_StoreCollector(db, sources))
         # Counted per event and per delivery: each labelled child is looked up once, not per count
         # (``labels()`` validates the label values and takes a lock on every call).
         self._children: dict[tuple[Counter, str], Any] = {}
@@ -142,4 +146,25 @@ class Metrics:
         self._inc(self.events, "duplicate" if duplicate else "stored")
 
     def render(self) -> bytes:
+        """Everything, the store's gauges included (reads the database: call it off the loop)."""
+        return self.render_process() + self.render_store()
+
+    def render_process(self) -> bytes:
+        """The in-process counters and the process metrics: no database read."""
         return generate_latest(self.registry)
+
+    def render_store(self) -> bytes:
+        """The store's gauges and ``cti_bridge_database_up 1`` (reads the database)."""
+        return generate_latest(self.store_registry) + _database_up(1)
+
+
+def _database_up(value: int) -> bytes:
+    return (
+        b"# HELP cti_bridge_database_up 1 when the database answered this scrape\n"
+        b"# TYPE cti_bridge_database_up gauge\n"
+        b"cti_bridge_database_up " + (b"1.0" if value else b"0.0") + b"\n"
+    )
+
+
+#: What the scrape says of the store when the database does not answer.
+DATABASE_DOWN = _database_up(0)

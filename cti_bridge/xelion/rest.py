@@ -280,7 +280,7 @@ class XelionSession:
             try:
                 self._valid_until = parse_xelion_time(valid_until)
             except ValueError:
-                logger.warning("Xelion %s sent an unreadable validUntil; not renewing", self.where)
+                logger.warning("Xelion at %s sent an unreadable validUntil; not renewing", self.where)
         if self._valid_until is not None:
             now = self._clock.now()
             if now.tzinfo is None:  # a clock that keeps naive UTC
@@ -325,17 +325,17 @@ class XelionSession:
                 self.active_user_space = space
                 if space != self.user_space:
                     logger.warning(
-                        "Xelion %s: userSpace in use by a session we hold no token for; "
+                        "Xelion at %s: userSpace in use by a session we hold no token for; "
                         "logged in with a suffixed userSpace",
                         self.where,
                     )
-                logger.info("logged in to Xelion %s", self.where)
+                logger.info("logged in to Xelion at %s", self.where)
                 return
             error = error_from_response(response, "login")
             if error.error_code != ALREADY_LOGGED_IN:
-                logger.info("login to Xelion %s refused: %s", self.where, error.kind)
+                logger.info("login to Xelion at %s refused: %s", self.where, error.kind)
                 raise error
-            logger.info("Xelion %s: userSpace taken (10005), trying the next one", self.where)
+            logger.info("Xelion at %s: userSpace taken (10005), trying the next one", self.where)
         raise XelionApiError(
             "already_logged_in",
             f"login: every userSpace from {self.user_space} to -{USER_SPACE_SUFFIXES} "
@@ -361,7 +361,7 @@ class XelionSession:
             error = error_from_response(response, "renew")
             if error.status != 401:
                 raise error
-            logger.info("Xelion %s refused the renewal (%s); logging in again", self.where, error.kind)
+            logger.info("Xelion at %s refused the renewal (%s); logging in again", self.where, error.kind)
             await self._login_locked()
 
     async def logout(self) -> None:
@@ -376,11 +376,11 @@ class XelionSession:
             try:
                 response = await self._send("POST", "me/logout", token=token)
                 if response.status_code != 200:
-                    logger.info("logout from Xelion %s answered %s", self.where, response.status_code)
+                    logger.info("logout from Xelion at %s answered %s", self.where, response.status_code)
                 else:
-                    logger.info("logged out of Xelion %s", self.where)
+                    logger.info("logged out of Xelion at %s", self.where)
             except XelionError as exc:
-                logger.info("logout from Xelion %s failed: %s", self.where, exc.message)
+                logger.info("logout from Xelion at %s failed: %s", self.where, exc.message)
             finally:
                 if self._on_token is not None:
                     await self._on_token(None)
@@ -417,7 +417,7 @@ class XelionSession:
             await self.login()
         response = await self._send(method, path, token=self._token, params=params)
         if response.status_code == 401 and relogin:
-            logger.info("Xelion %s answered 401 to %s %s; logging in again", self.where, method, path)
+            logger.info("Xelion at %s answered 401 to %s %s; logging in again", self.where, method, path)
             await self.login()
             response = await self._send(method, path, token=self._token, params=params)
         if response.status_code != 200:

@@ -253,7 +253,7 @@ class XelionSource:
                     )
                 )
             await ws.send(subscription_frame(self._event_types))
-            logger.info("re-subscribed to Xelion %s (%d event types)", self._where, len(self._event_types))
+            logger.info("re-subscribed to Xelion at %s (%d event types)", self._where, len(self._event_types))
         except ConnectionClosed:
             pass  # the read loop notices and the next subscription carries the new list
 
@@ -285,7 +285,9 @@ class XelionSource:
             except XelionError as exc:
                 if exc.permanent:
                     # §3.6: bad credentials stop the retries until the credentials change.
-                    logger.error("Xelion %s refused the admin login (%s); giving up", self._where, exc.kind)
+                    logger.error(
+                        "Xelion at %s refused the admin login (%s); giving up", self._where, exc.kind
+                    )
                     self._last_error = exc.message
                     await self._set_state(SourceState.FAILED, exc.message)
                     return
@@ -306,7 +308,7 @@ class XelionSource:
                 self._unread_since = min(exc.since, self._unread_since or exc.since)
             except Exception as exc:
                 # A bug must not end the integration's only listener: log it, back off, try again.
-                logger.exception("unexpected error in the Xelion %s source", self._where)
+                logger.exception("unexpected error in the Xelion at %s source", self._where)
                 reason = f"unexpected error: {type(exc).__name__}"
             finally:
                 self._ws = None
@@ -320,7 +322,7 @@ class XelionSource:
             attempt += 1
             self._reconnects += 1
             logger.warning(
-                "Xelion %s websocket down (%s); reconnecting in %.1f s", self._where, reason, delay
+                "Xelion at %s websocket down (%s); reconnecting in %.1f s", self._where, reason, delay
             )
             await self._set_state(SourceState.BACKOFF, reason)
             await options.sleep(delay)
@@ -387,7 +389,7 @@ class XelionSource:
         self._connected_at = self._clock.monotonic()
         self._connected_since = self._clock.now()
         self._last_error = None
-        logger.info("subscribed to Xelion %s (%d event types)", self._where, len(self._event_types))
+        logger.info("subscribed to Xelion at %s (%d event types)", self._where, len(self._event_types))
         await self._set_state(SourceState.SUBSCRIBED, None)
         await self._close_gap()
 
@@ -417,7 +419,7 @@ class XelionSource:
             raise _HookFailed(str(exc), min(exc.since, read_at)) from exc
         except Exception as exc:
             logger.exception(
-                "recording a %s event from Xelion %s failed", parsed.notification_type, self._where
+                "recording a %s event from Xelion at %s failed", parsed.notification_type, self._where
             )
             raise _HookFailed(type(exc).__name__, read_at) from exc
         ws = self._ws
@@ -445,7 +447,7 @@ class XelionSource:
                 async with asyncio.timeout(self._options.logout_timeout):
                     await self._session.logout()
             except (TimeoutError, Exception):
-                logger.warning("logging out of Xelion %s did not finish", self._where)
+                logger.warning("logging out of Xelion at %s did not finish", self._where)
         self._connected_since = None
         if self._state is not SourceState.FAILED:
             await self._set_state(SourceState.STOPPED, None)
@@ -482,7 +484,7 @@ class XelionSource:
         try:
             return await awaitable
         except Exception:
-            logger.exception("source hook %s failed for Xelion %s", name, self._where)
+            logger.exception("source hook %s failed for Xelion at %s", name, self._where)
             return None
 
 

@@ -149,6 +149,30 @@ def test_dockerfile_shape() -> None:
     assert "sqlite:////data/" in text
 
 
+def test_the_images_healthcheck_follows_the_admin_port(tmp_path: Path) -> None:
+    """The HEALTHCHECK asked port 8080 whatever CTI_BRIDGE_ADMIN_PORT said: a daemon on another port
+    was reported unhealthy. The check, as the Dockerfile writes it, against a daemon on a free port."""
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    line = next(text for text in lines if text.startswith("HEALTHCHECK"))
+    check = re.search(r'CMD python -c "(.*)" \|\| exit 1$', line)
+    assert check is not None, line
+    port = free_port()
+    env = base_env(tmp_path, port)
+    proc = start([sys.executable, "-m", "cti_bridge", "run"], env, tmp_path)
+    try:
+        wait_healthy(port, proc)
+        ok = subprocess.run([sys.executable, "-c", check.group(1)], env=env, capture_output=True, timeout=30)
+        assert ok.returncode == 0, ok.stderr
+        elsewhere = dict(env, CTI_BRIDGE_ADMIN_PORT=str(free_port()))
+        down = subprocess.run(
+            [sys.executable, "-c", check.group(1)], env=elsewhere, capture_output=True, timeout=30
+        )
+        assert down.returncode != 0  # the check can fail: nothing listens there
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+
 @pytest.mark.slow
 def test_dockerfile_steps_install_and_start_in_fresh_venv(tmp_path: Path) -> None:
     """Run the Dockerfile's own COPY and RUN steps (pip install of the package with the lock file) in a

@@ -192,3 +192,37 @@ async def test_sigterm_exits_while_the_database_is_locked_by_another_program(
             locker.close()
         assert code == 0, world.daemon.logs(4000)
         assert elapsed < 40, f"took {elapsed:.0f} s to exit"
+
+
+async def test_ready_and_metrics_answer_while_the_database_is_locked(tmp_path: Path, db_url: str) -> None:
+    """With the SQLite file locked by another program, api/ready and api/metrics waited for it (up
+    to the lock's end) instead of answering: the probe saw a hang, the scraper lost every series.
+    Now ready answers 503 naming the database, and metrics keep the in-process counters with
+    ``cti_bridge_database_up 0``."""
+    if not db_url.startswith("sqlite"):
+        pytest.skip("a file lock held by another program: SQLite")
+    async with process_world(tmp_path, db_url) as world:
+        await _configure(world)
+        await world.xelion.place_call("incoming", callee="anne")
+        await world.wait_deliveries(3)
+        up = await world.api.get("/api/metrics")
+        assert up.status_code == 200 and "cti_bridge_database_up 1.0" in up.text
+        locker = sqlite3.connect(db_url.removeprefix("sqlite:///"), timeout=30, isolation_level=None)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")
+            ready = await world.api.get("/api/ready", timeout=20)
+            metrics = await world.api.get("/api/metrics", timeout=20)
+        finally:
+            locker.close()
+        assert ready.status_code == 503 and ready.json()["database"] == "unavailable", ready.text
+        assert metrics.status_code == 200, metrics.text
+        assert "cti_bridge_database_up 0.0" in metrics.text
+        attempts = [
+            line
+            for line in metrics.text.splitlines()
+            if line.startswith("cti_bridge_delivery_attempts_total")
+        ]
+        assert attempts and all(line.split()[-1] != "0.0" for line in attempts), attempts
+        assert "cti_bridge_deliveries{" not in metrics.text  # the store's gauges are left out
+        again = await world.api.get("/api/ready", timeout=20)  # the lock is gone
+        assert again.status_code == 200, again.text

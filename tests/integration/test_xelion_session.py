@@ -19,6 +19,7 @@ from xelion_helpers import (
     wait_for,
 )
 
+from cti_bridge.logs import redact
 from cti_bridge.ports import SourceState, XelionCheckError, XelionTarget
 from cti_bridge.sim.xelion import XelionSimulator
 from cti_bridge.xelion.directory import HttpXelionDirectory
@@ -67,6 +68,23 @@ async def test_disabled_account_is_permanent(sim: XelionSimulator, client: httpx
     with pytest.raises(XelionApiError) as caught:
         await session.login()
     assert (caught.value.kind, caught.value.error_code, caught.value.permanent) == ("disabled", 10006, True)
+
+
+async def test_the_log_lines_of_a_login_name_the_host_after_redaction(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The redaction of a bare "xelion <token>" took "Xelion <host>/<tenant>" for one: every line
+    of every integration read "logged in to Xelion ***" and could not be told apart."""
+    async with XelionSimulator() as sim:
+        sim.add_user("master", "admin", ADMIN_PASSWORD, admin=True)
+        session = admin_session(sim, client)
+        with caplog.at_level(logging.INFO, logger="cti_bridge.xelion"):
+            await session.login()
+            await session.logout()
+    lines = [redact(r.getMessage()) for r in caplog.records if r.name.startswith("cti_bridge.xelion")]
+    host = sim.target("master").host
+    assert f"logged in to Xelion at {host}/master" in lines, lines
+    assert f"logged out of Xelion at {host}/master" in lines, lines
 
 
 async def test_unreachable_server() -> None:
