@@ -9,6 +9,7 @@ An invalid setting raises ``ConfigError`` with one line that names it; the CLI t
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -210,13 +211,26 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """The ``CTI_BRIDGE_*`` variables that name no setting (a typo: ``CTI_BRIDGE_RETENTON_DAYS``)."""
+    # CONFIG names the file; TEST_PG_URL is the test suite's PostgreSQL server (README, Development).
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    known |= {ENV_PREFIX + "CONFIG", ENV_PREFIX + "TEST_PG_URL"}
+    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+
+
 def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
-    """Build the settings, or raise ConfigError with one line naming the faulty setting."""
+    """Build the settings, or raise ConfigError with one line naming the faulty setting. A
+    ``CTI_BRIDGE_*`` variable that names no setting is refused, as an unknown key of the TOML file
+    is: silently ignored, a misspelt one left its setting at the default."""
     path = config_file or os.environ.get(ENV_PREFIX + "CONFIG")
     cls: type[Settings] = Settings
+    if path and not Path(path).is_file():
+        raise ConfigError(f"CTI_BRIDGE_CONFIG: the file {path} does not exist")
+    unknown = unknown_environment(os.environ)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: no such setting (see the README's Settings)")
     if path:
-        if not Path(path).is_file():
-            raise ConfigError(f"CTI_BRIDGE_CONFIG: the file {path} does not exist")
 
         class FileSettings(Settings):
             model_config = SettingsConfigDict(toml_file=path)

@@ -81,6 +81,9 @@ def test_toml_file_and_env_precedence(tmp_path: Path, monkeypatch: pytest.Monkey
             {"CTI_BRIDGE_NO_SUCH_SETTING_X": "1", "CTI_BRIDGE_CONFIG": "/nonexistent.toml"},
             "CTI_BRIDGE_CONFIG",
         ),
+        # A misspelt variable was ignored and its setting kept the default (the TOML file refused
+        # an unknown key already).
+        ({"CTI_BRIDGE_RETENTON_DAYS": "7"}, "CTI_BRIDGE_RETENTON_DAYS"),
     ],
 )
 def test_invalid_setting_names_it(env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch) -> None:
