@@ -60,6 +60,10 @@ class Principal:
     def scoped(cls, xelion_context_id: int) -> Principal:
         return cls(operator=False, xelion_context_id=xelion_context_id)
 
+    def describe(self) -> str:
+        """Who made a change, for the log line that records it (never a token)."""
+        return "the operator" if self.operator else f"a session of integration {self.xelion_context_id}"
+
     def can_reach(self, xelion_context_id: int) -> bool:
         return self.operator or self.xelion_context_id == xelion_context_id
 

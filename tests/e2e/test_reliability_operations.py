@@ -36,10 +36,14 @@ async def _dead_call(st: Stack) -> tuple[str, dict[str, Any]]:
     return call.call_id, item
 
 
-async def test_replay_one_and_since_a_time_with_the_same_key_and_dismiss(db_url: str) -> None:
+async def test_replay_one_and_since_a_time_with_the_same_key_and_dismiss(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """§5, §19: a dead delivery replayed reaches the CRM with the same ``Idempotency-Key`` and
     ``deliveryId``; a bulk replay takes every dead delivery since a time (and only those); a
-    dismissed one is left alone."""
+    dismissed one is left alone. Each operator action leaves a log line saying what and by whom
+    (there was none)."""
+    caplog.set_level(logging.INFO, logger="cti_bridge.admin")
     async with running_stack(db_url) as st:
         await st.configure(users=("anne",), mappings=[st.mapping("newCallEvent", path="calls/new")])
         st.crm.add_rule("/calls/new", Failure.http(422))
@@ -87,6 +91,11 @@ async def test_replay_one_and_since_a_time_with_the_same_key_and_dismiss(db_url:
         assert await _state_is(st, d0["id"], "dismissed")
         await asyncio.sleep(0.2)
         assert len([r for r in st.crm.received if r.headers["Idempotency-Key"] == d0["id"]]) == 1
+    actions = [r.getMessage() for r in caplog.records if r.name.startswith("cti_bridge.admin.routes")]
+    assert f"delivery {d1['id']} (dead) replayed by the operator" in actions, actions
+    assert any(m.startswith("2 dead deliveries replayed by the operator (since ") for m in actions), actions
+    assert f"delivery {d0['id']} (dead) dismissed by the operator" in actions, actions
+    assert any(m.startswith("integration ") and " created by the operator" in m for m in actions), actions
 
 
 async def _state_is(st: Stack, delivery_id: str, state: str) -> bool:

@@ -14,6 +14,7 @@ malformed JSON is 400 with the line and column.
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from uuid import UUID
@@ -28,6 +29,8 @@ from cti_bridge.admin.common import MAX_ID, Offset, query_text
 from cti_bridge.errors import ApiError, ErrorCode, invalid_request, not_found
 from cti_bridge.store import deliveries as store
 from cti_bridge.store.models import CallEvent, Delivery, DeliveryAttempt
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/deliveries", tags=["deliveries"])
 
@@ -192,6 +195,7 @@ async def replay_one(
             f"it is {delivery.state}; only {', '.join(store.REPLAYABLE)} deliveries can be replayed",
         )
     _wake(request)
+    log.info("delivery %s (%s) replayed by %s", ident, delivery.state, principal.describe())
     return {"id": ident, "state": "pending"}
 
 
@@ -228,6 +232,15 @@ async def replay_many(deps: Deps, principal: Auth, request: Request) -> dict[str
     now = deps.clock.now()
     count = await deps.database.run(lambda s: store.replay_many(s, f, now))
     _wake(request)
+    log.info(
+        "%d %s deliveries replayed by %s (since %s, until %s, integration %s)",
+        count,
+        body.state,
+        principal.describe(),
+        since or "the start",
+        until or "now",
+        f.xelion_context_id or "any",
+    )
     return {"replayed": count}
 
 
@@ -243,4 +256,5 @@ async def dismiss_one(delivery_id: DeliveryId, deps: Deps, principal: Auth) -> d
             "delivery cannot be dismissed now",
             f"it is {delivery.state}; only {', '.join(store.DISMISSABLE)} deliveries can be dismissed",
         )
+    log.info("delivery %s (%s) dismissed by %s", ident, delivery.state, principal.describe())
     return {"id": ident, "state": "dismissed"}

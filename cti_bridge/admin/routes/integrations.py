@@ -11,6 +11,7 @@ asked before anything is written, so a refused check leaves nothing behind.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -41,6 +42,8 @@ from cti_bridge.store.integrations import (
     MappingView,
     StoreConflict,
 )
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/crm-integrations", tags=["crm-integrations"])
 
@@ -306,6 +309,13 @@ async def post_crm_integration(
     except StoreConflict as exc:
         raise conflict("The integration exists", str(exc)) from None
     deps.supervisor.integration_changed(view.xelion.id)
+    log.info(
+        "integration %d (%s/%s) created by %s",
+        view.xelion.id,
+        view.xelion.host,
+        view.xelion.tenant,
+        "the operator" if operator else "its Xelion admin (no operator token)",
+    )
     return JSONResponse(integration_json(view))
 
 
@@ -323,6 +333,7 @@ async def delete_crm_integration(
     if not await deps.database.run(lambda s: store.delete_integration(s, xelionContextId)):
         raise not_found("xelionContext", xelionContextId)
     deps.supervisor.integration_deleted(xelionContextId)
+    log.info("integration %d deleted by %s", xelionContextId, principal.describe())
     return JSONResponse({})
 
 

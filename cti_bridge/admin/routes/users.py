@@ -6,6 +6,7 @@ integration; any other id is 404, as if it did not exist.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -18,6 +19,8 @@ from cti_bridge.admin.deps import AdminDeps, get_deps
 from cti_bridge.errors import conflict, invalid_request, not_found
 from cti_bridge.store import integrations as store
 from cti_bridge.store.integrations import CredentialView, StoreConflict
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/users", tags=["users"])
 
@@ -123,4 +126,5 @@ async def update_credential(
     if kind in ("refreshtoken", "devicecode"):
         # The operator's answer to reauth_required: un-park this user's deliveries.
         deps.supervisor.credentials_changed(userId)
+    log.info("user %d: a new %s set by %s", userId, kind, principal.describe())  # the kind, never the value
     return JSONResponse({})
