@@ -17,7 +17,6 @@ import contextlib
 import logging
 import signal
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -102,8 +101,9 @@ class StoreSourceHooks:
         self.pipeline = pipeline
         self.metrics = metrics
         self.max_uncommitted = max_uncommitted
-        # Per source, the events handed over and not yet committed, with when (monotonic) each was.
-        self._uncommitted: dict[int, deque[tuple[asyncio.Future[IngestResult], float]]] = {}
+        # Per source, the events handed over and not yet committed (oldest first: a dict keeps its
+        # order), with when (monotonic) each was.
+        self._uncommitted: dict[int, dict[asyncio.Future[IngestResult], float]] = {}
         self._failed: dict[int, EventsNotRecorded] = {}
 
     async def on_event(
@@ -128,11 +128,11 @@ class StoreSourceHooks:
         if failed is not None:
             raise failed
         future = self.pipeline.submit(xelion_context_id, notification_type, fields)
-        waiting = self._uncommitted.setdefault(xelion_context_id, deque())
-        waiting.append((future, time.monotonic()))
+        waiting = self._uncommitted.setdefault(xelion_context_id, {})
+        waiting[future] = time.monotonic()
         future.add_done_callback(partial(self._committed, xelion_context_id))
         while len(waiting) > self.max_uncommitted:
-            await self._wait_for_commit(xelion_context_id, waiting[0][0], len(waiting))
+            await self._wait_for_commit(xelion_context_id, next(iter(waiting)), len(waiting))
             failed = self._failed.pop(xelion_context_id, None)
             if failed is not None:
                 raise failed
@@ -157,16 +157,7 @@ class StoreSourceHooks:
 
     def _committed(self, xelion_context_id: int, future: asyncio.Future[IngestResult]) -> None:
         waiting = self._uncommitted.get(xelion_context_id)
-        handed_at: float | None = None
-        if waiting:
-            if waiting[0][0] is future:  # almost always: futures resolve in order
-                handed_at = waiting.popleft()[1]
-            else:
-                for i, (f, at) in enumerate(waiting):
-                    if f is future:
-                        handed_at = at
-                        del waiting[i]
-                        break
+        handed_at = None if waiting is None else waiting.pop(future, None)
         if future.cancelled():
             return
         exc = future.exception()

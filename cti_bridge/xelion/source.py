@@ -308,7 +308,7 @@ class XelionSource:
                 self._unread_since = min(exc.since, self._unread_since or exc.since)
             except Exception as exc:
                 # A bug must not end the integration's only listener: log it, back off, try again.
-                logger.exception("unexpected error in the Xelion at %s source", self._where)
+                logger.exception("unexpected error in the source of Xelion at %s", self._where)
                 reason = f"unexpected error: {type(exc).__name__}"
             finally:
                 self._ws = None

@@ -56,6 +56,16 @@ async def missed_call(world: World) -> str:
     return xelion_time(at)
 
 
+async def killed_and_restarted(world: World, gaps_before: int) -> tuple[dict[str, Any], str]:
+    """``kill -9`` the daemon, place a call while it is down, start it again; return the source once
+    it has subscribed again, and when the missed call was placed."""
+    await world.daemon.kill()
+    missed = await missed_call(world)
+    await asyncio.sleep(1.1)  # the gap spans whole seconds
+    await world.restart()
+    return await subscribed_again(world, gaps_before), missed
+
+
 async def test_a_clean_stop_and_start_is_one_gap_from_the_stop_to_the_new_subscription(
     tmp_path: Path, db_url: str
 ) -> None:
@@ -88,11 +98,8 @@ async def test_after_kill_9_the_gap_starts_where_the_killed_daemon_was_last_know
         last_event = (await source(world))["lastEventAt"]
         assert last_event is not None
         before = len((await source(world))["gaps"])
-        await world.daemon.kill()  # no shutdown code runs: the stored state still says subscribed
-        missed = await missed_call(world)
-        await asyncio.sleep(1.1)
-        await world.restart()
-        doc = await subscribed_again(world, before)
+        # No shutdown code runs: the stored state still says subscribed.
+        doc, missed = await killed_and_restarted(world, before)
 
         newest = doc["gaps"][0]
         # No stop time is known: the gap starts at the last moment the killed daemon is known to have
@@ -113,11 +120,7 @@ async def test_after_kill_9_without_events_the_gap_starts_at_the_last_subscripti
         doc = await subscribed_again(world, 0)  # ready comes a moment before the gap is closed
         assert doc["lastEventAt"] is None
         subscribed_at = datetime.strptime(doc["gaps"][0]["end"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
-        await world.daemon.kill()
-        missed = await missed_call(world)
-        await asyncio.sleep(1.1)
-        await world.restart()
-        doc = await subscribed_again(world, len(doc["gaps"]))
+        doc, missed = await killed_and_restarted(world, len(doc["gaps"]))
 
         # Nothing stored since the subscription that closed its last gap: it listened from then on,
         # so the new gap starts there, not earlier (the two gaps do not overlap).
@@ -138,11 +141,7 @@ async def test_after_kill_9_of_a_quiet_integration_the_gap_starts_at_its_last_he
         assert doc["lastEventAt"] is None
         await asyncio.sleep(3.0)  # quiet: no event, only heartbeats
         killed_at = datetime.now(UTC)
-        await world.daemon.kill()
-        missed = await missed_call(world)
-        await asyncio.sleep(1.1)
-        await world.restart()
-        doc = await subscribed_again(world, len(doc["gaps"]))
+        doc, missed = await killed_and_restarted(world, len(doc["gaps"]))
 
         newest, previous = doc["gaps"][0], doc["gaps"][1]
         # The subscription was 3 s before the kill; the last heartbeat at most 0.3 s (and a write).

@@ -55,6 +55,18 @@ def wait_healthy(port: int, proc: subprocess.Popen[str], timeout: float = 30.0) 
     raise AssertionError("api/health never answered")
 
 
+def cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``cti-bridge <args>`` to its end, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "cti_bridge", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def start(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -82,14 +94,7 @@ def test_second_instance_on_same_sqlite_fails_fast(tmp_path: Path) -> None:
         wait_healthy(port, first)
         env2 = dict(env, CTI_BRIDGE_ADMIN_PORT=str(free_port()))
         t0 = time.monotonic()
-        second = subprocess.run(
-            [sys.executable, "-m", "cti_bridge", "run"],
-            env=env2,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        second = cli(["run"], env2, tmp_path, timeout=30)
         assert second.returncode == ExitCode.DATABASE
         assert "already running" in second.stderr
         assert time.monotonic() - t0 < 20  # fails fast rather than waiting on locks
@@ -112,14 +117,7 @@ def test_a_postgresql_that_accepts_and_never_answers_is_exit_4_with_the_reason(t
             base_env(tmp_path, free_port()),
             CTI_BRIDGE_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{port}/nothing",
         )
-        proc = subprocess.run(
-            [sys.executable, "-m", "cti_bridge", "run"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = cli(["run"], env, tmp_path, timeout=120)
     assert proc.returncode == ExitCode.DATABASE, proc.stderr
     assert "database unavailable: OperationalError: " in proc.stderr
     assert "timeout" in proc.stderr.lower()
@@ -127,14 +125,7 @@ def test_a_postgresql_that_accepts_and_never_answers_is_exit_4_with_the_reason(t
 
 def test_migrate_command(tmp_path: Path) -> None:
     env = base_env(tmp_path, free_port())
-    proc = subprocess.run(
-        [sys.executable, "-m", "cti_bridge", "migrate"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = cli(["migrate"], env, tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "cti-bridge.db").exists()
 

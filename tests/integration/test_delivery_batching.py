@@ -272,6 +272,18 @@ class RecordingWorker(DeliveryWorker):
         self._count(placeholder, self._host_of(item.mapping_id))
 
 
+def finishing_worker(db: Database, metrics: Metrics | None = None) -> DeliveryWorker:
+    """A worker for its completion path only (``_finish``): neither a CRM nor a token manager."""
+    return DeliveryWorker(
+        db=db,
+        mappings=MappingCache(),
+        tokens=cast(Any, None),
+        crm=cast(Any, None),
+        settings=Settings(database_url="sqlite:///unused.db"),
+        metrics=metrics,
+    )
+
+
 def recording_worker(db: Database, clock: Any = None, **settings: Any) -> RecordingWorker:
     worker = RecordingWorker(
         db=db,
@@ -577,13 +589,7 @@ async def test_an_outcome_is_written_once_even_if_its_task_is_cancelled_while_wa
     now = utcnow() + timedelta(seconds=1)
     items = database.run_sync(lambda s: claim_due(s, now=now, limit=6, lease_seconds=LEASE))
     assert len(items) == 6
-    worker = DeliveryWorker(
-        db=database,
-        mappings=MappingCache(),
-        tokens=cast(Any, None),
-        crm=cast(Any, None),
-        settings=Settings(database_url="sqlite:///unused.db"),
-    )
+    worker = finishing_worker(database)
     delivered = _Result(state="delivered", outcome="delivered", status=201)
     tasks = [asyncio.create_task(worker._finish(item, delivered, utcnow(), 1)) for item in items]
     await asyncio.sleep(cancel_after)
@@ -611,13 +617,7 @@ async def test_a_failed_completion_commit_ends_the_delivery_task_quietly_and_lea
     await p.submit(w.xelion_context_id, KIND, fields("f1"))
     now = utcnow() + timedelta(seconds=1)
     (item,) = database.run_sync(lambda s: claim_due(s, now=now, limit=1, lease_seconds=LEASE))
-    worker = DeliveryWorker(
-        db=database,
-        mappings=MappingCache(),
-        tokens=cast(Any, None),
-        crm=cast(Any, None),
-        settings=Settings(database_url="sqlite:///unused.db"),
-    )
+    worker = finishing_worker(database)
 
     def broken(*_args: object, **_kw: object) -> object:
         raise RuntimeError("database went away")

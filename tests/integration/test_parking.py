@@ -17,7 +17,7 @@ import contextlib
 import threading
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from sqlalchemy import select, update
@@ -25,11 +25,9 @@ from sqlmodel import Session, col
 
 from cti_bridge import pipeline as pipeline_module
 from cti_bridge.clock import utcnow
-from cti_bridge.config import Settings
-from cti_bridge.delivery.worker import DeliveryWorker, _Result
+from cti_bridge.delivery.worker import _Result
 from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import IngestResult
-from cti_bridge.routing import MappingCache
 from cti_bridge.store import deliveries as deliveries_module
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.db import Database
@@ -43,7 +41,15 @@ from cti_bridge.store.deliveries import (
 )
 from cti_bridge.store.integrations import update_secret
 from cti_bridge.store.models import CrmContext, Delivery, EventUriMapping, UserCredentials, XelionContext
-from tests.integration.test_delivery_batching import KIND, LEASE, attempt, fields, make_world, pipeline
+from tests.integration.test_delivery_batching import (
+    KIND,
+    LEASE,
+    attempt,
+    fields,
+    finishing_worker,
+    make_world,
+    pipeline,
+)
 
 
 def states(db: Database) -> dict[str, str]:
@@ -137,14 +143,7 @@ async def test_the_worker_counts_and_wakes_for_the_state_written(
     if repaired:
         database.run_sync(lambda s: repair(s, secret_box, w.credential_id))
     metrics = Metrics(database)
-    worker = DeliveryWorker(
-        db=database,
-        mappings=MappingCache(),
-        tokens=cast(Any, None),
-        crm=cast(Any, None),
-        settings=Settings(database_url="sqlite:///unused.db"),
-        metrics=metrics,
-    )
+    worker = finishing_worker(database, metrics)
     worker._wake.clear()
     parked = _Result(state="parked", outcome="parked", error="re-authorisation required: invalid_grant")
     await asyncio.wait_for(worker._finish(claimed[0], parked, now, 1), 10)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from xelion_helpers import RecordingHooks, client, config_for, fast_options, hooks, sim, wait_for
 
 from cti_bridge.events import dedupe_key
-from cti_bridge.ports import SourceState
+from cti_bridge.ports import EventsNotRecorded, SourceState
 from cti_bridge.sim.xelion import XelionSimulator
 from cti_bridge.xelion.rest import XelionSession
 from cti_bridge.xelion.source import SourceManager, SourceOptions, XelionSource
@@ -316,6 +316,41 @@ async def test_a_socket_that_died_while_an_event_was_held_has_its_gap_from_then(
     assert hooks.held_at is not None
     assert before <= start <= hooks.held_at < lost_at  # the lost call falls in the gap
     assert "bob" not in str([f for _, _, f in hooks.events])
+    await manager.stop_all()
+
+
+class LostBatchHooks(RecordingHooks):
+    """The daemon's hooks after a batch's commit failed: the next on_event says so, and when the
+    first lost event was handed over (``EventsNotRecorded``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost_since: datetime | None = None
+
+    async def on_event(
+        self, xelion_context_id: int, notification_type: str, fields: dict[str, object]
+    ) -> None:
+        if self.lost_since is not None:
+            since, self.lost_since = self.lost_since, None
+            raise EventsNotRecorded(RuntimeError("disk full"), since)
+        await super().on_event(xelion_context_id, notification_type, fields)
+
+
+async def test_a_failed_batch_opens_its_gap_where_its_first_event_was_handed_over(
+    sim: XelionSimulator, client: httpx.AsyncClient
+) -> None:
+    """reliability.md §18: the events of a batch whose commit failed were read before the source
+    heard of it; the gap starts when the first of them was handed over, so that they fall in it."""
+    hooks = LostBatchHooks()
+    manager = await started(sim, client, hooks)
+    await wait_for(lambda: bool(sim.subscriptions()))
+    lost_since = datetime.now(UTC) - timedelta(seconds=30)
+    hooks.lost_since = lost_since
+    await sim.place_call("incoming", callee="anne")
+    await wait_for(lambda: len(hooks.gaps) >= 3, what="the gap of the lost batch")
+    kind, _, start, reason = hooks.gaps[2]
+    assert (kind, start) == ("open", lost_since)
+    assert reason is not None and "RuntimeError" in reason
     await manager.stop_all()
 
 
