@@ -461,20 +461,29 @@ def _filtered(query: Any, f: DeliveryFilter) -> Any:
 
 
 def list_deliveries(
-    session: Session, f: DeliveryFilter, *, limit: int, offset: int
-) -> tuple[int, list[Delivery]]:
+    session: Session, f: DeliveryFilter, *, limit: int, offset: int, after: tuple[datetime, str] | None = None
+) -> tuple[int, list[Delivery], bool]:
+    """The total matching ``f``, one page of them newest first, and whether more follow it.
+
+    ``after``: (created_at, id) of the last item of the previous page (a keyset cursor): the page
+    starts right behind it, wherever new deliveries arrived meanwhile. ``offset`` counts from there.
+    """
     total = session.execute(_filtered(select(func.count()).select_from(Delivery), f)).scalar_one()
-    rows = (
+    query = _filtered(select(Delivery), f)
+    if after is not None:
+        # The order is created_at descending, then id ascending: "behind" is older, or as old
+        # with a greater id.
+        at, delivery_id = after
+        created = col(Delivery.created_at)
+        query = query.where((created < at) | ((created == at) & (col(Delivery.id) > delivery_id)))
+    rows = list(
         session.execute(
-            _filtered(select(Delivery), f)
-            .order_by(col(Delivery.created_at).desc(), col(Delivery.id))
-            .limit(limit)
-            .offset(offset)
+            query.order_by(col(Delivery.created_at).desc(), col(Delivery.id)).limit(limit + 1).offset(offset)
         )
         .scalars()
         .all()
     )
-    return int(total), list(rows)
+    return int(total), rows[:limit], len(rows) > limit
 
 
 def get_delivery(

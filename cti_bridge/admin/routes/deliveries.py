@@ -1,6 +1,8 @@
 """``api/deliveries``: see what was sent and what failed, replay and dismiss (beyond the manual).
 
-Lists answer ``{"total": N, "offset": k, "items": [...]}`` (DESIGN.md §4). A session token sees only
+Lists answer ``{"total": N, "offset": k, "items": [...], "next": cursor}`` (DESIGN.md §4, plus
+``next``: a cursor for the page behind this one, stable while deliveries arrive; null on the last
+page). A session token sees only
 its own integration's deliveries; another integration's delivery id is a 404. Attempt records carry
 request and response excerpts whose secrets were masked when they were recorded.
 
@@ -13,9 +15,10 @@ malformed JSON is 400 with the line and column.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -132,6 +135,9 @@ async def list_deliveries(
     until: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Offset = 0,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="the previous page's `next`: the page behind it")
+    ] = None,
 ) -> dict[str, Any]:
     if state is not None and state not in store.STATES:
         raise invalid_request("state: unknown state", f"state must be one of {', '.join(store.STATES)}")
@@ -143,8 +149,43 @@ async def list_deliveries(
         since=_parse_time("since", since),
         until=_parse_time("until", until),
     )
-    total, rows = await deps.database.run(lambda s: store.list_deliveries(s, f, limit=limit, offset=offset))
-    return {"total": total, "offset": offset, "items": [delivery_json(d) for d in rows]}
+    after = _read_cursor(cursor) if cursor is not None else None
+    total, rows, more = await deps.database.run(
+        lambda s: store.list_deliveries(s, f, limit=limit, offset=offset, after=after)
+    )
+    return {
+        "total": total,
+        "offset": offset,
+        "items": [delivery_json(d) for d in rows],
+        "next": _cursor_of(rows[-1]) if more else None,
+    }
+
+
+# Paging by offset shifts while deliveries arrive (a new one pushes every page down by one: an item
+# shown twice, or, with filters on state, one skipped as others change state). ``next`` names the
+# last item of the page instead, so the following page starts right behind it. Opaque to clients:
+# base64url of "created_at|id".
+
+
+def _cursor_of(d: Delivery) -> str:
+    text = f"{d.created_at.astimezone(UTC).isoformat()}|{d.id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _read_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        at_text, id_text = text.split("|")
+        at = datetime.fromisoformat(at_text)
+        delivery_id = str(UUID(id_text))
+        if at.utcoffset() != timedelta(0) or delivery_id != id_text:
+            raise ValueError("not in the form this API writes")
+    except (ValueError, UnicodeError):
+        raise invalid_request(
+            "cursor: not a cursor of this API",
+            "cursor must be the `next` of an earlier page, as it was given",
+        ) from None
+    return at, delivery_id
 
 
 async def _load(
