@@ -2,8 +2,9 @@
 
 Counters live in the process (attempts by status class, token refreshes, finished deliveries,
 source reconnects). Figures that the database knows better (deliveries by state, the age of the
-oldest due delivery, credentials needing re-authorisation, source states) are read at scrape time
-by a collector, so they are right even after a restart or with several replicas. The process's
+oldest due delivery, credentials and app contexts needing re-authorisation, source states) are
+read at scrape time by a collector, so they are right even after a restart or with several
+replicas. The process's
 own figures come from prometheus_client's standard collectors: resident memory and CPU seconds
 (``process_*``) and the garbage collector's collections per generation (``python_gc_*``: the
 daemon freezes its start-up heap, cli.tune_gc, and an operator can see what collections remain).
@@ -23,7 +24,7 @@ from sqlmodel import Session, col
 from cti_bridge.clock import utcnow
 from cti_bridge.store.db import Database
 from cti_bridge.store.deliveries import STATES
-from cti_bridge.store.models import Delivery, UserCredentials, XelionContext
+from cti_bridge.store.models import AppContext, Delivery, UserCredentials, XelionContext
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -70,6 +71,17 @@ class _StoreCollector(Collector):
         )
         fam.add_metric([], float(reauth))
         yield fam
+        # The external API's app users (``cti-app-context``) die the same way, and silently too:
+        # every call of the app is refused until an operator sets a new secret.
+        apps = session.execute(
+            select(func.count()).select_from(AppContext).where(col(AppContext.state) == "reauth_required")
+        ).scalar_one()
+        fam = GaugeMetricFamily(
+            "cti_bridge_app_contexts_reauth_required",
+            "App contexts (external API access) whose grant is dead (set a new secret)",
+        )
+        fam.add_metric([], float(apps))
+        yield fam
         states = GaugeMetricFamily(
             "cti_bridge_source_up",
             "1 when the integration's websocket is subscribed",
@@ -109,6 +121,15 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        # Attempts that ended before any request: the CRM saw nothing, so the status classes above
+        # do not count them, and a rise of dead or parked deliveries would otherwise have no cause.
+        self.not_sent_counter = Counter(
+            "cti_bridge_delivery_not_sent",
+            "Delivery attempts that ended before a request, by reason "
+            "(credentials, mapping, reauth_required, token_endpoint, render, lease)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.refreshes = Counter(
             "cti_bridge_token_refreshes", "Token endpoint calls by result", ["result"], registry=self.registry
         )
@@ -138,6 +159,9 @@ class Metrics:
 
     def attempt(self, status: int | None) -> None:
         self._inc(self.attempts, status_class(status))
+
+    def not_sent(self, reason: str) -> None:
+        self._inc(self.not_sent_counter, reason)
 
     def finished(self, state: str) -> None:
         self._inc(self.finished_total, state)

@@ -601,6 +601,7 @@ class DeliveryWorker:
 
     async def _attempt(self, item: Claimed, lease_end: float | None = None) -> _Result:
         if item.credential_id is None:
+            self._not_sent("credentials")
             return _Result(state="dead", outcome="dead", error="the user's credentials were deleted")
         # The caches answer nearly every delivery: a coroutine only when they do not.
         compiled = self.mappings.peek(item.mapping_id)
@@ -609,16 +610,19 @@ class DeliveryWorker:
             try:
                 compiled = await self.db.run(lambda s: self.mappings.get(s, mapping_id))
             except (LookupError, TemplateError) as exc:
+                self._not_sent("mapping")
                 return _Result(state="dead", outcome="dead", error=f"mapping: {exc}")
         try:
             token = self.tokens.peek(item.credential_id) or await self.tokens.get(item.credential_id)
         except ReauthRequired as exc:
+            self._not_sent("reauth_required")
             return _Result(state="parked", outcome="parked", error=f"re-authorisation required: {exc.reason}")
         except TokenNotReady as exc:
             return _Result(
                 state="pending", outcome="retry", error=str(exc), delay=exc.retry_after, count_attempt=False
             )
         except TokenEndpointError as exc:
+            self._not_sent("token_endpoint")
             if exc.retryable:
                 return self._retry(
                     item, _Result(state="pending", outcome="retry", error=f"token endpoint: {exc}")
@@ -630,10 +634,13 @@ class DeliveryWorker:
             try:
                 token = await self.tokens.refresh_after_401(item.credential_id, token.access_token)
             except ReauthRequired as exc:
+                self._not_sent("reauth_required")
                 return _Result(
                     state="parked", outcome="parked", error=f"re-authorisation required: {exc.reason}"
                 )
             except (TokenEndpointError, TokenNotReady) as exc:
+                if isinstance(exc, TokenEndpointError):
+                    self._not_sent("token_endpoint")
                 return self._retry(
                     item, _Result(state="pending", outcome="retry", status=401, error=f"token refresh: {exc}")
                 )
@@ -641,6 +648,10 @@ class DeliveryWorker:
         if result.state == "pending":
             return self._retry(item, result)
         return result
+
+    def _not_sent(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.not_sent(reason)
 
     def _retry(self, item: Claimed, result: _Result) -> _Result:
         delay = next_delay(
@@ -674,6 +685,7 @@ class DeliveryWorker:
         except TemplateError as exc:
             # The error's text comes masked from render.py (every string of the token view, in the
             # forms it can take there, cut short ones too), so what is stored and logged is masked.
+            self._not_sent("render")
             return _Result(state="dead", outcome="dead", error=f"render: {exc}", secrets=secrets)
         secrets = (token.access_token, *req.secret_values)
         base = _Result(
@@ -705,6 +717,7 @@ class DeliveryWorker:
                     # replica's refresh lock, a hung token endpoint) or for a place at the host. Another
                     # claim may already have it, in this process too, and would send it as well; so
                     # nothing is sent, and if the claim still holds it is tried again later.
+                    self._not_sent("lease")
                     return _Result(
                         state="pending",
                         outcome="retry",

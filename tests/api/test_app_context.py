@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 from sqlmodel import delete, select
 
 from cti_bridge.admin.app import AdminDeps, create_admin_app
@@ -34,6 +35,7 @@ from cti_bridge.config import Settings
 from cti_bridge.delivery.egress import build_http_client
 from cti_bridge.delivery.oauth import TokenManager
 from cti_bridge.errors import ApiError
+from cti_bridge.metrics import Metrics
 from cti_bridge.ports import NullSupervisor
 from cti_bridge.sim.crm import CrmSimulator, Failure
 from cti_bridge.store.app_contexts import AppContextTokenStore
@@ -842,6 +844,13 @@ async def test_the_outbound_guard_applies(make_sqlite: MakeHarness) -> None:
     assert h.crm.received == []
 
 
+def _apps_reauth_gauge(database: Database) -> float:
+    """``cti_bridge_app_contexts_reauth_required`` as a scrape of ``api/metrics`` renders it."""
+    text = generate_latest(Metrics(database).store_registry).decode()
+    [line] = [ln for ln in text.splitlines() if ln.startswith("cti_bridge_app_contexts_reauth_required ")]
+    return float(line.split()[1])
+
+
 async def test_a_refused_grant_is_401_until_the_context_is_posted_again(h: Harness) -> None:
     stale = "at-stale-" + secrets.token_hex(8)
     _, refresh = await register(h, access=stale)
@@ -856,6 +865,7 @@ async def test_a_refused_grant_is_401_until_the_context_is_posted_again(h: Harne
     assert h.box.decrypt(row.refresh_token_enc or "") == refresh  # kept: the state says it is dead
     assert h.box.decrypt(row.access_token_enc or "") == stale
     assert row.version == before.version  # no secret changed
+    assert _apps_reauth_gauge(h.database) == 1.0  # an operator can alert on it
 
     # The dead grant is not tried again, and nothing is sent to the service.
     sent = len(h.crm.received)
@@ -872,6 +882,7 @@ async def test_a_refused_grant_is_401_until_the_context_is_posted_again(h: Harne
     _, new_refresh = await register(h, access=stale)  # the user posts a new refresh token
     [row] = contexts(h.database)
     assert (row.state, row.state_reason) == ("active", None)
+    assert _apps_reauth_gauge(h.database) == 0.0
     assert h.box.decrypt(row.refresh_token_enc or "") == new_refresh
     r = await call(h, stale)
     assert r.status_code == 201, r.text
@@ -901,6 +912,7 @@ async def test_a_post_during_a_refused_refresh_is_not_condemned(h: Harness) -> N
     assert [t.status for t in h.crm.token_requests] == [400]  # the refused one only
     [row] = contexts(h.database)
     assert (row.state, row.state_reason) == ("active", None)
+    assert _apps_reauth_gauge(h.database) == 0.0
     assert h.box.decrypt(row.refresh_token_enc or "") == new_refresh
 
 

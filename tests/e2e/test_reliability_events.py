@@ -138,6 +138,11 @@ async def test_a_mapping_that_cannot_be_rendered_fails_alone(db_url: str) -> Non
         assert any("crmResourceUri" in e and "'x'" in e for e in errors), errors
         assert any("crmResourcePayload" in e and "'a'" in e for e in errors), errors
         assert any("absolute http or https URL" in e for e in errors), errors
+        # The CRM saw none of the three: the metrics count them as not sent, by reason, and not
+        # among the attempts by status class.
+        m = await st.metrics()
+        assert 'cti_bridge_delivery_not_sent_total{reason="render"} 3.0' in m.splitlines(), m
+        assert 'cti_bridge_delivery_attempts_total{status_class="2xx"} 2.0' in m.splitlines(), m
         for d in items:
             if d["state"] == "dead":
                 assert d["attempts"] == 1

@@ -138,6 +138,10 @@ async def test_metrics_show_what_an_operator_watches(db_url: str) -> None:
         assert _metric(m, "cti_bridge_token_refreshes_total", 'result="ok"') == 2
         assert _metric(m, "cti_bridge_token_refreshes_total", 'result="reauth_required"') == 1
         assert _metric(m, "cti_bridge_credentials_reauth_required") == 1
+        # carol's first delivery ended at the token endpoint (the later ones were parked with it
+        # or at ingest): not a request, so counted apart from the attempts' status classes.
+        assert 1 <= _metric(m, "cti_bridge_delivery_not_sent_total", 'reason="reauth_required"') <= 3
+        assert _metric(m, "cti_bridge_app_contexts_reauth_required") == 0
         assert (
             _metric(
                 m, "cti_bridge_source_up", f'state="subscribed",xelion_context_id="{st.xelion_context_id}"'

@@ -27,6 +27,7 @@ from cti_bridge.config import Settings
 from cti_bridge.delivery.crm_client import CrmClient
 from cti_bridge.delivery.oauth import AccessToken, TokenManager
 from cti_bridge.delivery.worker import DeliveryWorker, _Result
+from cti_bridge.metrics import Metrics
 from cti_bridge.render import MappingSpec, compile_mapping
 from cti_bridge.routing import MappingCache
 from cti_bridge.store.db import Database
@@ -434,6 +435,7 @@ async def test_nothing_is_sent_once_the_lease_would_end_before_the_request(
     when the wait ended: the CRM got one event up to seven times. A task whose lease would end
     before the request could (the request timeout) now sends nothing."""
     worker = make_worker(crm, settings(request_timeout=0.5))
+    worker.metrics = metrics = Metrics(cast(Database, None))
     compiled = compile_mapping(
         MappingSpec(xelion_event=KIND, crm_resource_uri=server.url("/calls"), crm_resource_payload={"a": 1})
     )
@@ -443,6 +445,11 @@ async def test_nothing_is_sent_once_the_lease_would_end_before_the_request(
     assert (late.state, late.outcome, late.count_attempt, late.status) == ("pending", "retry", False, None)
     assert late.error is not None and "lease" in late.error
     assert server.seen == []
+    sample = metrics.registry.get_sample_value
+    assert sample("cti_bridge_delivery_not_sent_total", {"reason": "lease"}) == 1
+    assert sample("cti_bridge_delivery_attempts_total", {"status_class": "error"}) is None
     in_time = await worker._send(claimed(), compiled, token, lease_end=now + 60)
     assert (in_time.state, in_time.status) == ("delivered", 201)
     assert len(server.seen) == 1
+    assert sample("cti_bridge_delivery_not_sent_total", {"reason": "lease"}) == 1
+    assert sample("cti_bridge_delivery_attempts_total", {"status_class": "2xx"}) == 1
