@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from cti_bridge.delivery.crm_client import CrmClient
 from cti_bridge.delivery.egress import build_http_client
 from cti_bridge.delivery.oauth import REFRESH_FAILURE_PAUSE, TokenManager
 from cti_bridge.delivery.worker import DeliveryWorker
+from cti_bridge.errors import ConfigError
 from cti_bridge.events import CALL_EVENT_TYPES
 from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import IngestResult, Pipeline
@@ -535,8 +537,11 @@ async def serve(
     loop = asyncio.get_running_loop()
     grace_ends: float | None = None
     try:
+        # Bound before anything starts: a port in use ended the start in uvicorn's sys.exit, with
+        # the sources already running and a traceback for the operator to read.
+        sock = _admin_socket(settings.admin_host, settings.admin_port)
         async with asyncio.TaskGroup() as tg:
-            server_task = tg.create_task(server.serve(), name="admin-api")
+            server_task = tg.create_task(server.serve(sockets=[sock]), name="admin-api")
             worker_task = tg.create_task(daemon.worker.run(), name="delivery-worker")
             await daemon.start_sources()
             while not server.started:
@@ -594,6 +599,24 @@ async def serve(
         for task in list(daemon.background):
             task.cancel()
         await daemon.close(None if grace_ends is None else grace_ends - loop.time())
+
+
+def _admin_socket(host: str, port: int) -> socket.socket:
+    """The admin API's listening socket (as uvicorn would bind it), or ``ConfigError`` naming the
+    settings and the system's reason."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"admin_host/admin_port: cannot listen on {host}:{port} ({reason}); "
+            "set CTI_BRIDGE_ADMIN_HOST or CTI_BRIDGE_ADMIN_PORT"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 async def _within(step: Awaitable[None], seconds: float, what: str) -> bool:

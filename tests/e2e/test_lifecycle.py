@@ -105,6 +105,21 @@ def test_second_instance_on_same_sqlite_fails_fast(tmp_path: Path) -> None:
     assert first.returncode == 0
 
 
+def test_an_admin_port_in_use_is_exit_3_naming_it_before_anything_starts(tmp_path: Path) -> None:
+    """The admin API's port taken by another program ended the start inside uvicorn (its
+    ``sys.exit``), after the sources had started, with a traceback. It is now bound first: one
+    line names the address, the system's reason and the settings; nothing else ran."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(5)
+        port = taken.getsockname()[1]
+        proc = cli(["run"], base_env(tmp_path, port), tmp_path, timeout=60)
+    assert proc.returncode == ExitCode.CONFIG, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in proc.stderr
+    assert "CTI_BRIDGE_ADMIN_PORT" in proc.stderr
+    assert "Traceback" not in proc.stderr and "running" not in proc.stderr
+
+
 def test_a_postgresql_that_accepts_and_never_answers_is_exit_4_with_the_reason(tmp_path: Path) -> None:
     """A server (or a PgBouncer in front of a dead one) that accepts the connection and never
     answers held the start for ever, with no line and no exit code. The pool's connect timeout
