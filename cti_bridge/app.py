@@ -37,6 +37,7 @@ from cti_bridge.delivery.oauth import REFRESH_FAILURE_PAUSE, TokenManager
 from cti_bridge.delivery.worker import DeliveryWorker
 from cti_bridge.errors import ConfigError
 from cti_bridge.events import CALL_EVENT_TYPES
+from cti_bridge.logs import FailureStreak
 from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import IngestResult, Pipeline
 from cti_bridge.ports import EventsNotRecorded, SourceState
@@ -319,6 +320,12 @@ class Daemon:
         Cancellation: ends the loop; a change being applied finishes in the source manager.
         """
         every = self.settings.replica_poll_seconds
+        integrations = FailureStreak(
+            log, "reading the integrations for other replicas' changes", level=logging.WARNING
+        )
+        credentials = FailureStreak(
+            log, "reading the credentials for other replicas' changes", level=logging.WARNING
+        )
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every)
@@ -326,12 +333,14 @@ class Daemon:
                 return
             try:
                 await self.start_sources()
-            except Exception:
-                log.warning("reading the integrations for other replicas' changes failed", exc_info=True)
+                integrations.recovered()
+            except Exception as exc:
+                integrations.failed(exc)
             try:  # apart: one integration that cannot be applied must not keep stale tokens cached
                 await self.follow_credentials()
-            except Exception:
-                log.warning("reading the credentials for other replicas' changes failed", exc_info=True)
+                credentials.recovered()
+            except Exception as exc:
+                credentials.failed(exc)
 
     async def follow_credentials(self) -> None:
         """Forget the cached access tokens of credentials that another replica's admin API changed

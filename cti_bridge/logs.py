@@ -12,6 +12,8 @@ import json
 import logging
 import re
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 _MASK = "***"
@@ -85,3 +87,67 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     # Alembic names every plugin it sets up at each start (7-12 lines); the migrations it runs stay.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+
+class FailureStreak:
+    """How a background loop (the worker's claims, the replicas' follow-up, vacuum) logs a run of
+    failures, such as a database outage, without a traceback every few seconds for its whole length.
+
+    The first failure of a streak, and one of a new kind (exception type and first line), is logged
+    with its traceback at ``level``; the next ``QUIET_AFTER - 1`` as one line each; after that one
+    line every ``EVERY`` seconds with the count. ``recovered`` says, once, that it works again.
+    """
+
+    QUIET_AFTER = 5
+    EVERY = 60.0
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        *,
+        level: int = logging.ERROR,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.what = what
+        self.level = level
+        self.clock = clock
+        self.count = 0
+        self._since = 0.0
+        self._logged_at = 0.0
+        self._kind: tuple[str, str] | None = None
+
+    def failed(self, exc: BaseException, then: str = "") -> None:
+        """Count ``exc`` and log it as the rules above say; ``then``: what the loop does next."""
+        now = self.clock()
+        self.count += 1
+        if self.count == 1:
+            self._since = now
+        lines = str(exc).strip().splitlines()
+        kind = (type(exc).__name__, lines[0][:300] if lines else "")
+        suffix = f"; {then}" if then else ""
+        if kind != self._kind:
+            self._kind = kind
+            self.logger.log(self.level, "%s failed%s", self.what, suffix, exc_info=exc)
+        elif self.count <= self.QUIET_AFTER or now - self._logged_at >= self.EVERY:
+            self.logger.warning(
+                "%s failed again (%s: %s), %d times in %.0f s%s",
+                self.what,
+                kind[0],
+                kind[1],
+                self.count,
+                now - self._since,
+                suffix,
+            )
+        else:
+            return
+        self._logged_at = now
+
+    def recovered(self) -> None:
+        """The loop's step worked: end the streak (one line if there was one)."""
+        if self.count:
+            took = self.clock() - self._since
+            self.logger.info("%s works again after %d failures in %.0f s", self.what, self.count, took)
+        self.count = 0
+        self._kind = None

@@ -59,6 +59,7 @@ from cti_bridge.delivery.retry import (
     parse_retry_after,
 )
 from cti_bridge.el import TemplateError
+from cti_bridge.logs import FailureStreak
 from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import HandoffRoom
 from cti_bridge.render import CompiledMapping, RenderContext, RenderedRequest, mask, mask_order, mask_ordered
@@ -170,6 +171,8 @@ class DeliveryWorker:
         self._loop_task: asyncio.Task[None] | None = None
         # Places promised but not yet taken: to an ingest batch (``reserve``) or to a claim running.
         self._reserved = 0
+        # A database outage fails every claim: one traceback per streak, not one per claim.
+        self._claim_failures = FailureStreak(log, "the delivery worker's claim")
         # Whether pending deliveries may be claimable (``_backlog_gen`` counts the reasons given,
         # so that a claim that started before one does not clear it).
         self._backlog = False
@@ -313,8 +316,8 @@ class DeliveryWorker:
                 pause = 0.5
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("the delivery worker's claim failed; trying again in %.1f s", pause)
+            except Exception as exc:
+                self._claim_failures.failed(exc, f"trying again in {pause:.1f} s")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), pause)
                 pause = min(pause * 2, 10.0)
@@ -350,6 +353,7 @@ class DeliveryWorker:
                 )
             finally:
                 self._reserved -= limit
+            self._claim_failures.recovered()
             if self._stopping.is_set():
                 # stop() came while the claim was in the database: these must not start after
                 # the drain; they go straight back to the queue.

@@ -42,6 +42,7 @@ from sqlalchemy import text
 from sqlmodel import Session
 
 from cti_bridge.config import Settings
+from cti_bridge.logs import FailureStreak
 from cti_bridge.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class Vacuum:
     async def run(self, stop: asyncio.Event) -> None:
         if not self.enabled:
             return
+        failures = FailureStreak(log, f"vacuuming {TABLE}", level=logging.WARNING)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval)
@@ -104,10 +106,9 @@ class Vacuum:
                 return
             try:
                 await self.check()
+                failures.recovered()
             except Exception as exc:
-                log.warning(
-                    "vacuuming %s failed (%s: %s); trying again later", TABLE, type(exc).__name__, exc
-                )
+                failures.failed(exc, "trying again later")
 
     async def check(self) -> bool:
         """VACUUM the table if its dead versions reached the threshold and nobody vacuumed it

@@ -44,12 +44,19 @@ async def test_the_worker_rides_out_failing_claims(
         claims = FailingFirst(worker_module.claim_due, times=2)
         monkeypatch.setattr(worker_module, "claim_due", claims)
         st.crm.add_rule("/", Failure.http(503), times=1)
-        with caplog.at_level(logging.ERROR, logger="cti_bridge.delivery.worker"):
+        with caplog.at_level(logging.INFO, logger="cti_bridge.delivery.worker"):
             await st.xelion.place_call("incoming", callee="anne")
             [item] = await st.wait_settled(1, timeout=20)
         assert item["state"] == "delivered" and item["attempts"] == 2
         assert claims.calls >= 3 and claims.left == 0
-        assert sum("claim failed" in r.getMessage() for r in caplog.records) == 2
+        failed = [r for r in caplog.records if "claim failed" in r.getMessage()]
+        assert len(failed) == 2
+        # One traceback per streak (logs.FailureStreak), not one per failure of an outage.
+        assert [bool(r.exc_info) for r in failed] == [True, False]
+        assert any(
+            r.getMessage().startswith("the delivery worker's claim works again after 2 failures")
+            for r in caplog.records
+        )
         assert [r.status for r in st.crm.received] == [503, 201]
 
 
