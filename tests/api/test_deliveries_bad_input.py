@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import httpx
 import pytest
+from sqlalchemy import text
 from sqlmodel import Session
 
 from cti_bridge.admin.app import AdminDeps
@@ -180,3 +182,29 @@ async def test_bulk_replay_still_replays_within_a_session_scope(
     assert r.status_code == 200 and r.json() == {"replayed": 1}, r.text
     r = await api.get(f"/api/deliveries/{delivery_id}", headers=session)
     assert r.json()["state"] == "pending"
+
+
+async def test_a_bulk_replay_of_delivered_deliveries_needs_since(
+    api: httpx.AsyncClient, database: Database, clock: FakeClock
+) -> None:
+    """``{"state": "delivered"}`` alone replayed every delivered call retention kept (30 days by
+    default): a body missing one field re-sent a month of calls to the CRM. It is a 422 naming
+    ``since`` now, and nothing is queued; with ``since`` it replays what it names."""
+    delivery_id, _ = await _one_dead_delivery(api, database, clock)
+
+    def deliver(session: Session) -> None:
+        session.execute(text("UPDATE delivery SET state = 'delivered' WHERE id = :id"), {"id": delivery_id})
+
+    await database.run(deliver)
+    body = assert_error(
+        await api.post("/api/deliveries/replay", json={"state": "delivered"}, headers=OPERATOR), 422, 10201
+    )
+    assert body["message"] == "since: required to replay delivered deliveries", body
+    assert (await api.get(f"/api/deliveries/{delivery_id}", headers=OPERATOR)).json()["state"] == "delivered"
+    since = (clock.now() - timedelta(hours=1)).isoformat()
+    r = await api.post(
+        "/api/deliveries/replay", json={"state": "delivered", "since": since}, headers=OPERATOR
+    )
+    assert r.status_code == 200 and r.json() == {"replayed": 1}, r.text
+    # dead (the default) needs no bound: what failed is what an operator replays after an outage.
+    assert (await api.post("/api/deliveries/replay", json={}, headers=OPERATOR)).json() == {"replayed": 0}

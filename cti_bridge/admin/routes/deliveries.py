@@ -267,6 +267,14 @@ async def replay_many(deps: Deps, principal: Auth, request: Request) -> dict[str
         )
     since = _utc("since", body.since)
     until = _utc("until", body.until)
+    if body.state == "delivered" and since is None:
+        # Every delivered call that retention kept (30 days by default) sent to the CRM again, by
+        # a body that forgot one field: too much to do by accident. A bound says how much is meant.
+        raise invalid_request(
+            "since: required to replay delivered deliveries",
+            "replaying delivered deliveries sends calls the CRM already has; give since (and until) "
+            "to say which",
+        )
     f = store.DeliveryFilter(
         state=body.state, xelion_context_id=_scope(principal, body.xelionContextId), since=since, until=until
     )
