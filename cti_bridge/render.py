@@ -85,6 +85,7 @@ _URI_LITERAL_RE: Final = re.compile(r"[^\x21-\x7e]")
 _NOT_IN_CONDITIONS: Final = frozenset({"token", "deliveryId"})
 _STATIC_BASE_RE: Final = re.compile(r"https?://[^/?#\s]+", re.IGNORECASE)
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_ASCII_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 Names = dict[str, object]
 
@@ -299,7 +300,16 @@ def _form_value(value: object, where: str) -> str:
     if value is None:
         return ""
     if type(value) in _PLAIN:
-        return to_str(value)
+        text = to_str(value)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate has no UTF-8 form to percent-encode (it failed as an "internal
+            # evaluation error"); JSON payloads escape it instead.
+            raise RenderError(
+                "this value holds a lone surrogate, which a form cannot carry", where=where
+            ) from None
+        return text
     raise RenderError("a form payload must be a flat object (this value is a list or map)", where=where)
 
 
@@ -668,13 +678,19 @@ class CompiledMapping:
                 tree = self._payload(names)
                 if self.content_type == JSON_TYPE:
                     try:
-                        body = _ENCODER.encode(tree).encode("utf-8", "surrogatepass")
+                        text = _ENCODER.encode(tree)
                     except ValueError:
                         raise RenderError(
                             "the payload holds a value JSON cannot carry", where="crmResourcePayload"
                         ) from None
+                    try:
+                        body = text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        # A lone surrogate (an event's "\ud800"): raw, it made bytes that are not
+                        # UTF-8; escaped, it is the same JSON string the event held.
+                        body = _ASCII_ENCODER.encode(tree).encode("ascii")
                 else:
-                    body = self._form(tree).encode("utf-8", "surrogatepass")
+                    body = self._form(tree).encode("utf-8")
                 headers["Content-Type"] = self.content_type
         except TemplateError as err:
             err.locate(xelion_event=self.xelion_event)

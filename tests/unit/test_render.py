@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from cti_bridge.el import TemplateEvalError, TemplateSyntaxError
 from cti_bridge.render import (
+    CompiledMapping,
     MappingFileError,
     MappingSpec,
     RenderContext,
@@ -553,3 +554,38 @@ def test_a_condition_is_evaluated_without_token_and_delivery_id_in_the_preview_t
     plain = compile_mapping(spec(condition="${duration > 0}"))
     assert plain.condition_holds(with_token) is True
     assert not plain.render(with_token).warnings
+
+
+def _lone_surrogate_mapping(content_type: str) -> CompiledMapping:
+    return compile_mapping(
+        MappingSpec(
+            xelion_event="newCallEvent",
+            crm_resource_uri="https://crm.example.com/calls",
+            crm_resource_payload={"callId": "${callId}", "name": "é"},
+            content_type=content_type,
+        )
+    )
+
+
+def test_a_lone_surrogate_in_a_json_payload_is_escaped_not_sent_as_broken_utf8() -> None:
+    """An event's ``"\\ud800"`` (JSON allows the escape alone) went out as the bytes ED A0 80, which
+    are not UTF-8; the CRM saw a malformed body. Escaped, the body is the same JSON string."""
+    mapping = _lone_surrogate_mapping("application/json")
+    req = mapping.render(RenderContext(event={"callId": "a\ud800b"}, xelion_event="newCallEvent"))
+    assert req.body is not None
+    assert req.body.decode("utf-8") == '{"callId":"a\\ud800b","name":"\\u00e9"}'
+    assert json.loads(req.body) == {"callId": "a\ud800b", "name": "é"}
+    # Without one, the body stays plain UTF-8.
+    plain = mapping.render(RenderContext(event={"callId": "c-1"}, xelion_event="newCallEvent"))
+    assert plain.body == '{"callId":"c-1","name":"é"}'.encode()
+
+
+def test_a_lone_surrogate_in_a_form_payload_is_a_render_error_naming_the_field() -> None:
+    """A form has no way to carry it (percent-encoding needs UTF-8 bytes): it failed as an
+    "internal evaluation error (UnicodeEncodeError)"; it names the field now."""
+    mapping = _lone_surrogate_mapping("application/x-www-form-urlencoded")
+    with pytest.raises(RenderError) as caught:
+        mapping.render(RenderContext(event={"callId": "a\ud800b"}, xelion_event="newCallEvent"))
+    assert "crmResourcePayload/callId" in str(caught.value) and "lone surrogate" in str(caught.value)
+    ok = mapping.render(RenderContext(event={"callId": "c-1"}, xelion_event="newCallEvent"))
+    assert ok.body == b"callId=c-1&name=%C3%A9"
