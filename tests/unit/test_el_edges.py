@@ -76,6 +76,25 @@ def test_the_double_pattern_accepts_exactly_what_it_did(text: str) -> None:
     assert bool(_DOUBLE_RE.fullmatch(text)) == bool(_OLD_DOUBLE_RE.fullmatch(text))
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (" 1.5 ", 1.5),
+        ("\t2e3\n", 2000.0),
+        ("\x011.5\x1f", 1.5),  # String.trim takes control characters as well
+        ("\u00a01.5", None),  # and no Unicode space: Double.valueOf refuses these
+        ("1.5\u2003", None),
+        ("\u30001", None),
+    ],
+)
+def test_a_number_in_a_string_is_trimmed_as_java_trims(text: str, expected: float | None) -> None:
+    if expected is None:
+        with pytest.raises(TemplateEvalError, match="cannot coerce"):
+            to_double(text)
+    else:
+        assert to_double(text) == expected
+
+
 def test_a_long_numeric_looking_string_is_refused_as_a_number() -> None:
     with pytest.raises(TemplateEvalError, match="cannot coerce"):
         to_double("1" * 100_000 + "x")
