@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 import phonenumbers
 
 from cti_bridge.el.errors import RenderError, TemplateEvalError
-from cti_bridge.el.semantics import describe, empty, to_long, to_str
+from cti_bridge.el.semantics import JAVA_TRIM, describe, empty, to_long, to_str
 from cti_bridge.events import parse_xelion_time
 
 MAX_STRING: Final = 65536
@@ -75,12 +75,9 @@ def fn_to_lower_case(value: object) -> str:
     return _bounded(to_str(value).lower(), "toLowerCase")
 
 
-_JAVA_TRIM: Final = "".join(chr(c) for c in range(33))
-
-
 def fn_trim(value: object) -> str:
     # String.trim removes every character up to U+0020, not Unicode white space.
-    return to_str(value).strip(_JAVA_TRIM)
+    return to_str(value).strip(JAVA_TRIM)
 
 
 def fn_substring(value: object, begin: object, end: object) -> str:

@@ -94,7 +94,7 @@ def to_long(value: object) -> int:
 #: What Java's ``String.trim`` removes: every character up to U+0020 (control characters too), and
 #: no other (Python's ``strip()`` took Unicode spaces such as U+00A0 and U+2003, which Java keeps,
 #: so "\u00a01.5" was 1.5 here and an error in the reference).
-_JAVA_TRIM = "".join(map(chr, range(0x21)))
+JAVA_TRIM = "".join(map(chr, range(0x21)))
 
 
 def to_double(value: object) -> float:
@@ -107,7 +107,7 @@ def to_double(value: object) -> float:
     if value is None or value == "":
         return 0.0
     if t is str:
-        text = str(value).strip(_JAVA_TRIM)  # Double.valueOf trims as String.trim does
+        text = str(value).strip(JAVA_TRIM)  # Double.valueOf trims as String.trim does
         if len(text) <= _MAX_NUMBER_TEXT and _DOUBLE_RE.fullmatch(text):
             if text[-1] in "fFdD":
                 text = text[:-1]
