@@ -219,9 +219,15 @@ def fn_format_date(value: object, pattern: object, zone: object = None) -> str:
     if len(fmt) > 1024:
         raise TemplateEvalError("fn:formatDate: pattern longer than 1024 characters")
     try:
-        return _bounded(when.astimezone(_zone(zone)).strftime(fmt), "formatDate")
+        out = when.astimezone(_zone(zone)).strftime(fmt)
     except (ValueError, OverflowError):
-        raise TemplateEvalError(f"fn:formatDate: cannot format with {fmt[:40]!r}") from None
+        out = ""
+    if not out and fmt:
+        # The C library's strftime gives up on what its buffer cannot hold (glibc's width flags,
+        # "%99999Y") and Python then returns "" with no error: an empty field sent as if it were
+        # the date.
+        raise TemplateEvalError(f"fn:formatDate: cannot format with {fmt[:40]!r}")
+    return _bounded(out, "formatDate")
 
 
 def fn_iso_utc(value: object) -> str:

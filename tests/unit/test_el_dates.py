@@ -152,3 +152,12 @@ def test_a_delivery_with_an_iso_date_renders() -> None:
     assert request.url == "https://crm.example.org/calls?start=1795511553"
     assert request.body is not None
     assert json.loads(request.body) == {"start": "2026-11-24T09:12:33Z", "startMillis": 1795511553250}
+
+
+def test_a_pattern_the_c_library_cannot_format_is_an_error_not_an_empty_field() -> None:
+    """glibc's strftime gives up on what its buffer cannot hold (``%99999Y``) and Python returned
+    "" with no error: the CRM got an empty date. It is an evaluation error naming the pattern."""
+    with pytest.raises(TemplateEvalError, match="cannot format with '%99999Y'"):
+        compile_template("${fn:formatDate(d, '%99999Y')}").render({"d": "2026-11-24 09:14:02"})
+    assert compile_template("${fn:formatDate(d, '')}").render({"d": "2026-11-24 09:14:02"}) == ""
+    assert compile_template("${fn:formatDate(d, '%Y')}").render({"d": "2026-11-24 09:14:02"}) == "2026"
