@@ -48,6 +48,7 @@ from cti_bridge.el import (
 from cti_bridge.el.compiler import _SLIPS, Engine, slipped
 from cti_bridge.el.parser import Binary, Literal, Name
 from cti_bridge.el.semantics import to_str
+from cti_bridge.el.template import MIN_SECRET
 
 __all__ = [
     "CompiledMapping",
@@ -167,6 +168,16 @@ class _SecretMap(Mapping[str, object]):
     def __len__(self) -> int:
         return len(self._data)
 
+    @property
+    def taint_sink(self) -> list[str]:
+        """Where an expression reading the token records the string it made (el.template's
+        ``TaintSink``): ``fn:toUpperCase(token.accessToken)`` is as secret as the token."""
+        return self._seen
+
+
+#: Names whose values are secrets: every string an expression makes from them is one as well.
+_SECRET_NAMES: Final = frozenset({"token"})
+
 
 def _track(value: object, seen: list[str]) -> object:
     if type(value) is str:
@@ -184,8 +195,7 @@ def _track(value: object, seen: list[str]) -> object:
 
 MASK: Final = "***"
 #: Shorter values are not masked: a one-to-three character value ("1", "id", "api") would star out
-#: pieces of every text it met, while showing it gives nothing away.
-MIN_SECRET: Final = 4
+#: pieces of every text it met, while showing it gives nothing away (el.template.MIN_SECRET).
 #: Where an error message's quoted value ends: ``repr``'s closing quote, after the ``...`` of a value
 #: cut short (``semantics.describe`` keeps 37 characters of a string, a bad URL is quoted to 80).
 _QUOTE_END_RE: Final = re.compile(r"\.\.\.['\"]|['\"]")
@@ -431,7 +441,7 @@ class CompiledMapping:
         if not isinstance(text, str):
             raise TemplateSyntaxError(f"must be a string, not {type(text).__name__}", where=where)
         try:
-            template = compile_template(text, engine=self.engine)
+            template = compile_template(text, engine=self.engine, tainted=_SECRET_NAMES)
         except TemplateError as err:
             err.locate(where=where)
             raise

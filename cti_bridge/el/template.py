@@ -9,8 +9,9 @@ context does not carry is null.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 import simpleeval
 
@@ -37,7 +38,15 @@ class Expression:
 
     __slots__ = ("_fn", "column", "engine", "names", "node", "start_column", "text")
 
-    def __init__(self, text: str, column: int, node: Node, engine: Engine, start_column: int | None = None):
+    def __init__(
+        self,
+        text: str,
+        column: int,
+        node: Node,
+        engine: Engine,
+        start_column: int | None = None,
+        tainted: frozenset[str] = frozenset(),
+    ):
         self.text = text
         self.column = column  # template column of the expression's first character
         self.start_column = column if start_column is None else start_column  # column of '${'
@@ -45,6 +54,9 @@ class Expression:
         self.engine = engine
         self.names: frozenset[str] = frozenset(names_of(node))
         self._fn: Evaluator = to_closure(node) if engine == "closures" else to_simpleeval(node)
+        reads = tuple(sorted(self.names & tainted))
+        if reads:
+            self._fn = _tainted(self._fn, reads)
 
     def evaluate(self, ctx: Context) -> object:
         """The expression's value, with its EL type."""
@@ -150,6 +162,61 @@ class Template:
 MAX_RENDERED_CHARS: Final = 65536
 
 
+# -- values made from secrets ---------------------------------------------------------------------
+#
+# A name is "tainted" when its value is a secret (render.py: the token). The renderer records every
+# string read from it, and masks those wherever the request is shown; but an expression can also
+# make new strings from it (``fn:toUpperCase(token.accessToken)``, a substring from its middle),
+# which no record of what was read would find. So the value of every expression that reads a
+# tainted name counts as a secret too, and its error messages do not quote values.
+
+
+class TaintSink(Protocol):
+    """What a tainted name's value offers: where the values made from it are recorded."""
+
+    @property
+    def taint_sink(self) -> list[str]: ...
+
+
+#: A quoted value in an error message (``describe`` uses repr's quotes), with repr's escapes.
+_QUOTED_RE: Final = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+
+
+#: Shorter values are shown: one to three characters ("api", "1") give nothing away, and masking
+#: them would star out pieces of every text (render.py masks by the same length).
+MIN_SECRET: Final = 4
+
+
+def _withhold(match: re.Match[str]) -> str:
+    quoted = match.group()
+    inner = quoted[1:-1]
+    cut = "..." if inner.endswith("...") else ""
+    if len(inner) - len(cut) < MIN_SECRET:
+        return quoted
+    return f"{quoted[0]}***{cut}{quoted[0]}"
+
+
+def _tainted(fn: Evaluator, reads: tuple[str, ...]) -> Evaluator:
+    def run(ctx: Context) -> object:
+        try:
+            value = fn(ctx)
+        except TemplateError as err:
+            # The message may quote a value made from the secret on the way (cut at 37 characters,
+            # upper-cased, ...): what no mask of the secret's own text would find.
+            err.message = _QUOTED_RE.sub(_withhold, err.message)
+            err.args = (err.message,)
+            raise
+        if type(value) is str and value:  # numbers and booleans are not secrets (render.py)
+            for name in reads:
+                sink = getattr(ctx.get(name), "taint_sink", None)
+                if sink is not None:
+                    sink.append(value)
+                    break
+        return value
+
+    return run
+
+
 def _literal_step(text: str) -> Callable[[Context], str]:
     return lambda ctx: text
 
@@ -158,8 +225,14 @@ def _expr_step(fn: Evaluator) -> Callable[[Context], str]:
     return lambda ctx: to_str(fn(ctx))
 
 
-def compile_template(text: str, *, engine: Engine = "closures") -> Template:
-    """Compile a composite template; raises ``TemplateSyntaxError`` with the column of the fault."""
+def compile_template(
+    text: str, *, engine: Engine = "closures", tainted: frozenset[str] = frozenset()
+) -> Template:
+    """Compile a composite template; raises ``TemplateSyntaxError`` with the column of the fault.
+
+    ``tainted``: names whose values are secrets (see ``TaintSink``): an expression reading one
+    records its string value in that name's sink, and quotes no value in its error messages.
+    """
     if len(text) > MAX_TEMPLATE_LENGTH:
         raise TemplateSyntaxError(f"template longer than {MAX_TEMPLATE_LENGTH} characters", column=1)
     parts: list[str | Expression] = []
@@ -167,13 +240,13 @@ def compile_template(text: str, *, engine: Engine = "closures") -> Template:
         if isinstance(part, str):
             parts.append(part)
         else:
-            parts.append(_compile_source(part, engine))
+            parts.append(_compile_source(part, engine, tainted))
     return Template(text, tuple(parts))
 
 
-def _compile_source(src: ExprSource, engine: Engine) -> Expression:
+def _compile_source(src: ExprSource, engine: Engine, tainted: frozenset[str]) -> Expression:
     node = parse(src.text, src.column)
-    return Expression(src.text, src.column, node, engine, src.start_column)
+    return Expression(src.text, src.column, node, engine, src.start_column, tainted)
 
 
 def compile_expression(text: str, *, engine: Engine = "closures") -> Expression:

@@ -169,3 +169,55 @@ def test_cti_bridge_render_reports_a_masked_error(tmp_path: Path) -> None:
     assert str(info.value) == (
         "newCallEvent: crmResourceUri: the URI must be an absolute http or https URL, not '***/x?t=***'"
     )
+
+
+# -- values made from the token (a template review's finding) ------------------------------------------
+
+
+def test_a_value_made_from_the_token_is_a_secret_too() -> None:
+    """``fn:toUpperCase(token.accessToken)`` or a substring from the token's middle was sent, and
+    shown unmasked in the preview and the attempt log: only strings read from the token counted.
+    The value of every expression that reads the token counts now."""
+    compiled = compile_mapping(
+        MappingSpec(
+            "newCallEvent",
+            "https://crm.example.org/calls/${fn:substring(token.accessToken, 9, 30)}",
+            {
+                "upper": "${fn:toUpperCase(token.accessToken)}",
+                "call": "${callId}",
+                "n": "${token.expires_in}",
+            },
+            headers={"X-Key": "k=${fn:replace(token.sfdc.keys[0], '-', '')}"},
+        )
+    )
+    context = RenderContext(event={"callId": "call-17"}, xelion_event="newCallEvent", token=TOKEN)
+    request = compiled.render(context)
+    upper, middle, joined = ACCESS.upper(), ACCESS[9:30], "nestedkeyvalue"
+    assert request.body is not None and upper in request.body.decode()  # sent as rendered
+    assert request.url.endswith(quote(middle, safe="")) and request.headers["X-Key"] == "k=" + joined
+    for made in (upper, middle, joined):
+        assert made in request.secret_values
+    shown = json.dumps(request_preview(request))
+    for made in (upper, middle, quote(middle, safe=""), joined):
+        assert made not in shown
+    # What does not read the token stays as it is; a number made from it is not a secret.
+    preview = request_preview(request)
+    assert preview["body"] == {"upper": "***", "call": "call-17", "n": 3600}
+    assert preview["url"] == "https://crm.example.org/calls/***"
+
+
+def test_an_error_in_an_expression_reading_the_token_quotes_no_value_made_from_it() -> None:
+    # The message quoted the upper-cased token, cut at 37 characters: no mask of the token's own
+    # text finds that.
+    err = render_error("https://crm.example.org/calls", {"n": "${fn:toUpperCase(token.accessToken) * 2}"})
+    assert str(err).endswith("cannot coerce the string '***...' to a number"), str(err)
+    err = render_error("https://crm.example.org/calls", {"n": "${fn:substring(token.id_token, 5, 25) + 1}"})
+    assert str(err).endswith("cannot coerce the string '***' to a number"), str(err)
+    for text in (str(err), repr(err), str(err.args)):
+        assert str(TOKEN["id_token"])[5:25] not in text
+    # A short value is still shown (it gives nothing away), and an expression that does not read
+    # the token keeps its message.
+    err = render_error("https://crm.example.org/calls", {"n": "${fn:substring(token.scope, 0, 2) * 1}"})
+    assert str(err).endswith("cannot coerce the string 'ap' to a number"), str(err)
+    err = render_error("https://crm.example.org/calls", {"n": "${callId + 'x'}"})
+    assert "'x'" in str(err), str(err)
