@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
 from sqlalchemy import text
 from sqlmodel import Session
 
@@ -106,6 +107,33 @@ async def test_a_quick_unit_that_fails_rolls_back(database: Database) -> None:
         raise AssertionError("the error did not reach the caller")
     count = await database.run(lambda s: s.exec(text("SELECT count(*) FROM t_quick")).one()[0], quick=True)  # type: ignore[call-overload]
     assert count == 0
+
+
+async def test_a_quick_unit_mixing_connection_statements_and_the_orm_is_one_transaction(
+    database: Database,
+) -> None:
+    """A quick unit's session is made only when the unit uses the ORM (store/db.py
+    ``_QuickSession``); what it did before on the connection and what it adds through the ORM
+    commit together, or, when it fails after both, neither does."""
+    await database.run(lambda s: s.exec(text("CREATE TABLE t_mixed (v INTEGER)")), quick=True)  # type: ignore[call-overload]
+
+    def both(s: Session, fail: bool) -> None:
+        s.connection().exec_driver_sql("INSERT INTO t_mixed (v) VALUES (1)")  # no session made yet
+        s.execute(text("INSERT INTO t_mixed (v) VALUES (2)"))  # through the session: made now
+        assert s.execute(text("SELECT count(*) FROM t_mixed")).scalar_one() == 2
+        if fail:
+            raise ValueError("after both")
+
+    with pytest.raises(ValueError, match="after both"):
+        await database.run(lambda s: both(s, fail=True), quick=True)
+    assert await database.run(_values, quick=True) == []
+    await database.run(lambda s: both(s, fail=False), quick=True)
+    assert await database.run(_values, quick=True) == [1, 2]
+    assert await database.run(_values) == [1, 2]  # and seen by another connection
+
+
+def _values(s: Session) -> list[int]:
+    return [int(v) for (v,) in s.connection().exec_driver_sql("SELECT v FROM t_mixed ORDER BY v")]
 
 
 async def test_driver_statements_raise_what_sqlalchemy_would(database: Database) -> None:
