@@ -25,7 +25,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import httpx
@@ -176,6 +176,8 @@ class XelionSource:
         # When this connection's events stopped being read or recorded, if before it was noticed
         # closed: the start of its gap (None: when it is noticed).
         self._unread_since: datetime | None = None
+        # When a frame was last read from the socket (monotonic): _silent_since.
+        self._heard_at = 0.0
         self._probes = 0
         self._where = f"{config.target.host}/{config.target.tenant}"
 
@@ -295,6 +297,9 @@ class XelionSource:
             except ConnectionClosed as exc:
                 code = exc.rcvd.code if exc.rcvd is not None else (exc.sent.code if exc.sent else 1006)
                 reason = f"websocket closed ({code})"
+                if exc.rcvd is None:
+                    since = self._silent_since()
+                    self._unread_since = min(since, self._unread_since or since)
             except InvalidStatus as exc:
                 reason = f"websocket refused: HTTP {exc.response.status_code}"
             except (InvalidURI, InvalidHandshake) as exc:
@@ -363,9 +368,12 @@ class XelionSource:
             await ws.send(json.dumps(probe))
             confirmed = False
             beating: asyncio.Task[None] | None = None
+            clock = self._clock
+            self._heard_at = clock.monotonic()
             try:
                 async with asyncio.timeout(options.open_timeout) as deadline:
                     async for message in ws:
+                        self._heard_at = clock.monotonic()  # see _silent_since
                         if not confirmed and _is_echo(message, probe):
                             confirmed = True
                             deadline.reschedule(None)
@@ -384,6 +392,27 @@ class XelionSource:
             finally:
                 if beating is not None:
                     beating.cancel()  # before the gap opens: no heartbeat claims a later listen
+
+    def _silent_since(self) -> datetime:
+        """When the server was last known to be heard, for a socket that ended without its close
+        frame (a keepalive timeout, 1011; a connection that dropped, 1006).
+
+        On a half-open path (a NAT or firewall that lost its state, a VPN or Wi-Fi blip) what the
+        server sends after that is lost, and the close is only noticed when a keepalive ping goes
+        unanswered: up to ping interval + ping timeout (+ the close timeout) later, 40-45 s with the
+        protocol's settings. The gap starts at the later of the last frame read and the last pong
+        that can have come (the keepalive pings every interval, and gave up after the timeout), not
+        when the close was noticed. A server's own close frame comes after everything it sent, so
+        that close needs none of this.
+        """
+        options = self._options
+        now_mono = self._clock.monotonic()
+        heard = self._heard_at
+        if options.ping_interval is not None and options.ping_timeout is not None:
+            heard = max(
+                heard, now_mono - (options.ping_interval + options.ping_timeout + options.close_timeout)
+            )
+        return self._clock.now() - timedelta(seconds=max(0.0, now_mono - heard))
 
     async def _subscribed(self) -> None:
         self._connected_at = self._clock.monotonic()

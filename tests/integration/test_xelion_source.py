@@ -4,6 +4,7 @@ reliability.md §16-§18, §20). Real sockets on 127.0.0.1, port 0."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from datetime import UTC, datetime, timedelta
@@ -537,3 +538,87 @@ async def test_a_restart_never_shows_standby_without_replicas(
     await manager.stop_all()
     # readiness() counts STANDBY as ready, and it is documented as a PostgreSQL-replica state only
     assert SourceState.STANDBY not in seen, seen
+
+
+class FreezableProxy:
+    """A TCP proxy in front of the simulator; ``freeze`` silently drops every byte of the websocket
+    connections open then, both ways (a half-open path: a NAT or firewall that lost its state, a
+    VPN or Wi-Fi blip): nothing closes, nothing arrives."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.connections: list[dict[str, bool]] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        conn = {"frozen": False, "websocket": False}
+        self.connections.append(conn)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await r.read(65536):
+                    if data.startswith(b"GET /websocket"):
+                        conn["websocket"] = True
+                    if not conn["frozen"]:
+                        w.write(data)
+                        await w.drain()
+
+        await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w))
+
+    def freeze(self) -> None:
+        for conn in self.connections:
+            if conn["websocket"]:
+                conn["frozen"] = True
+
+    async def stop(self) -> None:
+        self.server.close()
+
+
+async def test_a_silently_dead_socket_puts_what_it_lost_inside_the_gap(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    """A half-open path drops what the server sends and closes nothing; the client notices only
+    when a keepalive ping goes unanswered (ping interval + timeout later, 40 s with the protocol's
+    settings). The gap opened when that was noticed, so a hang-up sent meanwhile was lost outside
+    every gap (a protocol review's finding). It now starts when the server was last heard: the
+    hang-up falls inside it."""
+    proxy = FreezableProxy(sim.port)
+    sim.port = await proxy.start()  # REST and websocket URLs now go through the proxy
+    source = XelionSource(
+        config_for(sim),
+        hooks,
+        client,
+        fast_options(ping_interval=1.0, ping_timeout=1.0, heartbeat_interval=None),
+    )
+    task = asyncio.create_task(source.run())
+    try:
+        await wait_for(lambda: source.state is SourceState.SUBSCRIBED, what="subscribed")
+        await sim.place_call("incoming", call_id="A")
+        await wait_for(lambda: len(hooks.events) == 3, what="call A")
+        proxy.freeze()
+        await asyncio.sleep(0.2)
+        lost_at = datetime.now(UTC)
+        assert await sim.push("callHungUpEvent", {"callId": "B", "calleeUser": "anne", "duration": 5}) == 1
+        await wait_for(
+            lambda: source.state is not SourceState.SUBSCRIBED, timeout=10, what="the close noticed"
+        )
+        await wait_for(lambda: source.state is SourceState.SUBSCRIBED, timeout=10, what="subscribed again")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await proxy.stop()
+    assert "B" not in [f["callId"] for _, _, f in hooks.events]  # lost on the wire, as set up
+    opened = [(at, reason) for kind, _, at, reason in hooks.gaps if kind == "open"]
+    closed = [at for kind, _, at, _ in hooks.gaps if kind == "close"]
+    [(started, reason)] = [(at, r) for at, r in opened if r.startswith("websocket closed")]
+    assert started <= lost_at, (started, lost_at, reason)
+    assert any(at > lost_at for at in closed)
+    # Not earlier than the keepalive allows: the last frame read (call A's events), at most
+    # ping interval + timeout + close timeout before the close was noticed.
+    assert started >= lost_at - timedelta(seconds=1.0 + 1.0 + fast_options().close_timeout + 1.0)
