@@ -41,8 +41,9 @@ class XelionCheckError(Exception):
     """Xelion refused or could not answer a check.
 
     ``kind`` is ``credentials`` (401/10004, wrong user name, password or tenant), ``disabled``
-    (10006), ``unreachable`` (connection failed or timed out), ``protocol`` (an answer we could not
-    read) or ``not_found``. The message never carries a secret.
+    (10006), ``not_admin`` (403/10101 on an admin-only request: the user logs in but is no admin),
+    ``unreachable`` (connection failed or timed out), ``protocol`` (an answer we could not read) or
+    ``not_found``. The message never carries a secret.
     """
 
     def __init__(self, kind: str, message: str) -> None:
@@ -55,7 +56,8 @@ class XelionDirectory(Protocol):
     """The checks the admin API makes with Xelion (xelion-protocol.md §2)."""
 
     async def check_admin(self, target: XelionTarget, username: str, password: str) -> None:
-        """Log in with a short-lived userSpace and log out again; raise XelionCheckError if refused."""
+        """Log in with a short-lived userSpace, check the user is an admin (an admin-only request),
+        and log out again; raise XelionCheckError if refused."""
         ...
 
     async def find_user(

@@ -47,10 +47,12 @@ def query_text(value: str | None, name: str, max_length: int = 255) -> str | Non
 def xelion_failure(exc: XelionCheckError, target: XelionTarget, *, what: str = "admin") -> ApiError:
     """A failed Xelion check as an API error (xelion-protocol.md §1 codes)."""
     where = f"{target.host} tenant {target.tenant}"
-    if exc.kind in ("credentials", "disabled"):
-        reason = (
-            "the account is disabled" if exc.kind == "disabled" else "wrong user name, password or tenant"
-        )
+    if exc.kind in ("credentials", "disabled", "not_admin"):
+        reason = {
+            "disabled": "the account is disabled",
+            "not_admin": "the user is not an admin (Xelion refused an admin-only request); "
+            "call events reach only an admin's websocket",
+        }.get(exc.kind, "wrong user name, password or tenant")
         return ApiError(
             401, ErrorCode.WRONG_CREDENTIALS, f"Xelion refused the {what} credentials", f"{where}: {reason}"
         )

@@ -22,9 +22,11 @@ def _check_error(exc: XelionError) -> XelionCheckError:
     kind = exc.kind
     if kind == "not_authenticated":
         kind = "credentials"  # a 401 on a check means the credentials did not do
+    elif kind == "forbidden":
+        kind = "not_admin"  # 403/10101 on an admin-only request: the user may log in, but no more
     elif kind not in ("credentials", "disabled", "unreachable", "protocol", "not_found"):
-        # forbidden, busy, server, already_logged_in, http: Xelion answered but would not say yes.
-        kind = "protocol" if kind != "forbidden" else "credentials"
+        # busy, server, already_logged_in, http: Xelion answered but would not say yes.
+        kind = "protocol"
     return XelionCheckError(kind, exc.message)
 
 
@@ -50,13 +52,19 @@ class HttpXelionDirectory:
         )
 
     async def check_admin(self, target: XelionTarget, username: str, password: str) -> None:
-        """Log in with a one-off userSpace and log out again; raise XelionCheckError if refused.
+        """Log in with a one-off userSpace, make one admin-only request, and log out again; raise
+        XelionCheckError if refused (``not_admin`` when the login works but the request does not).
+
+        Call events come only to an admin's socket (xelion-protocol.md §3.5): a user who may log in
+        but is no admin was accepted, and its source was "subscribed" and heard nothing, ever.
+        ``GET users`` is admin only (§2); one item of the user's own name is enough to ask.
 
         Cancellation: if cancelled after login, the logout is still attempted on the way out.
         """
         session = self._session(target, username, password)
         try:
             await session.login()
+            await session.find_users(username, page_size=1, max_pages=1)
         except XelionError as exc:
             raise _check_error(exc) from None
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
 from cti_bridge.store.models import EventUriMapping, UserCredentials, XelionContext
 from tests.api.conftest import (
@@ -202,6 +203,22 @@ async def test_wrong_admin_password_is_401_and_nothing_is_saved(client: httpx.As
     body["xelionContext"]["adminPassword"] = "wrong"
     r = await client.post("/api/crm-integrations", json=body)
     assert_error(r, 401, 10004)
+    assert count(database, XelionContext) == 0
+
+
+@pytest.mark.parametrize("with_users", [False, True])
+async def test_a_user_who_is_no_admin_is_refused_as_the_integration_admin(
+    client: httpx.AsyncClient, database, with_users: bool
+) -> None:
+    """Call events reach only an admin's websocket (xelion-protocol.md §3.5). A user who may log in
+    but is no admin was accepted without users (its source then "subscribed" and heard nothing,
+    ever), and with users refused as a wrong password. It is refused as what it is now."""
+    body = integration_body("a", users=["bob"] if with_users else [])
+    body["xelionContext"]["adminUsername"] = "anne"
+    body["xelionContext"]["adminPassword"] = "anne-password"
+    r = await client.post("/api/crm-integrations", json=body)
+    err = assert_error(r, 401, 10004)
+    assert "not an admin" in err["info"], err
     assert count(database, XelionContext) == 0
 
 
