@@ -13,6 +13,7 @@ lines name the host and tenant only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -42,6 +43,9 @@ USER_SPACE_SUFFIXES = 5
 
 #: Renew when this share of the time to ``validUntil`` has passed (§2, chosen).
 RENEW_AT = 0.8
+#: When Xelion's validUntil tells nothing usable: renew this often (seconds) rather than every few.
+UNKNOWN_EXPIRY_RENEW = 600.0
+PAST_EXPIRY_RENEW = 60.0
 
 _KIND_BY_CODE = {
     NOT_AUTHENTICATED: "not_authenticated",
@@ -172,6 +176,7 @@ class XelionSession:
         self._renewal_token: str | None = None
         self._valid_until: datetime | None = None
         self._renew_due: float | None = None  # monotonic time at which to renew
+        self._warned: set[str] = set()  # what was said about validUntil (once each)
         self._lock = asyncio.Lock()
         self.active_user_space: str | None = None
 
@@ -204,6 +209,11 @@ class XelionSession:
     @property
     def valid_until(self) -> datetime | None:
         return self._valid_until
+
+    def _warn_once(self, what: str, every: float) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            logger.warning("Xelion at %s %s; renewing the session every %.0f s", self.where, what, every)
 
     def renew_delay(self) -> float | None:
         """Seconds until the session should be renewed (80 % of its life, §2), None if logged out."""
@@ -277,17 +287,26 @@ class XelionSession:
         self._renew_due = None
         valid_until = body.get("validUntil")
         if isinstance(valid_until, str):
-            try:
+            with contextlib.suppress(ValueError):
                 self._valid_until = parse_xelion_time(valid_until)
-            except ValueError:
-                logger.warning("Xelion at %s sent an unreadable validUntil; not renewing", self.where)
-        if self._valid_until is not None:
+        # Renewing every few seconds for as long as the daemon runs (a renew, a token write and a
+        # warning each time) was what a missing, unreadable or past validUntil gave: keep_alive
+        # renews when nothing is due. Each of those renews at a fixed, unhurried interval instead,
+        # said once per session; a session that did end meanwhile is logged in again on its 401.
+        renew_in = UNKNOWN_EXPIRY_RENEW
+        if self._valid_until is None:
+            self._warn_once(f"sent no readable validUntil ({str(valid_until)[:40]!r})", renew_in)
+        else:
             now = self._clock.now()
             if now.tzinfo is None:  # a clock that keeps naive UTC
                 now = now.replace(tzinfo=UTC)
             remaining = (self._valid_until - now).total_seconds()
-            # Clock skew can make validUntil look past; renew soon rather than never.
-            self._renew_due = self._clock.monotonic() + max(1.0, RENEW_AT * remaining)
+            if remaining > 0:
+                renew_in = max(1.0, RENEW_AT * remaining)
+            else:
+                renew_in = PAST_EXPIRY_RENEW
+                self._warn_once("sent a validUntil in the past (do the clocks differ?)", renew_in)
+        self._renew_due = self._clock.monotonic() + renew_in
         if self._on_token is not None:
             await self._on_token(token)
 

@@ -317,3 +317,54 @@ async def test_secrets_never_logged(
     assert "127.0.0.1" in text  # the host is named ...
     for secret in [ADMIN_PASSWORD, "wrong-password-secret", *tokens, *url_secrets]:
         assert secret not in text  # ... the secrets never are
+
+
+@pytest.mark.parametrize(
+    ("valid_until", "expected_every"),
+    [
+        (None, 600.0),  # left out
+        ("2026-11-24 11:08:51 UTC", 600.0),  # a shape no parser here reads
+        ("2001-01-01 00:00:00", 60.0),  # in the past: the clocks differ
+    ],
+)
+async def test_a_valid_until_that_tells_nothing_renews_unhurried_and_says_so_once(
+    valid_until: str | None, expected_every: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """keep_alive renews when nothing is due: with validUntil missing, unreadable or past, that was
+    a renew, a token write and a warning every retry delay (5 s), or every second, for as long as
+    the daemon ran (a protocol review's finding: 19 renews in a second with a 0.05 s delay). Such
+    a session renews every 10 minutes (1 minute when validUntil is past) and says why once."""
+    calls = {"login": 0, "renew": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        kind = "login" if request.url.path.endswith("me/login") else "renew"
+        calls[kind] += 1
+        n = sum(calls.values())
+        body: dict[str, str] = {"authentication": f"token-{n}", "renewalToken": f"renewal-{n}"}
+        if valid_until is not None:
+            body["validUntil"] = valid_until
+        return httpx.Response(200, json=body)
+
+    saved: list[str | None] = []
+
+    async def on_token(token: str | None) -> None:
+        saved.append(token)
+
+    caplog.set_level(logging.WARNING, logger="cti_bridge.xelion.rest")
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
+        target = XelionTarget(protocol="http", host="pbx.example", tenant="master")
+        session = XelionSession(c, target, "admin", "pw", "cti-bridge-1", on_token=on_token)
+        await session.login()
+        delay = session.renew_delay()
+        assert delay is not None and expected_every - 1 <= delay <= expected_every
+        task = asyncio.create_task(session.keep_alive(retry_delay=0.05))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await session.renew()  # a renew answered the same way: the warning is not repeated
+    assert calls == {"login": 1, "renew": 1} and len(saved) == 2
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and f"renewing the session every {expected_every:.0f} s" in warnings[0], (
+        warnings
+    )
