@@ -325,7 +325,8 @@ class XelionSession:
 
         First try: the fixed ``user_space`` with the stored (or current) token in ``Authorization``,
         which ends our previous session there. If Xelion still answers 10005, another session we hold
-        no token for lives in that userSpace: try ``-1`` .. ``-5`` in turn, then give up clearly.
+        no token for lives in that userSpace: try ``-1`` .. ``-5`` in turn, each with the same token
+        (our previous session may be in one of them), then give up clearly.
         """
         async with self._lock:
             await self._login_locked()
@@ -336,8 +337,12 @@ class XelionSession:
         # A re-login starts where the live session is, so our own token ends our own session.
         first = self.active_user_space or self.user_space
         spaces = [first] + [space for space in every if space != first]
-        for index, space in enumerate(spaces):
-            response = await self._login_once(space, present if index == 0 else None)
+        for space in spaces:
+            # Our token goes with every try: the session it ends may live in a suffixed userSpace
+            # (a crash after a login there; the userSpace is not stored with the token), and given
+            # to only the first try it let each such crash take one more suffix until none was left.
+            # Elsewhere it ends nothing: only a userSpace's own session's token ends that session.
+            response = await self._login_once(space, present)
             if response.status_code == 200:
                 await self._apply_login(response, "login")
                 self._stored_token = None

@@ -368,3 +368,23 @@ async def test_a_valid_until_that_tells_nothing_renews_unhurried_and_says_so_onc
     assert len(warnings) == 1 and f"renewing the session every {expected_every:.0f} s" in warnings[0], (
         warnings
     )
+
+
+async def test_a_crash_in_a_suffixed_user_space_does_not_take_another_suffix(
+    sim: XelionSimulator, client: httpx.AsyncClient
+) -> None:
+    """Someone else holds the base userSpace; each run logs in on ``-1`` and dies without logging
+    out, leaving its token stored. The stored token went only with the first try (the base), so
+    each crash took one more suffix: after five, no login at all until sessions expired (a
+    protocol review's finding). It goes with every try now, and ends our own old session on -1."""
+    foreign = admin_session(sim, client)
+    await foreign.login()
+    stored: str | None = None
+    spaces: list[str | None] = []
+    for _ in range(7):
+        run = admin_session(sim, client, stored_token=stored)
+        await run.login()
+        spaces.append(run.active_user_space)
+        stored = run.token  # what save_session_token persisted; then the run is killed
+    assert spaces == ["cti-bridge-1-1"] * 7
+    assert sim.sessions_by_user_space() == {"cti-bridge-1": 1, "cti-bridge-1-1": 1}
