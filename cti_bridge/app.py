@@ -469,6 +469,10 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
                 healthy_after=settings.xelion_healthy_after,
                 heartbeat_interval=settings.source_heartbeat_seconds or None,
                 app_key=settings.xelion_app_key,
+                # As the REST client (httpx, trust_env): HTTPS_PROXY/HTTP_PROXY/NO_PROXY. Direct,
+                # the websocket failed on every try where only the proxy reaches Xelion, while
+                # the logins went through.
+                proxy=True,
             ),
             ownership,
         )
