@@ -83,6 +83,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "check-config":
         shown = settings.model_dump(mode="json")
+        # SecretStr settings print as stars already; a password in the database URL did not.
+        from sqlalchemy.engine import make_url
+
+        shown["database_url"] = make_url(settings.database_url).render_as_string(hide_password=True)
         print(json.dumps(shown, indent=2))
         return ExitCode.OK
 

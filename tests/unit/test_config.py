@@ -179,3 +179,21 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "operator-token-that-must-not-show" not in proc.stdout + proc.stderr
     assert '"admin_port": 8080' in proc.stdout
+
+
+def test_check_config_masks_the_password_in_the_database_url(tmp_path: Path) -> None:
+    """The URL was printed whole, its password with it (a README walkthrough's finding)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTI_BRIDGE_")}
+    env["CTI_BRIDGE_DATABASE_URL"] = "postgresql://cti:database-password-S3CR3T@127.0.0.1:5432/cti"
+    env["CTI_BRIDGE_SECRET_KEY"] = "k" * 44
+    proc = subprocess.run(
+        [sys.executable, "-m", "cti_bridge", "check-config"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "database-password-S3CR3T" not in proc.stdout + proc.stderr
+    assert '"database_url": "postgresql+psycopg://cti:***@127.0.0.1:5432/cti"' in proc.stdout
