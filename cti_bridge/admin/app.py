@@ -29,6 +29,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cti_bridge.admin import schemas
@@ -93,9 +94,28 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         message, info = "Not found", f"no resource at {request.url.path[:200]}"
     elif exc.status_code == 405:
         message, info = "Method not allowed", f"{request.method} is not allowed on {request.url.path[:200]}"
+        allowed = _allowed_methods(request)
+        if allowed:
+            return error_response(405, code, message, info, headers={"Allow": ", ".join(allowed)})
     else:
         message, info = str(exc.detail)[:200], ""
     return error_response(exc.status_code, code, message, info, headers=exc.headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes at this path. Starlette's ``Allow`` names only the first route
+    that matched the path: ``GET`` for api/users/{id}, which PUT and DELETE reach as well. Each
+    method is asked of the routes as a request of its own (``BaseRoute.matches``), so routers that
+    FastAPI includes lazily answer too."""
+    allowed: list[str] = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
 
 
 class CatchAllMiddleware:

@@ -241,6 +241,25 @@ async def test_unknown_path_and_wrong_method_are_in_xelion_shape(client: httpx.A
     assert "POST" in r.headers.get("allow", "")
 
 
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/api/users/1", "DELETE, GET, PUT"),
+        ("/api/xelion-environment/1", "GET, PUT"),
+        ("/api/crm-integrations", "GET, POST"),
+        ("/api/crm-integrations/1/crm-contexts/2/event-uri-mappings", "GET, PUT"),
+    ],
+)
+async def test_a_405_names_every_method_of_the_path(
+    client: httpx.AsyncClient, path: str, allowed: str
+) -> None:
+    """Allow named only the first route that matched the path (``GET`` for api/users/{id}, which
+    PUT and DELETE reach too): a README walkthrough's finding."""
+    r = await client.patch(path, json={}, headers=OPERATOR)
+    assert_error(r, 405, 10206)
+    assert r.headers["allow"] == allowed
+
+
 async def test_a_trailing_slash_reaches_the_route_without_a_redirect(client: httpx.AsyncClient) -> None:
     """A script that writes ``/api/crm-integrations/`` got a 307 and, without following it, failed."""
     body = integration_body("a")
