@@ -220,9 +220,15 @@ class DaemonSupervisor:
 
     def integration_deleted(self, xelion_context_id: int) -> None:
         self.daemon.routing.invalidate(xelion_context_id)
+        # Its credentials are gone, and SQLite gives a deleted row's id to the next one: a token
+        # cached for a deleted credential was handed to the new credential of that id, another
+        # integration's user (a security review's finding). Deleting is rare; the next delivery of
+        # each user reads its stored token again.
+        self.daemon.tokens.invalidate_all()
         self._spawn(self.daemon.remove_integration(xelion_context_id))
 
     def credentials_changed(self, credential_id: int) -> None:
+        # Changed or deleted: either way its cached token is not the stored credential's any more.
         self.daemon.routing.invalidate()
         self.daemon.tokens.invalidate(credential_id)
         # The repair's own transaction resumed the parked deliveries (store.integrations

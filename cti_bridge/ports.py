@@ -83,7 +83,8 @@ class Supervisor(Protocol):
         ...
 
     def credentials_changed(self, credential_id: int) -> None:
-        """A user's OAuth2 credentials changed: un-park its deliveries and wake the worker."""
+        """A user's OAuth2 credentials changed or were deleted: drop its cached token, un-park its
+        deliveries and wake the worker."""
         ...
 
 

@@ -237,6 +237,11 @@ class TokenManager(Generic[KeyT]):
         self._device_interval.pop(key, None)
         self._last_failure.pop(key, None)
 
+    def invalidate_all(self) -> None:
+        """Forget every cached token (an integration, with all its credentials, was deleted)."""
+        for key in list(self._cache):
+            self.invalidate(key)
+
     async def drop_changed(self) -> list[KeyT]:
         """Forget the cached tokens whose credential was changed or deleted in the store since they
         were cached, and return their keys.

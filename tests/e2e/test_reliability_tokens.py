@@ -13,7 +13,7 @@ import pytest
 
 from cti_bridge.sim.crm import Failure, Received
 from cti_bridge.store.models import UserCredentials
-from tests.e2e.stack import CLIENT_ID, Stack, running_stack
+from tests.e2e.stack import CLIENT_ID, CLIENT_SECRET, Stack, running_stack
 
 
 def _bearer(received: Received) -> str:
@@ -215,3 +215,46 @@ async def test_dead_grant_parks_that_user_until_a_new_refresh_token(db_url: str)
         metrics = await st.metrics()
         assert _gauge(metrics, "cti_bridge_credentials_reauth_required") == 0
         assert _gauge(metrics, "cti_bridge_deliveries", 'state="parked"') == 0
+
+
+@pytest.mark.parametrize("how", ["user", "integration"])
+async def test_a_deleted_credentials_token_never_reaches_the_next_credential_of_its_id(
+    db_url: str, how: str
+) -> None:
+    """SQLite gives a deleted row's id to the next row, and the token cache is keyed by the
+    credential's id: after deleting a user (or its integration) the next credential created got
+    the deleted one's cached access token, another user's, perhaps another tenant's (a security
+    review's finding). Deleting drops the cached token; the new credential gets its own."""
+    async with running_stack(db_url) as st:
+        await st.configure(users=("anne",), mappings=[st.mapping("callHungUpEvent")])
+        anne_id = await st.credential_id("anne")
+        await st.xelion.place_call("incoming", callee="anne")
+        await st.wait_settled(1)
+        [anne_token] = {r.headers["Authorization"] for r in st.crm.received}
+        if how == "user":
+            assert (await st.api.delete(f"/api/users/{anne_id}")).status_code == 200
+            base = f"/api/crm-integrations/{st.xelion_context_id}/crm-contexts/{st.crm_context_id}"
+            st.refresh_tokens["bob"] = st.crm.issue_refresh_token(CLIENT_ID)
+            body = [
+                {
+                    "xelionUsername": "bob",
+                    "clientId": CLIENT_ID,
+                    "clientSecret": CLIENT_SECRET,
+                    "refreshToken": st.refresh_tokens["bob"],
+                }
+            ]
+            resp = await st.api.post(f"{base}/user-credentials", json=body)
+            assert resp.status_code == 200, resp.text
+        else:
+            resp = await st.api.delete(f"/api/crm-integrations/{st.xelion_context_id}")
+            assert resp.status_code == 200, resp.text
+            await st.configure(users=("bob",), mappings=[st.mapping("callHungUpEvent")])
+        bob_id = await st.credential_id("bob")
+        if db_url.startswith("sqlite"):
+            assert bob_id == anne_id  # the id was reused: what made the stale token reachable
+        before = len(st.crm.received)
+        await st.xelion.place_call("incoming", callee="bob")
+        await st.wait_until(lambda: len(st.crm.received) > before, what="bob's delivery")
+        bob_tokens = {r.headers["Authorization"] for r in st.crm.received[before:]}
+        assert anne_token not in bob_tokens, (anne_token, bob_tokens)
+        assert [r.status for r in st.crm.received[before:]] == [201]  # bob's own token, fetched for him
