@@ -13,15 +13,19 @@ not exist, so a token of tenant A cannot even learn which ids tenant B has.
 
 ``LoginLimiter`` slows down password guessing through ``api/session/login``: after
 ``login_failures_before_delay`` failures from one client address within ``window_seconds`` that
-address gets 429/10400 with ``Retry-After`` for ``login_lockout_seconds``; a success resets it. It
+address gets 429/10400 with ``Retry-After`` for ``login_lockout_seconds``; a success resets it;
+attempts still in flight count as failures until answered (``attempt``), so a burst sent at once
+cannot try more than the limit. It
 lives in memory (one per app, built by ``create_admin_app``), which is enough for one process and is
 lost on restart, a deliberate trade-off against a table every failed login would write to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -151,6 +155,7 @@ class LoginLimiter:
         self._max_addresses = max_addresses
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
         self._locked_until: dict[str, float] = {}
+        self._running: dict[str, int] = {}  # attempts in flight per address (``attempt``)
 
     def check(self, address: str) -> None:
         """Raise RateLimited while ``address`` is locked out."""
@@ -161,6 +166,27 @@ class LoginLimiter:
         if remaining > 0:
             raise RateLimited(remaining)
         del self._locked_until[address]
+
+    @contextlib.contextmanager
+    def attempt(self, address: str) -> Iterator[None]:
+        """One login attempt of ``address``, from before its first await until it is answered.
+
+        ``check`` alone let every attempt already in flight through: its failure counted only once
+        Xelion or the database had answered, so 200 guesses sent at once were all tried against a
+        limit of 5 (a security review's finding). Attempts in flight count as failures until they
+        are answered: at most ``max_failures`` less the recent failures run at once per address.
+        """
+        self.check(address)
+        running = self._running.get(address, 0)
+        if running + len(self._failures.get(address, ())) >= self._max_failures:
+            raise RateLimited(1.0)
+        self._running[address] = running + 1
+        try:
+            yield
+        finally:
+            left = self._running.pop(address, 1) - 1
+            if left > 0:
+                self._running[address] = left
 
     def failure(self, address: str) -> None:
         now = self._clock.monotonic()

@@ -3,9 +3,11 @@ failed-login limiter."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import httpx
+import pytest
 
 from cti_bridge.store.crypto import hash_token
 from cti_bridge.store.models import AdminSession
@@ -155,6 +157,27 @@ async def test_login_limiter_gives_429_with_retry_after_then_recovers(
     for _ in range(2):
         assert_error(await client.post("/api/session/login", json=bad), 401, 10004)
     assert (await client.post("/api/session/login", json=LOGIN_A)).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/api/session/login", "/api/crm-integrations"])
+async def test_guesses_sent_at_once_are_limited_as_if_sent_one_by_one(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    """The limiter counted a failure only once Xelion or the database had answered, so every guess
+    already in flight passed its check: 200 sent at once were all tried against a limit of 5 (a
+    security review's finding). Attempts in flight count until answered."""
+    if path == "/api/session/login":
+        await make_integration(client, "a")
+        bad: dict[str, object] = {**LOGIN_A, "adminPassword": "guess"}
+    else:
+        bad = integration_body("a")
+        bad["xelionContext"]["adminPassword"] = "guess"  # type: ignore[index]
+    answers = await asyncio.gather(*(client.post(path, json=bad) for _ in range(40)))
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses.count(401) <= 3 and statuses.count(429) >= 37, statuses  # login_failures_before_delay=3
+    for r in answers:
+        if r.status_code == 429:
+            assert_error(r, 429, 10400)
 
 
 async def test_unauthenticated_post_with_wrong_admin_password_counts_as_failed_login(

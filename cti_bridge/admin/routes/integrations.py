@@ -11,6 +11,7 @@ asked before anything is written, so a refused check leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Annotated, Any
 
@@ -19,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from cti_bridge.admin import schemas
 from cti_bridge.admin.auth import (
+    LoginLimiter,
     Principal,
     client_address,
     get_limiter,
@@ -260,10 +262,15 @@ async def post_crm_integration(
 ) -> JSONResponse:
     limiter = get_limiter(request)
     address = client_address(request)
-    if not operator:
-        # This resource logs in to Xelion with the posted admin password: without a token it is a
-        # password-guessing oracle, so it shares the login limiter.
-        limiter.check(address)
+    # This resource logs in to Xelion with the posted admin password: without a token it is a
+    # password-guessing oracle, so it shares the login limiter.
+    with contextlib.nullcontext() if operator else limiter.attempt(address):
+        return await _post_crm_integration(request, deps, operator, limiter, address)
+
+
+async def _post_crm_integration(
+    request: Request, deps: AdminDeps, operator: bool, limiter: LoginLimiter, address: str
+) -> JSONResponse:
     body = await read_model(request, schemas.CrmIntegrationIn)
     xc = body.xelionContext
     if not operator and not deps.settings.host_allowed(xc.host):

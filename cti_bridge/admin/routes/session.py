@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from cti_bridge.admin import schemas
-from cti_bridge.admin.auth import client_address, get_limiter
+from cti_bridge.admin.auth import LoginLimiter, client_address, get_limiter
 from cti_bridge.admin.body import read_model
 from cti_bridge.admin.common import xelion_failure
 from cti_bridge.admin.deps import AdminDeps, get_deps
@@ -59,7 +59,11 @@ def _refused() -> ApiError:
 async def login(request: Request, deps: Deps) -> JSONResponse:
     limiter = get_limiter(request)
     address = client_address(request)
-    limiter.check(address)
+    with limiter.attempt(address):
+        return await _login(request, deps, limiter, address)
+
+
+async def _login(request: Request, deps: Deps, limiter: LoginLimiter, address: str) -> JSONResponse:
     body = await read_model(request, schemas.LoginIn)
     view = await deps.database.run(lambda s: store.find_integration(s, body.host, body.tenant))
     stored = None
