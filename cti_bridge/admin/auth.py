@@ -55,14 +55,17 @@ class Principal:
 
     operator: bool
     xelion_context_id: int | None = None
+    #: The session's token hash (a session only): the one session a change of the admin
+    #: credentials keeps.
+    session_hash: str | None = None
 
     @classmethod
     def as_operator(cls) -> Principal:
         return cls(operator=True)
 
     @classmethod
-    def scoped(cls, xelion_context_id: int) -> Principal:
-        return cls(operator=False, xelion_context_id=xelion_context_id)
+    def scoped(cls, xelion_context_id: int, session_hash: str | None = None) -> Principal:
+        return cls(operator=False, xelion_context_id=xelion_context_id, session_hash=session_hash)
 
     def describe(self) -> str:
         """Who made a change, for the log line that records it (never a token)."""
@@ -110,7 +113,7 @@ async def require_principal(
     xid = await deps.database.run(lambda s: store.session_context(s, digest, now))
     if xid is None:
         raise not_authenticated("the token is unknown or has expired")
-    return Principal.scoped(xid)
+    return Principal.scoped(xid, digest)
 
 
 async def optional_operator(

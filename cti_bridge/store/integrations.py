@@ -361,7 +361,10 @@ def set_admin_credentials(
     username: str | None = None,
     password: str | None = None,
     now: datetime,
+    keep_session: str | None = None,
 ) -> bool:
+    """Set new admin credentials; every admin API session of the integration ends, but the one
+    whose token hash is ``keep_session`` (the caller's)."""
     row = session.get(XelionContext, xelion_context_id) if valid_id(xelion_context_id) else None
     if row is None:
         return False
@@ -372,6 +375,12 @@ def set_admin_credentials(
     # The source's stored Xelion session belongs to the old credentials; it ends it on next login.
     row.updated_at = now
     session.add(row)
+    # The admin API sessions were opened with the old credentials: whoever else held one (perhaps
+    # the reason for the change) logs in again with the new ones.
+    ended = delete(AdminSession).where(col(AdminSession.xelion_context_id) == xelion_context_id)
+    if keep_session is not None:
+        ended = ended.where(col(AdminSession.token_hash) != keep_session)
+    session.execute(ended)
     return True
 
 

@@ -237,3 +237,68 @@ async def test_admin_password_and_username_updates(
         "tenant": "alpha",
     }
     assert (await client.post("/api/session/login", json=login)).status_code == 200
+
+
+async def test_a_session_moves_the_integration_to_another_host_only_with_the_admin_password(
+    client: httpx.AsyncClient, xelion: XelionWorld
+) -> None:
+    """The source logs in at the new host with the stored admin password, so a session token (an
+    hour's bearer token, perhaps stolen) could send that password to any host the allow-list lets
+    through (a security review's finding: a listener on a second allowed host received it). Moving
+    to another host now needs the stored admin password from a session (a wrong one counts as a
+    failed login); a new tenant or protocol on the same host, as in the manual, does not."""
+    a = await make_integration(client, "a")
+    url = f"/api/xelion-environment/{a.xelion_id}"
+    away = {"host": "www.xelionHost.com", "tenant": "tenantToBeUsed", "protocol": "https"}
+    err = assert_error(await client.put(url, json=away, headers=auth(a.token)), 422, 10201)
+    assert "adminPassword" in err["message"]
+    wrong = {**away, "adminPassword": "a-guess"}
+    assert_error(await client.put(url, json=wrong, headers=auth(a.token)), 422, 10201)
+    r = await client.get(url, headers=auth(a.token))
+    assert r.json()["host"] == "pbx-a.example.com"  # nothing moved
+    r = await client.put(url, json={**away, "adminPassword": "pw-a-secret"}, headers=auth(a.token))
+    assert r.status_code == 200, r.text
+    assert r.json() == {"host": "www.xelionHost.com", "protocol": "https", "tenant": "tenantToBeUsed"}
+    # The operator needs no proof; the same host with another tenant or protocol neither.
+    back = {"host": "pbx-a.example.com", "tenant": "alpha", "protocol": "https"}
+    assert (await client.put(url, json=back, headers=OPERATOR)).status_code == 200
+    same_host = {"host": "PBX-A.example.com", "tenant": "other", "protocol": "http"}
+    assert (await client.put(url, json=same_host, headers=auth(a.token))).status_code == 200
+
+
+async def test_wrong_old_admin_values_count_as_failed_logins(client: httpx.AsyncClient) -> None:
+    """admin/password/update answered "does not match" with no limit: an unlimited oracle for the
+    stored admin password to any session (a security review's finding)."""
+    a = await make_integration(client, "a")
+    url = f"/api/xelion-environment/{a.xelion_id}/admin/password/update"
+    for guess in ("one", "two", "three"):  # login_failures_before_delay=3
+        r = await client.post(url, json={"oldPassword": guess, "newPassword": "x"}, headers=auth(a.token))
+        assert_error(r, 422, 10201)
+    r = await client.post(url, json={"oldPassword": "pw-a-secret", "newPassword": "x"}, headers=auth(a.token))
+    assert_error(r, 429, 10400)
+
+
+async def test_new_admin_credentials_end_the_integrations_other_sessions(
+    client: httpx.AsyncClient, xelion: XelionWorld
+) -> None:
+    """Sessions opened with the old admin password stayed valid for their hour after it changed
+    (perhaps the reason for the change). They end with it now; the caller's own session stays."""
+    a = await make_integration(client, "a")
+    login = {
+        "adminUsername": "admin-a",
+        "adminPassword": "pw-a-secret",
+        "host": "pbx-a.example.com",
+        "tenant": "alpha",
+    }
+    other = (await client.post("/api/session/login", json=login)).json()["authentication"]
+    env = f"/api/xelion-environment/{a.xelion_id}"
+    assert (await client.get(env, headers=auth(other))).status_code == 200
+    xelion.set_password("pbx-a.example.com", "alpha", "admin-a", "pw-a-new")
+    r = await client.post(
+        f"{env}/admin/password/update",
+        json={"oldPassword": "pw-a-secret", "newPassword": "pw-a-new"},
+        headers=auth(a.token),
+    )
+    assert r.status_code == 200, r.text
+    assert_error(await client.get(env, headers=auth(other)), 401, 10000)
+    assert (await client.get(env, headers=auth(a.token))).status_code == 200

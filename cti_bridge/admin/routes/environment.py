@@ -8,6 +8,7 @@ caller meant as a password.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter
 
 from cti_bridge.admin import schemas
-from cti_bridge.admin.auth import Principal, require_principal
+from cti_bridge.admin.auth import Principal, client_address, get_limiter, require_principal
 from cti_bridge.admin.body import read_body, validate
 from cti_bridge.admin.common import xelion_failure
 from cti_bridge.admin.deps import AdminDeps, get_deps
@@ -24,6 +25,8 @@ from cti_bridge.ports import XelionCheckError, XelionTarget
 from cti_bridge.store import integrations as store
 from cti_bridge.store.crypto import constant_time_equal
 from cti_bridge.store.integrations import StoreConflict, XelionView
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/xelion-environment", tags=["xelion-environment"])
 
@@ -79,7 +82,7 @@ async def put_environment(
     deps: Deps,
     principal: Auth,
 ) -> JSONResponse:
-    await reachable_environment(deps, principal, xelionContextId)
+    env = await reachable_environment(deps, principal, xelionContextId)
     body = validate(_ENV, await read_body(request))
     if not principal.operator and not deps.settings.host_allowed(body.host):
         raise ApiError(
@@ -88,6 +91,12 @@ async def put_environment(
             "This Xelion host may not be used without the operator token",
             f"host: {body.host} is not in CTI_BRIDGE_ALLOWED_XELION_HOSTS",
         )
+    if body.host.lower() != env.host.lower() and not principal.operator:
+        # The source logs in at the new host with the stored admin password: a session token (an
+        # hour's bearer token) could send it to any host the allow-list lets through (a security
+        # review's finding). Whoever moves the integration to another host proves they know it. A
+        # new tenant or protocol on the same host, as the manual's example does, needs no proof.
+        await _prove_admin_password(request, deps, xelionContextId, body.adminPassword)
     now = deps.clock.now()
     try:
         view = await deps.database.run(
@@ -101,6 +110,24 @@ async def put_environment(
         raise not_found("xelionContext", xelionContextId)
     deps.supervisor.integration_changed(xelionContextId)
     return JSONResponse(environment_json(view))
+
+
+async def _prove_admin_password(request: Request, deps: AdminDeps, x: int, given: str | None) -> None:
+    """422 naming adminPassword unless ``given`` is the stored admin password; a wrong one counts
+    as a failed login of the caller's address (the login limiter)."""
+    limiter = get_limiter(request)
+    address = client_address(request)
+    with limiter.attempt(address):
+        stored = await deps.database.run(lambda s: store.admin_credentials(s, deps.secret_box, x))
+        if stored is None:
+            raise not_found("xelionContext", x)
+        if given is None or not constant_time_equal(given, stored[1]):
+            limiter.failure(address)
+            raise invalid_request(
+                "Invalid request: adminPassword: the stored admin password is required to move the "
+                "integration to another host",
+                "adminPassword",
+            )
 
 
 async def _change_admin(
@@ -118,15 +145,20 @@ async def _change_admin(
             raise _swapped("admin/password/update", "oldPassword and newPassword")
         body_p = validate(_PASSWORD, raw)
         old, new = body_p.oldPassword, body_p.newPassword
-    stored = await deps.database.run(lambda s: store.admin_credentials(s, deps.secret_box, x))
-    if stored is None:
-        raise not_found("xelionContext", x)
-    stored_user, stored_password = stored
-    current = stored_user if what == "username" else stored_password
-    field = "oldUsername" if what == "username" else "oldPassword"
-    if not constant_time_equal(old, current):
-        # Never say what the stored value is, nor how close the guess was.
-        raise invalid_request(f"Invalid request: {field}: does not match the stored admin {what}", field)
+    limiter = get_limiter(request)
+    address = client_address(request)
+    with limiter.attempt(address):
+        stored = await deps.database.run(lambda s: store.admin_credentials(s, deps.secret_box, x))
+        if stored is None:
+            raise not_found("xelionContext", x)
+        stored_user, stored_password = stored
+        current = stored_user if what == "username" else stored_password
+        field = "oldUsername" if what == "username" else "oldPassword"
+        if not constant_time_equal(old, current):
+            # Never say what the stored value is, nor how close the guess was; and a guess counts as
+            # a failed login (it was an unlimited oracle for the stored password).
+            limiter.failure(address)
+            raise invalid_request(f"Invalid request: {field}: does not match the stored admin {what}", field)
     user = new if what == "username" else stored_user
     password = new if what == "password" else stored_password
     target = XelionTarget(protocol=env.protocol, host=env.host, tenant=env.tenant)
@@ -143,11 +175,14 @@ async def _change_admin(
             username=new if what == "username" else None,
             password=new if what == "password" else None,
             now=now,
+            keep_session=principal.session_hash,
         )
     )
     if not changed:
         raise not_found("xelionContext", x)
     deps.supervisor.integration_changed(x)
+    # Its other sessions ended with the change (store.set_admin_credentials).
+    log.info("integration %d: the Xelion admin %s changed by %s", x, what, principal.describe())
     return JSONResponse({})
 
 
