@@ -29,6 +29,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from cti_bridge.admin.app import AdminDeps, create_admin_app
+from cti_bridge.admin.http import MAX_CONCURRENT, MAX_REQUEST_HEAD, AdminHttpProtocol
 from cti_bridge.clock import Clock, SystemClock
 from cti_bridge.config import Settings
 from cti_bridge.delivery.crm_client import CrmClient
@@ -551,6 +552,15 @@ async def serve(
         log_config=None,
         access_log=False,
         lifespan="off",
+        # The client address is the socket's peer: with uvicorn's default, a client reaching the
+        # port from 127.0.0.1 (a local proxy or tunnel passing headers on) chose its own address in
+        # X-Forwarded-For and was never locked out by the login limiter (a security review's
+        # finding).
+        proxy_headers=False,
+        # Bounds for a port that may face a network (admin/http.py).
+        http=AdminHttpProtocol,
+        h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
+        limit_concurrency=MAX_CONCURRENT,
     )
     server = _Server(config)
     loop = asyncio.get_running_loop()

@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import sys
 import threading
 import time
@@ -137,6 +138,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         await serve(daemon, stop)
 
     tune_gc()
+    raise_open_files_limit()
     asyncio.run(_main())
     _exit_if_a_thread_hangs(ExitCode.OK)
     return ExitCode.OK
@@ -162,6 +164,26 @@ def _exit_if_a_thread_hangs(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+#: The open files the daemon asks for (its soft limit, up to the hard one).
+OPEN_FILES = 65536
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit of open files towards the hard one (at most ``OPEN_FILES``); the limit
+    now. Many systems start a process at 1,024 while allowing far more: admin API connections, CRM
+    connections, the database's files and the websockets share it, and running out fails them all
+    at once (the admin port bounds its own share, admin/http.py)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return wanted
+        except (OSError, ValueError):
+            log.warning("could not raise the open files limit from %d", soft)
+    return soft
 
 
 #: The cyclic garbage collector's thresholds while the daemon runs (Python's are 700, 10, 10).

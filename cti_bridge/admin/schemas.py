@@ -34,7 +34,8 @@ Secret = Annotated[str, StringConstraints(min_length=1, max_length=SECRET_MAX)]
 
 # host[:port] as a DNS name, an IPv4 address or a bracketed IPv6 address. Anything else (a slash, an
 # "@", a space) could change the meaning of the URL ``{protocol}://{host}/api/v1/{tenant}/`` that is
-# built from it (xelion-protocol.md §1), so it is refused.
+# built from it (xelion-protocol.md §1), so it is refused. Matched whole (``fullmatch``): ``$`` also
+# matches before a final newline, and "pbx.example.com\n" passed, then failed as a 502.
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$")
 # The tenant is one path segment of that URL.
 _TENANT_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]{1,255}$")
@@ -44,7 +45,7 @@ XELION_EVENTS = tuple(sorted(CALL_EVENT_TYPES))
 
 
 def check_host(value: str) -> str:
-    if not _HOST_RE.match(value):
+    if not _HOST_RE.fullmatch(value):
         raise ValueError("must be a host name or address, optionally with :port")
     _check_host_and_port(urlsplit(f"//{value}"))
     return value
@@ -76,7 +77,7 @@ def _check_host_and_port(parts: Any) -> None:
 
 
 def check_tenant(value: str) -> str:
-    if not _TENANT_RE.match(value) or value in (".", ".."):
+    if not _TENANT_RE.fullmatch(value) or value in (".", ".."):
         raise ValueError("must be one URL path segment (letters, digits, '.', '_', '-', ...)")
     return value
 

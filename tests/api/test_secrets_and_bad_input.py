@@ -341,6 +341,8 @@ async def test_a_lone_surrogate_in_a_key_is_a_422_that_names_it(client: httpx.As
         ("host", "[1:2]"),  # bracketed, not IPv6
         ("host", "pbx..example.com"),  # an empty DNS label
         ("host", "pbx-a.example.com:99999"),
+        ("host", "pbx-a.example.com\n"),  # "$" matched before a final newline: a 502, then stored
+        ("tenant", "alpha\n"),
         ("authorizationServerUri", "http://127.0.0.1:99999/token"),
         ("authorizationServerUri", "https://crm..example.org/token"),
         ("authorizationServerUri", "https://" + "a" * 64 + ".example.org/token"),
@@ -354,7 +356,7 @@ async def test_hosts_and_uris_no_client_can_send_are_422_not_stored(
     """Each passed the checks and then failed every use: a 500 of the API, a source failing for
     good, or deliveries failing on every attempt with an internal error."""
     body = integration_body("a")
-    part = "xelionContext" if field == "host" else "crmContext"
+    part = "xelionContext" if field in ("host", "tenant") else "crmContext"
     body[part][field] = value
     r = await client.post("/api/crm-integrations", json=body, headers=OPERATOR)
     assert_error(r, 422, 10201)
