@@ -42,7 +42,7 @@ from typing import NamedTuple
 import httptools
 import httpx
 
-from cti_bridge.delivery.egress import EgressRefused, GuardedResolver, check_url
+from cti_bridge.delivery.egress import EgressRefused, GuardedResolver, check_host, check_url
 
 #: Response headers larger than this in all are a protocol error (llhttp sets no limit of its own).
 MAX_HEADER_BYTES = 64 * 1024
@@ -455,14 +455,18 @@ class Http1Client:
         return sum(len(v) for v in self._idle.values())
 
     async def _addresses(self, origin: Origin) -> list[tuple[str, int]]:
-        """The addresses to connect to: an IP literal as it is (``check_url`` judged it), a host
-        name through the guarded resolver (which raises ``EgressRefused`` if none is allowed)."""
+        """The addresses to connect to: an IP literal as it is, if the guard allows it, a host name
+        through the guarded resolver (which raises ``EgressRefused`` if none is allowed)."""
         family = socket.AF_INET6 if ":" in origin.host else socket.AF_INET
         try:
             socket.inet_pton(family, origin.host)
-            return [(origin.host, family)]
         except OSError:
             pass
+        else:
+            # Judged again here: a Unicode host that check_url took for a name may only have become
+            # this literal in its IDNA form (fullwidth digits are 127.0.0.1; a security review's finding).
+            check_host(origin.host, self._allow_private)
+            return [(origin.host, family)]
         try:
             if self._resolver is None:
                 self._resolver = GuardedResolver(self._allow_private)

@@ -393,6 +393,29 @@ async def test_the_guard_refuses_before_connecting(server: RawServer) -> None:
     assert server.connections == 0
 
 
+@pytest.mark.parametrize(
+    "host",
+    [
+        "\uff11\uff12\uff17.\uff10.\uff10.\uff11",  # fullwidth digits
+        "\u2460\u2461\u2466.0.0.1",  # circled digits
+        "127\u30020\u30020\u30021",  # ideographic full stops
+    ],
+)
+async def test_a_unicode_host_that_is_an_address_in_its_idna_form_is_judged_as_that_address(
+    server: RawServer, host: str
+) -> None:
+    """The guard took such a host for a name (to be judged by the resolver), and the client then
+    connected to its IDNA form, 127.0.0.1, without asking the resolver (a security review's
+    finding; templates refuse non-ASCII URIs, so only this client's other callers could reach it)."""
+    guarded = Http1Client(allow_private=False, connect_timeout=0.5, request_timeout=1.0, default_headers={})
+    try:
+        with pytest.raises(EgressRefused):
+            await post(guarded, f"http://{host}:{server.port}/calls")
+    finally:
+        await guarded.aclose()
+    assert server.connections == 0
+
+
 # -- TLS ------------------------------------------------------------------------------------------------
 
 
