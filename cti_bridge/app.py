@@ -109,6 +109,9 @@ class StoreSourceHooks:
         # order), with when (monotonic) each was.
         self._uncommitted: dict[int, dict[asyncio.Future[IngestResult], float]] = {}
         self._failed: dict[int, EventsNotRecorded] = {}
+        # Told of a failed commit at once (the sources: ``SourceManager.events_not_recorded``);
+        # True when a running source took it. Otherwise it waits for that source's next event.
+        self.on_not_recorded: Callable[[int, EventsNotRecorded], bool] | None = None
 
     async def on_event(
         self, xelion_context_id: int, notification_type: str, fields: dict[str, object]
@@ -169,9 +172,10 @@ class StoreSourceHooks:
             if isinstance(exc, Exception) and xelion_context_id not in self._failed:
                 # The first failed event of the batch (callbacks run in order): the gap starts here.
                 ago = 0.0 if handed_at is None else time.monotonic() - handed_at
-                self._failed[xelion_context_id] = EventsNotRecorded(
-                    exc, datetime.now(UTC) - timedelta(seconds=ago)
-                )
+                failure = EventsNotRecorded(exc, datetime.now(UTC) - timedelta(seconds=ago))
+                told = self.on_not_recorded is not None and self.on_not_recorded(xelion_context_id, failure)
+                if not told:
+                    self._failed[xelion_context_id] = failure
             return
         result = future.result()
         self.metrics.event(result.duplicate)
@@ -179,6 +183,23 @@ class StoreSourceHooks:
     async def flush(self) -> None:
         """Wait until every event handed over so far is committed (or failed): a clean stop."""
         await self.pipeline.flush()
+
+    async def record_unheard_failures(self) -> None:
+        """After the sources stopped: the commits that failed since (the stop's last ones) have no
+        source left to tell, and their events were read before the stop's gap began. Move each
+        integration's open gap back to its first lost event (``gap_opened`` keeps the earlier
+        start), so that the lost events fall in it."""
+        failed, self._failed = self._failed, {}
+        for xelion_context_id, failure in failed.items():
+            reason = f"an event could not be recorded: {failure}"
+            try:
+                await self.gap_opened(xelion_context_id, failure.since, reason)
+            except Exception as exc:
+                log.error(
+                    "integration %d: the gap of its lost events could not be stored (%s)",
+                    xelion_context_id,
+                    type(exc).__name__,
+                )
 
     async def on_state(self, xelion_context_id: int, state: SourceState, error: str | None) -> None:
         now = datetime.now().astimezone()
@@ -263,6 +284,7 @@ class Daemon:
     lock: InstanceLock | None
     vacuum: Vacuum | None = None
     ownership: Ownership = field(default_factory=LocalOwnership)
+    source_hooks: StoreSourceHooks | None = None
     background: set[asyncio.Future[None]] = field(default_factory=set)
     admin_app: FastAPI | None = None
     # Serialises reading an integration's configuration and applying it to its source: the admin
@@ -501,7 +523,10 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
             lock=lock,
             vacuum=Vacuum(db, settings),
             ownership=ownership,
+            source_hooks=hooks,
         )
+        # A failed commit reaches its source at once (it drops the socket: the gap starts then).
+        hooks.on_not_recorded = sources.events_not_recorded
         metrics_holder.append(daemon)
     except BaseException:
         if lock is not None:
@@ -606,6 +631,13 @@ async def serve(
             # Every event received is committed (and its fresh deliveries handed over) before the
             # worker stops taking work: SIGTERM loses nothing that was read from a socket.
             await _within(daemon.pipeline.flush(), settings.shutdown_grace_seconds, "the last commits")
+            if daemon.source_hooks is not None:
+                # Those of the last commits that failed: their events in the stop's gap.
+                await _within(
+                    daemon.source_hooks.record_unheard_failures(),
+                    settings.shutdown_grace_seconds,
+                    "recording the gaps of lost events",
+                )
             # The grace for the requests in flight, then the writes of their outcomes and of the
             # release of the rest, which a database that does not answer would hold.
             stopped = await _within(

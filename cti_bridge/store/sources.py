@@ -6,7 +6,7 @@ decrypting the admin password only in memory.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select, update
@@ -50,14 +50,25 @@ def set_state(session: Session, xelion_context_id: int, state: str, error: str |
     )
 
 
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
 def open_gap(session: Session, xelion_context_id: int, started_at: datetime, reason: str) -> None:
-    # One open gap at a time: a second "opened" while one is open keeps the first start.
-    exists = session.exec(
-        select(SourceGap.id).where(
+    # One open gap at a time: a second "opened" while one is open moves its start back if it is
+    # earlier (events lost before the gap opened, told later: a failed commit), else changes nothing.
+    open_row = session.exec(
+        select(SourceGap).where(
             col(SourceGap.xelion_context_id) == xelion_context_id, col(SourceGap.ended_at).is_(None)
         )
     ).first()
-    if exists is None and session.get(XelionContext, xelion_context_id) is not None:
+    if open_row is not None:
+        if _aware(started_at) < _aware(open_row.started_at):
+            open_row.started_at = started_at
+            open_row.reason = f"{reason[:250]}; then: {open_row.reason or ''}"[:500]
+            session.add(open_row)
+        return
+    if session.get(XelionContext, xelion_context_id) is not None:
         session.add(
             SourceGap(xelion_context_id=xelion_context_id, started_at=started_at, reason=reason[:500])
         )

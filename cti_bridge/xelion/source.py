@@ -178,6 +178,9 @@ class XelionSource:
         self._unread_since: datetime | None = None
         # When a frame was last read from the socket (monotonic): _silent_since.
         self._heard_at = 0.0
+        # Events handed over whose commit failed, told by the hooks at once (``not_recorded``).
+        self._not_recorded: EventsNotRecorded | None = None
+        self._closing: set[asyncio.Task[Any]] = set()
         self._probes = 0
         self._where = f"{config.target.host}/{config.target.tenant}"
 
@@ -318,6 +321,12 @@ class XelionSource:
             finally:
                 self._ws = None
                 self._connected_since = None
+            lost = self._not_recorded
+            if lost is not None:
+                # The socket was dropped for it (``not_recorded``): that is what ended it.
+                self._not_recorded = None
+                reason = f"an event could not be recorded: {lost}"
+                self._unread_since = min(lost.since, self._unread_since or lost.since)
             connected_at = self._connected_at
             self._last_error = reason
             await self._open_gap(reason, self._unread_since)
@@ -392,6 +401,29 @@ class XelionSource:
             finally:
                 if beating is not None:
                     beating.cancel()  # before the gap opens: no heartbeat claims a later listen
+
+    def not_recorded(self, failure: EventsNotRecorded) -> None:
+        """Events this source handed over could not be committed (the hooks say so the moment the
+        commit fails): drop the socket now, so that the gap starts where they were handed over
+        and ends when it listens again, instead of at the next event, which on a quiet line may
+        come hours later, or never before a stop. Not listening (the gap is open already): that gap
+        is moved back to the failure (``SourceHooks.gap_opened`` keeps the earlier start).
+        """
+        if self._not_recorded is None or failure.since < self._not_recorded.since:
+            self._not_recorded = failure
+        ws = self._ws
+        if ws is not None:
+            task = asyncio.ensure_future(ws.close(1011, "events not recorded"))
+        elif self._gap_open:
+            self._not_recorded = None
+            reason = f"an event could not be recorded: {failure}"
+            task = asyncio.ensure_future(
+                self._call_hook("gap_opened", self._hooks.gap_opened(self._id, failure.since, reason))
+            )
+        else:
+            return
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _silent_since(self) -> datetime:
         """When the server was last known to be heard, for a socket that ended without its close
@@ -653,6 +685,15 @@ class SourceManager:
             entries = list(self._entries.values())
             self._entries.clear()
             await asyncio.gather(*(self._stop_entry(entry) for entry in entries), return_exceptions=True)
+
+    def events_not_recorded(self, xelion_context_id: int, failure: EventsNotRecorded) -> bool:
+        """Tell the integration's running source that its events could not be committed
+        (``XelionSource.not_recorded``); False when none runs here (the caller keeps the failure)."""
+        entry = self._entries.get(xelion_context_id)
+        if entry is None or entry.source is None:
+            return False
+        entry.source.not_recorded(failure)
+        return True
 
     def running(self) -> frozenset[int]:
         """The integrations that have a source here (running, standing by, or failed)."""

@@ -7,6 +7,7 @@ simulators and database. Every test runs on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -86,3 +87,55 @@ async def test_a_batch_whose_commit_failed_is_written_again_once(
         # Only the gap every source records when it starts: the failed commit did not drop the socket.
         assert source["state"] == "subscribed"
         assert [g["reason"] for g in source["gaps"]] == ["starting"]
+
+
+class FailingFor:
+    """Wraps ``insert_events``: every batch holding an event of ``call_id`` fails for good (a full
+    disk, a constraint error: not transient), the others go through."""
+
+    def __init__(self, fn: Any, call_id: str) -> None:
+        self.fn = fn
+        self.call_id = call_id
+        self.failed = 0
+
+    def __call__(self, session: Any, events: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(e.call_id == self.call_id for e in events):
+            self.failed += 1
+            raise RuntimeError("disk full")
+        return self.fn(session, events, *args, **kwargs)
+
+
+async def test_the_last_events_lost_to_a_failed_commit_fall_in_a_gap_at_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed commit reached the source only with its next event, so on a quiet line the lost
+    hang-up lay in no gap for hours, or for good if the daemon stopped first (a protocol review's
+    finding). The source drops its socket the moment the commit fails: the gap starts where the
+    lost event was handed over, and ends when it listens again."""
+    async with running_stack(db_url) as st:
+        await st.configure(users=("anne",), mappings=[st.mapping("callHungUpEvent")])
+        failing = FailingFor(pipeline_module.insert_events, "LOST")
+        monkeypatch.setattr(pipeline_module, "insert_events", failing)
+        lost_at = datetime.now(UTC)
+        await st.xelion.push("callHungUpEvent", {"callId": "LOST", "calleeUser": "anne", "duration": 5})
+
+        async def gaps() -> list[dict[str, Any]]:
+            resp = await st.api.get(
+                "/api/crm-integrations",
+                params={"xelionHost": f"127.0.0.1:{st.xelion.port}", "xelionTenant": "master"},
+            )
+            return list(resp.json()["source"]["gaps"])
+
+        async def lost_gap_closed() -> bool:
+            return any("could not be recorded" in (g["reason"] or "") and g["end"] for g in await gaps())
+
+        # No further event comes: the gap is there, and closed again, within seconds.
+        await st.wait_until(lost_gap_closed, timeout=10, what="the lost event's gap")
+        [gap] = [g for g in await gaps() if "could not be recorded" in (g["reason"] or "")]
+        started = datetime.strptime(gap["start"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+        # Shown to the second; the event was handed over right after lost_at.
+        assert lost_at - timedelta(seconds=1) <= started <= lost_at + timedelta(seconds=1), (gap, lost_at)
+        assert failing.failed >= 1
+        # And the source listens again: the next call is delivered.
+        await st.xelion.place_call("incoming", callee="anne")
+        await st.wait_until(lambda: len(st.crm.received) >= 1, what="the next call delivered")

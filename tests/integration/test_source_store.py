@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from sqlmodel import col, select
+
 from cti_bridge.store import sources
 from cti_bridge.store.db import Database
 from cti_bridge.store.models import SourceGap, XelionContext
@@ -55,3 +57,49 @@ def test_a_heartbeat_never_goes_back(database: Database) -> None:
     assert database.run_sync(lambda s: s.get(XelionContext, ctx).listened_at) == T0 + timedelta(seconds=30)
     database.run_sync(lambda s: sources.heartbeat(s, ctx, T0 + timedelta(seconds=31)))
     assert database.run_sync(lambda s: s.get(XelionContext, ctx).listened_at) == T0 + timedelta(seconds=31)
+
+
+def _open_gaps(database: Database, ctx: int) -> list[tuple[datetime, str | None]]:
+    def read(session):  # type: ignore[no-untyped-def]
+        rows = session.exec(
+            select(SourceGap).where(
+                col(SourceGap.xelion_context_id) == ctx, col(SourceGap.ended_at).is_(None)
+            )
+        )
+        return [(r.started_at, r.reason) for r in rows]
+
+    return list(database.run_sync(read))
+
+
+def test_an_earlier_start_moves_the_open_gap_back_and_a_later_one_changes_nothing(database: Database) -> None:
+    """Events lost before the gap opened, told later (a failed commit): the gap must cover them."""
+    ctx = context(database)
+    database.run_sync(lambda s: sources.open_gap(s, ctx, T0, "cti-bridge stopped listening"))
+    database.run_sync(lambda s: sources.open_gap(s, ctx, T0 + timedelta(seconds=3), "later"))
+    assert _open_gaps(database, ctx) == [(T0, "cti-bridge stopped listening")]
+    earlier = T0 - timedelta(seconds=4)
+    database.run_sync(
+        lambda s: sources.open_gap(s, ctx, earlier, "an event could not be recorded: disk full")
+    )
+    assert _open_gaps(database, ctx) == [
+        (earlier, "an event could not be recorded: disk full; then: cti-bridge stopped listening")
+    ]
+
+
+async def test_commits_that_fail_after_the_sources_stopped_move_the_stop_gap_back(database: Database) -> None:
+    """At a stop the sources stop first (their gap opens then) and the last commits come after;
+    those that failed lost events read before the gap began, and no source was left to tell
+    (a protocol review's finding). ``record_unheard_failures`` moves the open gap back to them."""
+    from cti_bridge.app import StoreSourceHooks
+    from cti_bridge.ports import EventsNotRecorded
+
+    ctx = context(database)
+    hooks = StoreSourceHooks(database, None, None, None)  # type: ignore[arg-type]
+    await hooks.gap_opened(ctx, T0, "cti-bridge stopped listening")
+    hooks._failed[ctx] = EventsNotRecorded(RuntimeError("disk full"), T0 - timedelta(seconds=2))
+    await hooks.record_unheard_failures()
+    [(started, reason)] = _open_gaps(database, ctx)
+    assert started == T0 - timedelta(seconds=2)
+    assert reason is not None and reason.startswith("an event could not be recorded: ")
+    await hooks.record_unheard_failures()  # told once
+    assert _open_gaps(database, ctx)[0][0] == T0 - timedelta(seconds=2)
