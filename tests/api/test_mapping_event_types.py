@@ -84,6 +84,19 @@ async def test_preview_refuses_a_mapping_for_another_type(api: httpx.AsyncClient
     assert_names_the_field_and_lists_the_types(err, "mapping.xelionEvent")
 
 
+@pytest.mark.parametrize("event", NOT_CALL_EVENTS)
+async def test_preview_of_the_stored_mappings_refuses_another_type_by_name(
+    api: httpx.AsyncClient, event: str
+) -> None:
+    """The top-level form answered 404 "no mapping" for such a name (a README walkthrough's finding);
+    the README promises a 422 naming the field, as for a mapping."""
+    a = await make_integration(api, "a")
+    url = f"/api/crm-integrations/{a.xelion_id}/crm-contexts/{a.crm_id}/event-uri-mappings/preview"
+    r = await api.post(url, json={"xelionEvent": event, "event": {"callId": "c-1"}}, headers=OPERATOR)
+    err = assert_error(r, 422, 10201)
+    assert_names_the_field_and_lists_the_types(err, "xelionEvent")
+
+
 async def test_every_call_event_type_is_accepted_everywhere(api: httpx.AsyncClient) -> None:
     events = sorted(CALL_EVENT_TYPES)
     assert "channelHungUpEvent" in events  # xelion-protocol.md §3.2: "valid too"

@@ -20,9 +20,11 @@ from cti_bridge.admin.app import AdminDeps, get_deps
 from cti_bridge.admin.auth import Principal, require_principal
 from cti_bridge.admin.body import read_json_body
 from cti_bridge.admin.mappings import mapping_spec_from_json
+from cti_bridge.admin.schemas import XELION_EVENTS
 from cti_bridge.clock import xelion_time
 from cti_bridge.el import TemplateError
 from cti_bridge.errors import ApiError, ErrorCode, invalid_request, not_found
+from cti_bridge.events import CALL_EVENT_TYPES
 from cti_bridge.render import MappingSpec, RenderContext, compile_mapping, request_preview
 from cti_bridge.routing import spec_of
 from cti_bridge.store.crypto import SecretBox
@@ -99,6 +101,9 @@ async def preview(
         raise invalid_request(
             "mapping: field required", "give a mapping, or xelionEvent to preview the stored mappings"
         )
+    if mapping_json is None and event_type not in CALL_EVENT_TYPES:
+        # As in a mapping: a 422 naming the field (it was a 404 "no mapping" for any other name).
+        raise invalid_request("xelionEvent: must be a call event type: one of " + ", ".join(XELION_EVENTS))
 
     ctx, rows, cred, extra = await deps.database.run(
         lambda s: _load(
