@@ -608,6 +608,11 @@ async def serve(
                 )
                 on_started(int(port))
             log.info("cti-bridge is running; admin API on %s:%s", settings.admin_host, settings.admin_port)
+            if _unconfigurable(settings):
+                log.warning(
+                    "no integration can be created: CTI_BRIDGE_ADMIN_TOKEN is not set (or empty) and "
+                    "CTI_BRIDGE_ALLOWED_XELION_HOSTS is empty; set one of them"
+                )
             stop_task = tg.create_task(stop.wait(), name="stop-signal")
             retention_task = tg.create_task(daemon.retention.run(stop), name="retention")
             vacuum_task = tg.create_task(daemon.vacuum.run(stop), name="vacuum") if daemon.vacuum else None
@@ -660,6 +665,13 @@ async def serve(
         for task in list(daemon.background):
             task.cancel()
         await daemon.close(None if grace_ends is None else grace_ends - loop.time())
+
+
+def _unconfigurable(settings: Settings) -> bool:
+    """Whether no one can create an integration: every POST api/crm-integrations is then a 403 (no
+    operator token, and no Xelion host a session-less request may add)."""
+    token = settings.admin_token.get_secret_value() if settings.admin_token is not None else ""
+    return not token and not settings.allowed_xelion_hosts
 
 
 def _admin_socket(host: str, port: int) -> socket.socket:

@@ -176,13 +176,24 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 class TrailingSlashMiddleware:
     """``/api/users/1/`` is ``/api/users/1``: the route is found as it is, not through FastAPI's
     307 redirect to the path without the slash, which a script that does not follow redirects
-    (curl without ``-L``) read as a failure, and which it would have to resend its body to."""
+    (curl without ``-L``) read as a failure, and which it would have to resend its body to.
+
+    A request target in absolute form (``POST http://host:8080/api/... HTTP/1.1``, as a client
+    behind a forward proxy may send it) is its path as well: HTTP/1.1 servers must accept it
+    (RFC 9112 §3.2.2), and uvicorn's h11 protocol (admin/http.py) hands the target on as it is.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith(("http://", "https://")):
+            scope = dict(scope)
+            path = scope["path"] = _origin_form(path)
+            raw_path: bytes | None = scope.get("raw_path")
+            if raw_path:
+                scope["raw_path"] = _origin_form(raw_path.decode("latin-1")).encode("latin-1")
         if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
             scope = dict(scope)
             scope["path"] = path.rstrip("/") or "/"
@@ -190,6 +201,13 @@ class TrailingSlashMiddleware:
             if raw:
                 scope["raw_path"] = raw.rstrip(b"/") or b"/"
         await self.app(scope, receive, send)
+
+
+def _origin_form(target: str) -> str:
+    """The path of an absolute-form target (``http://host:port/api/x`` -> ``/api/x``)."""
+    after_scheme = target.split("://", 1)[1]
+    slash = after_scheme.find("/")
+    return after_scheme[slash:] if slash >= 0 else "/"
 
 
 def create_admin_app(deps: AdminDeps) -> FastAPI:

@@ -88,6 +88,10 @@ def address_refused(address: str) -> str | None:
         return "an unspecified address"
     if ip.is_reserved:
         return "a reserved address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        # fec0::/10: deprecated site-local, still routed inside some networks; Python counts it as
+        # global (a security review's finding).
+        return "a site-local address"
     if ip.is_private or not ip.is_global:
         # is_global also rules out shared (100.64/10), documentation and benchmark ranges.
         return "a private address"

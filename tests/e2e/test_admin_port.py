@@ -108,3 +108,15 @@ async def test_x_forwarded_for_does_not_choose_the_login_limiters_address(db_url
             )
             statuses.append(r.status_code)
         assert statuses[:5] == [401] * 5 and statuses[5:] == [429] * 3, statuses  # the default limit: 5
+
+
+async def test_a_request_target_in_absolute_form_reaches_its_route(db_url: str) -> None:
+    """A client behind a forward proxy may send ``GET http://host:port/path``; HTTP/1.1 servers
+    must accept that form (RFC 9112 §3.2.2). The h11 server hands the target on as it is, and the
+    route was not found (404 "no resource at /http://...")."""
+    async with running_stack(db_url) as st:
+        reader, writer = await asyncio.open_connection("127.0.0.1", _port(st))
+        writer.write(b"GET http://127.0.0.1:%d/api/health HTTP/1.1\r\nHost: x\r\n\r\n" % _port(st))
+        status = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        assert status.startswith(b"HTTP/1.1 200"), status

@@ -84,6 +84,23 @@ def test_run_health_and_clean_stop(tmp_path: Path, sig: signal.Signals) -> None:
             proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+    # Neither an operator token nor an allowed host: nobody can create an integration, said once.
+    assert err.count("no integration can be created") == 1, err
+
+
+def test_no_warning_when_an_integration_can_be_created(tmp_path: Path) -> None:
+    port = free_port()
+    env = dict(base_env(tmp_path, port), CTI_BRIDGE_ALLOWED_XELION_HOSTS="pbx.example.com")
+    proc = start([sys.executable, "-m", "cti_bridge", "run"], env, tmp_path)
+    try:
+        wait_healthy(port, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "no integration can be created" not in err
 
 
 def test_second_instance_on_same_sqlite_fails_fast(tmp_path: Path) -> None:

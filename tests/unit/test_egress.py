@@ -63,6 +63,7 @@ def settings(**overrides: object) -> Settings:
         "fe80::1",
         "fd00:ec2::254",  # AWS metadata over IPv6
         "fc00::1",
+        "fec0::1",  # site-local (deprecated): Python counts it as global
         "ff02::1",
         "::ffff:127.0.0.1",
         "::ffff:10.0.0.1",
