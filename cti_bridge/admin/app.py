@@ -29,6 +29,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -138,6 +139,10 @@ class CatchAllMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:
+            # The client left (or admin/http.py cut off a body that did not arrive in time): no one
+            # to answer, and nothing went wrong here.
+            log.debug("admin API: the client left during %s %s", scope.get("method"), scope.get("path"))
         except Exception:
             log.exception("admin API: unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:

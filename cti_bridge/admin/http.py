@@ -10,10 +10,11 @@ credential (a security review's findings, each reproduced against the real daemo
 - requests were served without a bound on how many run at once.
 
 Here the head of every request (its request line and headers) must arrive within
-``REQUEST_HEAD_TIMEOUT`` of the connection being opened or of the previous answer, or the
-connection is closed; a head larger than ``MAX_REQUEST_HEAD`` is a 400 (h11's own bound); and
-``MAX_CONCURRENT`` connections and requests are served at once, the rest answered 503 (uvicorn's
-``limit_concurrency``). Bodies are bounded by the API itself (``admin.body``, 1 MiB).
+``REQUEST_HEAD_TIMEOUT`` of the connection being opened or of the previous answer, and its body
+within ``REQUEST_BODY_TIMEOUT``, or the connection is closed; a head larger than
+``MAX_REQUEST_HEAD`` is a 400 (h11's own bound); and ``MAX_CONCURRENT`` connections and
+requests are served at once, the rest answered 503 (uvicorn's ``limit_concurrency``). Bodies are
+bounded in size by the API itself (``admin.body``, 1 MiB).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 REQUEST_HEAD_TIMEOUT = 10.0
 #: Bytes of a request's line and headers.
 MAX_REQUEST_HEAD = 64 * 1024
+#: Seconds for a request's body to have arrived, from the same start as the head.
+REQUEST_BODY_TIMEOUT = 30.0
 #: Connections and requests served at once; beyond, 503.
 MAX_CONCURRENT = 256
 
@@ -61,6 +64,20 @@ class AdminHttpProtocol(H11Protocol):
         self._head_deadline = None
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
-            return  # a request's head arrived: it is being answered
+            # A request's head arrived: it is being answered; its body, if still coming, has until
+            # REQUEST_BODY_TIMEOUT (a body sent a byte at a time held a place for ever, and the
+            # login limiter's count with it).
+            if cycle.more_body:
+                self._head_deadline = self.loop.call_later(
+                    max(0.0, REQUEST_BODY_TIMEOUT - REQUEST_HEAD_TIMEOUT), self._body_timed_out
+                )
+            return
         if not self.transport.is_closing():
             self.transport.close()
+
+    def _body_timed_out(self) -> None:
+        self._head_deadline = None
+        cycle = self.cycle
+        still_sending = cycle is not None and not cycle.response_complete and cycle.more_body
+        if still_sending and not self.transport.is_closing():
+            self.transport.close()  # the handler's receive() reports the disconnect

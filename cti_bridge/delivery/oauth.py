@@ -39,6 +39,7 @@ import logging
 import re
 from collections.abc import Callable, Hashable, Mapping
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
@@ -63,6 +64,9 @@ from cti_bridge.ports import STATE_REAUTH_REQUIRED as STATE_REAUTH_REQUIRED
 from cti_bridge.ports import CredentialSnapshot as CredentialSnapshot
 
 log = logging.getLogger(__name__)
+
+#: The ``invalidate`` generation a token request began at (set in its own task, ``_obtain``).
+_REQUEST_GENERATION: ContextVar[int | None] = ContextVar("token_request_generation", default=None)
 
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 AUTH_METHODS = frozenset({"client_secret_post", "client_secret_basic"})
@@ -185,6 +189,9 @@ class TokenManager(Generic[KeyT]):
         self._max_response_bytes = max_response_bytes
         self._cache: dict[KeyT, AccessToken] = {}
         self._inflight: dict[KeyT, asyncio.Task[AccessToken]] = {}
+        # Bumped by ``invalidate``: a token request that began before (for the credential as it was)
+        # neither caches nor saves nor hands out what it got (``_obtain``).
+        self._generation: dict[KeyT, int] = {}
         # Device-code polling: not before this monotonic time, and the current interval (§3.5).
         self._device_not_before: dict[KeyT, float] = {}
         self._device_interval: dict[KeyT, float] = {}
@@ -231,7 +238,15 @@ class TokenManager(Generic[KeyT]):
         return token
 
     def invalidate(self, key: KeyT) -> None:
-        """Forget the cached token of ``key`` (an operator changed the credential)."""
+        """Forget the cached token of ``key`` (an operator changed or deleted the credential).
+
+        A token request in flight for it is left to finish for its callers, but new callers do not
+        join it, and what it gets is neither cached nor saved: SQLite gives a deleted credential's
+        id to the next one, whose first ``get`` joined the old request and was handed, and cached,
+        the deleted credential's token (a review's finding).
+        """
+        self._generation[key] = self._generation.get(key, 0) + 1
+        self._inflight.pop(key, None)
         self._cache.pop(key, None)
         self._device_not_before.pop(key, None)
         self._device_interval.pop(key, None)
@@ -300,17 +315,30 @@ class TokenManager(Generic[KeyT]):
         # §12: no expiry given → use until a 401; otherwise refresh with less than the margin left.
         return expires_at is None or expires_at - self._clock.now() > self._margin
 
+    def _changed_since(self, key: KeyT, generation: int) -> None:
+        """Raise if ``invalidate(key)`` came after ``generation`` was read: what this request holds
+        belongs to the credential as it was (perhaps deleted, its id already another's)."""
+        if self._generation.get(key, 0) != generation:
+            raise TokenEndpointError(
+                f"{self._store.describe(key)} was changed or deleted during the token request", retryable=True
+            )
+
     async def _obtain(self, key: KeyT, rejected: str | None) -> AccessToken:
         # A version conflict means someone else changed the credential during our refresh: reload
         # and decide again (a few times at most; it is an operator's or another replica's change).
+        generation = self._generation.get(key, 0)
+        _REQUEST_GENERATION.set(generation)  # this task's own: for _reauth, deeper down
         for _ in range(3):
-            stored = self._stored_token(key, await self._store.load(key), rejected)
+            snapshot = await self._store.load(key)
+            self._changed_since(key, generation)
+            stored = self._stored_token(key, snapshot, rejected)
             if stored is not None:
                 return stored
             self._recently_failed(key)
             async with self._store.exclusive(key):
                 # Another replica may have refreshed while this one waited for the lock: read again.
                 snap = await self._store.load(key)
+                self._changed_since(key, generation)
                 stored = self._stored_token(key, snap, rejected)
                 if stored is not None:
                     return stored
@@ -323,6 +351,9 @@ class TokenManager(Generic[KeyT]):
                 self._last_failure.pop(key, None)
                 if granted is None:
                     continue  # marking reauth_required lost against a newer version: reload
+                # Checked right before the save is handed to the database: a deleted credential's
+                # id may be another's by now, at the same version (1).
+                self._changed_since(key, generation)
                 version = await self._store.save_tokens(
                     key,
                     snap.version,
@@ -339,6 +370,7 @@ class TokenManager(Generic[KeyT]):
                 )
                 continue
             token = AccessToken(granted.access_token, granted.expires_at, granted.extra, version)
+            self._changed_since(key, generation)
             self._cache[key] = token
             return token
         raise TokenEndpointError(
@@ -521,6 +553,9 @@ class TokenManager(Generic[KeyT]):
     async def _reauth(self, key: KeyT, snap: CredentialSnapshot, reason: str) -> None:
         """Mark the credential and raise ReauthRequired; returns when the credential changed first
         (the operator's newer secrets are not condemned; the caller reloads)."""
+        generation = _REQUEST_GENERATION.get()
+        if generation is not None:
+            self._changed_since(key, generation)  # not another credential's, of the same id
         marked = await self._store.mark_reauth_required(key, snap.version, reason)
         if not marked:
             log.info(

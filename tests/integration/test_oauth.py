@@ -763,3 +763,57 @@ async def test_a_replicas_token_save_during_an_operator_update_waits_and_loses(
     assert row.version == 2
     assert secret_box.decrypt_opt(row.refresh_token_enc) == "rt-new"
     assert row.access_token_enc is None
+
+
+async def test_a_token_request_in_flight_for_a_deleted_credential_serves_nothing_of_its_id_afterwards(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """Tenant A's user's token request is in flight when the user is deleted; SQLite gives the id
+    to tenant B's next user. B's first ``get`` joined A's request and got, and cached, A's token,
+    and A's request could save A's grant into B's row, at the same version (a review's finding).
+    After ``invalidate`` the old request hands nothing to the id's new credential and saves nothing."""
+    a_user = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    tokens = manager(database, secret_box, http, clock)
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def held(grant_type: str) -> None:
+        entered.set()
+        await release.wait()
+
+    sim.token_hook = held
+    issued: list[str] = []
+    issue = sim.issue_access_token
+
+    def recording(*args: object, **kwargs: object) -> str:
+        token = issue(*args, **kwargs)  # type: ignore[arg-type]
+        issued.append(token)
+        return token
+
+    sim.issue_access_token = recording  # type: ignore[method-assign]
+    a_waiting = asyncio.create_task(tokens.get(a_user.id))
+    await asyncio.wait_for(entered.wait(), 5)
+    # The operator deletes A's user (DaemonSupervisor.credentials_changed invalidates it), and B's
+    # user is created with the same id (SQLite: max(id) + 1).
+    await database.run(lambda s: delete_credential(s, a_user.id))
+    tokens.invalidate(a_user.id)
+    b_refresh = sim.issue_refresh_token(CLIENT_ID)
+    b_user = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=b_refresh, username="bob"
+    )
+    sim.token_hook = None
+    b_token = asyncio.create_task(tokens.get(b_user.id))
+    await asyncio.sleep(0.05)
+    release.set()
+    a_result = await asyncio.gather(a_waiting, return_exceptions=True)
+    b = await asyncio.wait_for(b_token, 5)
+    assert isinstance(a_result[0], TokenEndpointError)  # A's callers: retry later, find no credential
+    if b_user.id == a_user.id:  # SQLite reused the id: what made the old request reachable
+        assert sim.token_counts["refresh_token"] == 2  # B got a token of its own grant
+    stored = await read_credential(database, b_user.id)
+    assert secret_box.decrypt_opt(stored.access_token_enc) == b.access_token
+    assert tokens.peek(b_user.id) == b
+    # Two grants were made, one each; B's stored and cached token is its own, not overwritten by
+    # A's request finishing after it.
+    assert len(issued) == 2 and b.access_token in issued

@@ -264,14 +264,17 @@ async def post_crm_integration(
     address = client_address(request)
     # This resource logs in to Xelion with the posted admin password: without a token it is a
     # password-guessing oracle, so it shares the login limiter.
+    if not operator:
+        limiter.check(address)
+    # The body first: a request that never finishes sending it must not hold an attempt's place.
+    body = await read_model(request, schemas.CrmIntegrationIn)
     with contextlib.nullcontext() if operator else limiter.attempt(address):
-        return await _post_crm_integration(request, deps, operator, limiter, address)
+        return await _post_crm_integration(body, deps, operator, limiter, address)
 
 
 async def _post_crm_integration(
-    request: Request, deps: AdminDeps, operator: bool, limiter: LoginLimiter, address: str
+    body: schemas.CrmIntegrationIn, deps: AdminDeps, operator: bool, limiter: LoginLimiter, address: str
 ) -> JSONResponse:
-    body = await read_model(request, schemas.CrmIntegrationIn)
     xc = body.xelionContext
     if not operator and not deps.settings.host_allowed(xc.host):
         raise ApiError(

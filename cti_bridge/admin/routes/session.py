@@ -59,12 +59,15 @@ def _refused() -> ApiError:
 async def login(request: Request, deps: Deps) -> JSONResponse:
     limiter = get_limiter(request)
     address = client_address(request)
-    with limiter.attempt(address):
-        return await _login(request, deps, limiter, address)
-
-
-async def _login(request: Request, deps: Deps, limiter: LoginLimiter, address: str) -> JSONResponse:
+    limiter.check(address)
+    # The body first: a request that never finishes sending it must not hold an attempt's place
+    # (enough of them locked every correct login of the address out; a review's finding).
     body = await read_model(request, schemas.LoginIn)
+    with limiter.attempt(address):
+        return await _login(body, deps, limiter, address)
+
+
+async def _login(body: schemas.LoginIn, deps: Deps, limiter: LoginLimiter, address: str) -> JSONResponse:
     view = await deps.database.run(lambda s: store.find_integration(s, body.host, body.tenant))
     stored = None
     if view is not None:
