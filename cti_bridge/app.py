@@ -109,6 +109,9 @@ class StoreSourceHooks:
         # order), with when (monotonic) each was.
         self._uncommitted: dict[int, dict[asyncio.Future[IngestResult], float]] = {}
         self._failed: dict[int, EventsNotRecorded] = {}
+        # Per source, a failure told to it since its last successful commit: the rest of that
+        # failed batch (each of its events fails alike) is not told again.
+        self._told: set[int] = set()
         # Told of a failed commit at once (the sources: ``SourceManager.events_not_recorded``);
         # True when a running source took it. Otherwise it waits for that source's next event.
         self.on_not_recorded: Callable[[int, EventsNotRecorded], bool] | None = None
@@ -169,14 +172,17 @@ class StoreSourceHooks:
             return
         exc = future.exception()
         if exc is not None:
-            if isinstance(exc, Exception) and xelion_context_id not in self._failed:
+            first = xelion_context_id not in self._failed and xelion_context_id not in self._told
+            if isinstance(exc, Exception) and first:
                 # The first failed event of the batch (callbacks run in order): the gap starts here.
                 ago = 0.0 if handed_at is None else time.monotonic() - handed_at
                 failure = EventsNotRecorded(exc, datetime.now(UTC) - timedelta(seconds=ago))
-                told = self.on_not_recorded is not None and self.on_not_recorded(xelion_context_id, failure)
-                if not told:
+                if self.on_not_recorded is not None and self.on_not_recorded(xelion_context_id, failure):
+                    self._told.add(xelion_context_id)
+                else:
                     self._failed[xelion_context_id] = failure
             return
+        self._told.discard(xelion_context_id)
         result = future.result()
         self.metrics.event(result.duplicate)
 
@@ -193,7 +199,7 @@ class StoreSourceHooks:
         for xelion_context_id, failure in failed.items():
             reason = f"an event could not be recorded: {failure}"
             try:
-                await self.gap_opened(xelion_context_id, failure.since, reason)
+                await self.gap_extended(xelion_context_id, failure.since, reason)
             except Exception as exc:
                 log.error(
                     "integration %d: the gap of its lost events could not be stored (%s)",
@@ -210,6 +216,9 @@ class StoreSourceHooks:
 
     async def gap_closed(self, xelion_context_id: int, ended_at: datetime) -> None:
         await self.db.run(lambda s: source_store.close_gap(s, xelion_context_id, ended_at))
+
+    async def gap_extended(self, xelion_context_id: int, started_at: datetime, reason: str) -> None:
+        await self.db.run(lambda s: source_store.extend_open_gap(s, xelion_context_id, started_at, reason))
 
     async def heartbeat(self, xelion_context_id: int, at: datetime) -> None:
         await self.db.run(lambda s: source_store.heartbeat(s, xelion_context_id, at))

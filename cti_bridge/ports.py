@@ -163,6 +163,11 @@ class SourceHooks(Protocol):
         """The open gap of this integration ended (the socket is subscribed again)."""
         ...
 
+    async def gap_extended(self, xelion_context_id: int, started_at: datetime, reason: str) -> None:
+        """Events lost before the open gap began (a failed commit, told later): move its start back
+        to ``started_at`` if earlier; with no gap open, nothing."""
+        ...
+
     async def heartbeat(self, xelion_context_id: int, at: datetime) -> None:
         """The socket is still subscribed at ``at`` (written every ``heartbeat_interval``): after a
         crash the downtime gap starts no earlier than the last one."""

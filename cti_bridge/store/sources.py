@@ -55,23 +55,32 @@ def _aware(dt: datetime) -> datetime:
 
 
 def open_gap(session: Session, xelion_context_id: int, started_at: datetime, reason: str) -> None:
-    # One open gap at a time: a second "opened" while one is open moves its start back if it is
-    # earlier (events lost before the gap opened, told later: a failed commit), else changes nothing.
+    # One open gap at a time: a second "opened" while one is open keeps the first start.
+    exists = session.exec(
+        select(SourceGap.id).where(
+            col(SourceGap.xelion_context_id) == xelion_context_id, col(SourceGap.ended_at).is_(None)
+        )
+    ).first()
+    if exists is None and session.get(XelionContext, xelion_context_id) is not None:
+        session.add(
+            SourceGap(xelion_context_id=xelion_context_id, started_at=started_at, reason=reason[:500])
+        )
+
+
+def extend_open_gap(session: Session, xelion_context_id: int, started_at: datetime, reason: str) -> None:
+    """Move the open gap's start back to ``started_at`` if that is earlier (events lost before the
+    gap opened, told later: a failed commit). Never opens one: with none open (the source listens
+    again, or another replica owns it now) there is nothing to move, and a gap opened here would
+    stay open for ever, since no source knows of it."""
     open_row = session.exec(
         select(SourceGap).where(
             col(SourceGap.xelion_context_id) == xelion_context_id, col(SourceGap.ended_at).is_(None)
         )
     ).first()
-    if open_row is not None:
-        if _aware(started_at) < _aware(open_row.started_at):
-            open_row.started_at = started_at
-            open_row.reason = f"{reason[:250]}; then: {open_row.reason or ''}"[:500]
-            session.add(open_row)
-        return
-    if session.get(XelionContext, xelion_context_id) is not None:
-        session.add(
-            SourceGap(xelion_context_id=xelion_context_id, started_at=started_at, reason=reason[:500])
-        )
+    if open_row is not None and _aware(started_at) < _aware(open_row.started_at):
+        open_row.started_at = started_at
+        open_row.reason = f"{reason[:250]}; then: {open_row.reason or ''}"[:500]
+        session.add(open_row)
 
 
 def close_gap(session: Session, xelion_context_id: int, ended_at: datetime) -> None:

@@ -402,28 +402,31 @@ class XelionSource:
                 if beating is not None:
                     beating.cancel()  # before the gap opens: no heartbeat claims a later listen
 
-    def not_recorded(self, failure: EventsNotRecorded) -> None:
+    def not_recorded(self, failure: EventsNotRecorded) -> bool:
         """Events this source handed over could not be committed (the hooks say so the moment the
         commit fails): drop the socket now, so that the gap starts where they were handed over
         and ends when it listens again, instead of at the next event, which on a quiet line may
         come hours later, or never before a stop. Not listening (the gap is open already): that gap
-        is moved back to the failure (``SourceHooks.gap_opened`` keeps the earlier start).
+        is moved back to the failure (``SourceHooks.gap_extended``). Whether it could act: not
+        while it is starting or stopping (no socket and no gap open), when the caller keeps the
+        failure for the source's next event.
         """
-        if self._not_recorded is None or failure.since < self._not_recorded.since:
-            self._not_recorded = failure
         ws = self._ws
         if ws is not None:
+            if self._not_recorded is not None and self._not_recorded.since <= failure.since:
+                return True  # already dropping the socket for an earlier one
+            self._not_recorded = failure
             task = asyncio.ensure_future(ws.close(1011, "events not recorded"))
         elif self._gap_open:
-            self._not_recorded = None
             reason = f"an event could not be recorded: {failure}"
             task = asyncio.ensure_future(
-                self._call_hook("gap_opened", self._hooks.gap_opened(self._id, failure.since, reason))
+                self._call_hook("gap_extended", self._hooks.gap_extended(self._id, failure.since, reason))
             )
         else:
-            return
+            return False
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        return True
 
     def _silent_since(self) -> datetime:
         """When the server was last known to be heard, for a socket that ended without its close
@@ -582,6 +585,10 @@ class _TermHooks:
         if await self._held.confirm():
             await self._hooks.gap_closed(xelion_context_id, ended_at)
 
+    async def gap_extended(self, xelion_context_id: int, started_at: datetime, reason: str) -> None:
+        if await self._held.confirm():
+            await self._hooks.gap_extended(xelion_context_id, started_at, reason)
+
     async def heartbeat(self, xelion_context_id: int, at: datetime) -> None:
         if await self._held.confirm():
             await self._hooks.heartbeat(xelion_context_id, at)
@@ -692,8 +699,7 @@ class SourceManager:
         entry = self._entries.get(xelion_context_id)
         if entry is None or entry.source is None:
             return False
-        entry.source.not_recorded(failure)
-        return True
+        return entry.source.not_recorded(failure)
 
     def running(self) -> frozenset[int]:
         """The integrations that have a source here (running, standing by, or failed)."""

@@ -230,6 +230,9 @@ class RecordingHooks:
     async def gap_closed(self, xelion_context_id: int, ended_at: datetime) -> None:
         self.calls.append(("gap_closed", ended_at))
 
+    async def gap_extended(self, xelion_context_id: int, started_at: datetime, reason: str) -> None:
+        self.calls.append(("gap_extended", started_at))
+
     async def heartbeat(self, xelion_context_id: int, at: datetime) -> None:
         self.calls.append(("heartbeat", at))
 

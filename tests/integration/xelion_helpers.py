@@ -45,6 +45,9 @@ class RecordingHooks:
     async def gap_closed(self, xelion_context_id: int, ended_at: datetime) -> None:
         self.gaps.append(("close", xelion_context_id, ended_at, None))
 
+    async def gap_extended(self, xelion_context_id: int, started_at: datetime, reason: str) -> None:
+        self.gaps.append(("extend", xelion_context_id, started_at, reason))
+
     async def heartbeat(self, xelion_context_id: int, at: datetime) -> None:
         self.heartbeats.append((xelion_context_id, at))
 
