@@ -754,7 +754,9 @@ def compile_mapping(spec: MappingSpec, *, engine: Engine = "closures") -> Compil
 
 def request_preview(req: RenderedRequest) -> dict[str, object]:
     """A JSON-able view of a request with every secret value replaced by ``***``."""
-    secrets = sorted({s for s in req.secret_values if s}, key=len, reverse=True)
+    # As the attempt log masks (``mask_order``): values under four characters stay, or a choice an
+    # expression made from the token ('y', 'api') starred out every such piece of the preview.
+    secrets = mask_order(req.secret_values)
 
     def mask(text: str) -> str:
         for secret in secrets:

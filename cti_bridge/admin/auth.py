@@ -181,7 +181,9 @@ class LoginLimiter:
         """
         self.check(address)
         running = self._running.get(address, 0)
-        if running + len(self._failures.get(address, ())) >= self._max_failures:
+        since = self._clock.monotonic() - self._window
+        recent = sum(1 for t in self._failures.get(address, ()) if t > since)  # not the expired ones
+        if running + recent >= self._max_failures:
             raise RateLimited(1.0)
         self._running[address] = running + 1
         try:

@@ -261,9 +261,6 @@ class XelionEnvironment(_In):
     tenant: Str255
     # Optional on PUT: the current protocol stays when it is left out.
     protocol: Literal["http", "https"] | None = None
-    # Extension: a session token moving the integration to another host proves it knows the stored
-    # admin password (the source logs in there with it).
-    adminPassword: Str255 | None = None
 
     _host = field_validator("host")(check_host)
     _tenant = field_validator("tenant")(check_tenant)

@@ -9,6 +9,7 @@ import re
 import httpx
 import pytest
 
+from cti_bridge.admin.auth import LoginLimiter, RateLimited
 from cti_bridge.store.crypto import hash_token
 from cti_bridge.store.models import AdminSession
 from tests.api.conftest import (
@@ -192,3 +193,16 @@ async def test_unauthenticated_post_with_wrong_admin_password_counts_as_failed_l
     assert (
         await client.post("/api/crm-integrations", json=integration_body("a"), headers=OPERATOR)
     ).status_code == 200
+
+
+def test_failures_older_than_the_window_do_not_count_against_attempts_in_flight(clock: FakeClock) -> None:
+    """Expired failures still counted in ``attempt`` until the next failure pruned them: an address
+    with two old failures could run one attempt at a time (a review's finding)."""
+    limiter = LoginLimiter(clock, max_failures=3, lockout_seconds=30, window_seconds=300)
+    limiter.failure("10.0.0.1")
+    limiter.failure("10.0.0.1")
+    clock.advance(301)
+    with limiter.attempt("10.0.0.1"), limiter.attempt("10.0.0.1"), limiter.attempt("10.0.0.1"):
+        with pytest.raises(RateLimited):
+            with limiter.attempt("10.0.0.1"):
+                pass

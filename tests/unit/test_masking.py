@@ -221,3 +221,24 @@ def test_an_error_in_an_expression_reading_the_token_quotes_no_value_made_from_i
     assert str(err).endswith("cannot coerce the string 'ap' to a number"), str(err)
     err = render_error("https://crm.example.org/calls", {"n": "${callId + 'x'}"})
     assert "'x'" in str(err), str(err)
+
+
+def test_a_short_value_made_from_the_token_is_not_starred_out_of_the_preview() -> None:
+    """Every string an expression makes from the token is recorded, a choice like 'y' too; the
+    preview masked them all, starring every 'y' out of the URL and body (a review's finding). It
+    masks as the attempt log does: from four characters."""
+    compiled = compile_mapping(
+        MappingSpec(
+            "newCallEvent",
+            "https://crm.example.org/y/v2/calls",
+            {
+                "party": "caller Harry Royley",
+                "authorised": "${empty token.accessToken ? 'n' : 'y'}",
+                "upper": "${fn:toUpperCase(token.accessToken)}",
+            },
+        )
+    )
+    request = compiled.render(RenderContext(event={"callId": "1"}, xelion_event="newCallEvent", token=TOKEN))
+    preview = request_preview(request)
+    assert preview["url"] == "https://crm.example.org/y/v2/calls"
+    assert preview["body"] == {"party": "caller Harry Royley", "authorised": "y", "upper": "***"}
