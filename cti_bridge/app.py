@@ -255,11 +255,15 @@ class DaemonSupervisor:
         # cached for a deleted credential was handed to the new credential of that id, another
         # integration's user (a security review's finding). Deleting is rare; the next delivery of
         # each user reads its stored token again.
-        self.daemon.tokens.invalidate_all()
+        self.daemon.tokens.forget_all()
         self._spawn(self.daemon.remove_integration(xelion_context_id))
 
+    def credentials_deleted(self, credential_id: int) -> None:
+        self.daemon.routing.invalidate()
+        # SQLite gives the id to the next credential: nothing of this one may reach that one.
+        self.daemon.tokens.forget(credential_id)
+
     def credentials_changed(self, credential_id: int) -> None:
-        # Changed or deleted: either way its cached token is not the stored credential's any more.
         self.daemon.routing.invalidate()
         self.daemon.tokens.invalidate(credential_id)
         # The repair's own transaction resumed the parked deliveries (store.integrations

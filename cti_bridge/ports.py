@@ -83,8 +83,13 @@ class Supervisor(Protocol):
         ...
 
     def credentials_changed(self, credential_id: int) -> None:
-        """A user's OAuth2 credentials changed or were deleted: drop its cached token, un-park its
-        deliveries and wake the worker."""
+        """A user's OAuth2 credentials changed: drop its cached token, un-park its deliveries and
+        wake the worker."""
+        ...
+
+    def credentials_deleted(self, credential_id: int) -> None:
+        """A user's credentials were deleted: nothing of its tokens may reach the next credential
+        given its id (SQLite reuses ids)."""
         ...
 
 
@@ -98,6 +103,9 @@ class NullSupervisor:
         return None
 
     def credentials_changed(self, credential_id: int) -> None:
+        return None
+
+    def credentials_deleted(self, credential_id: int) -> None:
         return None
 
 

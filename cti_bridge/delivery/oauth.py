@@ -65,7 +65,7 @@ from cti_bridge.ports import CredentialSnapshot as CredentialSnapshot
 
 log = logging.getLogger(__name__)
 
-#: The ``invalidate`` generation a token request began at (set in its own task, ``_obtain``).
+#: The ``forget`` generation a token request began at (set in its own task, ``_obtain``).
 _REQUEST_GENERATION: ContextVar[int | None] = ContextVar("token_request_generation", default=None)
 
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -189,8 +189,8 @@ class TokenManager(Generic[KeyT]):
         self._max_response_bytes = max_response_bytes
         self._cache: dict[KeyT, AccessToken] = {}
         self._inflight: dict[KeyT, asyncio.Task[AccessToken]] = {}
-        # Bumped by ``invalidate``: a token request that began before (for the credential as it was)
-        # neither caches nor saves nor hands out what it got (``_obtain``).
+        # Bumped by ``forget`` (a credential deleted): a token request that began before neither
+        # caches, saves nor hands out what it got (``_obtain``).
         self._generation: dict[KeyT, int] = {}
         # Device-code polling: not before this monotonic time, and the current interval (§3.5).
         self._device_not_before: dict[KeyT, float] = {}
@@ -238,24 +238,28 @@ class TokenManager(Generic[KeyT]):
         return token
 
     def invalidate(self, key: KeyT) -> None:
-        """Forget the cached token of ``key`` (an operator changed or deleted the credential).
-
-        A token request in flight for it is left to finish for its callers, but new callers do not
-        join it, and what it gets is neither cached nor saved: SQLite gives a deleted credential's
-        id to the next one, whose first ``get`` joined the old request and was handed, and cached,
-        the deleted credential's token (a review's finding).
-        """
-        self._generation[key] = self._generation.get(key, 0) + 1
-        self._inflight.pop(key, None)
+        """Forget the cached token of ``key`` (an operator changed the credential). A token request
+        in flight goes on: its save fails on the changed version, and it reloads and asks again
+        with the new secrets, for its callers too."""
         self._cache.pop(key, None)
         self._device_not_before.pop(key, None)
         self._device_interval.pop(key, None)
         self._last_failure.pop(key, None)
 
-    def invalidate_all(self) -> None:
-        """Forget every cached token (an integration, with all its credentials, was deleted)."""
-        for key in list(self._cache):
-            self.invalidate(key)
+    def forget(self, key: KeyT) -> None:
+        """The credential ``key`` was deleted: forget its token, and let a token request in flight
+        for it neither cache, save nor hand out anything more (it raises to its callers), and no
+        new caller join it. SQLite gives a deleted credential's id to the next one, whose first
+        ``get`` joined the old request and was handed, and cached, the deleted credential's token,
+        and whose row the old request could save into at the same version (a review's finding)."""
+        self._generation[key] = self._generation.get(key, 0) + 1
+        self._inflight.pop(key, None)
+        self.invalidate(key)
+
+    def forget_all(self) -> None:
+        """Every credential may have been deleted (an integration was): ``forget`` each."""
+        for key in {*self._cache, *self._inflight}:
+            self.forget(key)
 
     async def drop_changed(self) -> list[KeyT]:
         """Forget the cached tokens whose credential was changed or deleted in the store since they
@@ -316,11 +320,11 @@ class TokenManager(Generic[KeyT]):
         return expires_at is None or expires_at - self._clock.now() > self._margin
 
     def _changed_since(self, key: KeyT, generation: int) -> None:
-        """Raise if ``invalidate(key)`` came after ``generation`` was read: what this request holds
-        belongs to the credential as it was (perhaps deleted, its id already another's)."""
+        """Raise if ``forget(key)`` came after ``generation`` was read: what this request holds
+        belongs to a deleted credential, whose id may already be another's."""
         if self._generation.get(key, 0) != generation:
             raise TokenEndpointError(
-                f"{self._store.describe(key)} was changed or deleted during the token request", retryable=True
+                f"{self._store.describe(key)} was deleted during the token request", retryable=True
             )
 
     async def _obtain(self, key: KeyT, rejected: str | None) -> AccessToken:

@@ -101,6 +101,9 @@ class RecordingSupervisor:
     def credentials_changed(self, credential_id: int) -> None:
         self.calls.append(("credentials_changed", credential_id))
 
+    def credentials_deleted(self, credential_id: int) -> None:
+        self.calls.append(("credentials_deleted", credential_id))
+
 
 @pytest.fixture
 def clock() -> FakeClock:

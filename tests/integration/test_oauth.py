@@ -771,7 +771,7 @@ async def test_a_token_request_in_flight_for_a_deleted_credential_serves_nothing
     """Tenant A's user's token request is in flight when the user is deleted; SQLite gives the id
     to tenant B's next user. B's first ``get`` joined A's request and got, and cached, A's token,
     and A's request could save A's grant into B's row, at the same version (a review's finding).
-    After ``invalidate`` the old request hands nothing to the id's new credential and saves nothing."""
+    After ``forget`` the old request hands nothing to the id's new credential and saves nothing."""
     a_user = await add_credential(
         database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
     )
@@ -794,10 +794,10 @@ async def test_a_token_request_in_flight_for_a_deleted_credential_serves_nothing
     sim.issue_access_token = recording  # type: ignore[method-assign]
     a_waiting = asyncio.create_task(tokens.get(a_user.id))
     await asyncio.wait_for(entered.wait(), 5)
-    # The operator deletes A's user (DaemonSupervisor.credentials_changed invalidates it), and B's
+    # The operator deletes A's user (DaemonSupervisor.credentials_deleted forgets it), and B's
     # user is created with the same id (SQLite: max(id) + 1).
     await database.run(lambda s: delete_credential(s, a_user.id))
-    tokens.invalidate(a_user.id)
+    tokens.forget(a_user.id)  # what DaemonSupervisor.credentials_deleted does
     b_refresh = sim.issue_refresh_token(CLIENT_ID)
     b_user = await add_credential(
         database, secret_box, sim.token_url, refresh_token=b_refresh, username="bob"

@@ -95,7 +95,7 @@ async def delete_user(userId: int, deps: Deps, principal: Auth) -> JSONResponse:
         raise not_found("user", userId)
     deps.supervisor.integration_changed(current.xelion_context_id)
     # Its cached token must go: SQLite gives the id to the next credential created.
-    deps.supervisor.credentials_changed(userId)
+    deps.supervisor.credentials_deleted(userId)
     return JSONResponse({})
 
 
