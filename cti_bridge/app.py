@@ -193,13 +193,12 @@ class StoreSourceHooks:
     async def record_unheard_failures(self) -> None:
         """After the sources stopped: the commits that failed since (the stop's last ones) have no
         source left to tell, and their events were read before the stop's gap began. Move each
-        integration's open gap back to its first lost event (``gap_opened`` keeps the earlier
-        start), so that the lost events fall in it."""
+        integration's open gap back to its first lost event (``gap_extended``), so that the lost
+        events fall in it."""
         failed, self._failed = self._failed, {}
         for xelion_context_id, failure in failed.items():
-            reason = f"an event could not be recorded: {failure}"
             try:
-                await self.gap_extended(xelion_context_id, failure.since, reason)
+                await self.gap_extended(xelion_context_id, failure.since, failure.gap_reason)
             except Exception as exc:
                 log.error(
                     "integration %d: the gap of its lost events could not be stored (%s)",

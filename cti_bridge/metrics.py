@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from sqlmodel import Session, col
 
 from cti_bridge.clock import utcnow
+from cti_bridge.ports import STATE_REAUTH_REQUIRED
 from cti_bridge.store.db import Database
 from cti_bridge.store.deliveries import STATES
 from cti_bridge.store.models import AppContext, Delivery, UserCredentials, XelionContext
@@ -31,6 +32,21 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 def status_class(status: int | None) -> str:
     return "error" if status is None else f"{status // 100}xx"
+
+
+#: The re-authorisation gauges: per kind of credential, its table, the metric and its help.
+_REAUTH_GAUGES: tuple[tuple[type[UserCredentials] | type[AppContext], str, str], ...] = (
+    (
+        UserCredentials,
+        "cti_bridge_credentials_reauth_required",
+        "User credentials whose grant is dead (re-authorise)",
+    ),
+    (
+        AppContext,
+        "cti_bridge_app_contexts_reauth_required",
+        "App contexts (external API access) whose grant is dead (set a new secret)",
+    ),
+)
 
 
 class _StoreCollector(Collector):
@@ -61,27 +77,15 @@ class _StoreCollector(Collector):
         )
         age.add_metric([], max(0.0, (utcnow() - oldest).total_seconds()) if oldest else 0.0)
         yield age
-        reauth = session.execute(
-            select(func.count())
-            .select_from(UserCredentials)
-            .where(col(UserCredentials.state) == "reauth_required")
-        ).scalar_one()
-        fam = GaugeMetricFamily(
-            "cti_bridge_credentials_reauth_required", "User credentials whose grant is dead (re-authorise)"
-        )
-        fam.add_metric([], float(reauth))
-        yield fam
-        # The external API's app users (``cti-app-context``) die the same way, and silently too:
-        # every call of the app is refused until an operator sets a new secret.
-        apps = session.execute(
-            select(func.count()).select_from(AppContext).where(col(AppContext.state) == "reauth_required")
-        ).scalar_one()
-        fam = GaugeMetricFamily(
-            "cti_bridge_app_contexts_reauth_required",
-            "App contexts (external API access) whose grant is dead (set a new secret)",
-        )
-        fam.add_metric([], float(apps))
-        yield fam
+        # Both kinds of credential die alike, and silently: the external API's app users
+        # (``cti-app-context``) too, every call of the app refused until an operator sets a new secret.
+        for model, name, help_text in _REAUTH_GAUGES:
+            dead = session.execute(
+                select(func.count()).select_from(model).where(col(model.state) == STATE_REAUTH_REQUIRED)
+            ).scalar_one()
+            fam = GaugeMetricFamily(name, help_text)
+            fam.add_metric([], float(dead))
+            yield fam
         states = GaugeMetricFamily(
             "cti_bridge_source_up",
             "1 when the integration's websocket is subscribed",

@@ -148,6 +148,11 @@ class EventsNotRecorded(Exception):
         self.cause = cause
         self.since = since
 
+    @property
+    def gap_reason(self) -> str:
+        """The reason of the gap its lost events fall in (the source's, or the stop's)."""
+        return f"an event could not be recorded: {self}"
+
 
 class SourceHooks(Protocol):
     """How a Xelion source reports to the rest of the daemon (implemented over the store)."""

@@ -171,7 +171,7 @@ class _SecretMap(Mapping[str, object]):
     @property
     def taint_sink(self) -> list[str]:
         """Where an expression reading the token records the string it made (el.template's
-        ``TaintSink``): ``fn:toUpperCase(token.accessToken)`` is as secret as the token."""
+        ``tainted`` names): ``fn:toUpperCase(token.accessToken)`` is as secret as the token."""
         return self._seen
 
 
@@ -306,21 +306,29 @@ def _jsonable(value: object) -> object:
 _PLAIN: Final = frozenset({str, int, float, bool, type(None)})
 
 
-def _form_value(value: object, where: str) -> str:
-    if value is None:
-        return ""
-    if type(value) in _PLAIN:
-        text = to_str(value)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            # A lone surrogate has no UTF-8 form to percent-encode (it failed as an "internal
-            # evaluation error"); JSON payloads escape it instead.
+def _form_pairs(tree: dict[str, object]) -> list[tuple[str, str]]:
+    """A flat payload's fields as form text (null is empty); the place of a nested value is only
+    named when there is one (no JSON pointer built per field and render)."""
+    pairs: list[tuple[str, str]] = []
+    for key, value in tree.items():
+        if value is None:
+            pairs.append((key, ""))
+        elif type(value) in _PLAIN:
+            pairs.append((key, to_str(value)))
+        else:
             raise RenderError(
-                "this value holds a lone surrogate, which a form cannot carry", where=where
-            ) from None
-        return text
-    raise RenderError("a form payload must be a flat object (this value is a list or map)", where=where)
+                "a form payload must be a flat object (this value is a list or map)",
+                where=_pointer("crmResourcePayload", key),
+            )
+    return pairs
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _const(value: object) -> Callable[[Names], object]:
@@ -718,7 +726,17 @@ class CompiledMapping:
     def _form(tree: object) -> str:
         if not isinstance(tree, dict):
             raise RenderError("a form payload must be a flat object", where="crmResourcePayload")
-        return urlencode([(k, _form_value(v, _pointer("crmResourcePayload", k))) for k, v in tree.items()])
+        pairs = _form_pairs(tree)
+        try:
+            return urlencode(pairs)
+        except UnicodeEncodeError:
+            # A lone surrogate has no UTF-8 form to percent-encode (it failed as an "internal
+            # evaluation error"); JSON payloads escape it instead. Found here, not per value.
+            bad = next(k for k, text in pairs if not (_utf8(k) and _utf8(text)))
+            raise RenderError(
+                "this value holds a lone surrogate, which a form cannot carry",
+                where=_pointer("crmResourcePayload", bad),
+            ) from None
 
 
 def _secret_values(

@@ -178,10 +178,12 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return spec
 
 
-class TrailingSlashMiddleware:
-    """``/api/users/1/`` is ``/api/users/1``: the route is found as it is, not through FastAPI's
-    307 redirect to the path without the slash, which a script that does not follow redirects
-    (curl without ``-L``) read as a failure, and which it would have to resend its body to.
+class PathMiddleware:
+    """The request path as the routes know it.
+
+    ``/api/users/1/`` is ``/api/users/1``: the route is found as it is, not through FastAPI's 307
+    redirect to the path without the slash, which a script that does not follow redirects (curl
+    without ``-L``) read as a failure, and which it would have to resend its body to.
 
     A request target in absolute form (``POST http://host:8080/api/... HTTP/1.1``, as a client
     behind a forward proxy may send it) is its path as well: HTTP/1.1 servers must accept it
@@ -235,7 +237,7 @@ def create_admin_app(deps: AdminDeps) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(CatchAllMiddleware)
-    app.add_middleware(TrailingSlashMiddleware)
+    app.add_middleware(PathMiddleware)
     for module in (integrations, users, environment, session, health, apps):
         app.include_router(module.router)
     for router in deps.extra_routers:

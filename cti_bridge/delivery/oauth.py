@@ -319,7 +319,7 @@ class TokenManager(Generic[KeyT]):
         # §12: no expiry given → use until a 401; otherwise refresh with less than the margin left.
         return expires_at is None or expires_at - self._clock.now() > self._margin
 
-    def _changed_since(self, key: KeyT, generation: int) -> None:
+    def _ensure_not_forgotten(self, key: KeyT, generation: int) -> None:
         """Raise if ``forget(key)`` came after ``generation`` was read: what this request holds
         belongs to a deleted credential, whose id may already be another's."""
         if self._generation.get(key, 0) != generation:
@@ -334,7 +334,7 @@ class TokenManager(Generic[KeyT]):
         _REQUEST_GENERATION.set(generation)  # this task's own: for _reauth, deeper down
         for _ in range(3):
             snapshot = await self._store.load(key)
-            self._changed_since(key, generation)
+            self._ensure_not_forgotten(key, generation)
             stored = self._stored_token(key, snapshot, rejected)
             if stored is not None:
                 return stored
@@ -342,7 +342,7 @@ class TokenManager(Generic[KeyT]):
             async with self._store.exclusive(key):
                 # Another replica may have refreshed while this one waited for the lock: read again.
                 snap = await self._store.load(key)
-                self._changed_since(key, generation)
+                self._ensure_not_forgotten(key, generation)
                 stored = self._stored_token(key, snap, rejected)
                 if stored is not None:
                     return stored
@@ -357,7 +357,7 @@ class TokenManager(Generic[KeyT]):
                     continue  # marking reauth_required lost against a newer version: reload
                 # Checked right before the save is handed to the database: a deleted credential's
                 # id may be another's by now, at the same version (1).
-                self._changed_since(key, generation)
+                self._ensure_not_forgotten(key, generation)
                 version = await self._store.save_tokens(
                     key,
                     snap.version,
@@ -374,7 +374,7 @@ class TokenManager(Generic[KeyT]):
                 )
                 continue
             token = AccessToken(granted.access_token, granted.expires_at, granted.extra, version)
-            self._changed_since(key, generation)
+            self._ensure_not_forgotten(key, generation)
             self._cache[key] = token
             return token
         raise TokenEndpointError(
@@ -559,7 +559,7 @@ class TokenManager(Generic[KeyT]):
         (the operator's newer secrets are not condemned; the caller reloads)."""
         generation = _REQUEST_GENERATION.get()
         if generation is not None:
-            self._changed_since(key, generation)  # not another credential's, of the same id
+            self._ensure_not_forgotten(key, generation)  # not another credential's, of the same id
         marked = await self._store.mark_reauth_required(key, snap.version, reason)
         if not marked:
             log.info(

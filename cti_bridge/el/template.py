@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final
 
 import simpleeval
 
@@ -168,14 +168,8 @@ MAX_RENDERED_CHARS: Final = 65536
 # string read from it, and masks those wherever the request is shown; but an expression can also
 # make new strings from it (``fn:toUpperCase(token.accessToken)``, a substring from its middle),
 # which no record of what was read would find. So the value of every expression that reads a
-# tainted name counts as a secret too, and its error messages do not quote values.
-
-
-class TaintSink(Protocol):
-    """What a tainted name's value offers: where the values made from it are recorded."""
-
-    @property
-    def taint_sink(self) -> list[str]: ...
+# tainted name counts as a secret too, recorded in the ``taint_sink`` list that name's value
+# carries (render.py's token view), and its error messages do not quote values.
 
 
 #: A quoted value in an error message (``describe`` uses repr's quotes), with repr's escapes.
@@ -230,7 +224,7 @@ def compile_template(
 ) -> Template:
     """Compile a composite template; raises ``TemplateSyntaxError`` with the column of the fault.
 
-    ``tainted``: names whose values are secrets (see ``TaintSink``): an expression reading one
+    ``tainted``: names whose values are secrets (carrying a ``taint_sink`` list): an expression reading one
     records its string value in that name's sink, and quotes no value in its error messages.
     """
     if len(text) > MAX_TEMPLATE_LENGTH:

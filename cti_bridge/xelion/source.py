@@ -301,8 +301,7 @@ class XelionSource:
                 code = exc.rcvd.code if exc.rcvd is not None else (exc.sent.code if exc.sent else 1006)
                 reason = f"websocket closed ({code})"
                 if exc.rcvd is None:
-                    since = self._silent_since()
-                    self._unread_since = min(since, self._unread_since or since)
+                    self._unread_from(self._silent_since())
             except InvalidStatus as exc:
                 reason = f"websocket refused: HTTP {exc.response.status_code}"
             except (InvalidURI, InvalidHandshake) as exc:
@@ -313,7 +312,7 @@ class XelionSource:
                 reason = "websocket did not answer the subscription probe"
             except _HookFailed as exc:
                 reason = f"an event could not be recorded: {exc}"
-                self._unread_since = min(exc.since, self._unread_since or exc.since)
+                self._unread_from(exc.since)
             except Exception as exc:
                 # A bug must not end the integration's only listener: log it, back off, try again.
                 logger.exception("unexpected error in the source of Xelion at %s", self._where)
@@ -325,8 +324,8 @@ class XelionSource:
             if lost is not None:
                 # The socket was dropped for it (``not_recorded``): that is what ended it.
                 self._not_recorded = None
-                reason = f"an event could not be recorded: {lost}"
-                self._unread_since = min(lost.since, self._unread_since or lost.since)
+                reason = lost.gap_reason
+                self._unread_from(lost.since)
             connected_at = self._connected_at
             self._last_error = reason
             await self._open_gap(reason, self._unread_since)
@@ -418,15 +417,19 @@ class XelionSource:
             self._not_recorded = failure
             task = asyncio.ensure_future(ws.close(1011, "events not recorded"))
         elif self._gap_open:
-            reason = f"an event could not be recorded: {failure}"
-            task = asyncio.ensure_future(
-                self._call_hook("gap_extended", self._hooks.gap_extended(self._id, failure.since, reason))
-            )
+            extended = self._hooks.gap_extended(self._id, failure.since, failure.gap_reason)
+            task = asyncio.ensure_future(self._call_hook("gap_extended", extended))
         else:
             return False
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
         return True
+
+    def _unread_from(self, at: datetime) -> None:
+        """What the server sent from ``at`` on may be lost: the connection's gap starts there, or
+        earlier if another cause said so (the first moment wins)."""
+        if self._unread_since is None or at < self._unread_since:
+            self._unread_since = at
 
     def _silent_since(self) -> datetime:
         """When the server was last known to be heard, for a socket that ended without its close
@@ -487,12 +490,12 @@ class XelionSource:
             )
             raise _HookFailed(type(exc).__name__, read_at) from exc
         ws = self._ws
-        if ws is not None and ws.state is not State.OPEN and self._unread_since is None:
+        if ws is not None and ws.state is not State.OPEN:
             # The socket closed while this event was being handed over: a database that does not
             # commit holds on_event (its backpressure), nothing is read meanwhile, and Xelion's
             # pings end the socket after about 40 s. What the server sent since is lost, so the gap
             # starts when reading stopped, not when the close is noticed after the wait.
-            self._unread_since = read_at
+            self._unread_from(read_at)
 
     async def _shutdown(self) -> None:
         if self._renewer is not None:

@@ -67,22 +67,38 @@ def cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subp
     )
 
 
+RUN = [sys.executable, "-m", "cti_bridge", "run"]
+
+
 def start(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def healthy_then_stopped(
+    cmd: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    port: int,
+    sig: signal.Signals = signal.SIGTERM,
+    timeout: float = 30.0,
+) -> tuple[int, str]:
+    """Start ``cmd``, wait for api/health, send ``sig``: its exit code and standard error."""
+    proc = start(cmd, env, cwd)
+    try:
+        wait_healthy(port, proc, timeout=timeout)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_run_health_and_clean_stop(tmp_path: Path, sig: signal.Signals) -> None:
     port = free_port()
-    proc = start([sys.executable, "-m", "cti_bridge", "run"], base_env(tmp_path, port), tmp_path)
-    try:
-        wait_healthy(port, proc)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+    code, err = healthy_then_stopped(RUN, base_env(tmp_path, port), tmp_path, port, sig)
+    assert code == 0, err
     assert "Traceback" not in err
     # Neither an operator token nor an allowed host: nobody can create an integration, said once.
     assert err.count("no integration can be created") == 1, err
@@ -91,22 +107,15 @@ def test_run_health_and_clean_stop(tmp_path: Path, sig: signal.Signals) -> None:
 def test_no_warning_when_an_integration_can_be_created(tmp_path: Path) -> None:
     port = free_port()
     env = dict(base_env(tmp_path, port), CTI_BRIDGE_ALLOWED_XELION_HOSTS="pbx.example.com")
-    proc = start([sys.executable, "-m", "cti_bridge", "run"], env, tmp_path)
-    try:
-        wait_healthy(port, proc)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+    code, err = healthy_then_stopped(RUN, env, tmp_path, port)
+    assert code == 0, err
     assert "no integration can be created" not in err
 
 
 def test_second_instance_on_same_sqlite_fails_fast(tmp_path: Path) -> None:
     port = free_port()
     env = base_env(tmp_path, port)
-    first = start([sys.executable, "-m", "cti_bridge", "run"], env, tmp_path)
+    first = start(RUN, env, tmp_path)
     try:
         wait_healthy(port, first)
         env2 = dict(env, CTI_BRIDGE_ADMIN_PORT=str(free_port()))
@@ -181,7 +190,7 @@ def test_the_images_healthcheck_follows_the_admin_port(tmp_path: Path) -> None:
     assert check is not None, line
     port = free_port()
     env = base_env(tmp_path, port)
-    proc = start([sys.executable, "-m", "cti_bridge", "run"], env, tmp_path)
+    proc = start(RUN, env, tmp_path)
     try:
         wait_healthy(port, proc)
         ok = subprocess.run([sys.executable, "-c", check.group(1)], env=env, capture_output=True, timeout=30)
@@ -223,12 +232,7 @@ def test_dockerfile_steps_install_and_start_in_fresh_venv(tmp_path: Path) -> Non
     # From a directory without the sources: the installed package must carry its migrations.
     workdir = tmp_path / "data"
     workdir.mkdir()
-    proc = start([str(venv / "bin" / "cti-bridge"), "run"], env, workdir)
-    try:
-        wait_healthy(port, proc, timeout=60)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+    code, err = healthy_then_stopped(
+        [str(venv / "bin" / "cti-bridge"), "run"], env, workdir, port, timeout=60
+    )
+    assert code == 0, err

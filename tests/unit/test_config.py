@@ -148,17 +148,27 @@ def test_the_defaults_and_a_long_enough_lease_load(
     assert s.lease_seconds > 2 * s.request_timeout
 
 
-def test_cli_exits_3_with_one_line(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CTI_BRIDGE_")}
-    env["CTI_BRIDGE_ADMIN_PORT"] = "not-a-port"
-    proc = subprocess.run(
+def _clean_env() -> dict[str, str]:
+    """This process's environment without any CTI_BRIDGE_* setting."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CTI_BRIDGE_")}
+
+
+def _check_config(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``cti-bridge check-config`` in a process of its own, its output captured."""
+    return subprocess.run(
         [sys.executable, "-m", "cti_bridge", "check-config"],
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_cli_exits_3_with_one_line(tmp_path: Path) -> None:
+    env = _clean_env()
+    env["CTI_BRIDGE_ADMIN_PORT"] = "not-a-port"
+    proc = _check_config(env, tmp_path)
     assert proc.returncode == ExitCode.CONFIG == 3
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -166,16 +176,9 @@ def test_cli_exits_3_with_one_line(tmp_path: Path) -> None:
 
 
 def test_check_config_masks_secrets(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CTI_BRIDGE_")}
+    env = _clean_env()
     env["CTI_BRIDGE_ADMIN_TOKEN"] = "operator-token-that-must-not-show"
-    proc = subprocess.run(
-        [sys.executable, "-m", "cti_bridge", "check-config"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _check_config(env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "operator-token-that-must-not-show" not in proc.stdout + proc.stderr
     assert '"admin_port": 8080' in proc.stdout
@@ -183,17 +186,10 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
 
 def test_check_config_masks_the_password_in_the_database_url(tmp_path: Path) -> None:
     """The URL was printed whole, its password with it (a README walkthrough's finding)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CTI_BRIDGE_")}
+    env = _clean_env()
     env["CTI_BRIDGE_DATABASE_URL"] = "postgresql://cti:database-password-S3CR3T@127.0.0.1:5432/cti"
     env["CTI_BRIDGE_SECRET_KEY"] = "k" * 44
-    proc = subprocess.run(
-        [sys.executable, "-m", "cti_bridge", "check-config"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _check_config(env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "database-password-S3CR3T" not in proc.stdout + proc.stderr
     assert '"database_url": "postgresql+psycopg://cti:***@127.0.0.1:5432/cti"' in proc.stdout
