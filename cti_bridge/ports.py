@@ -88,8 +88,9 @@ class Supervisor(Protocol):
         ...
 
     def credentials_deleted(self, credential_id: int) -> None:
-        """A user's credentials were deleted: nothing of its tokens may reach the next credential
-        given its id (SQLite reuses ids)."""
+        """A user's credentials were deleted: nothing of its tokens may reach another credential
+        (ids are not given twice, ``store.models._next_id``; a token request in flight for it must
+        still not be saved or served)."""
         ...
 
 

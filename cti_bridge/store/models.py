@@ -12,8 +12,22 @@ Conventions:
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import BigInteger, Column, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    event,
+    text,
+)
+from sqlalchemy.orm import Mapper
 from sqlmodel import Field, SQLModel
 
 from cti_bridge.clock import utcnow
@@ -294,3 +308,50 @@ class SourceGap(SQLModel, table=True):
     started_at: datetime
     ended_at: datetime | None = None
     reason: str | None = Field(default=None, max_length=500)
+
+
+class IdHighWater(SQLModel, table=True):
+    """The highest id each configuration table has given, on SQLite (see ``_next_id``)."""
+
+    __tablename__ = "id_high_water"
+
+    table_name: str = Field(primary_key=True, max_length=64)
+    last_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+#: The tables whose ids the admin API hands out (integrations, users, mappings, app contexts).
+NEVER_REUSED: tuple[type[SQLModel], ...] = (
+    XelionContext,
+    CrmContext,
+    UserCredentials,
+    EventUriMapping,
+    AppContext,
+)
+
+# max(this table's id, the high water) + 1: the row's id, and the new high water, in one statement.
+_NEXT_ID_SQL = (
+    "INSERT INTO id_high_water (table_name, last_id) "
+    "VALUES (:t, coalesce((SELECT max(id) FROM {table}), 0) + 1) "
+    "ON CONFLICT (table_name) DO UPDATE SET last_id = max(id_high_water.last_id + 1, excluded.last_id) "
+    "RETURNING last_id"
+)
+
+
+def _next_id(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+    """Give a new row of a ``NEVER_REUSED`` table an id no row of it ever had, on SQLite.
+
+    SQLite gives a new row the largest id in the table plus one, so deleting the newest
+    integration, user or mapping handed its id to the next one created: a script that retried
+    ``DELETE api/user-credentials/7`` after a timeout deleted somebody else, and whatever was
+    keyed by the old id (a cached access token, an open page of a list) reached the new row.
+    PostgreSQL's sequences never go back; AUTOINCREMENT would need each table rebuilt, and with
+    foreign keys on, dropping the old table cascades to every row that refers to it. Runs in the
+    flush's own transaction: a rolled-back insert gives its id back with it."""
+    if target.id is not None or connection.dialect.name != "sqlite":
+        return
+    table = mapper.local_table.name  # type: ignore[attr-defined]  # one of NEVER_REUSED's, not input
+    target.id = connection.execute(text(_NEXT_ID_SQL.format(table=table)), {"t": table}).scalar_one()
+
+
+for _model in NEVER_REUSED:
+    event.listen(_model, "before_insert", _next_id)

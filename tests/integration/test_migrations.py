@@ -13,7 +13,7 @@ from cti_bridge.events import dedupe_key
 from cti_bridge.store import migrate
 from cti_bridge.store.db import make_engine
 from cti_bridge.store.deliveries import UNDELIVERED, park_credential, unpark_credential
-from cti_bridge.store.models import UNDELIVERED_SQL
+from cti_bridge.store.models import UNDELIVERED_SQL, XelionContext
 
 TABLES = {
     "xelion_context",
@@ -26,6 +26,7 @@ TABLES = {
     "delivery_attempt",
     "admin_session",
     "source_gap",
+    "id_high_water",
 }
 
 
@@ -125,5 +126,45 @@ def test_parking_uses_the_partial_credential_index(db_url: str) -> None:
                 plan = " ".join(str(r[-1]) for r in rows)
                 assert "ix_delivery_credential_undelivered" in plan, (statement, plan)
             conn.rollback()
+    finally:
+        engine.dispose()
+
+
+def test_ids_go_on_from_the_largest_stored_one_after_the_upgrade(db_url: str) -> None:
+    """Migration 0007 starts the high water mark at each table's largest id: the first row made
+    after the upgrade gets the next one, and a deleted newest row's id is not given again."""
+    engine = make_engine(db_url)
+    try:
+        migrate.upgrade(engine, "0006")
+        with engine.begin() as conn:
+            for i in (2, 5):
+                conn.execute(
+                    text(
+                        "INSERT INTO xelion_context (id, host, protocol, tenant, admin_username, "
+                        "admin_password_enc, source_state, created_at, updated_at) VALUES "
+                        "(:i, 'h', 'https', :t, 'a', 'x', 'stopped', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                    ),
+                    {"i": i, "t": f"t{i}"},
+                )
+        if engine.dialect.name == "postgresql":  # rows given ids by hand leave the sequence behind
+            with engine.begin() as conn:
+                conn.execute(text("SELECT setval('xelion_context_id_seq', 5)"))
+        migrate.upgrade(engine)
+
+        def add(tenant: str) -> int:
+            with Session(engine) as s:
+                row = XelionContext(host="h", tenant=tenant, admin_username="a", admin_password_enc="x")
+                s.add(row)
+                s.commit()
+                assert row.id is not None
+                return row.id
+
+        first = add("new")
+        assert first == 6
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM xelion_context WHERE id = :i"), {"i": first})
+        assert add("newer") == 7
+        migrate.downgrade(engine, "0006")
+        assert "id_high_water" not in inspect(engine).get_table_names()
     finally:
         engine.dispose()

@@ -94,7 +94,7 @@ async def delete_user(userId: int, deps: Deps, principal: Auth) -> JSONResponse:
     if not await deps.database.run(lambda s: store.delete_credential(s, userId)):
         raise not_found("user", userId)
     deps.supervisor.integration_changed(current.xelion_context_id)
-    # Its cached token must go: SQLite gives the id to the next credential created.
+    # Its cached token must go, and a token request in flight for it must save nothing.
     deps.supervisor.credentials_deleted(userId)
     return JSONResponse({})
 
