@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -113,6 +114,8 @@ def _allowed_methods(request: Request) -> list[str]:
         scope = {**request.scope, "method": method}
         if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
             allowed.append(method)
+    if "GET" in allowed and "HEAD" not in allowed:
+        allowed.insert(allowed.index("GET") + 1, "HEAD")  # PathMiddleware answers it as GET
     return allowed
 
 
@@ -188,6 +191,12 @@ class PathMiddleware:
     A request target in absolute form (``POST http://host:8080/api/... HTTP/1.1``, as a client
     behind a forward proxy may send it) is its path as well: HTTP/1.1 servers must accept it
     (RFC 9112 §3.2.2), and uvicorn's h11 protocol (admin/http.py) hands the target on as it is.
+
+    ``//api/users/1`` is ``/api/users/1``: the manual gives its paths without a leading slash, and
+    a script that joins them to a base URL ending in one asks for the doubled form.
+
+    ``HEAD`` is ``GET`` without the body (RFC 9110 §9.3.2; FastAPI's routes take only the methods
+    they name).
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -201,13 +210,41 @@ class PathMiddleware:
             raw_path: bytes | None = scope.get("raw_path")
             if raw_path:
                 scope["raw_path"] = _origin_form(raw_path.decode("latin-1")).encode("latin-1")
-        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if "//" in path:
+            scope = dict(scope)
+            path = scope["path"] = _SLASHES.sub("/", path)
+            doubled: bytes | None = scope.get("raw_path")
+            if doubled:
+                scope["raw_path"] = _RAW_SLASHES.sub(b"/", doubled)
+        if len(path) > 1 and path.endswith("/"):
             scope = dict(scope)
             scope["path"] = path.rstrip("/") or "/"
             raw: bytes | None = scope.get("raw_path")
             if raw:
                 scope["raw_path"] = raw.rstrip(b"/") or b"/"
+        if scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+            await self.app(scope, receive, _without_body(send))
+            return
         await self.app(scope, receive, send)
+
+
+_SLASHES = re.compile("/{2,}")
+_RAW_SLASHES = re.compile(b"/{2,}")
+
+
+def _without_body(send: Send) -> Send:
+    """``send`` with every body chunk emptied (the headers, ``Content-Length`` included, as GET's)."""
+
+    async def head_send(message: Message) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            message = {**message, "body": b""}
+        await send(message)
+
+    return head_send
 
 
 def _origin_form(target: str) -> str:

@@ -7,16 +7,19 @@ of the manual needs to know *where* its JSON broke: the manual's own ``callHungU
 field's path (``xelionContext.host: field required``).
 
 Beyond JSON syntax the reader refuses what the database could not store or what could only come
-from a hostile client: non-UTF-8 bytes, ``NaN``/``Infinity`` and numbers beyond a double, nesting
-deeper than ``MAX_DEPTH``, NUL characters and lone surrogates in strings (PostgreSQL cannot store
-either), bodies over ``MAX_BODY_BYTES``.
+from a hostile client: bytes not in the body's charset (UTF-8 unless ``Content-Type`` names
+another), ``NaN``/``Infinity`` and numbers beyond a double, nesting deeper than ``MAX_DEPTH``, NUL
+characters and lone surrogates in strings (PostgreSQL cannot store either), bodies over
+``MAX_BODY_BYTES``.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 from collections.abc import Sequence
+from email.message import Message
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -107,15 +110,29 @@ def _check_string(text: str, path: tuple[int | str, ...]) -> None:
         ) from None
 
 
-def parse_json(raw: bytes) -> object:
-    """Parse a request body, or raise 400/10200 (line and column in ``info``) / 413 / 422."""
+def parse_json(raw: bytes, charset: str | None = None) -> object:
+    """Parse a request body, or raise 400/10200 (line and column in ``info``) / 413 / 422.
+
+    ``charset``: the one the ``Content-Type`` declares; UTF-8 when it declares none. A body in
+    Latin-1 that says so (``application/json; charset=ISO-8859-1``, as a Windows script may send
+    it) is read as Latin-1 rather than refused for not being UTF-8."""
     if len(raw) > MAX_BODY_BYTES:
         raise too_large()
+    codec, name = "utf-8-sig", "UTF-8"
+    if charset:
+        try:
+            found = codecs.lookup(charset).name
+        except LookupError:
+            raise malformed(
+                "Malformed JSON: unknown charset", f"Content-Type names charset {charset[:40]!r}"
+            ) from None
+        if found != "utf-8":
+            codec, name = found, charset[:40]
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode(codec)
     except UnicodeDecodeError as exc:
-        line, col = _line_col(raw[: exc.start].decode("utf-8", "replace"), exc.start)
-        raise malformed("Malformed JSON: the body is not UTF-8", f"line {line} column {col}") from None
+        line, col = _line_col(raw[: exc.start].decode(codec, "replace"), exc.start)
+        raise malformed(f"Malformed JSON: the body is not {name}", f"line {line} column {col}") from None
     if not text.strip():
         raise malformed("Malformed JSON: the body is empty", "line 1 column 1: expected a JSON value")
     try:
@@ -168,7 +185,19 @@ async def read_body(request: Request) -> object:
         if size > MAX_BODY_BYTES:
             raise too_large()
         chunks.append(chunk)
-    return parse_json(b"".join(chunks))
+    return parse_json(b"".join(chunks), declared_charset(request.headers.get("content-type")))
+
+
+def declared_charset(content_type: str | None) -> str | None:
+    """The ``charset`` parameter of a ``Content-Type`` header, if it has one."""
+    if not content_type:
+        return None
+    message = Message()
+    message["content-type"] = content_type
+    charset = message.get_param("charset")
+    if not isinstance(charset, str):  # an RFC 2231 triple: no script sends one
+        return None
+    return charset.strip() or None
 
 
 async def read_model(request: Request, model: type[M]) -> M:

@@ -44,6 +44,13 @@ def query_text(value: str | None, name: str, max_length: int = 255) -> str | Non
     return value
 
 
+def query_filter(value: str | None, name: str, max_length: int = 255) -> str | None:
+    """A list filter from the query string (``query_text``); an empty one filters nothing, as if
+    it were left out: a script that always sends ``?username=...&oid=`` and fills in one of them
+    means the one it filled in, not the users whose oid is empty (none)."""
+    return query_text(value, name, max_length) or None
+
+
 def xelion_failure(exc: XelionCheckError, target: XelionTarget, *, what: str = "admin") -> ApiError:
     """A failed Xelion check as an API error (xelion-protocol.md §1 codes)."""
     where = f"{target.host} tenant {target.tenant}"

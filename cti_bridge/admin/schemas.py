@@ -100,8 +100,13 @@ def check_http_uri(value: str) -> str:
     return value
 
 
+#: Every request model's settings: unknown keys are ignored, and a number where a string belongs
+#: is taken as its text (``"xelionOid": 1650950``), as the manual's Java server (Jackson) takes it.
+IN_CONFIG = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
+
+
 class _In(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = IN_CONFIG
 
 
 class _Out(BaseModel):

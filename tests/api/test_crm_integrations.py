@@ -248,7 +248,8 @@ async def test_missing_field_is_422_naming_its_path(client: httpx.AsyncClient) -
     assert "xelionContext.host: field required" in err["message"]
 
     body = integration_body("a")
-    body["userCredentials"][0]["clientSecret"] = 12345
+    # A number is taken as its text (test_script_variations.py); an object is no string.
+    body["userCredentials"][0]["clientSecret"] = {"value": "x"}
     r = await client.post("/api/crm-integrations", json=body)
     err = assert_error(r, 422, 10201)
     assert "userCredentials[0].clientSecret" in err["message"]

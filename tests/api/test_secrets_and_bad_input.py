@@ -244,10 +244,10 @@ async def test_unknown_path_and_wrong_method_are_in_xelion_shape(client: httpx.A
 @pytest.mark.parametrize(
     ("path", "allowed"),
     [
-        ("/api/users/1", "DELETE, GET, PUT"),
-        ("/api/xelion-environment/1", "GET, PUT"),
-        ("/api/crm-integrations", "GET, POST"),
-        ("/api/crm-integrations/1/crm-contexts/2/event-uri-mappings", "GET, PUT"),
+        ("/api/users/1", "DELETE, GET, HEAD, PUT"),
+        ("/api/xelion-environment/1", "GET, HEAD, PUT"),
+        ("/api/crm-integrations", "GET, HEAD, POST"),
+        ("/api/crm-integrations/1/crm-contexts/2/event-uri-mappings", "GET, HEAD, PUT"),
     ],
 )
 async def test_a_405_names_every_method_of_the_path(

@@ -231,7 +231,7 @@ async def test_mapping_extensions_are_stored_and_shown_only_when_set(client: htt
     )
     assert "[0].method" in err["message"]
     err = assert_error(
-        await client.put(url, json=[{**body[0], "headers": {"X": 1}}], headers=OPERATOR), 422, 10201
+        await client.put(url, json=[{**body[0], "headers": {"X": [1]}}], headers=OPERATOR), 422, 10201
     )
     assert "[0].headers.X" in err["message"]
     # A PUT body must be an array.

@@ -61,7 +61,7 @@ async def test_get_put_delete_user(client: httpx.AsyncClient, supervisor: Record
     r = await client.put(f"/api/users/{ids['anne']}", json={"xelionOid": "333444555"}, headers=auth(a.token))
     assert r.status_code == 200, r.text
     err = assert_error(
-        await client.put(f"/api/users/{ids['anne']}", json={"xelionOid": 5}, headers=auth(a.token)),
+        await client.put(f"/api/users/{ids['anne']}", json={"xelionOid": [5]}, headers=auth(a.token)),
         422,
         10201,
     )

@@ -132,8 +132,8 @@ app_token_header = APIKeyHeader(
 
 
 class _In(BaseModel):
-    # Unknown keys are ignored, as for every request model of the admin API (admin/schemas.py).
-    model_config = ConfigDict(extra="ignore")
+    # As every request model of the admin API (admin/schemas.py).
+    model_config = schemas.IN_CONFIG
 
 
 Uri2048 = Annotated[str, StringConstraints(min_length=1, max_length=2048)]

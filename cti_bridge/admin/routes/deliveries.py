@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from cti_bridge.admin.app import AdminDeps, get_deps
 from cti_bridge.admin.auth import Principal, require_principal
 from cti_bridge.admin.body import read_model
-from cti_bridge.admin.common import MAX_ID, Offset, query_text
+from cti_bridge.admin.common import MAX_ID, Offset, query_filter
 from cti_bridge.errors import ApiError, ErrorCode, invalid_request, not_found
 from cti_bridge.store import deliveries as store
 from cti_bridge.store.models import CallEvent, Delivery, DeliveryAttempt
@@ -139,13 +139,15 @@ async def list_deliveries(
         str | None, Query(max_length=200, description="the previous page's `next`: the page behind it")
     ] = None,
 ) -> dict[str, Any]:
+    # An empty filter filters nothing (common.query_filter).
+    state, since, until = state or None, since or None, until or None
     if state is not None and state not in store.STATES:
         raise invalid_request("state: unknown state", f"state must be one of {', '.join(store.STATES)}")
     f = store.DeliveryFilter(
         state=state,
         xelion_context_id=_scope(principal, xelionContextId),
-        username=query_text(username, "username"),
-        call_id=query_text(callId, "callId"),
+        username=query_filter(username, "username"),
+        call_id=query_filter(callId, "callId"),
         since=_parse_time("since", since),
         until=_parse_time("until", until),
     )

@@ -28,7 +28,7 @@ from cti_bridge.admin.auth import (
     require_principal,
 )
 from cti_bridge.admin.body import read_model, read_models
-from cti_bridge.admin.common import Limit, Offset, paged, query_text, xelion_failure
+from cti_bridge.admin.common import Limit, Offset, paged, query_filter, query_text, xelion_failure
 from cti_bridge.admin.deps import AdminDeps, get_deps
 from cti_bridge.admin.mappings import mapping_input, validate_mappings
 from cti_bridge.clock import xelion_time
@@ -366,8 +366,8 @@ async def get_user_credentials(
     offset: Offset = 0,
 ) -> JSONResponse:
     crm = await crm_context_for(deps, principal, xelionContextId, crmContextId)
-    name = query_text(username, "username")
-    oid_ = query_text(oid, "oid", 64)
+    name = query_filter(username, "username")
+    oid_ = query_filter(oid, "oid", 64)
     views, total = await deps.database.run(
         lambda s: store.list_credentials(s, crm.id, username=name, oid=oid_, offset=offset, limit=limit)
     )
