@@ -5,8 +5,10 @@ one-time websocket URL, connects, subscribes, and hands every call event to
 ``SourceHooks.on_event`` — awaiting it, because that commits the event to the database; it never waits
 on a CRM (DESIGN.md §1). After any close it fetches a fresh URL and reconnects with jittered
 exponential backoff that resets only after a connection stayed healthy (xelion-protocol.md §3.6,
-reliability.md §16-§18). Bad credentials stop the loop and show as ``FAILED``. Every period without a
-live, subscribed socket is reported as a gap.
+reliability.md §16-§18). Wrong admin credentials (10004) stop the loop and show as ``FAILED``; a
+disabled admin account (10006) shows as ``FAILED`` too, and is tried again every few minutes
+(``SourceOptions.disabled_retry``). Every period without a live, subscribed socket is reported as a
+gap.
 
 :class:`SourceManager` owns one asyncio task per integration and is what the application's
 supervisor drives (start, stop, update, stop_all on SIGTERM, reliability.md §20).
@@ -77,6 +79,8 @@ class SourceOptions:
     heartbeat_interval: float | None = 30.0
     logout_timeout: float = 5.0
     renew_retry_delay: float = 5.0
+    #: How often a source whose admin account Xelion says is disabled (10006) tries again.
+    disabled_retry: float = 300.0
     app_key: str | None = None
     #: Proxy for the websocket (``None``: connect directly; ``True``: from the environment).
     proxy: str | Literal[True] | None = None
@@ -143,7 +147,7 @@ class XelionSource:
     """The websocket source of one integration (xelion-protocol.md §3).
 
     Run it with :meth:`run` (the manager does, in its own task). It returns only when the source
-    failed for good (bad credentials: state ``FAILED``); otherwise it runs until cancelled or
+    failed for good (wrong credentials: state ``FAILED``); otherwise it runs until cancelled or
     :meth:`stop` is awaited, then closes the socket, logs out and reports ``STOPPED``.
     """
 
@@ -284,11 +288,12 @@ class XelionSource:
             await self._set_state(SourceState.CONNECTING, self._last_error)
             self._connected_at = None
             self._unread_since = None
+            disabled = False
             try:
                 await self._connect_once()
                 reason = "Xelion closed the websocket"
             except XelionError as exc:
-                if exc.permanent:
+                if exc.permanent and exc.kind != "disabled":
                     # §3.6: bad credentials stop the retries until the credentials change.
                     logger.error(
                         "Xelion at %s refused the admin login (%s); giving up", self._where, exc.kind
@@ -296,6 +301,10 @@ class XelionSource:
                     self._last_error = exc.message
                     await self._set_state(SourceState.FAILED, exc.message)
                     return
+                # A disabled account (10006) is not stopped for: a Xelion admin who enables it
+                # again need not know that cti-bridge waits for it. Shown as failed meanwhile,
+                # and tried again slowly (a login attempt a few minutes apart).
+                disabled = exc.kind == "disabled"
                 reason = exc.message
             except ConnectionClosed as exc:
                 code = exc.rcvd.code if exc.rcvd is not None else (exc.sent.code if exc.sent else 1006)
@@ -331,6 +340,15 @@ class XelionSource:
             await self._open_gap(reason, self._unread_since)
             if connected_at is not None and self._clock.monotonic() - connected_at >= options.healthy_after:
                 attempt = 0  # §3.6: reset only after a connection stayed up long enough
+            if disabled:
+                logger.error(
+                    "Xelion at %s: the admin account is disabled; trying again in %.0f s",
+                    self._where,
+                    options.disabled_retry,
+                )
+                await self._set_state(SourceState.FAILED, reason)
+                await options.sleep(options.disabled_retry)
+                continue
             delay = options.backoff_delay(attempt)
             attempt += 1
             self._reconnects += 1

@@ -223,6 +223,30 @@ async def test_bad_admin_credentials_fail_without_hammering(
     await manager.stop_all()
 
 
+async def test_a_disabled_admin_account_is_tried_again_slowly_until_enabled(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    """10006 is not 10004: a Xelion admin may enable the account again without knowing that
+    cti-bridge waits for it. The source shows as failed meanwhile, tries a login every
+    ``disabled_retry`` (not at the reconnect backoff's pace), and subscribes once it is enabled."""
+    admin = sim.tenants["master"].users["admin"]
+    admin.active = False
+    manager = SourceManager(hooks, client, fast_options(disabled_retry=0.4))
+    await manager.start(config_for(sim))
+    await wait_for(lambda: manager.status(1).state is SourceState.FAILED, what="FAILED")
+    status = manager.status(1)
+    assert status.last_error is not None and "10006" in status.last_error
+    await asyncio.sleep(0.6)  # a dozen reconnect backoffs at the test's scale, one retry period
+    assert 1 <= sim.stats.login_attempts <= 3
+    assert manager.status(1).state is SourceState.FAILED
+    assert sim.stats.websocket_urls == 0
+    admin.active = True
+    await wait_for(lambda: subscribed(manager), what="subscribed once the account is enabled")
+    # The time it could not listen is one gap, from the start until it subscribed.
+    assert [kind for kind, *_ in hooks.gaps] == ["open", "close"]
+    await manager.stop_all()
+
+
 async def test_gaps_are_recorded_and_resubscribed_after_reconnect(
     sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
 ) -> None:
