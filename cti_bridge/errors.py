@@ -117,10 +117,14 @@ class TokenEndpointError(TokenError):
     for OAuth errors other than the re-authorisation ones, a 2xx without an access token, a URI no
     client can send to, or a token endpoint refused by the outbound guard."""
 
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status = status
+        #: Seconds the endpoint asked us to wait (``Retry-After``, or a throttling answer's own pause).
+        self.retry_after = retry_after
 
 
 class CredentialNotFound(TokenEndpointError):

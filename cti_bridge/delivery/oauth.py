@@ -16,9 +16,18 @@ reliability.md §10-§14 are the contract:
 - §12 proactive and reactive: a token with less than ``margin_seconds`` (60 s) left is refreshed
   before use; a token without expiry (Salesforce gives none) is used until a CRM answers 401 and
   the caller asks ``refresh_after_401``.
-- §13 dead grants park: ``invalid_grant``, ``invalid_client`` and Zoho's ``invalid_code`` (and, for
-  the device grant, ``access_denied``/``expired_token``) mark the credential ``reauth_required``
-  after that one attempt and raise ``ReauthRequired``; the worker parks the user's deliveries.
+- §13 dead grants park: ``invalid_grant``, ``invalid_client``, Zoho's ``invalid_code``, HubSpot's
+  ``BAD_REFRESH_TOKEN`` and OpenID Connect's ``interaction_required``/``consent_required``/
+  ``login_required`` (Microsoft Entra ID asks for multi-factor sign-in so), and, for the device
+  grant, ``access_denied``/``expired_token`` and Entra's ``authorization_declined``/
+  ``bad_verification_code``, mark the credential ``reauth_required`` after that one attempt and
+  raise ``ReauthRequired``; the worker parks the user's deliveries.
+- Throttling is waited out: a ``Retry-After`` on the token endpoint's answer, or Zoho's "Access
+  Denied" (its answer once a refresh token made ten access tokens in ten minutes), holds that
+  credential's token requests and its deliveries for that long; ``temporarily_unavailable`` is
+  retried like a 5xx.
+- A token whose lifetime is shorter than twice the margin is refreshed after half of it, not at
+  once on every use.
 - §14 secrets stay secret: log lines and exception texts name the credential and the token
   endpoint's host, never a token, secret or device code; the token classes hide them from repr.
 
@@ -51,6 +60,7 @@ from authlib.oauth2.rfc6749.parameters import prepare_token_request
 
 from cti_bridge.clock import Clock
 from cti_bridge.delivery.egress import EgressRefused, check_url, read_limited
+from cti_bridge.delivery.retry import parse_retry_after
 
 # The errors, the stored credential and its states live where the store can reach them without
 # importing the delivery package (DESIGN.md §2); re-exported here for the manager's callers.
@@ -72,8 +82,33 @@ DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 AUTH_METHODS = frozenset({"client_secret_post", "client_secret_basic"})
 # Answers that mean the grant itself is dead: only an operator (a new refresh token or device
 # code) can fix it (reliability.md §13). invalid_code is Zoho's invalid_grant (answered with 200).
-REAUTH_ERRORS = frozenset({"invalid_grant", "invalid_client", "invalid_code", "unauthorized_client"})
-DEVICE_REAUTH_ERRORS = frozenset({"access_denied", "expired_token"})
+REAUTH_ERRORS = frozenset(
+    {
+        "invalid_grant",
+        "invalid_client",
+        "invalid_code",
+        "unauthorized_client",
+        # OpenID Connect Core §3.1.2.6: the user must sign in again, or consent (Entra ID's answer
+        # to a refresh that now needs multi-factor sign-in or meets a conditional access policy).
+        "interaction_required",
+        "consent_required",
+        "login_required",
+        # HubSpot answers a revoked refresh token (the app uninstalled) without an ``error`` field:
+        # {"status": "BAD_REFRESH_TOKEN", "message": "missing or unknown refresh token"}.
+        "BAD_REFRESH_TOKEN",
+    }
+)
+DEVICE_REAUTH_ERRORS = frozenset(
+    # RFC 8628 §3.5, and Entra ID's two that end the polling as well.
+    {"access_denied", "expired_token", "authorization_declined", "bad_verification_code"}
+)
+#: Vendor status codes read where an answer has no ``error`` field (HubSpot's ``status``).
+VENDOR_ERROR_STATUSES = frozenset({"BAD_REFRESH_TOKEN"})
+#: Answers that say "not now": retried, not a dead delivery. ``AccessDenied`` is Zoho's throttle
+#: (``{"error": "Access Denied", "error_description": "You have made too many requests ..."}``).
+THROTTLE_ERRORS = frozenset({"AccessDenied", "temporarily_unavailable"})
+#: How long a throttled credential waits when the answer says nothing (Zoho's window is 10 min).
+THROTTLE_PAUSE = 60.0
 DEVICE_WAIT_ERRORS = frozenset({"authorization_pending", "slow_down"})
 DEFAULT_DEVICE_INTERVAL = 5.0  # RFC 8628 §3.2: 5 s when the server does not say
 MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
@@ -104,6 +139,8 @@ class AccessToken:
     expires_at: datetime | None
     extra: Mapping[str, Any] = field(repr=False)
     version: int
+    #: From when it is refreshed before use (``TokenManager._refresh_at``); None: used until a 401.
+    refresh_at: datetime | None = None
 
 
 class TokenStore(Protocol[KeyT_contra]):
@@ -158,6 +195,7 @@ class _Granted:
     refresh_token: str | None
     extra: dict[str, Any]
     device_code_used: bool
+    refresh_at: datetime | None = None
 
 
 class TokenManager(Generic[KeyT]):
@@ -207,7 +245,7 @@ class TokenManager(Generic[KeyT]):
     def peek(self, key: KeyT) -> AccessToken | None:
         """The cached token of ``key`` if ``get`` would return it without waiting; else None."""
         cached = self._cache.get(key)
-        if cached is not None and self._fresh(cached.expires_at):
+        if cached is not None and self._due(cached):
             return cached
         return None
 
@@ -229,7 +267,7 @@ class TokenManager(Generic[KeyT]):
         otherwise one forced refresh, single-flight like ``get``. Cancellation: as for ``get``.
         """
         cached = self._cache.get(key)
-        if cached is not None and cached.access_token != rejected and self._fresh(cached.expires_at):
+        if cached is not None and cached.access_token != rejected and self._due(cached):
             return cached
         token = await self._join(key, rejected)
         if token.access_token == rejected:
@@ -315,6 +353,10 @@ class TokenManager(Generic[KeyT]):
             except Exception:  # metrics must never break a refresh
                 log.exception("token refresh metrics callback failed")
 
+    def _due(self, token: AccessToken) -> bool:
+        """A cached token is used as it is until its ``refresh_at``."""
+        return token.refresh_at is None or token.refresh_at > self._clock.now()
+
     def _fresh(self, expires_at: datetime | None) -> bool:
         # §12: no expiry given → use until a 401; otherwise refresh with less than the margin left.
         return expires_at is None or expires_at - self._clock.now() > self._margin
@@ -350,7 +392,9 @@ class TokenManager(Generic[KeyT]):
                     granted = await self._grant(key, snap)
                 except TokenEndpointError as exc:
                     if self._failure_pause > 0:
-                        self._last_failure[key] = (self._clock.monotonic() + self._failure_pause, exc)
+                        # A throttled endpoint's own pause, when longer: asking sooner prolongs it.
+                        pause = max(self._failure_pause, exc.retry_after or 0.0)
+                        self._last_failure[key] = (self._clock.monotonic() + pause, exc)
                     raise
                 self._last_failure.pop(key, None)
                 if granted is None:
@@ -373,7 +417,9 @@ class TokenManager(Generic[KeyT]):
                     self._store.describe(key),
                 )
                 continue
-            token = AccessToken(granted.access_token, granted.expires_at, granted.extra, version)
+            token = AccessToken(
+                granted.access_token, granted.expires_at, granted.extra, version, granted.refresh_at
+            )
             self._ensure_not_forgotten(key, generation)
             self._cache[key] = token
             return token
@@ -391,10 +437,14 @@ class TokenManager(Generic[KeyT]):
         if failed is None:
             return
         until, exc = failed
-        if self._clock.monotonic() >= until:
+        now = self._clock.monotonic()
+        if now >= until:
             del self._last_failure[key]
             return
-        raise TokenEndpointError(str(exc), retryable=exc.retryable, status=exc.status)
+        retry_after = round(until - now, 3) if exc.retry_after else None
+        raise TokenEndpointError(
+            str(exc), retryable=exc.retryable, status=exc.status, retry_after=retry_after
+        )
 
     def _stored_token(self, key: KeyT, snap: CredentialSnapshot, rejected: str | None) -> AccessToken | None:
         """The stored access token if it can be used as it is (cached); raises ``ReauthRequired``
@@ -403,7 +453,13 @@ class TokenManager(Generic[KeyT]):
             self._cache.pop(key, None)
             raise ReauthRequired(key, snap.state_reason or "re-authorisation required")
         if snap.access_token and snap.access_token != rejected and self._fresh(snap.expires_at):
-            token = AccessToken(snap.access_token, snap.expires_at, dict(snap.extra), snap.version)
+            token = AccessToken(
+                snap.access_token,
+                snap.expires_at,
+                dict(snap.extra),
+                snap.version,
+                self._refresh_at(snap.expires_at),
+            )
             self._cache[key] = token
             return token
         return None
@@ -449,6 +505,7 @@ class TokenManager(Generic[KeyT]):
             request = self._http.build_request("POST", uri, headers=headers, content=body.encode())
             response = await self._http.send(request, stream=True)
             status = response.status_code
+            retry_after = parse_retry_after(response.headers.get("retry-after"), self._clock.now())
             raw, _truncated = await read_limited(response, self._max_response_bytes)
         except EgressRefused as exc:
             self._report("error")
@@ -469,9 +526,9 @@ class TokenManager(Generic[KeyT]):
             ) from None
 
         doc = _json_object(raw)
-        error = _safe_code(doc.get("error")) if doc is not None else None
+        error = _error_code(doc)
         if error is not None or not 200 <= status < 300:
-            return await self._failed(key, snap, who, host, grant, status, error)
+            return await self._failed(key, snap, who, host, grant, status, error, retry_after)
         if doc is None:
             # A 2xx that is not a JSON object: a maintenance page, a proxy's answer. Not the token
             # endpoint speaking OAuth; the next attempt may reach it.
@@ -495,6 +552,7 @@ class TokenManager(Generic[KeyT]):
         if not isinstance(refresh_token, str) or not refresh_token:
             refresh_token = snap.refresh_token  # not rotated: keep the one we have
         expires_at = self._expiry(doc)
+        refresh_at = self._refresh_at(expires_at, lifetime=_number(doc.get("expires_in")))
         extra = {k: v for k, v in doc.items() if k not in _TOKEN_FIELDS}
         self._report("ok")
         if device:
@@ -510,7 +568,7 @@ class TokenManager(Generic[KeyT]):
             if device
             else (", refresh token rotated" if refresh_token != snap.refresh_token else ""),
         )
-        return _Granted(access_token, expires_at, refresh_token, extra, device)
+        return _Granted(access_token, expires_at, refresh_token, extra, device, refresh_at)
 
     async def _failed(
         self,
@@ -521,6 +579,7 @@ class TokenManager(Generic[KeyT]):
         grant: str,
         status: int,
         error: str | None,
+        retry_after: float | None = None,
     ) -> _Granted | None:
         device = grant == "device_code"
         # Waiting for the user is the normal course of a device grant, not a warning.
@@ -547,11 +606,15 @@ class TokenManager(Generic[KeyT]):
         # seconds killed a third of a run's deliveries); they retry on the schedule instead, and the
         # error shows in their lastError. An OAuth error (invalid_request, invalid_scope, ...) stays
         # permanent: the request itself is wrong.
-        retryable = status >= 500 or status in (408, 425, 429) or error is None
+        throttled = status == 429 or error in THROTTLE_ERRORS
+        retryable = throttled or status >= 500 or status in (408, 425) or error is None
+        if throttled and retry_after is None and error == "AccessDenied":
+            retry_after = THROTTLE_PAUSE
         raise TokenEndpointError(
             f"{who}: token endpoint {host} answered HTTP {status}" + (f" ({error})" if error else ""),
             retryable=retryable,
             status=status,
+            retry_after=retry_after if retryable else None,
         )
 
     async def _reauth(self, key: KeyT, snap: CredentialSnapshot, reason: str) -> None:
@@ -569,6 +632,17 @@ class TokenManager(Generic[KeyT]):
         self._cache.pop(key, None)
         log.warning("%s needs re-authorisation: %s", self._store.describe(key), reason)
         raise ReauthRequired(key, reason)
+
+    def _refresh_at(self, expires_at: datetime | None, lifetime: float | None = None) -> datetime | None:
+        """When a token is refreshed before use: the margin before it expires, or half its
+        ``lifetime`` before when that is shorter (a 60 s token met the 60 s margin at once, and
+        every delivery asked for a new one)."""
+        if expires_at is None:
+            return None
+        margin = self._margin
+        if lifetime is not None and lifetime > 0:
+            margin = min(margin, timedelta(seconds=lifetime / 2))
+        return expires_at - margin
 
     def _expiry(self, doc: Mapping[str, Any]) -> datetime | None:
         now = self._clock.now()
@@ -601,6 +675,16 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def _error_code(doc: Mapping[str, Any] | None) -> str | None:
+    """The OAuth2 ``error`` of a token answer, or a vendor's status code that means one."""
+    if doc is None:
+        return None
+    error = _safe_code(doc.get("error"))
+    if error is None and doc.get("status") in VENDOR_ERROR_STATUSES:
+        error = _safe_code(doc["status"])
+    return error
 
 
 def _safe_code(value: object) -> str | None:

@@ -628,8 +628,15 @@ class DeliveryWorker:
         except TokenEndpointError as exc:
             self._not_sent("token_endpoint")
             if exc.retryable:
+                # A throttled token endpoint's pause is a floor, as a CRM's Retry-After is.
                 return self._retry(
-                    item, _Result(state="pending", outcome="retry", error=f"token endpoint: {exc}")
+                    item,
+                    _Result(
+                        state="pending",
+                        outcome="retry",
+                        error=f"token endpoint: {exc}",
+                        delay=exc.retry_after,
+                    ),
                 )
             return _Result(state="dead", outcome="dead", error=f"token endpoint: {exc}")
 
@@ -646,7 +653,14 @@ class DeliveryWorker:
                 if isinstance(exc, TokenEndpointError):
                     self._not_sent("token_endpoint")
                 return self._retry(
-                    item, _Result(state="pending", outcome="retry", status=401, error=f"token refresh: {exc}")
+                    item,
+                    _Result(
+                        state="pending",
+                        outcome="retry",
+                        status=401,
+                        error=f"token refresh: {exc}",
+                        delay=exc.retry_after,
+                    ),
                 )
             result = await self._send(item, compiled, token, second_try=True, lease_end=lease_end)
         if result.state == "pending":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from datetime import datetime
 
 import pytest
 
@@ -29,6 +30,10 @@ async def _stored_refresh_token(st: Stack, username: str) -> str | None:
     row = await st.daemon.db.run(lambda s: s.get(UserCredentials, cred))
     assert row is not None
     return st.daemon.box.decrypt_opt(row.refresh_token_enc)
+
+
+def _parse(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def _gauge(metrics: str, name: str, labels: str = "") -> float:
@@ -258,3 +263,40 @@ async def test_a_deleted_credentials_token_never_reaches_the_next_credential_of_
         bob_tokens = {r.headers["Authorization"] for r in st.crm.received[before:]}
         assert anne_token not in bob_tokens, (anne_token, bob_tokens)
         assert [r.status for r in st.crm.received[before:]] == [201]  # bob's own token, fetched for him
+
+
+async def test_a_throttled_token_endpoint_delays_the_delivery_instead_of_killing_it(db_url: str) -> None:
+    """Zoho's throttle (ten access tokens per refresh token in ten minutes, then "Access Denied"
+    with a 400) was a permanent OAuth error: the delivery went dead, and every other delivery of
+    that user in the window with it. It waits now: retried no sooner than the throttle's pause
+    (60 s when the answer gives no Retry-After), the credential active, one token request made."""
+    async with running_stack(db_url) as st:
+        st.crm.token_failures.append(
+            Failure.http(
+                400,
+                b'{"error_description":"You have made too many requests continuously. Please try again '
+                b'after some time.","error":"Access Denied","status":"failure"}',
+            )
+        )
+        await st.configure(users=("anne",), mappings=[st.mapping("newCallEvent", path="calls/new")])
+        await st.xelion.place_call("incoming", callee="anne")
+        deadline = asyncio.get_running_loop().time() + 15
+        items: list[dict[str, object]] = []
+        while asyncio.get_running_loop().time() < deadline:
+            items = await st.deliveries()
+            if items and items[0]["lastError"]:
+                break
+            await asyncio.sleep(0.05)
+        [item] = items
+        assert item["state"] == "pending", item
+        assert "Access Denied" in str(item["lastError"]) or "AccessDenied" in str(item["lastError"]), item
+        detail = await st.delivery(str(item["id"]))
+        waited = (
+            _parse(str(item["nextAttemptAt"])) - _parse(str(detail["attemptLog"][-1]["startedAt"]))
+        ).total_seconds()
+        assert waited >= 59, item
+        assert st.crm.token_counts["refresh_token"] == 1
+        assert st.crm.received == []  # nothing sent without a token
+        cred = await st.credential_id("anne")
+        row = await st.daemon.db.run(lambda s: s.get(UserCredentials, cred))
+        assert row is not None and row.state == "active"

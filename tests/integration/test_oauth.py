@@ -817,3 +817,131 @@ async def test_a_token_request_in_flight_for_a_deleted_credential_serves_nothing
     # Two grants were made, one each; B's stored and cached token is its own, not overwritten by
     # A's request finishing after it.
     assert len(issued) == 2 and b.access_token in issued
+
+
+# --- providers' own answers (a review of the token handling against each CRM's documentation) ---
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        # Microsoft Entra ID (Dynamics 365): a refresh that now needs multi-factor sign-in (AADSTS50076)
+        # or meets a conditional access policy; OpenID Connect's other two of the kind.
+        (b'{"error":"interaction_required","error_description":"AADSTS50076: ..."}', "interaction_required"),
+        (b'{"error":"consent_required"}', "consent_required"),
+        (b'{"error":"login_required"}', "login_required"),
+        # HubSpot: a refresh token revoked (the app uninstalled), answered without an "error" field.
+        (b'{"status":"BAD_REFRESH_TOKEN","message":"missing or unknown refresh token"}', "BAD_REFRESH_TOKEN"),
+    ],
+)
+async def test_providers_dead_grants_park_instead_of_killing_deliveries(
+    body: bytes,
+    reason: str,
+    database: Database,
+    secret_box: SecretBox,
+    sim: CrmSimulator,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
+) -> None:
+    """These answers were a permanent request error (Entra's) or a passing proxy fault (HubSpot's):
+    every delivery of the user went dead, or retried for ten hours and then went dead, while the
+    credential stayed active and the re-authorisation gauge said nothing."""
+    sim.token_failures.append(Failure.http(400, body))
+    cred = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    with pytest.raises(ReauthRequired) as info:
+        await manager(database, secret_box, http, clock).get(cred.id)
+    assert reason in info.value.reason
+    assert (await read_credential(database, cred.id)).state == "reauth_required"
+    assert sum(sim.token_counts.values()) == 1
+
+
+@pytest.mark.parametrize("error", ["authorization_declined", "bad_verification_code"])
+async def test_entra_device_flow_endings_park(
+    error: str,
+    database: Database,
+    secret_box: SecretBox,
+    sim: CrmSimulator,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
+) -> None:
+    """Microsoft's device flow ends the polling with these two as well as RFC 8628's."""
+    sim.token_failures.append(Failure.http(400, f'{{"error":"{error}"}}'.encode()))
+    cred = await add_credential(database, secret_box, sim.token_url, device_code="device-code-1")
+    with pytest.raises(ReauthRequired) as info:
+        await manager(database, secret_box, http, clock).get(cred.id)
+    assert error in info.value.reason
+    assert (await read_credential(database, cred.id)).state == "reauth_required"
+
+
+@pytest.mark.parametrize(
+    ("failure", "pause"),
+    [
+        # Zoho's answer once a refresh token made ten access tokens in ten minutes.
+        (
+            Failure.http(
+                400,
+                b'{"error_description":"You have made too many requests continuously. Please try again '
+                b'after some time.","error":"Access Denied","status":"failure"}',
+            ),
+            60.0,
+        ),
+        (Failure.retry_after(120), 120.0),  # a 429 that says how long
+        (
+            Failure(status=400, headers={"Retry-After": "90"}, body=b'{"error":"temporarily_unavailable"}'),
+            90.0,
+        ),
+    ],
+)
+async def test_a_throttled_token_endpoint_is_waited_out(
+    failure: Failure,
+    pause: float,
+    database: Database,
+    secret_box: SecretBox,
+    sim: CrmSimulator,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
+) -> None:
+    """Zoho's throttle and Entra's temporarily_unavailable were permanent (every delivery of the
+    user in the window went dead), and a 429's Retry-After was ignored: a request every 5 s
+    prolonged the throttling. The credential's token requests now wait for the pause, and the
+    error carries it for the delivery's retry."""
+    sim.token_failures.append(failure)
+    cred = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    tokens = manager(database, secret_box, http, clock, failure_pause=5.0)
+    with pytest.raises(TokenEndpointError) as first:
+        await tokens.get(cred.id)
+    assert first.value.retryable and first.value.retry_after == pause
+    clock.advance(pause - 1)
+    with pytest.raises(TokenEndpointError) as again:
+        await tokens.get(cred.id)
+    assert again.value.retryable and again.value.retry_after == pytest.approx(1.0)
+    assert sim.token_counts == {"refresh_token": 1}  # nothing asked during the pause
+    clock.advance(1)
+    assert (await tokens.get(cred.id)).access_token
+    assert sim.token_counts == {"refresh_token": 2}
+    assert (await read_credential(database, cred.id)).state == "active"
+
+
+async def test_a_short_lived_token_is_refreshed_after_half_its_life_not_on_every_use(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """A 60 s token met the 60 s margin the moment it arrived: every delivery asked for a new one."""
+    sim.expires_in = 60
+    cred = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    tokens = manager(database, secret_box, http, clock)
+    first = await tokens.get(cred.id)
+    for _ in range(5):
+        assert (await tokens.get(cred.id)).access_token == first.access_token
+    clock.advance(29)
+    assert tokens.peek(cred.id) == first
+    assert sim.token_counts == {"refresh_token": 1}
+    clock.advance(2)  # past half its life: refreshed while still valid
+    assert tokens.peek(cred.id) is None
+    assert (await tokens.get(cred.id)).access_token != first.access_token
+    assert sim.token_counts == {"refresh_token": 2}
