@@ -247,6 +247,20 @@ def fn_epoch_millis(value: object) -> int:
     return (_parse_date(value, "epochMillis") - _EPOCH) // timedelta(milliseconds=1)
 
 
+def fn_add_seconds(value: object, seconds: object) -> str:
+    """``value`` moved by ``seconds`` (whole, negative for earlier), in Xelion's own form
+    (``YYYY-MM-DD HH:MM:SS``, UTC; a fraction kept as ``.ffffff``), so every date function reads it.
+    The call's start from its hang-up: ``fn:addSeconds(date, -duration)`` (Pipedrive's start_time,
+    Zoho's Call_Start_Time, Dynamics' actualstart)."""
+    when = _parse_date(value, "addSeconds")
+    try:
+        moved = when + timedelta(seconds=to_long(seconds))
+    except OverflowError:
+        raise TemplateEvalError("fn:addSeconds: the result is outside years 1 to 9999") from None
+    text = f"{moved.year:04d}-{moved:%m-%d %H:%M:%S}"
+    return f"{text}.{moved.microsecond:06d}" if moved.microsecond else text
+
+
 def fn_mmss(value: object) -> str:
     """``01:29`` from 89; minutes beyond two digits are not wrapped (``62:05``)."""
     seconds = to_long(value)
@@ -301,6 +315,7 @@ FUNCTIONS: Final[Mapping[str, FunctionSpec]] = {
     "isoUtc": FunctionSpec(fn_iso_utc, 1, 1),
     "epochMillis": FunctionSpec(fn_epoch_millis, 1, 1),
     "epochSeconds": FunctionSpec(fn_epoch_seconds, 1, 1),
+    "addSeconds": FunctionSpec(fn_add_seconds, 2, 2),
     "mmss": FunctionSpec(fn_mmss, 1, 1),
     "hhmmss": FunctionSpec(fn_hhmmss, 1, 1),
     "urlEncode": FunctionSpec(fn_url_encode, 1, 1),

@@ -28,6 +28,7 @@ DATE_TEMPLATES = {
     "isoUtc": "${fn:isoUtc(d)}",
     "epochSeconds": "${fn:epochSeconds(d)}",
     "epochMillis": "${fn:epochMillis(d)}",
+    "addSeconds": "${fn:addSeconds(d, 0)}",
 }
 
 
@@ -84,6 +85,10 @@ def _expected(name: str, instant: datetime) -> object:
         "isoUtc": instant.replace(microsecond=0).isoformat().replace("+00:00", "Z"),
         "epochSeconds": whole,
         "epochMillis": whole * 1000 + instant.microsecond // 1000,
+        # Xelion's own form, UTC, the fraction only when there is one.
+        "addSeconds": instant.isoformat(
+            sep=" ", timespec="microseconds" if instant.microsecond else "seconds"
+        ).removesuffix("+00:00"),
     }[name]
 
 
@@ -161,3 +166,23 @@ def test_a_pattern_the_c_library_cannot_format_is_an_error_not_an_empty_field() 
         compile_template("${fn:formatDate(d, '%99999Y')}").render({"d": "2026-11-24 09:14:02"})
     assert compile_template("${fn:formatDate(d, '')}").render({"d": "2026-11-24 09:14:02"}) == ""
     assert compile_template("${fn:formatDate(d, '%Y')}").render({"d": "2026-11-24 09:14:02"}) == "2026"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_add_seconds_gives_the_calls_start_from_its_hang_up(engine: str) -> None:
+    """What CRMs ask for and Xelion does not send (Pipedrive's start_time, Zoho's Call_Start_Time,
+    Dynamics' actualstart): the hang-up's ``date`` less its ``duration``, in any date function."""
+    event = {"date": "2026-01-05 09:14:02", "duration": 89}
+
+    def render(template: str) -> object:
+        return compile_template(template, engine=engine).evaluate(event)  # type: ignore[arg-type]
+
+    assert render("${fn:addSeconds(date, -duration)}") == "2026-01-05 09:12:33"
+    assert render("${fn:isoUtc(fn:addSeconds(date, -duration))}") == "2026-01-05T09:12:33Z"
+    assert render("${fn:epochMillis(fn:addSeconds(date, -duration))}") == 1767604353000
+    assert render("${fn:formatDate(fn:addSeconds(date, 3600), '%H:%M', 'Europe/Amsterdam')}") == "11:14"
+    assert render("${fn:addSeconds('2026-12-31 23:59:59', 1)}") == "2027-01-01 00:00:00"
+    with pytest.raises(TemplateEvalError, match="fn:addSeconds: the result is outside years 1 to 9999"):
+        render("${fn:addSeconds('0001-01-01 00:00:10', -duration)}")
+    with pytest.raises(TemplateEvalError, match="fn:addSeconds: .* is not a date-time"):
+        render("${fn:addSeconds(duration, 1)}")
