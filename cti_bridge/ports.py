@@ -209,6 +209,27 @@ STATE_ACTIVE = "active"
 STATE_REAUTH_REQUIRED = "reauth_required"
 
 
+#: Form parameters of a token request that a CRM context's ``tokenRequestParameters`` may not set.
+RESERVED_TOKEN_PARAMETERS = frozenset(
+    {
+        "grant_type",
+        "refresh_token",
+        "device_code",
+        "client_id",
+        "client_secret",
+        "client_assertion",
+        "client_assertion_type",
+        "code",
+        "code_verifier",
+        "redirect_uri",
+        "username",
+        "password",
+        "assertion",
+        "body",
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class CredentialSnapshot:
     """One credential as stored, secrets decrypted. ``repr`` leaves the secrets out."""
@@ -225,3 +246,5 @@ class CredentialSnapshot:
     token_endpoint: str
     auth_method: str = "client_secret_post"
     state_reason: str | None = None
+    #: More form parameters of its token requests (``scope``, ``resource``); not secret.
+    token_parameters: Mapping[str, str] = field(default_factory=dict)

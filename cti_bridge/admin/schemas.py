@@ -24,6 +24,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from cti_bridge.events import CALL_EVENT_TYPES
+from cti_bridge.ports import RESERVED_TOKEN_PARAMETERS
 
 # Secrets (client secrets, tokens, device codes) may be long JWTs; 16 KiB is far beyond any real one.
 SECRET_MAX = 16384
@@ -133,8 +134,29 @@ class CrmContextIn(_In):
     authorizationHeaderPrefix: Annotated[str, StringConstraints(max_length=255)] = "Bearer "
     # Extension: how the token endpoint authenticates the client (RFC 6749 §2.3.1).
     tokenEndpointAuthMethod: Literal["client_secret_post", "client_secret_basic"] = "client_secret_post"
+    # Extension: more form parameters of every token request (``scope`` for Entra ID's v2
+    # endpoint, ``resource`` for v1); not secrets (shown by GET).
+    tokenRequestParameters: (
+        dict[
+            Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")],
+            Annotated[str, StringConstraints(max_length=2048)],
+        ]
+        | None
+    ) = None
 
     _uri = field_validator("authorizationServerUri")(check_http_uri)
+
+    @field_validator("tokenRequestParameters")
+    @classmethod
+    def _token_parameters(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if len(value) > 16:
+            raise ValueError("at most 16 parameters")
+        reserved = sorted(set(value) & RESERVED_TOKEN_PARAMETERS)
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be set here: the grant and the client set it")
+        return value or None
 
 
 class UserCredentialsIn(_In):

@@ -69,6 +69,7 @@ from cti_bridge.errors import ReauthRequired as ReauthRequired
 from cti_bridge.errors import TokenEndpointError as TokenEndpointError
 from cti_bridge.errors import TokenError as TokenError
 from cti_bridge.errors import TokenNotReady as TokenNotReady
+from cti_bridge.ports import RESERVED_TOKEN_PARAMETERS
 from cti_bridge.ports import STATE_ACTIVE as STATE_ACTIVE
 from cti_bridge.ports import STATE_REAUTH_REQUIRED as STATE_REAUTH_REQUIRED
 from cti_bridge.ports import CredentialSnapshot as CredentialSnapshot
@@ -479,8 +480,11 @@ class TokenManager(Generic[KeyT]):
             await self._reauth(key, snap, "no client id is set")
             return None
         device = False
+        # The CRM context's own parameters (``scope``, ``resource``): never one the grant or the
+        # client authentication sets (the admin API refuses those names too).
+        more = {k: v for k, v in snap.token_parameters.items() if k not in RESERVED_TOKEN_PARAMETERS}
         if snap.refresh_token:
-            body = prepare_token_request("refresh_token", refresh_token=snap.refresh_token)
+            body = prepare_token_request("refresh_token", refresh_token=snap.refresh_token, **more)
         elif snap.device_code:
             now = self._clock.monotonic()
             not_before = self._device_not_before.get(key)
@@ -488,7 +492,7 @@ class TokenManager(Generic[KeyT]):
                 # RFC 8628 §3.5: do not poll faster than the interval.
                 raise TokenNotReady(key, round(not_before - now, 3))
             device = True
-            body = prepare_token_request(DEVICE_CODE_GRANT, device_code=snap.device_code)
+            body = prepare_token_request(DEVICE_CODE_GRANT, device_code=snap.device_code, **more)
         else:
             await self._reauth(key, snap, "no refresh token or device code is set")
             return None

@@ -45,6 +45,10 @@ TOKEN_PATH = "/oauth2/token"  # noqa: S105 - a path, not a secret
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 _OK_BODY = b'{"ok":true}'
 _JSON = "application/json"
+#: Form fields of a token request that ``TokenRequest.params`` leaves out (they are secrets or kept apart).
+_SECRET_FORM_FIELDS = frozenset(
+    {"grant_type", "client_id", "client_secret", "refresh_token", "device_code", "code"}
+)
 
 
 @dataclass(slots=True)
@@ -112,6 +116,8 @@ class TokenRequest:
     auth_method: str  # client_secret_basic | client_secret_post | none
     at: float
     status: int
+    #: The request's other form parameters (``scope``, ``resource``, ...), secrets left out.
+    params: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -374,7 +380,14 @@ class CrmSimulator:
             await self.token_hook(grant_type)
         response = await self._token_answer(request, grant_type, client_id, secret, params)
         self.token_requests.append(
-            TokenRequest(grant_type, client_id, auth_method, time.time(), response.status)
+            TokenRequest(
+                grant_type,
+                client_id,
+                auth_method,
+                time.time(),
+                response.status,
+                {k: v for k, v in params.items() if k not in _SECRET_FORM_FIELDS},
+            )
         )
         return response
 

@@ -16,7 +16,7 @@ database for it would be an error, not an empty answer).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -88,6 +88,7 @@ class CrmView:
     authorization_server_uri: str
     authorization_header_prefix: str
     token_auth_method: str
+    token_parameters: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,13 @@ def _cview(row: CrmContext) -> CrmView:
         authorization_server_uri=row.authorization_server_uri,
         authorization_header_prefix=row.authorization_header_prefix,
         token_auth_method=row.token_auth_method,
+        token_parameters=token_parameters_of(row),
     )
+
+
+def token_parameters_of(row: CrmContext) -> dict[str, str] | None:
+    """A CRM context's extra token request parameters (``crmContext.tokenRequestParameters``)."""
+    return json.loads(row.token_parameters) if row.token_parameters else None
 
 
 def _credview(row: UserCredentials, xelion_context_id: int) -> CredentialView:
@@ -224,6 +231,7 @@ def create_integration(
     credentials: Sequence[CredentialInput],
     mappings: Sequence[MappingInput],
     now: datetime,
+    token_parameters: Mapping[str, str] | None = None,
 ) -> IntegrationView:
     """Insert an integration with its CRM context, credentials and mappings; StoreConflict if its
     host + tenant exists (checked here and, against a concurrent insert, by the unique constraint)."""
@@ -249,6 +257,7 @@ def create_integration(
         authorization_server_uri=authorization_server_uri,
         authorization_header_prefix=authorization_header_prefix,
         token_auth_method=token_auth_method,
+        token_parameters=json.dumps(dict(token_parameters)) if token_parameters else None,
         created_at=now,
     )
     session.add(crow)

@@ -83,6 +83,9 @@ class CrmContext(SQLModel, table=True):
     # Carries its own trailing space when the CRM wants one ("Bearer "), as the manual says.
     authorization_header_prefix: str = Field(default="Bearer ", max_length=255)
     token_auth_method: str = Field(default="client_secret_post", max_length=32)
+    # More form parameters of every token request, JSON {name: value} (``scope`` for Entra ID's
+    # v2 endpoint, ``resource`` for v1): no secrets, shown by the admin API.
+    token_parameters: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime = Field(default_factory=utcnow)
 
 

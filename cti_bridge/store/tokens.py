@@ -22,6 +22,7 @@ from cti_bridge.errors import CredentialNotFound
 from cti_bridge.ports import STATE_ACTIVE, STATE_REAUTH_REQUIRED, CredentialSnapshot
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.db import LOCK_REFRESH_USER, Database
+from cti_bridge.store.integrations import token_parameters_of
 from cti_bridge.store.models import AppContext, CrmContext, UserCredentials
 
 _MAX_REASON = 1000  # the width of user_credentials.state_reason
@@ -34,6 +35,7 @@ def snapshot_of(
     device_code: str | None,
     token_endpoint: str,
     auth_method: str,
+    token_parameters: Mapping[str, str] | None = None,
 ) -> CredentialSnapshot:
     """A stored credential as the token manager sees it, secrets decrypted. Shared by both kinds
     of credential (user credentials and app contexts), whose token columns have the same names."""
@@ -52,6 +54,7 @@ def snapshot_of(
         token_endpoint=token_endpoint,
         auth_method=auth_method,
         state_reason=row.state_reason,
+        token_parameters=dict(token_parameters or {}),
     )
 
 
@@ -84,6 +87,7 @@ class UserCredentialTokenStore:
                 device_code=box.decrypt_opt(row.device_code_enc),
                 token_endpoint=context.authorization_server_uri,
                 auth_method=context.token_auth_method,
+                token_parameters=token_parameters_of(context),
             )
 
         return await self._db.run(read)

@@ -159,6 +159,15 @@ async def test_pipedrive_call_log(api: httpx.AsyncClient, database: Database, de
 
 async def test_dynamics_phonecall_upsert(api: httpx.AsyncClient, database: Database, deps: AdminDeps) -> None:
     req = await previewed(api, database, deps.secret_box, "dynamics365")
+    # Entra ID's v2 endpoint refreshes only with a scope: sent with every token request.
+    r = await api.get(
+        "/api/crm-integrations",
+        params={"xelionHost": "pbx-a.example.com", "xelionTenant": "alpha"},
+        headers=OPERATOR,
+    )
+    assert r.json()["crmContext"]["tokenRequestParameters"] == {
+        "scope": "https://acme.crm4.dynamics.com/user_impersonation offline_access"
+    }
     assert req["method"] == "PATCH"
     assert req["url"].startswith("https://acme.crm4.dynamics.com/api/data/v9.2/phonecalls(")
     b = body(req)

@@ -7,7 +7,9 @@ import json
 import httpx
 import pytest
 
+from cti_bridge.admin.app import AdminDeps
 from cti_bridge.store.models import EventUriMapping, UserCredentials, XelionContext
+from cti_bridge.store.tokens import UserCredentialTokenStore
 from tests.api.conftest import (
     DOWN_HOST,
     MANUAL_HOST,
@@ -296,3 +298,50 @@ async def test_delete_removes_everything(
     assert_error(await client.delete(f"/api/crm-integrations/{a.xelion_id}", headers=OPERATOR), 404, 10100)
     # Its session died with it.
     assert_error(await client.get("/api/crm-integrations", headers=auth(a.token)), 401, 10000)
+
+
+async def test_token_request_parameters_are_stored_shown_and_reach_the_token_store(
+    client: httpx.AsyncClient, deps: AdminDeps
+) -> None:
+    """Extension for Entra ID (Dynamics 365): ``crmContext.tokenRequestParameters`` go with every
+    token request of the context's users (``scope`` on the v2 endpoint, ``resource`` on v1)."""
+    scope = "https://acme.crm4.dynamics.com/.default offline_access"
+    body = integration_body("a")
+    body["crmContext"]["tokenRequestParameters"] = {"scope": scope}
+    r = await client.post("/api/crm-integrations", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["crmContext"]["tokenRequestParameters"] == {"scope": scope}
+    r = await client.get(
+        "/api/crm-integrations",
+        params={"xelionHost": "pbx-a.example.com", "xelionTenant": "alpha"},
+        headers=OPERATOR,
+    )
+    assert r.json()["crmContext"]["tokenRequestParameters"] == {"scope": scope}
+    [cred] = rows(deps.database, UserCredentials)
+    assert cred.id is not None
+    snapshot = await UserCredentialTokenStore(deps.database, deps.secret_box).load(cred.id)
+    assert dict(snapshot.token_parameters) == {"scope": scope}
+    # Left out, the manual's shape is unchanged.
+    r = await client.post("/api/crm-integrations", json=integration_body("b"))
+    assert "tokenRequestParameters" not in r.json()["crmContext"]
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"refresh_token": "x"},
+        {"client_secret": "x"},
+        {"grant_type": "password"},
+        {"bad name": "x"},
+        {"scope": 1.5j},
+    ],
+    ids=["refresh_token", "client_secret", "grant_type", "bad-name", "not-a-string"],
+)
+async def test_token_request_parameters_cannot_set_what_the_grant_sets(
+    client: httpx.AsyncClient, parameters: dict[str, object]
+) -> None:
+    body = integration_body("a")
+    body["crmContext"]["tokenRequestParameters"] = parameters
+    raw = json.dumps(body, default=lambda _: {"x": 1})  # a complex number stands for a non-string
+    err = assert_error(await client.post("/api/crm-integrations", **raw_json(raw)), 422, 10201)
+    assert "crmContext.tokenRequestParameters" in err["message"]

@@ -53,6 +53,7 @@ async def add_credential(
     client_secret: str | None = CLIENT_SECRET,
     auth_method: str = "client_secret_post",
     username: str = "alice",
+    token_parameters: str | None = None,
 ) -> CredentialRow:
     """A Xelion context, a CRM context with ``token_endpoint`` and one user credential."""
 
@@ -64,7 +65,10 @@ async def add_credential(
         session.flush()
         assert xc.id is not None
         crm = CrmContext(
-            xelion_context_id=xc.id, authorization_server_uri=token_endpoint, token_auth_method=auth_method
+            xelion_context_id=xc.id,
+            authorization_server_uri=token_endpoint,
+            token_auth_method=auth_method,
+            token_parameters=token_parameters,
         )
         session.add(crm)
         session.flush()

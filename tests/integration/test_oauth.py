@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import threading
@@ -945,3 +946,38 @@ async def test_a_short_lived_token_is_refreshed_after_half_its_life_not_on_every
     assert tokens.peek(cred.id) is None
     assert (await tokens.get(cred.id)).access_token != first.access_token
     assert sim.token_counts == {"refresh_token": 2}
+
+
+@pytest.mark.parametrize("grant", ["refresh_token", "device_code"])
+async def test_a_crm_contexts_token_request_parameters_go_with_every_token_request(
+    grant: str,
+    database: Database,
+    secret_box: SecretBox,
+    sim: CrmSimulator,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
+) -> None:
+    """Entra ID's v2 endpoint refuses a refresh without ``scope`` (Dynamics 365); its v1 endpoint
+    may want ``resource``. Neither could be sent. The grant's own parameters stay the grant's."""
+    scope = "https://acme.crm4.dynamics.com/.default offline_access"
+    params = json.dumps(
+        {"scope": scope, "resource": "https://acme.crm4.dynamics.com", "grant_type": "password"}
+    )
+    if grant == "refresh_token":
+        cred = await add_credential(
+            database,
+            secret_box,
+            sim.token_url,
+            refresh_token=sim.issue_refresh_token(CLIENT_ID),
+            token_parameters=params,
+        )
+    else:
+        code = sim.add_device_code(CLIENT_ID)  # approved already
+        cred = await add_credential(
+            database, secret_box, sim.token_url, device_code=code, token_parameters=params
+        )
+    token = await manager(database, secret_box, http, clock).get(cred.id)
+    assert await crm_status(http, sim, token.access_token) == 201
+    [request] = sim.token_requests
+    assert request.grant_type == ("refresh_token" if grant == "refresh_token" else DEVICE_CODE_GRANT)
+    assert request.params == {"scope": scope, "resource": "https://acme.crm4.dynamics.com"}

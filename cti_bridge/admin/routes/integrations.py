@@ -75,6 +75,8 @@ def integration_json(view: IntegrationView) -> dict[str, Any]:
             "authorizationServerUri": view.crm.authorization_server_uri,
             "id": view.crm.id,
         }
+        if view.crm.token_parameters:  # an extension: shown only when set
+            out["crmContext"]["tokenRequestParameters"] = dict(view.crm.token_parameters)
     return out
 
 
@@ -314,6 +316,7 @@ async def _post_crm_integration(
                 credentials=credentials,
                 mappings=mappings,
                 now=now,
+                token_parameters=crm.tokenRequestParameters,
             )
         )
     except StoreConflict as exc:
