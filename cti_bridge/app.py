@@ -33,6 +33,7 @@ from cti_bridge.admin.http import MAX_CONCURRENT, MAX_REQUEST_HEAD, AdminHttpPro
 from cti_bridge.clock import Clock, SystemClock
 from cti_bridge.config import Settings
 from cti_bridge.delivery.crm_client import CrmClient
+from cti_bridge.delivery.device_codes import DeviceCodePoller
 from cti_bridge.delivery.egress import build_http_client
 from cti_bridge.delivery.oauth import REFRESH_FAILURE_PAUSE, TokenManager
 from cti_bridge.delivery.worker import DeliveryWorker
@@ -295,6 +296,7 @@ class Daemon:
     retention: Retention
     lock: InstanceLock | None
     vacuum: Vacuum | None = None
+    device_codes: DeviceCodePoller | None = None
     ownership: Ownership = field(default_factory=LocalOwnership)
     source_hooks: StoreSourceHooks | None = None
     background: set[asyncio.Future[None]] = field(default_factory=set)
@@ -534,6 +536,7 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
             retention=Retention(db, settings, clock, metrics),
             lock=lock,
             vacuum=Vacuum(db, settings),
+            device_codes=DeviceCodePoller(db, tokens),
             ownership=ownership,
             source_hooks=hooks,
         )
@@ -628,6 +631,11 @@ async def serve(
             stop_task = tg.create_task(stop.wait(), name="stop-signal")
             retention_task = tg.create_task(daemon.retention.run(stop), name="retention")
             vacuum_task = tg.create_task(daemon.vacuum.run(stop), name="vacuum") if daemon.vacuum else None
+            devices_task = (
+                tg.create_task(daemon.device_codes.run(stop), name="device-codes")
+                if daemon.device_codes
+                else None
+            )
             follow_task = (
                 None
                 if daemon.db.is_sqlite
@@ -640,6 +648,8 @@ async def serve(
             )
             if follow_task is not None:
                 follow_task.cancel()  # it must not start a source that stop_all has just stopped
+            if devices_task is not None:
+                devices_task.cancel()  # no new token request while stopping
             # Each step is bounded by the grace: with a database that does not answer (a lock held
             # by another program, a silent server) the sources' gap writes and the last commits
             # waited for it, and the stop with them (65 s on a locked SQLite file; for ever on a

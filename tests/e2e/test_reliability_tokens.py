@@ -12,7 +12,7 @@ from datetime import datetime
 
 import pytest
 
-from cti_bridge.sim.crm import Failure, Received
+from cti_bridge.sim.crm import DEVICE_CODE_GRANT, Failure, Received
 from cti_bridge.store.models import UserCredentials
 from tests.e2e.stack import CLIENT_ID, CLIENT_SECRET, Stack, running_stack
 
@@ -300,3 +300,25 @@ async def test_a_throttled_token_endpoint_delays_the_delivery_instead_of_killing
         cred = await st.credential_id("anne")
         row = await st.daemon.db.run(lambda s: s.get(UserCredentials, cred))
         assert row is not None and row.state == "active"
+
+
+async def test_an_approved_device_code_becomes_a_refresh_token_before_any_call(db_url: str) -> None:
+    """The daemon polls the device codes itself: before, the code was tried only at the user's
+    first call, by which time it could have expired (the device flow to be done again)."""
+    async with running_stack(db_url) as st:
+        await st.configure(users=("anne",), mappings=[st.mapping("newCallEvent", path="calls/new")])
+        code = st.crm.add_device_code(CLIENT_ID)  # the user approved it at the provider
+        cred = await st.credential_id("anne")
+        resp = await st.api.post(f"/api/users/{cred}/devicecode/update", json={"value": code})
+        assert resp.status_code == 200, resp.text
+        assert await _stored_refresh_token(st, "anne") is None  # a new device code drops it
+        deadline = asyncio.get_running_loop().time() + 15
+        while await _stored_refresh_token(st, "anne") is None:
+            assert asyncio.get_running_loop().time() < deadline, "the device code was never polled"
+            await asyncio.sleep(0.1)
+        assert st.crm.token_counts == {DEVICE_CODE_GRANT: 1}
+        assert st.crm.received == []  # no call was made
+        await st.xelion.place_call("incoming", callee="anne")
+        [item] = await st.wait_settled(1)
+        assert item["state"] == "delivered"
+        assert st.crm.token_counts == {DEVICE_CODE_GRANT: 1}

@@ -27,6 +27,7 @@ from sqlmodel import Session, update
 
 from cti_bridge.clock import utcnow
 from cti_bridge.config import Settings
+from cti_bridge.delivery.device_codes import DeviceCodePoller
 from cti_bridge.delivery.egress import build_http_client
 from cti_bridge.delivery.oauth import (
     DEVICE_CODE_GRANT,
@@ -981,3 +982,61 @@ async def test_a_crm_contexts_token_request_parameters_go_with_every_token_reque
     [request] = sim.token_requests
     assert request.grant_type == ("refresh_token" if grant == "refresh_token" else DEVICE_CODE_GRANT)
     assert request.params == {"scope": scope, "resource": "https://acme.crm4.dynamics.com"}
+
+
+async def test_approved_device_codes_become_refresh_tokens_without_a_call(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """The device code was polled only when a delivery needed a token: a user who approved and
+    made no call within the code's life (15 minutes at Entra ID) met ``expired_token`` at the first
+    call, parked, the device flow to be done again. The poller asks for every credential waiting on
+    one, at the server's interval, and leaves the others alone."""
+    waiting = await add_credential(
+        database,
+        secret_box,
+        sim.token_url,
+        device_code=sim.add_device_code(CLIENT_ID, pending=1),
+        username="wes",
+    )
+    await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID), username="rita"
+    )
+    parked = await add_credential(
+        database, secret_box, sim.token_url, device_code=sim.add_device_code(CLIENT_ID), username="pat"
+    )
+    await database.run(
+        lambda s: s.execute(
+            update(UserCredentials).where(UserCredentials.id == parked.id).values(state="reauth_required")
+        )
+    )
+    poller = DeviceCodePoller(database, manager(database, secret_box, http, clock))
+
+    assert await poller.poll_once() == 0  # authorization_pending
+    assert sim.token_counts == {DEVICE_CODE_GRANT: 1}
+    assert await poller.poll_once() == 0  # within the interval: not asked again
+    assert sim.token_counts == {DEVICE_CODE_GRANT: 1}
+    clock.advance(5)
+    assert await poller.poll_once() == 1
+    row = await read_credential(database, waiting.id)
+    assert row.refresh_token_enc is not None and row.device_code_enc is None
+    assert await poller.poll_once() == 0  # nobody waits any more
+    assert sim.token_counts == {DEVICE_CODE_GRANT: 2}  # never for rita (a refresh token) nor pat (parked)
+
+
+async def test_the_device_code_poller_runs_until_stopped(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    cred = await add_credential(
+        database, secret_box, sim.token_url, device_code=sim.add_device_code(CLIENT_ID)
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        DeviceCodePoller(database, manager(database, secret_box, http, clock), 0.05).run(stop)
+    )
+    for _ in range(100):
+        if (await read_credential(database, cred.id)).refresh_token_enc is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert (await read_credential(database, cred.id)).refresh_token_enc is not None
+    stop.set()
+    await asyncio.wait_for(task, 2)
