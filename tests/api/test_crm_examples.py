@@ -136,7 +136,7 @@ async def test_zoho_call(api: httpx.AsyncClient, database: Database, deps: Admin
     assert rendered_url("zoho") == "https://www.zohoapis.eu/crm/v8/Calls"
     assert req["headers"]["Authorization"].startswith("Zoho-oauthtoken ")
     [record] = body(req)["data"]
-    assert record["Call_Start_Time"] == "2026-01-05T09:12:33+00:00"  # the hang-up less 89 s
+    assert record["Call_Start_Time"] == "2026-01-05T10:12:33+01:00"  # the hang-up less 89 s, local time
     assert (record["Call_Duration"], record["Call_Type"]) == ("01:29", "Outbound")
 
 

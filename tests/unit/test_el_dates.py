@@ -186,3 +186,22 @@ def test_add_seconds_gives_the_calls_start_from_its_hang_up(engine: str) -> None
         render("${fn:addSeconds('0001-01-01 00:00:10', -duration)}")
     with pytest.raises(TemplateEvalError, match="fn:addSeconds: .* is not a date-time"):
         render("${fn:addSeconds(duration, 1)}")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(
+    ("pattern", "zone", "expected"),
+    [
+        ("%Y-%m-%dT%H:%M:%S%:z", "Asia/Kolkata", "2026-01-05T14:44:02+05:30"),  # Zoho's form
+        ("%Y-%m-%dT%H:%M:%S%:z", "UTC", "2026-01-05T09:14:02+00:00"),
+        ("%H:%M%:z", "America/St_Johns", "05:44-03:30"),
+        ("%H:%M %:z %z", "Europe/Amsterdam", "10:14 +01:00 +0100"),
+        ("100%%:z", "UTC", "100%:z"),  # an escaped percent sign stays one
+    ],
+)
+def test_format_date_writes_the_offset_with_a_colon(
+    pattern: str, zone: str, expected: str, engine: str
+) -> None:
+    """``%:z`` is Python 3.12's; on 3.11 strftime printed it as it stood ("%:z")."""
+    template = f"${{fn:formatDate(d, '{pattern}', '{zone}')}}"
+    assert _evaluate(template, "2026-01-05 09:14:02", engine) == expected
