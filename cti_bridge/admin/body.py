@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import re
 from collections.abc import Sequence
 from email.message import Message
 from typing import Any, TypeVar
@@ -110,6 +111,10 @@ def _check_string(text: str, path: tuple[int | str, ...]) -> None:
         ) from None
 
 
+#: The charsets a body may declare, as ``codecs.lookup`` names them.
+_CHARSETS = re.compile(r"utf-8|utf-8-sig|utf-16(-[bl]e)?|utf-32(-[bl]e)?|ascii|iso8859-\d{1,2}|cp125\d")
+
+
 def parse_json(raw: bytes, charset: str | None = None) -> object:
     """Parse a request body, or raise 400/10200 (line and column in ``info``) / 413 / 422.
 
@@ -123,9 +128,16 @@ def parse_json(raw: bytes, charset: str | None = None) -> object:
         try:
             found = codecs.lookup(charset).name
         except LookupError:
+            found = ""
+        if not _CHARSETS.fullmatch(found):
+            # Only text charsets a client may really send: Python's codecs include transforms
+            # (base64, zlib, rot13) that are no text encoding at all, and UTF-7 or IDNA, which
+            # no JSON client uses and which spell the same text in other bytes.
             raise malformed(
-                "Malformed JSON: unknown charset", f"Content-Type names charset {charset[:40]!r}"
-            ) from None
+                "Malformed JSON: unsupported charset",
+                f"Content-Type names charset {charset[:40]!r}; UTF-8, UTF-16, UTF-32, ISO-8859-n or "
+                "windows-125n are read",
+            )
         if found != "utf-8":
             codec, name = found, charset[:40]
     try:

@@ -136,6 +136,26 @@ async def test_a_body_in_its_declared_charset_is_read_in_it(api: httpx.AsyncClie
         10200,
     )
     assert "klingon" in err["info"]
+    # Python's codecs that are no text encoding (a 500 each, LookupError or UnicodeError), and the
+    # ones no JSON client uses, are refused by name like an unknown one.
+    for charset in ("rot13", "base64", "zlib", "hex", "utf-7", "idna", "punycode", "cp037"):
+        err = assert_error(
+            await api.put(
+                url,
+                content=latin1,
+                headers={**OPERATOR, "Content-Type": f"application/json; charset={charset}"},
+            ),
+            400,
+            10200,
+        )
+        assert err["message"] == "Malformed JSON: unsupported charset" and charset in err["info"], err
+    # UTF-16 with its byte order mark, as a Windows client may send it.
+    r = await api.put(
+        url,
+        content=body.encode("utf-16"),
+        headers={**OPERATOR, "Content-Type": "application/json; charset=UTF-16"},
+    )
+    assert r.status_code == 200, r.text
     # UTF-8 declared in any spelling is UTF-8.
     r = await api.put(
         url, content=body.encode(), headers={**OPERATOR, "Content-Type": "application/json;charset=utf8"}
