@@ -536,7 +536,9 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
             retention=Retention(db, settings, clock, metrics),
             lock=lock,
             vacuum=Vacuum(db, settings),
-            device_codes=DeviceCodePoller(db, tokens),
+            device_codes=DeviceCodePoller(
+                db, tokens, owned=lambda x: sources.status(x).state is not SourceState.STANDBY
+            ),
             ownership=ownership,
             source_hooks=hooks,
         )

@@ -117,7 +117,9 @@ MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
 #: (seconds): a failing endpoint is asked about once per pause and credential, not once per delivery
 #: that needs a token. Deliveries retry after 5 s at the earliest anyway (reliability.md §7).
 REFRESH_FAILURE_PAUSE = 5.0
-_TOKEN_FIELDS = frozenset({"access_token", "refresh_token", "expires_in", "expires_at"})
+# Not kept with the extras: the secrets, and expires_at (made ours). ``expires_in`` is kept: a
+# stored token's lifetime decides when it is refreshed (``_refresh_at``), in every replica.
+_TOKEN_FIELDS = frozenset({"access_token", "refresh_token", "expires_at"})
 _SAFE_CODE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 KeyT = TypeVar("KeyT", bound=Hashable)
@@ -355,12 +357,9 @@ class TokenManager(Generic[KeyT]):
                 log.exception("token refresh metrics callback failed")
 
     def _due(self, token: AccessToken) -> bool:
-        """A cached token is used as it is until its ``refresh_at``."""
+        """A cached token is used as it is until its ``refresh_at`` (§12: none when the provider
+        gave no expiry: used until a 401)."""
         return token.refresh_at is None or token.refresh_at > self._clock.now()
-
-    def _fresh(self, expires_at: datetime | None) -> bool:
-        # §12: no expiry given → use until a 401; otherwise refresh with less than the margin left.
-        return expires_at is None or expires_at - self._clock.now() > self._margin
 
     def _ensure_not_forgotten(self, key: KeyT, generation: int) -> None:
         """Raise if ``forget(key)`` came after ``generation`` was read: what this request holds
@@ -453,13 +452,14 @@ class TokenManager(Generic[KeyT]):
         if snap.state == STATE_REAUTH_REQUIRED:
             self._cache.pop(key, None)
             raise ReauthRequired(key, snap.state_reason or "re-authorisation required")
-        if snap.access_token and snap.access_token != rejected and self._fresh(snap.expires_at):
+        refresh_at = self._refresh_at(snap.expires_at, _number(snap.extra.get("expires_in")))
+        if (
+            snap.access_token
+            and snap.access_token != rejected
+            and (refresh_at is None or refresh_at > self._clock.now())
+        ):
             token = AccessToken(
-                snap.access_token,
-                snap.expires_at,
-                dict(snap.extra),
-                snap.version,
-                self._refresh_at(snap.expires_at),
+                snap.access_token, snap.expires_at, dict(snap.extra), snap.version, refresh_at
             )
             self._cache[key] = token
             return token
@@ -686,8 +686,9 @@ def _error_code(doc: Mapping[str, Any] | None) -> str | None:
     if doc is None:
         return None
     error = _safe_code(doc.get("error"))
-    if error is None and doc.get("status") in VENDOR_ERROR_STATUSES:
-        error = _safe_code(doc["status"])
+    status = doc.get("status")  # HubSpot's is a string; others send an object there
+    if error is None and isinstance(status, str) and status in VENDOR_ERROR_STATUSES:
+        error = _safe_code(status)
     return error
 
 

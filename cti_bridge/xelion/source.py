@@ -346,6 +346,9 @@ class XelionSource:
                     self._where,
                     options.disabled_retry,
                 )
+                # The session's renewer would meet the same 10006 at every renew and log in again
+                # every renew_retry_delay (5 s) meanwhile: the next login starts a new one.
+                await self._stop_renewer()
                 await self._set_state(SourceState.FAILED, reason)
                 await options.sleep(options.disabled_retry)
                 continue
@@ -515,12 +518,15 @@ class XelionSource:
             # starts when reading stopped, not when the close is noticed after the wait.
             self._unread_from(read_at)
 
-    async def _shutdown(self) -> None:
+    async def _stop_renewer(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._renewer
             self._renewer = None
+
+    async def _shutdown(self) -> None:
+        await self._stop_renewer()
         ws = self._ws
         self._ws = None
         if ws is not None:

@@ -113,3 +113,18 @@ async def operator_sets_refresh_token(db: Database, box: SecretBox, credential_i
         session.add(row)
 
     await db.run(write)
+
+
+async def operator_sets_device_code(db: Database, box: SecretBox, credential_id: int, code: str) -> None:
+    """What the admin API's ``devicecode/update`` does: the new code, no refresh token, version bumped."""
+
+    def write(session: Session) -> None:
+        row = session.get(UserCredentials, credential_id)
+        assert row is not None
+        row.device_code_enc = box.encrypt(code)
+        row.refresh_token_enc = None
+        row.version += 1
+        row.state = "active"
+        session.add(row)
+
+    await db.run(write)

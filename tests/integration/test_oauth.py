@@ -20,6 +20,7 @@ from oauth_helpers import (
     CLIENT_SECRET,
     FakeClock,
     add_credential,
+    operator_sets_device_code,
     operator_sets_refresh_token,
     read_credential,
 )
@@ -1040,3 +1041,95 @@ async def test_the_device_code_poller_runs_until_stopped(
     assert (await read_credential(database, cred.id)).refresh_token_enc is not None
     stop.set()
     await asyncio.wait_for(task, 2)
+
+
+@pytest.mark.parametrize("status", [{"code": 200}, ["ok"]])
+async def test_a_token_answer_with_a_status_object_is_read_as_any_other(
+    status: object,
+    database: Database,
+    secret_box: SecretBox,
+    sim: CrmSimulator,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
+) -> None:
+    """HubSpot's ``status`` is a string; another provider's may be an object, which the check for
+    HubSpot's codes could not hash: a TypeError after the endpoint answered and before the save,
+    losing a rotated refresh token (a review's finding)."""
+    sim.rotate_refresh_tokens = True
+    sim.extra_fields = {"status": status}
+    cred = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    tokens = manager(database, secret_box, http, clock)
+    assert (await tokens.get(cred.id)).access_token
+    (rotated,) = sim.current_refresh_tokens(CLIENT_ID)
+    assert secret_box.decrypt_opt((await read_credential(database, cred.id)).refresh_token_enc) == rotated
+    sim.token_failures.append(Failure.http(503, b'{"status": {"code": 503, "message": "maintenance"}}'))
+    tokens.invalidate(cred.id)
+    await database.run(lambda s: s.execute(update(UserCredentials).values(access_token_enc=None)))
+    with pytest.raises(TokenEndpointError) as info:
+        await tokens.get(cred.id)
+    assert info.value.retryable
+
+
+async def test_a_short_lived_stored_token_serves_every_manager_until_half_its_life(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """Another replica, a restart or a dropped cache read the stored token with the full margin:
+    a 60 s token was never fresh there, and each of them asked for a new one (a review's finding)."""
+    sim.expires_in = 60
+    cred = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    replica_a, replica_b = (
+        manager(database, secret_box, http, clock),
+        manager(database, secret_box, http, clock),
+    )
+    first = await replica_a.get(cred.id)
+    clock.advance(1)
+    assert (await replica_b.get(cred.id)).access_token == first.access_token
+    replica_a.invalidate(cred.id)
+    assert (await replica_a.get(cred.id)).access_token == first.access_token
+    assert sim.token_counts == {"refresh_token": 1}
+    clock.advance(30)  # past half its life: refreshed, once
+    assert (await replica_b.get(cred.id)).access_token != first.access_token
+    assert sim.token_counts == {"refresh_token": 2}
+
+
+async def test_the_device_code_poller_backs_off_after_failures_and_polls_only_its_own(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """A request the endpoint refuses for good (a parameter Entra ID does not take) left the
+    credential active, asked every 5 s for ever with a warning each time; each PostgreSQL replica
+    polled every code at its own interval (a review's findings). Failures double the pause, up to
+    5 minutes; a new device code starts afresh; a replica polls only the integrations it owns."""
+    for _ in range(50):
+        sim.token_failures.append(Failure.http(400, b'{"error":"invalid_request"}'))
+    cred = await add_credential(
+        database, secret_box, sim.token_url, device_code=sim.add_device_code(CLIENT_ID)
+    )
+    tokens = manager(database, secret_box, http, clock)
+    poller = DeviceCodePoller(database, tokens, clock=clock.monotonic)
+    for _ in range(12):  # a minute of 5 s rounds
+        await poller.poll_once()
+        clock.advance(5)
+    # Asked at 0, 5 (pause 5), 15 (10), 35 (20); next at 75.
+    assert sim.token_counts == {DEVICE_CODE_GRANT: 4}
+    for _ in range(60):  # five more minutes: the pause stops growing at 300 s
+        await poller.poll_once()
+        clock.advance(5)
+    assert sim.token_counts == {DEVICE_CODE_GRANT: 7}  # at 75, 155 and 315; then every 300 s
+    # A new device code (a new version of the credential) is asked for at the next round.
+    sim.token_failures.clear()
+    await operator_sets_device_code(database, secret_box, cred.id, sim.add_device_code(CLIENT_ID))
+    tokens.invalidate(cred.id)
+    assert await poller.poll_once() == 1
+
+    other = await add_credential(
+        database, secret_box, sim.token_url, device_code=sim.add_device_code(CLIENT_ID), username="otto"
+    )
+    standby = DeviceCodePoller(database, tokens, owned=lambda _x: False, clock=clock.monotonic)
+    assert await standby.poll_once() == 0
+    assert sim.token_counts == {DEVICE_CODE_GRANT: 8}  # the new code's one request, none for otto
+    assert await DeviceCodePoller(database, tokens, clock=clock.monotonic).poll_once() == 1
+    assert (await read_credential(database, other.id)).refresh_token_enc is not None

@@ -15,7 +15,7 @@ from xelion_helpers import RecordingHooks, client, config_for, fast_options, hoo
 
 from cti_bridge.events import dedupe_key
 from cti_bridge.ports import EventsNotRecorded, SourceState
-from cti_bridge.sim.xelion import XelionSimulator
+from cti_bridge.sim.xelion import XelionSimulator, add_demo_tenant
 from cti_bridge.xelion.rest import XelionSession
 from cti_bridge.xelion.source import SourceManager, SourceOptions, XelionSource
 
@@ -245,6 +245,27 @@ async def test_a_disabled_admin_account_is_tried_again_slowly_until_enabled(
     # The time it could not listen is one gap, from the start until it subscribed.
     assert [kind for kind, *_ in hooks.gaps] == ["open", "close"]
     await manager.stop_all()
+
+
+async def test_a_session_whose_account_is_disabled_stops_renewing_while_it_waits(
+    client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    """Disabled while subscribed: the session's renewer, left running, renewed when due, was
+    refused, logged in (10006) and tried again every renew_retry_delay, whatever disabled_retry
+    said (a review's finding). The wait is the only thing that logs in now."""
+    async with XelionSimulator(port=0, token_lifetime=2.0) as sim:
+        add_demo_tenant(sim)
+        manager = SourceManager(hooks, client, fast_options(disabled_retry=30.0, renew_retry_delay=0.1))
+        await manager.start(config_for(sim))
+        await wait_for(lambda: subscribed(manager), what="subscribed")
+        sim.tenants["master"].users["admin"].active = False
+        await sim.expire_all_sessions()
+        await sim.drop_all_sockets()
+        await wait_for(lambda: manager.status(1).state is SourceState.FAILED, what="FAILED (10006)")
+        before = sim.stats.login_attempts
+        await asyncio.sleep(3.0)  # a tenth of disabled_retry; renewals were due every second
+        assert sim.stats.login_attempts - before <= 1
+        await manager.stop_all()
 
 
 async def test_gaps_are_recorded_and_resubscribed_after_reconnect(
