@@ -929,7 +929,8 @@ async def test_extra_token_fields_are_stored_encrypted_and_a_post_clears_them(
     assert r.status_code == 201, r.text
     [row] = contexts(h.database)
     assert row.token_extra_enc is not None
-    expected = {"token_type": "Bearer", "instance_url": instance, "scope": scope}
+    # The token's lifetime is kept with them: it decides when a stored token is refreshed (b21c451).
+    expected = {"token_type": "Bearer", "instance_url": instance, "scope": scope, "expires_in": 3600}
     assert json.loads(h.box.decrypt(row.token_extra_enc)) == expected
     [context_id] = [c.id for c in contexts(h.database)]
     assert context_id is not None
