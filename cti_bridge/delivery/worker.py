@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from cti_bridge.clock import Clock, SystemClock, xelion_time
@@ -84,6 +85,8 @@ EXCERPT_BYTES = 4096
 #: FLUSH_DELAY seconds (while a flush runs, the next batch gathers by itself).
 FLUSH_MAX = 256
 FLUSH_DELAY = 0.002
+#: Pauses before writing a batch of outcomes again after a transient database error.
+COMPLETION_RETRY_DELAYS = (0.2, 1.0, 3.0)
 #: Under a backlog, a claim for only a few places first waits this long for more to free.
 CLAIM_GATHER = 0.005
 
@@ -529,16 +532,33 @@ class DeliveryWorker:
             del self._completions[:FLUSH_MAX]
             now = self.clock.now()
             completions = [c for c, _, _ in batch]
+            write = partial(
+                _write_completions, completions=completions, keys=[k for _, _, k in batch], now=now
+            )
+            retries = list(COMPLETION_RETRY_DELAYS)
             try:
-                written, successors = await self.db.run(
-                    partial(
-                        _write_completions, completions=completions, keys=[k for _, _, k in batch], now=now
-                    ),
-                    quick=True,
-                )
+                while True:
+                    try:
+                        written, successors = await self.db.run(write, quick=True)
+                        break
+                    except OperationalError as exc:
+                        # A database briefly away (a PostgreSQL connection dropped, a restart):
+                        # these requests were answered, and left unrecorded they would be sent
+                        # again once their lease ends. Writing them again is safe: each outcome
+                        # applies only while its claim holds, so one that did commit before the
+                        # error applies no second time.
+                        if not retries:
+                            raise
+                        delay = retries.pop(0)
+                        log.warning(
+                            "recording %d delivery outcomes failed (%s); trying again in %.1f s",
+                            len(batch),
+                            type(exc).__name__,
+                            delay,
+                        )
+                        await asyncio.sleep(delay)
             except Exception as exc:
-                # As a failed single completion did: the deliveries stay leased and go back to the
-                # queue when their lease ends.
+                # The deliveries stay leased and go back to the queue when their lease ends.
                 log.error("recording %d delivery outcomes failed: %s", len(batch), exc)
                 for _, future, _ in batch:
                     if not future.done():

@@ -89,6 +89,23 @@ async def test_a_batch_whose_commit_failed_is_written_again_once(
         assert [g["reason"] for g in source["gaps"]] == ["starting"]
 
 
+async def test_an_outcome_whose_commit_failed_is_written_again_not_sent_again(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CRM answered 201; recording it fails with a transient error (a PostgreSQL connection
+    dropped: a chaos soak's finding). The outcome used to wait for the lease's end, and the request
+    was sent again; it is written again now, and the CRM gets the request once."""
+    async with running_stack(db_url) as st:
+        await st.configure(users=("anne",), mappings=[st.mapping("callHungUpEvent")])
+        completes = FailingFirst(worker_module.complete_many, times=1)
+        monkeypatch.setattr(worker_module, "complete_many", completes)
+        await st.xelion.place_call("incoming", callee="anne")
+        [item] = await st.wait_settled(1, timeout=10)
+        assert item["state"] == "delivered" and item["attempts"] == 1
+        assert completes.left == 0 and completes.calls == 2
+        assert [r.status for r in st.crm.received] == [201]
+
+
 class FailingFor:
     """Wraps ``insert_events``: every batch holding an event of ``call_id`` fails for good (a full
     disk, a constraint error: not transient), the others go through."""
