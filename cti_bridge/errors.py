@@ -31,6 +31,7 @@ class ErrorCode(IntEnum):
     UPSTREAM_TIMEOUT = 10502  # 504: an external service did not answer in time
     UPSTREAM_REAUTH = 10503  # 401: the authorization server refused a stored grant; POST a new one
     INTERNAL = 11000  # 500: a bug; details only in the log
+    DATABASE_UNAVAILABLE = 11001  # 503: the database did not answer (a dropped connection); try again
 
 
 class CtiBridgeError(Exception):

@@ -6,6 +6,8 @@ with the status and code of ``cti_bridge.errors``:
 - ``ApiError`` as raised (its ``headers``, e.g. ``Retry-After``, included);
 - ``RequestValidationError`` (a bad path or query parameter) → 422/10201 naming it;
 - Starlette's ``HTTPException`` (an unknown path → 404/10100, a wrong method → 405/10206);
+- the database going away under a request (SQLAlchemy's ``OperationalError``: a PostgreSQL connection
+  dropped) → 503/11001 with ``Retry-After: 1``, one log line;
 - anything else → 500/11000 "Internal error", logged with its traceback; the answer carries neither
   the traceback nor the exception's text (which could hold a secret).
 
@@ -29,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic.json_schema import models_json_schema
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
@@ -146,24 +149,48 @@ class CatchAllMiddleware:
             # The client left (or admin/http.py cut off a body that did not arrive in time): no one
             # to answer, and nothing went wrong here.
             log.debug("admin API: the client left during %s %s", scope.get("method"), scope.get("path"))
+        except OperationalError as exc:
+            # The database went away under the request (a PostgreSQL connection dropped, a server
+            # restarting): no bug, and the next request gets a fresh connection. A 503 the client
+            # may retry, one line in the log; it was a 500 "a bug" with a traceback each.
+            log.warning(
+                "admin API: the database did not answer %s %s (%s)",
+                scope.get("method"),
+                scope.get("path"),
+                type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__,
+            )
+            if started:
+                raise
+            await _send_error(
+                send,
+                503,
+                ErrorCode.DATABASE_UNAVAILABLE,
+                "The database is not available; try again",
+                [(b"retry-after", b"1")],
+            )
         except Exception:
             log.exception("admin API: unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:
                 raise  # too late for an error body: let the server drop the connection
-            body = json.dumps(
-                {"errorCode": int(ErrorCode.INTERNAL), "message": "Internal error", "info": ""}
-            ).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await _send_error(send, 500, ErrorCode.INTERNAL, "Internal error")
+
+
+async def _send_error(
+    send: Send, status: int, code: ErrorCode, message: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps({"errorCode": int(code), "message": message, "info": ""}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

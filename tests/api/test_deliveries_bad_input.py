@@ -208,3 +208,30 @@ async def test_a_bulk_replay_of_delivered_deliveries_needs_since(
     assert r.status_code == 200 and r.json() == {"replayed": 1}, r.text
     # dead (the default) needs no bound: what failed is what an operator replays after an outage.
     assert (await api.post("/api/deliveries/replay", json={}, headers=OPERATOR)).json() == {"replayed": 0}
+
+
+async def test_a_database_gone_under_a_request_is_a_503_to_retry_not_a_500(
+    api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PostgreSQL connection dropped under a read answered 500/11000 "a bug", with a traceback
+    each (a chaos soak's finding: 261 of 600 reads while backends were terminated)."""
+    from sqlalchemy.exc import OperationalError
+
+    from cti_bridge.admin.routes import deliveries as deliveries_routes
+
+    real = deliveries_routes.store.list_deliveries
+    calls = {"n": 0}
+
+    def dropped_once(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OperationalError("SELECT ...", {}, Exception("server closed the connection unexpectedly"))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(deliveries_routes.store, "list_deliveries", dropped_once)
+    r = await api.get("/api/deliveries", headers=OPERATOR)
+    body = assert_error(r, 503, 11001)
+    assert r.headers["Retry-After"] == "1" and "try again" in body["message"]
+    assert not [rec for rec in caplog.records if rec.exc_info]  # one line, no traceback
+    r = await api.get("/api/deliveries", headers=OPERATOR)
+    assert r.status_code == 200, r.text
