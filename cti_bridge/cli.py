@@ -27,15 +27,27 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cti-bridge", description="Xelion call events to CRM requests.")
     parser.add_argument("--version", action="version", version=f"cti-bridge {__version__}")
     parser.add_argument("--config", help="TOML settings file (also CTI_BRIDGE_CONFIG)")
+    # Also after the command (``cti-bridge run --config FILE``), as operators write it; given
+    # there, it wins. SUPPRESS keeps the subcommand from resetting the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", default=argparse.SUPPRESS, help="TOML settings file (also CTI_BRIDGE_CONFIG)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the daemon: admin API, Xelion sources, delivery worker")
-    demo = sub.add_parser("demo", help="run everything against the built-in Xelion and CRM simulators")
+    sub.add_parser("run", parents=[common], help="run the daemon: admin API, Xelion sources, delivery worker")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="run everything against the built-in Xelion and CRM simulators"
+    )
     demo.add_argument("--calls", type=int, default=20, help="calls to place, 0 for until Ctrl-C (default 20)")
     demo.add_argument("--rate", type=float, default=4.0, help="calls per second (default 4)")
     demo.add_argument("--database", default=None, help="database URL (default: a fresh SQLite file)")
-    sub.add_parser("migrate", help="bring the database to the newest schema and exit")
-    sub.add_parser("check-config", help="validate the settings and print them (secrets masked)")
-    render = sub.add_parser("render", help="render a mapping for an event and print the request as JSON")
+    sub.add_parser("migrate", parents=[common], help="bring the database to the newest schema and exit")
+    sub.add_parser(
+        "check-config", parents=[common], help="validate the settings and print them (secrets masked)"
+    )
+    render = sub.add_parser(
+        "render", parents=[common], help="render a mapping for an event and print the request as JSON"
+    )
     render.add_argument("--mapping", required=True, help="a JSON file with one eventUriMapping")
     render.add_argument("--event", required=True, help="a JSON file with a notification or a websocket frame")
     render.add_argument("--user", help="the Xelion user name of the party the delivery is for")

@@ -854,4 +854,11 @@ class DeliveryWorker:
         if state == "delivered":
             log.debug("delivery %s delivered (HTTP %s) in %d ms", item.id, result.status, duration_ms)
         elif state != "pending" or result.outcome != "retry":
-            log.info("delivery %s %s: %s", item.id, state, result.error)
+            # Dead is for an operator to look at (replay, a mapping to mend): a warning.
+            log.log(
+                logging.WARNING if state == "dead" else logging.INFO,
+                "delivery %s %s: %s",
+                item.id,
+                state,
+                result.error,
+            )

@@ -15,7 +15,8 @@ What it does:
   a queue or per-path rules: any status, 429 with ``Retry-After``, 401, slow answers, or a dropped
   connection (the request is recorded, then the connection is closed without an answer).
 - ``/_sim/...``: a small control API for a standalone simulator (``python -m cti_bridge.sim.crm``):
-  ``POST /_sim/clients`` registers a client and returns a refresh token; ``GET /_sim/stats``.
+  ``POST /_sim/clients`` registers a client and returns a refresh token; ``GET /_sim/stats``;
+  ``POST /_sim/device-codes`` makes a device code; ``POST``/``DELETE /_sim/failures`` scripts failures.
 
 The CRM hot path is kept minimal (a low-level ``aiohttp.web.Server`` without a router or access
 log; one list append per request) because the throughput benchmarks drive it at ~10,000 requests/s.
@@ -472,6 +473,30 @@ class CrmSimulator:
             )
         if path == "/_sim/reset" and request.method == "POST":
             self.reset()
+            return _json(200, {"ok": True})
+        if path == "/_sim/device-codes" and request.method == "POST":
+            # A device code its user approves after ``pending`` polls (answered authorization_pending).
+            doc = await request.json()
+            code = self.add_device_code(str(doc["client_id"]), int(doc.get("pending", 0)))
+            return _json(201, {"device_code": code})
+        if path == "/_sim/failures" and request.method == "POST":
+            # The next ``times`` requests under ``path`` get ``status`` (with ``retry_after``), or,
+            # with ``drop``, a connection closed without an answer.
+            doc = await request.json()
+            retry_after = doc.get("retry_after")
+            failure = (
+                Failure.dropped()
+                if doc.get("drop")
+                else Failure(
+                    status=int(doc.get("status", 503)),
+                    headers={"Retry-After": str(retry_after)} if retry_after is not None else {},
+                )
+            )
+            times = doc.get("times", 1)
+            self.add_rule(str(doc.get("path", "/")), failure, None if times is None else int(times))
+            return _json(201, {"ok": True})
+        if path == "/_sim/failures" and request.method == "DELETE":
+            self.clear_rules()
             return _json(200, {"ok": True})
         return _json(404, {"error": "unknown control path"})
 

@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
+import pytest
+
 from cti_bridge.sim.crm import Failure, Received
 from tests.e2e.stack import Stack, TrackingCrmSimulator, running_stack
 
@@ -24,9 +26,10 @@ async def _only_delivery(st: Stack) -> dict[str, Any]:
     return await st.delivery(item["id"])
 
 
-async def test_5xx_follows_the_schedule_then_dead(db_url: str) -> None:
+async def test_5xx_follows_the_schedule_then_dead(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """§7: attempts at the schedule's offsets (±20 % jitter, never early), and after the last one
-    the delivery is dead with the reason."""
+    the delivery is dead with the reason, said in the log as a warning (it was INFO: a README
+    walkthrough's finding)."""
     schedule = [0, 0.25, 0.5]
     async with running_stack(db_url, retry_schedule=schedule, retry_jitter=0.2) as st:
         await st.configure(users=("anne",), mappings=[st.mapping("newCallEvent", path="calls/new")])
@@ -46,6 +49,8 @@ async def test_5xx_follows_the_schedule_then_dead(db_url: str) -> None:
         assert [a["httpStatus"] for a in detail["attemptLog"]] == [503, 503, 503]
         await asyncio.sleep(0.5)  # no fourth try
         assert len(_tries(st, "/calls/new")) == 3
+        said = [r for r in caplog.records if f"delivery {detail['id']} dead" in r.getMessage()]
+        assert [r.levelname for r in said] == ["WARNING"]
 
 
 async def test_429_retry_after_is_obeyed_never_earlier(db_url: str) -> None:

@@ -265,6 +265,42 @@ async def test_control_api(sim: CrmSimulator, client: httpx.AsyncClient) -> None
     assert stats == {"received": 0, "token_requests": {"refresh_token": 1}}
 
 
+async def test_control_api_device_codes_and_failures(sim: CrmSimulator, client: httpx.AsyncClient) -> None:
+    """What an operator trying the README needs over HTTP: a device code to give a user, and a
+    failure to watch a retry (a README walkthrough's finding: only Python could do either)."""
+    await client.post(f"{sim.url}/_sim/clients", json={"client_id": "demo", "client_secret": "demo-secret"})
+    r = await client.post(f"{sim.url}/_sim/device-codes", json={"client_id": "demo", "pending": 1})
+    assert r.status_code == 201
+    form = {
+        "grant_type": DEVICE_CODE_GRANT,
+        "device_code": r.json()["device_code"],
+        "client_id": "demo",
+        "client_secret": "demo-secret",
+    }
+    first = await client.post(sim.token_url, data=form)
+    assert (first.status_code, first.json()["error"]) == (400, "authorization_pending")
+    second = await client.post(sim.token_url, data=form)
+    assert second.status_code == 200 and second.json()["refresh_token"]
+
+    r = await client.post(
+        f"{sim.url}/_sim/failures", json={"path": "/calls", "status": 503, "retry_after": 7, "times": 2}
+    )
+    assert r.status_code == 201
+    token = second.json()["access_token"]
+    answers = [
+        await client.post(f"{sim.url}/calls", json={}, headers={"Authorization": f"Bearer {token}"})
+        for _ in range(3)
+    ]
+    assert [a.status_code for a in answers] == [503, 503, 201]
+    assert answers[0].headers["Retry-After"] == "7"
+    await client.post(f"{sim.url}/_sim/failures", json={"path": "/", "drop": True, "times": None})
+    with pytest.raises(httpx.RemoteProtocolError):
+        await client.post(f"{sim.url}/calls", json={}, headers={"Authorization": f"Bearer {token}"})
+    assert (await client.delete(f"{sim.url}/_sim/failures")).status_code == 200
+    r = await client.post(f"{sim.url}/calls", json={}, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 201
+
+
 def test_standalone_process() -> None:
     proc = subprocess.Popen(
         [

@@ -155,8 +155,13 @@ def _clean_env() -> dict[str, str]:
 
 def _check_config(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """``cti-bridge check-config`` in a process of its own, its output captured."""
+    return _cli(env, cwd, "check-config")
+
+
+def _cli(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``cti-bridge ARGS`` in a process of its own, its output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "cti_bridge", "check-config"],
+        [sys.executable, "-m", "cti_bridge", *args],
         env=env,
         cwd=cwd,
         capture_output=True,
@@ -193,3 +198,21 @@ def test_check_config_masks_the_password_in_the_database_url(tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stderr
     assert "database-password-S3CR3T" not in proc.stdout + proc.stderr
     assert '"database_url": "postgresql+psycopg://cti:***@127.0.0.1:5432/cti"' in proc.stdout
+
+
+def test_config_is_taken_before_or_after_the_command(tmp_path: Path) -> None:
+    """``cti-bridge run --config FILE`` was 'unrecognized arguments' (exit 2): only the form with
+    the option before the command worked (a README walkthrough's finding). Given in both places,
+    the one after the command wins."""
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text("admin_port = 8123\n")
+    b.write_text("admin_port = 8124\n")
+    env = _clean_env()
+    for args, port in (
+        (("--config", str(a), "check-config"), 8123),
+        (("check-config", "--config", str(b)), 8124),
+        (("--config", str(a), "check-config", "--config", str(b)), 8124),
+    ):
+        proc = _cli(env, tmp_path, *args)
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert f'"admin_port": {port}' in proc.stdout, args
