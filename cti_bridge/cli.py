@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import sys
 import threading
 import time
@@ -57,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        _stop_on_sigterm_until_running()
     try:
         return _dispatch(args)
     except ConfigError as exc:
@@ -67,6 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.DATABASE
     except KeyboardInterrupt:
         return ExitCode.OK
+
+
+def _stop_on_sigterm_until_running() -> None:
+    """SIGTERM before the event loop's own handlers exist (imports, migrations, building the
+    parts: a second or two) had its default action: exit 143, no line, and a SIGTERM is how every
+    orchestrator stops a container (a chaos soak's finding). It ends the start as Ctrl-C does now
+    (exit 0): a migration under way rolls back, its transaction never committed, and the database
+    lock is released. ``serve`` replaces the handler once it runs."""
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
