@@ -180,6 +180,8 @@ class XelionSource:
         # When this connection's events stopped being read or recorded, if before it was noticed
         # closed: the start of its gap (None: when it is noticed).
         self._unread_since: datetime | None = None
+        # When a stop (cancellation) ended the reading of a live socket (``_shutdown``'s gap start).
+        self._reading_stopped_at: datetime | None = None
         # When a frame was last read from the socket (monotonic): _silent_since.
         self._heard_at = 0.0
         # Events handed over whose commit failed, told by the hooks at once (``not_recorded``).
@@ -309,6 +311,9 @@ class XelionSource:
             except ConnectionClosed as exc:
                 code = exc.rcvd.code if exc.rcvd is not None else (exc.sent.code if exc.sent else 1006)
                 reason = f"websocket closed ({code})"
+                # Nothing was read after the close: the gap starts at the close, not after the
+                # hooks below have run.
+                self._unread_from(self._clock.now())
                 if exc.rcvd is None:
                     self._unread_from(self._silent_since())
             except InvalidStatus as exc:
@@ -418,6 +423,11 @@ class XelionSource:
                 if confirmed:
                     raise
                 raise _NoEcho() from None
+            except asyncio.CancelledError:
+                # Stopped: nothing is read from now on, though the close handshake (``connect``'s
+                # exit, up to the close timeout) and the logout come first. The stop's gap starts here.
+                self._reading_stopped_at = clock.now()
+                raise
             finally:
                 if beating is not None:
                     beating.cancel()  # before the gap opens: no heartbeat claims a later listen
@@ -526,13 +536,17 @@ class XelionSource:
             self._renewer = None
 
     async def _shutdown(self) -> None:
+        # The gap starts where reading stopped, not after the close handshake and the renewer's end
+        # (up to the close timeout with a server slow to answer the close).
+        stopped_at = self._reading_stopped_at or self._clock.now()
+        self._reading_stopped_at = None
         await self._stop_renewer()
         ws = self._ws
         self._ws = None
         if ws is not None:
             with contextlib.suppress(Exception):
                 await ws.close()
-        await self._open_gap(STOPPED_REASON)  # from here nothing listens
+        await self._open_gap(STOPPED_REASON, stopped_at)
         if self._session is not None and self._session.logged_in:
             try:
                 async with asyncio.timeout(self._options.logout_timeout):
@@ -814,6 +828,9 @@ class SourceManager:
                 lost = asyncio.create_task(held.lost.wait(), name=f"xelion-source-owned-{ctx}")
                 try:
                     await asyncio.wait({run, lost}, return_when=asyncio.FIRST_COMPLETED)
+                    # The websocket is this replica's no longer from here: a gap of its next term
+                    # starts now, not after the source's shutdown (its close and logout).
+                    lost_at = self._clock_now()
                 finally:
                     lost.cancel()
                     if not run.done():
@@ -822,7 +839,7 @@ class SourceManager:
                 if not held.lost.is_set() or (run.done() and not run.cancelled()):
                     run.result()  # ended by itself: FAILED (or a bug, raised here)
                     return
-                gap_since = self._clock_now()
+                gap_since = lost_at
                 logger.warning("this replica lost the websocket of integration %d; standing by", ctx)
                 await self._ownership.release(held)
                 held = None

@@ -268,6 +268,28 @@ async def test_a_session_whose_account_is_disabled_stops_renewing_while_it_waits
         await manager.stop_all()
 
 
+async def test_a_stops_gap_starts_when_the_stop_begins_not_after_the_close_handshake(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop's gap opened after the websocket's close handshake: with a server slow to answer
+    the close (up to the close timeout), the events it sent meanwhile, unread, fell before the gap
+    (a chaos soak's finding, by milliseconds with the simulator)."""
+    from websockets.asyncio.client import ClientConnection
+
+    manager = await started(sim, client, hooks)
+    real_close = ClientConnection.close
+
+    async def slow_close(self: ClientConnection, *args: object, **kwargs: object) -> None:
+        await asyncio.sleep(0.4)  # a peer slow to answer the close frame
+        await real_close(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ClientConnection, "close", slow_close)
+    before = datetime.now(UTC)
+    await manager.stop_all()
+    [stop_gap] = [g for g in hooks.gaps if g[0] == "open" and g[3] == "cti-bridge stopped listening"]
+    assert before <= stop_gap[2] < before + timedelta(seconds=0.3), (before, stop_gap)
+
+
 async def test_gaps_are_recorded_and_resubscribed_after_reconnect(
     sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
 ) -> None:
