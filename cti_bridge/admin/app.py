@@ -6,8 +6,8 @@ with the status and code of ``cti_bridge.errors``:
 - ``ApiError`` as raised (its ``headers``, e.g. ``Retry-After``, included);
 - ``RequestValidationError`` (a bad path or query parameter) → 422/10201 naming it;
 - Starlette's ``HTTPException`` (an unknown path → 404/10100, a wrong method → 405/10206);
-- the database going away under a request (SQLAlchemy's ``OperationalError``: a PostgreSQL connection
-  dropped) → 503/11001 with ``Retry-After: 1``, one log line;
+- the database going away under a request (a PostgreSQL connection dropped, a locked SQLite file;
+  ``_database_away``) → 503/11001 with ``Retry-After: 1``, one log line;
 - anything else → 500/11000 "Internal error", logged with its traceback; the answer carries neither
   the traceback nor the exception's text (which could hold a secret).
 
@@ -150,14 +150,24 @@ class CatchAllMiddleware:
             # to answer, and nothing went wrong here.
             log.debug("admin API: the client left during %s %s", scope.get("method"), scope.get("path"))
         except OperationalError as exc:
+            if not _database_away(exc):
+                log.exception("admin API: unhandled error on %s %s", scope.get("method"), scope.get("path"))
+                if started:
+                    raise
+                await _send_error(send, 500, ErrorCode.INTERNAL, "Internal error")
+                return
             # The database went away under the request (a PostgreSQL connection dropped, a server
-            # restarting): no bug, and the next request gets a fresh connection. A 503 the client
-            # may retry, one line in the log; it was a 500 "a bug" with a traceback each.
+            # restarting, a SQLite file locked by another program): no bug, and the next request
+            # gets a fresh connection. A 503 the client may retry, one line in the log; it was a
+            # 500 "a bug" with a traceback each. (The drivers' messages name host, port, user or
+            # file, never a password.)
+            reason = str(exc.orig or exc).strip().splitlines()
             log.warning(
-                "admin API: the database did not answer %s %s (%s)",
+                "admin API: the database did not answer %s %s (%s: %s)",
                 scope.get("method"),
                 scope.get("path"),
                 type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__,
+                reason[0][:200] if reason else "",
             )
             if started:
                 raise
@@ -173,6 +183,19 @@ class CatchAllMiddleware:
             if started:
                 raise  # too late for an error body: let the server drop the connection
             await _send_error(send, 500, ErrorCode.INTERNAL, "Internal error")
+
+
+def _database_away(exc: OperationalError) -> bool:
+    """Whether an ``OperationalError`` says the database is away (worth a retry), not that the
+    statement is wrong: SQLite raises OperationalError for "no such column" and syntax errors
+    too, which are bugs (PostgreSQL raises ProgrammingError for those)."""
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    if type(orig).__module__.startswith("psycopg"):
+        return True  # psycopg's OperationalError: the connection or the server, never the SQL
+    text = str(orig).lower()
+    return "database is locked" in text or "database is busy" in text or "unable to open" in text
 
 
 async def _send_error(

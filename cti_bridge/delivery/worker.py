@@ -74,6 +74,7 @@ from cti_bridge.store.deliveries import (
     complete_many,
     next_due_at,
     pending_keys,
+    recorded_attempts,
     release,
     release_all_leases,
 )
@@ -115,12 +116,23 @@ class _Result:
 
 
 def _write_completions(
-    session: Session, *, completions: list[Completion], keys: list[str], now: datetime
+    session: Session, *, completions: list[Completion], keys: list[str], now: datetime, again: bool = False
 ) -> tuple[list[str | None], set[str]]:
     """One flush: the state each outcome wrote (None: its lease was lost), and which of the
     finished deliveries' calls have a successor ``pending`` (claimable now that its predecessor is
-    stored)."""
+    stored).
+
+    ``again``: the batch is written again after an error. If that error came after the first
+    COMMIT applied (a connection lost while it answered), its outcomes no longer apply, yet were
+    recorded: their attempts are in the log, and they count as written, not as leases lost."""
     written = complete_many(session, completions, now=now)
+    if again and None in written:
+        missing = [c for c, state in zip(completions, written, strict=True) if state is None]
+        recorded = recorded_attempts(session, missing)
+        written = [
+            c.state if state is None and c.delivery_id in recorded else state
+            for c, state in zip(completions, written, strict=True)
+        ]
     finished = [key for key, state in zip(keys, written, strict=True) if state in ("delivered", "dead")]
     return written, pending_keys(session, finished)
 
@@ -539,7 +551,8 @@ class DeliveryWorker:
             try:
                 while True:
                     try:
-                        written, successors = await self.db.run(write, quick=True)
+                        again = len(retries) < len(COMPLETION_RETRY_DELAYS)
+                        written, successors = await self.db.run(partial(write, again=again), quick=True)
                         break
                     except OperationalError as exc:
                         # A database briefly away (a PostgreSQL connection dropped, a restart):

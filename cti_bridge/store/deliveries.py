@@ -955,6 +955,17 @@ def insert_delivery_rows(session: Session, rows: Sequence[dict[str, object]]) ->
     )
 
 
+def recorded_attempts(session: Session, completions: Sequence[Completion]) -> set[str]:
+    """The deliveries among ``completions`` whose attempt is already in the log (the same delivery
+    and start time): a batch written again after an error whose first COMMIT did apply. One
+    statement per completion: only ever asked for a batch written again."""
+    conn, drv = _driver(session)
+    sql = drv.sql("SELECT 1 FROM delivery_attempt WHERE delivery_id = ? AND started_at = ?")
+    return {
+        c.delivery_id for c in completions if conn.rows(sql, (c.delivery_id, drv.dt(c.attempt.started_at)))
+    }
+
+
 def pending_keys(session: Session, ordering_keys: Sequence[str]) -> set[str]:
     """The ordering keys among ``ordering_keys`` that have a ``pending`` delivery: after a
     completion, whether the call has a successor to claim."""

@@ -225,7 +225,13 @@ async def test_a_database_gone_under_a_request_is_a_503_to_retry_not_a_500(
     def dropped_once(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
         if calls["n"] == 1:
-            raise OperationalError("SELECT ...", {}, Exception("server closed the connection unexpectedly"))
+            # What SQLAlchemy raises when the driver says the connection is gone.
+            raise OperationalError(
+                "SELECT ...",
+                {},
+                Exception("server closed the connection unexpectedly"),
+                connection_invalidated=True,
+            )
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(deliveries_routes.store, "list_deliveries", dropped_once)
@@ -235,3 +241,14 @@ async def test_a_database_gone_under_a_request_is_a_503_to_retry_not_a_500(
     assert not [rec for rec in caplog.records if rec.exc_info]  # one line, no traceback
     r = await api.get("/api/deliveries", headers=OPERATOR)
     assert r.status_code == 200, r.text
+
+
+async def test_a_statement_the_database_refuses_is_a_500_not_a_503_to_retry(
+    api: httpx.AsyncClient, database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite raises OperationalError for a bug too (no such column, a syntax error): that is no
+    database away for a moment, and a 503 "try again" with the message left out hid it (a review's
+    finding). PostgreSQL raises ProgrammingError for the same."""
+    await database.run(lambda s: s.execute(text("ALTER TABLE delivery DROP COLUMN last_error")))
+    assert_error(await api.get("/api/deliveries", headers=OPERATOR), 500, 11000)
+    assert [r for r in caplog.records if r.exc_info]  # the traceback, for the one who mends it

@@ -6,6 +6,7 @@ simulators and database. Every test runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -103,6 +104,47 @@ async def test_an_outcome_whose_commit_failed_is_written_again_not_sent_again(
         [item] = await st.wait_settled(1, timeout=10)
         assert item["state"] == "delivered" and item["attempts"] == 1
         assert completes.left == 0 and completes.calls == 2
+        assert [r.status for r in st.crm.received] == [201]
+
+
+async def test_an_outcome_whose_commit_applied_before_the_error_counts_as_written(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The completion's COMMIT applied and its answer was lost (a connection dropped during the
+    COMMIT): written again, the outcome no longer applies, and was reported as a lease lost,
+    uncounted in the metrics, a dead one without its warning (a review's finding). Its attempt is
+    in the log: it counts as written."""
+    async with running_stack(db_url) as st:
+        await st.configure(users=("anne",), mappings=[st.mapping("callHungUpEvent")])
+        db = st.daemon.worker.db
+        real_run = db.run
+        failed = []
+
+        async def run(fn: Any, *, quick: bool = False) -> Any:
+            result = await real_run(fn, quick=quick)
+            if getattr(fn, "func", None) is worker_module._write_completions and not failed:
+                failed.append(fn)  # committed; the acknowledgement was lost
+                raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+            return result
+
+        monkeypatch.setattr(db, "run", run)
+        with caplog.at_level(logging.INFO, logger="cti_bridge.delivery.worker"):
+            await st.xelion.place_call("incoming", callee="anne")
+            [item] = await st.wait_settled(1, timeout=10)
+            await st.wait_until(
+                lambda: "recording" in caplog.text and len(failed) == 1, what="the failed write"
+            )
+            metrics = ""
+            for _ in range(50):  # the second write comes 0.2 s after the first
+                metrics = await st.metrics()
+                if 'cti_bridge_deliveries_finished_total{state="delivered"} 1' in metrics:
+                    break
+                await asyncio.sleep(0.05)
+        assert item["state"] == "delivered" and item["attempts"] == 1
+        assert 'cti_bridge_deliveries_finished_total{state="delivered"} 1' in metrics
+        assert "lease lost" not in caplog.text
+        detail = await st.delivery(str(item["id"]))
+        assert len(detail["attemptLog"]) == 1  # recorded once
         assert [r.status for r in st.crm.received] == [201]
 
 
