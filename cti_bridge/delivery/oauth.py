@@ -452,7 +452,7 @@ class TokenManager(Generic[KeyT]):
         if snap.state == STATE_REAUTH_REQUIRED:
             self._cache.pop(key, None)
             raise ReauthRequired(key, snap.state_reason or "re-authorisation required")
-        refresh_at = self._refresh_at(snap.expires_at, _number(snap.extra.get("expires_in")))
+        refresh_at = self._refresh_at(snap.expires_at, _lifetime(snap.extra.get("expires_in")))
         if (
             snap.access_token
             and snap.access_token != rejected
@@ -556,7 +556,7 @@ class TokenManager(Generic[KeyT]):
         if not isinstance(refresh_token, str) or not refresh_token:
             refresh_token = snap.refresh_token  # not rotated: keep the one we have
         expires_at = self._expiry(doc)
-        refresh_at = self._refresh_at(expires_at, lifetime=_number(doc.get("expires_in")))
+        refresh_at = self._refresh_at(expires_at, lifetime=_lifetime(doc.get("expires_in")))
         extra = {k: v for k, v in doc.items() if k not in _TOKEN_FIELDS}
         self._report("ok")
         if device:
@@ -650,13 +650,29 @@ class TokenManager(Generic[KeyT]):
 
     def _expiry(self, doc: Mapping[str, Any]) -> datetime | None:
         now = self._clock.now()
-        expires_in = _number(doc.get("expires_in"))
-        if expires_in is not None and expires_in > 0:
+        expires_in = _lifetime(doc.get("expires_in"))
+        if expires_in is not None:
             return now + timedelta(seconds=expires_in)
         expires_at = _number(doc.get("expires_at"))
         if expires_at is not None and expires_at > 0:
-            return datetime.fromtimestamp(expires_at, tz=now.tzinfo)
+            try:
+                return datetime.fromtimestamp(expires_at, tz=now.tzinfo)
+            except (OverflowError, OSError, ValueError):
+                return None  # beyond any calendar: as good as none
         return None  # no expiry given (Salesforce): used until a 401 (§12)
+
+
+#: The longest token lifetime taken as given (ten years): a larger ``expires_in`` (or ``inf``)
+#: overflowed the date arithmetic after the endpoint had answered, losing a rotated refresh token.
+MAX_LIFETIME = 10 * 365 * 86400.0
+
+
+def _lifetime(value: object) -> float | None:
+    """A token answer's ``expires_in`` in seconds: positive, finite, at most ``MAX_LIFETIME``."""
+    seconds = _number(value)
+    if seconds is None or not seconds > 0:  # also NaN
+        return None
+    return min(seconds, MAX_LIFETIME)
 
 
 def _number(value: object) -> float | None:

@@ -1133,3 +1133,25 @@ async def test_the_device_code_poller_backs_off_after_failures_and_polls_only_it
     assert sim.token_counts == {DEVICE_CODE_GRANT: 8}  # the new code's one request, none for otto
     assert await DeviceCodePoller(database, tokens, clock=clock.monotonic).poll_once() == 1
     assert (await read_credential(database, other.id)).refresh_token_enc is not None
+
+
+@pytest.mark.parametrize("expires_in", [1e20, "inf", "1e300", 10**30])
+async def test_a_lifetime_beyond_the_calendar_is_read_as_ten_years_not_an_error(
+    expires_in: object,
+    database: Database,
+    secret_box: SecretBox,
+    sim: CrmSimulator,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
+) -> None:
+    """An ``expires_in`` past year 9999 overflowed the date arithmetic after the endpoint had
+    answered and before the save: the rotated refresh token was lost (a review's finding)."""
+    sim.rotate_refresh_tokens = True
+    sim.extra_fields = {"expires_in": expires_in}
+    cred = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    token = await manager(database, secret_box, http, clock).get(cred.id)
+    assert token.expires_at == clock.now() + timedelta(days=3650)
+    (rotated,) = sim.current_refresh_tokens(CLIENT_ID)
+    assert secret_box.decrypt_opt((await read_credential(database, cred.id)).refresh_token_enc) == rotated
