@@ -120,12 +120,21 @@ class Routing:
     loaded_at: float
 
 
-class MappingCache:
-    """Compiled mappings by id. Compiling happens once per mapping row for the process' life."""
+#: Compiled mappings kept at most. Every PUT of a context's mappings makes new rows (the old ones
+#: are retired, still compiled for their deliveries), so a script that PUTs the same mappings
+#: every minute added thousands a day, for the process's life. Past the bound the oldest quarter
+#: is dropped; a mapping still in use is compiled again from its row when next needed.
+MAX_COMPILED = 4096
 
-    def __init__(self) -> None:
+
+class MappingCache:
+    """Compiled mappings by id: compiled once per mapping row, while it is among the newest
+    ``max_compiled``."""
+
+    def __init__(self, max_compiled: int = MAX_COMPILED) -> None:
         self._compiled: dict[int, CompiledMapping] = {}
         self._lock = threading.Lock()
+        self._max = max_compiled
 
     def peek(self, mapping_id: int) -> CompiledMapping | None:
         """The compiled mapping if it is cached (no database access)."""
@@ -145,7 +154,14 @@ class MappingCache:
         compiled = compile_mapping(spec_of(row))
         with self._lock:
             self._compiled[row.id] = compiled
+            if len(self._compiled) > self._max:
+                # Insertion order: the least recently compiled first.
+                for old in list(self._compiled)[: len(self._compiled) - self._max * 3 // 4]:
+                    del self._compiled[old]
         return compiled
+
+    def __len__(self) -> int:
+        return len(self._compiled)
 
 
 class RoutingCache:
