@@ -86,6 +86,8 @@ EXCERPT_BYTES = 4096
 #: FLUSH_DELAY seconds (while a flush runs, the next batch gathers by itself).
 FLUSH_MAX = 256
 FLUSH_DELAY = 0.002
+#: Mappings whose CRM host the worker remembers at most (``_learn_host``).
+MAX_KNOWN_MAPPINGS = 4096
 #: Pauses before writing a batch of outcomes again after a transient database error.
 COMPLETION_RETRY_DELAYS = (0.2, 1.0, 3.0)
 #: Under a backlog, a claim for only a few places first waits this long for more to free.
@@ -456,6 +458,12 @@ class DeliveryWorker:
         placeholder = f"mapping {mapping_id}"
         first = mapping_id not in self._mapping_host
         self._mapping_host[mapping_id] = host
+        if first and len(self._mapping_host) > MAX_KNOWN_MAPPINGS:
+            # Each PUT of the mappings makes new ids; the retired ones' hosts would be kept (and
+            # copied for every ingest batch, scanned by every claim) for the process's life. The
+            # oldest quarter goes; a mapping still in use is learnt again at its next request.
+            for old in list(self._mapping_host)[: MAX_KNOWN_MAPPINGS // 4]:
+                del self._mapping_host[old]
         if task is not None and task in self._counted_at:
             self._count(task, host)  # now that the host is known for sure
         if first:

@@ -453,3 +453,16 @@ async def test_nothing_is_sent_once_the_lease_would_end_before_the_request(
     assert len(server.seen) == 1
     assert sample("cti_bridge_delivery_not_sent_total", {"reason": "lease"}) == 1
     assert sample("cti_bridge_delivery_attempts_total", {"status_class": "2xx"}) == 1
+
+
+def test_the_hosts_of_retired_mappings_are_not_kept_for_ever(crm: list[CrmClient]) -> None:
+    """Every PUT of the mappings makes new ids: the worker remembered each one's host for the
+    process's life, copied the whole map for every ingest batch and scanned it for every claim."""
+    from cti_bridge.delivery.worker import MAX_KNOWN_MAPPINGS
+
+    worker = make_worker(crm, settings())
+    for mapping_id in range(1, 3 * MAX_KNOWN_MAPPINGS):
+        worker._learn_host(mapping_id, "crm.example.org:443", None)
+        assert len(worker._mapping_host) <= MAX_KNOWN_MAPPINGS
+    assert worker._host_of(3 * MAX_KNOWN_MAPPINGS - 1) == "crm.example.org:443"  # the newest are known
+    assert worker._host_of(1) == "mapping 1"  # the oldest are learnt again when needed
