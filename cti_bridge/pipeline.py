@@ -46,7 +46,7 @@ from cti_bridge.clock import Clock, SystemClock, xelion_time
 from cti_bridge.events import dedupe_key, parties
 from cti_bridge.render import RenderContext, context_names
 from cti_bridge.routing import CredentialRoute, CrmRoute, RoutingCache
-from cti_bridge.store.db import Database
+from cti_bridge.store.db import Database, retry_transient
 from cti_bridge.store.deliveries import (
     Claimed,
     NewDelivery,
@@ -65,11 +65,6 @@ from cti_bridge.store.deliveries import (
 )
 
 log = logging.getLogger(__name__)
-
-#: Seconds to wait before each new try of a batch whose commit failed with a transient database
-#: error; after the last, the batch's callers get the error (the source reconnects, a gap shows).
-TRANSIENT_RETRY_DELAYS = (0.2, 1.0, 3.0)
-
 
 #: At most this many events in one ingest transaction.
 BATCH_MAX = 256
@@ -264,47 +259,40 @@ class Pipeline:
 
     async def _write(self, batch: list[_Queued]) -> None:
         items = [(q.xelion_context_id, q.notification_type, q.fields) for q in batch]
-        retries = list(TRANSIENT_RETRY_DELAYS)
-        while True:
+
+        async def attempt(_again: bool) -> tuple[_BatchOutcome, HandoffRoom | None]:
+            # A fresh reservation per try; a failed try gives its own back.
             room = self.handoff.reserve(len(batch)) if self.handoff is not None else None
             try:
-                outcome = await self.db.run(partial(self._ingest_batch, items=items, room=room), quick=True)
-                break
-            except OperationalError as exc:
-                # A database that is briefly away (a PostgreSQL restart, a dropped connection, a
-                # locked SQLite file): try the same batch again. Safe: the dedupe key makes a batch
-                # that did commit before the error a set of duplicates on the second try.
+                return await self.db.run(
+                    partial(self._ingest_batch, items=items, room=room), quick=True
+                ), room
+            except BaseException:
                 if self.handoff is not None:
                     self.handoff.accept(room, (), (), ())
-                if not retries:
-                    await self._fail(batch, exc)
-                    return
-                delay = retries.pop(0)
-                log.warning(
-                    "committing %d events failed (%s); trying again in %.1f s",
-                    len(batch),
-                    type(exc).__name__,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-            except Exception as exc:
-                if self.handoff is not None:
-                    self.handoff.accept(room, (), (), ())
-                if len(batch) > 1:
-                    # Not transient: most likely one event's fault (an integration or a user deleted
-                    # while its events waited). Write the events one by one, so only that one fails
-                    # and the other integrations' events are kept.
-                    log.warning("a batch of %d events failed (%s); writing them one by one", len(batch), exc)
-                    for q in batch:
-                        await self._write([q])
-                    return
-                await self._fail(batch, exc)
-                return
-            except BaseException as exc:
-                if self.handoff is not None:
-                    self.handoff.accept(room, (), (), ())
-                await self._fail(batch, exc)
                 raise
+
+        try:
+            # A database briefly away: the same batch again. Safe: the dedupe key makes a batch that
+            # did commit before the error a set of duplicates on the next try.
+            outcome, room = await retry_transient(attempt, f"committing {len(batch)} events")
+        except OperationalError as exc:
+            await self._fail(batch, exc)
+            return
+        except Exception as exc:
+            if len(batch) > 1:
+                # Not transient: most likely one event's fault (an integration or a user deleted
+                # while its events waited). Write the events one by one, so only that one fails
+                # and the other integrations' events are kept.
+                log.warning("a batch of %d events failed (%s); writing them one by one", len(batch), exc)
+                for q in batch:
+                    await self._write([q])
+                return
+            await self._fail(batch, exc)
+            return
+        except BaseException as exc:
+            await self._fail(batch, exc)
+            raise
         self._touched.update(outcome.touched)  # committed: the next second's batches may skip it
         # The callers first: a failing hook below must not leave a committed event unanswered.
         for q, result in zip(batch, outcome.results, strict=True):

@@ -149,40 +149,32 @@ class CatchAllMiddleware:
             # The client left (or admin/http.py cut off a body that did not arrive in time): no one
             # to answer, and nothing went wrong here.
             log.debug("admin API: the client left during %s %s", scope.get("method"), scope.get("path"))
-        except OperationalError as exc:
-            if not _database_away(exc):
+        except Exception as exc:
+            if isinstance(exc, OperationalError) and _database_away(exc):
+                # The database went away under the request (a PostgreSQL connection dropped, a
+                # server restarting, a SQLite file locked by another program): no bug, and the next
+                # request gets a fresh connection. A 503 the client may retry, one line in the log.
+                # (The drivers' messages name host, port, user or file, never a password.)
+                reason = str(exc.orig or exc).strip().splitlines()
+                log.warning(
+                    "admin API: the database did not answer %s %s (%s: %s)",
+                    scope.get("method"),
+                    scope.get("path"),
+                    type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__,
+                    reason[0][:200] if reason else "",
+                )
+                status, code, message = (
+                    503,
+                    ErrorCode.DATABASE_UNAVAILABLE,
+                    "The database is not available; try again",
+                )
+            else:
                 log.exception("admin API: unhandled error on %s %s", scope.get("method"), scope.get("path"))
-                if started:
-                    raise
-                await _send_error(send, 500, ErrorCode.INTERNAL, "Internal error")
-                return
-            # The database went away under the request (a PostgreSQL connection dropped, a server
-            # restarting, a SQLite file locked by another program): no bug, and the next request
-            # gets a fresh connection. A 503 the client may retry, one line in the log; it was a
-            # 500 "a bug" with a traceback each. (The drivers' messages name host, port, user or
-            # file, never a password.)
-            reason = str(exc.orig or exc).strip().splitlines()
-            log.warning(
-                "admin API: the database did not answer %s %s (%s: %s)",
-                scope.get("method"),
-                scope.get("path"),
-                type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__,
-                reason[0][:200] if reason else "",
-            )
-            if started:
-                raise
-            await _send_error(
-                send,
-                503,
-                ErrorCode.DATABASE_UNAVAILABLE,
-                "The database is not available; try again",
-                [(b"retry-after", b"1")],
-            )
-        except Exception:
-            log.exception("admin API: unhandled error on %s %s", scope.get("method"), scope.get("path"))
+                status, code, message = 500, ErrorCode.INTERNAL, "Internal error"
             if started:
                 raise  # too late for an error body: let the server drop the connection
-            await _send_error(send, 500, ErrorCode.INTERNAL, "Internal error")
+            retry = [(b"retry-after", b"1")] if status == 503 else None
+            await _send_error(send, status, code, message, retry)
 
 
 def _database_away(exc: OperationalError) -> bool:

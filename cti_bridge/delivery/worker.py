@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 
-from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from cti_bridge.clock import Clock, SystemClock, xelion_time
@@ -65,7 +64,7 @@ from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import HandoffRoom
 from cti_bridge.render import CompiledMapping, RenderContext, RenderedRequest, mask, mask_order, mask_ordered
 from cti_bridge.routing import MappingCache
-from cti_bridge.store.db import Database
+from cti_bridge.store.db import Database, retry_transient
 from cti_bridge.store.deliveries import (
     AttemptRecord,
     Claimed,
@@ -88,8 +87,6 @@ FLUSH_MAX = 256
 FLUSH_DELAY = 0.002
 #: Mappings whose CRM host the worker remembers at most (``_learn_host``).
 MAX_KNOWN_MAPPINGS = 4096
-#: Pauses before writing a batch of outcomes again after a transient database error.
-COMPLETION_RETRY_DELAYS = (0.2, 1.0, 3.0)
 #: Under a backlog, a claim for only a few places first waits this long for more to free.
 CLAIM_GATHER = 0.005
 
@@ -543,6 +540,13 @@ class DeliveryWorker:
                 self._flusher = asyncio.create_task(self._flush_loop(), name="completions")
             await asyncio.wait({self._flusher})
 
+    async def _record(
+        self, again: bool, *, completions: list[Completion], keys: list[str], now: datetime
+    ) -> tuple[list[str | None], set[str]]:
+        """One try of writing a batch of outcomes (``_write_completions``)."""
+        unit = partial(_write_completions, completions=completions, keys=keys, now=now, again=again)
+        return await self.db.run(unit, quick=True)
+
     async def _flush_loop(self) -> None:
         """Write queued outcomes, up to FLUSH_MAX per transaction, until none are left."""
         while self._completions:
@@ -552,32 +556,14 @@ class DeliveryWorker:
             del self._completions[:FLUSH_MAX]
             now = self.clock.now()
             completions = [c for c, _, _ in batch]
-            write = partial(
-                _write_completions, completions=completions, keys=[k for _, _, k in batch], now=now
-            )
-            retries = list(COMPLETION_RETRY_DELAYS)
             try:
-                while True:
-                    try:
-                        again = len(retries) < len(COMPLETION_RETRY_DELAYS)
-                        written, successors = await self.db.run(partial(write, again=again), quick=True)
-                        break
-                    except OperationalError as exc:
-                        # A database briefly away (a PostgreSQL connection dropped, a restart):
-                        # these requests were answered, and left unrecorded they would be sent
-                        # again once their lease ends. Writing them again is safe: each outcome
-                        # applies only while its claim holds, so one that did commit before the
-                        # error applies no second time.
-                        if not retries:
-                            raise
-                        delay = retries.pop(0)
-                        log.warning(
-                            "recording %d delivery outcomes failed (%s); trying again in %.1f s",
-                            len(batch),
-                            type(exc).__name__,
-                            delay,
-                        )
-                        await asyncio.sleep(delay)
+                # A database briefly away: these requests were answered, and left unrecorded they
+                # would be sent again once their lease ends. Writing them again is safe: each
+                # outcome applies only while its claim holds (_write_completions' ``again``).
+                written, successors = await retry_transient(
+                    partial(self._record, completions=completions, keys=[k for _, _, k in batch], now=now),
+                    f"recording {len(batch)} delivery outcomes",
+                )
             except Exception as exc:
                 # The deliveries stay leased and go back to the queue when their lease ends.
                 log.error("recording %d delivery outcomes failed: %s", len(batch), exc)

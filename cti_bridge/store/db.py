@@ -44,7 +44,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +60,27 @@ from cti_bridge.errors import StoreLockedError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: Seconds to wait before each new try of a unit that failed with a transient database error
+#: (``retry_transient``); after the last, the error goes to the caller.
+TRANSIENT_RETRY_DELAYS = (0.2, 1.0, 3.0)
+
+
+async def retry_transient(attempt: Callable[[bool], Awaitable[T]], what: str) -> T:
+    """``await attempt(again)`` until it raises no ``OperationalError`` (a PostgreSQL connection
+    dropped, a server restarting, a locked SQLite file), waiting ``TRANSIENT_RETRY_DELAYS`` between
+    tries; the last try's error goes to the caller, as any other error at once. ``again`` is true
+    from the second try on. Only for units that are safe to run twice: the first try may have
+    committed before its error (the ingest's dedupe key, a completion's claim check make them so).
+    """
+    for again, delay in enumerate(TRANSIENT_RETRY_DELAYS):
+        try:
+            return await attempt(again > 0)
+        except OperationalError as exc:
+            log.warning("%s failed (%s); trying again in %.1f s", what, type(exc).__name__, delay)
+        await asyncio.sleep(delay)
+    return await attempt(True)
+
 
 #: How long a quick unit of work in the loop's thread waits for SQLite's write lock before it
 #: goes to the database thread instead (which waits as long as ``busy_timeout``, 30 s). Only
