@@ -26,6 +26,10 @@ Measured:
   one mapping per event type, distinct callIds). Also at N/10, to see whether 10x the events takes
   10x the time and the same memory. "ingest" is N over the time from the first event sent to the
   last event committed (read from the database afterwards).
+- replay (``--no-replay`` skips it): right after the N run, its N deliveries (all delivered) are sent
+  again with one ``POST api/deliveries/replay``, timed from that request to the last CRM request
+  received; then one floor round, for a ratio side by side. Issue 7 names "a replay of a day of
+  dead letters": such a backlog drains through the worker's claims, not the ingest's hand-off.
 - side-by-side ratio (``--ratio-rounds``, 3): per database, after the N run, that many rounds of
   the aiohttp floor (N requests) and the bridge (N events) back to back, in alternating order; each
   round's ratio, and their median. The first ratio (the N run over the best floor round, minutes
@@ -649,6 +653,57 @@ async def latency(stack: Stack, crm: Crm, rate: float, seconds: float, prefix: s
     }
 
 
+async def replay(
+    stack: Stack,
+    crm: Crm,
+    n: int,
+    since: float,
+    until: float,
+    profile: Path | None = None,
+    profile_mode: str = "cpu",
+) -> dict[str, Any]:
+    """A replay of a day of deliveries (issue 7: "a replay of a day of dead letters"): the N run's
+    deliveries, all delivered, sent again with one ``POST api/deliveries/replay``; timed from that
+    request to the last CRM request received. Unlike the N run, nothing is handed over from the
+    ingest: every delivery goes through the worker's claims, the path a backlog drains by."""
+    await crm.reset()
+    before = stack.sample()
+    sims = (crm.child.pid, stack.xelion.pid)
+    sims_before = sum(process_cpu_seconds(p) for p in sims)
+    iso = lambda t: datetime.fromtimestamp(t, UTC).isoformat()  # noqa: E731
+    profiler = Profiler(stack.daemon.pid, profile, 200, profile_mode) if profile is not None else None
+    if profiler is not None:
+        await asyncio.sleep(1.0)  # py-spy attaches
+    t0 = time.time()
+    status, body = await stack.api(
+        "POST", "/api/deliveries/replay", {"state": "delivered", "since": iso(since), "until": iso(until)}
+    )
+    answered = time.time()
+    if status != 200 or body.get("replayed") != n:
+        raise RuntimeError(f"replay: {status} {body} (expected {n} replayed)")
+    try:
+        await crm.wait_for(n, timeout=max(120.0, n / 50))
+    finally:
+        if profiler is not None:
+            profiler.stop()
+    after = stack.sample()
+    last = await crm.last()
+    if last["received"] != n:
+        raise RuntimeError(f"replay: the CRM received {last['received']} of {n} requests")
+    elapsed = last["last_at"] - t0
+    cpu = after.cpu_seconds - before.cpu_seconds
+    sims_cpu = sum(process_cpu_seconds(p) for p in sims) - sims_before
+    return {
+        "deliveries": n,
+        "seconds": round(elapsed, 3),
+        "per_s": round(n / elapsed, 1),
+        "replay_request_seconds": round(answered - t0, 3),
+        "cpu_s_per_1000": round(cpu / n * 1000, 3),
+        "cpu_utilisation": round(cpu / elapsed, 2),
+        "sims_cpu_s_per_1000": round(sims_cpu / n * 1000, 3),
+    }
+
+
 async def bridge(http: aiohttp.ClientSession, crm: Crm, db: str, args: argparse.Namespace) -> dict[str, Any]:
     stack = await start_stack(http, crm, db, args, users=1, extra_mappings=0)
     out: dict[str, Any] = {"database": db, "configure_seconds": stack.info["configure_seconds"]}
@@ -659,6 +714,7 @@ async def bridge(http: aiohttp.ClientSession, crm: Crm, db: str, args: argparse.
         small = max(100, args.events // 10)
         out["small"] = await throughput(stack, crm, small, "small", window=args.window)
         profile = args.profile / f"profile-{db}.txt" if args.profile else None
+        large_since = time.time() - 0.001
         out["large"] = await throughput(
             stack,
             crm,
@@ -668,6 +724,21 @@ async def bridge(http: aiohttp.ClientSession, crm: Crm, db: str, args: argparse.
             profile_mode=args.profile_mode,
             window=args.window,
         )
+        if args.replay:
+            out["replay"] = await replay(
+                stack,
+                crm,
+                args.events,
+                large_since,
+                time.time() + 1.0,
+                profile=args.profile / f"profile-replay-{db}.txt" if args.profile else None,
+                profile_mode=args.profile_mode,
+            )
+            if args.ratio_rounds:
+                # And the floor right after it, as the side-by-side rounds do for the N run.
+                rate, _cpu = await aiohttp_floor(crm, args.events, args.concurrency)
+                out["replay"]["floor_after"] = round(rate, 1)
+                out["replay"]["ratio_side_by_side"] = round(out["replay"]["per_s"] / rate, 3)
         out["ratio_rounds"] = []
         for r in range(args.ratio_rounds):
             # The floor and the bridge back to back, in turns: the machine's speed drifts by tens
@@ -864,6 +935,32 @@ def report(results: dict[str, Any]) -> str:
                 [fmt(statistics.median(p["ceiling"] for p in r["ratio_rounds"]), ".3f") for r in dbs],
             )
         row("  ingest: events committed/s", [fmt(r["large"]["ingest_per_s"]) for r in dbs])
+        if all("replay" in r for r in dbs):
+            row(
+                "replay of the N run's deliveries: deliveries/s",
+                [fmt(r["replay"]["per_s"]) for r in dbs],
+            )
+            row(
+                "  ratio to the aiohttp floor",
+                [fmt(r["replay"]["per_s"] / floor_rate, ".3f") for r in dbs],
+            )
+            if all("ratio_side_by_side" in r["replay"] for r in dbs):
+                row(
+                    "  ratio to the floor measured right after",
+                    [fmt(r["replay"]["ratio_side_by_side"], ".3f") for r in dbs],
+                )
+            row(
+                "  daemon CPU s per 1,000 deliveries",
+                [fmt(r["replay"]["cpu_s_per_1000"], ".3f") for r in dbs],
+            )
+            row(
+                "  daemon CPU use (cores)",
+                [fmt(r["replay"]["cpu_utilisation"], ".2f") for r in dbs],
+            )
+            row(
+                "  the replay request itself, s",
+                [fmt(r["replay"]["replay_request_seconds"], ".2f") for r in dbs],
+            )
         row(
             f"events/s, N/10 = {dbs[0]['small']['events']:,} events",
             [fmt(r["small"]["events_per_s"]) for r in dbs],
@@ -1067,6 +1164,12 @@ def main() -> None:
         choices=sorted(Profiler.MODES),
         default="cpu",
         help="cpu: running threads; gil: the thread holding the GIL; wall: every thread, idle too",
+    )
+    parser.add_argument(
+        "--no-replay",
+        dest="replay",
+        action="store_false",
+        help="skip the replay run (the N run's deliveries sent again through the claims)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the databases and daemon logs")
     parser.add_argument("--json", type=Path, default=RESULTS / "latest.json")
