@@ -153,6 +153,13 @@ class StoreSourceHooks:
     ) -> None:
         """Wait for ``oldest``'s commit, saying so every ``STALL_WARNING`` seconds: meanwhile the
         source reads nothing from its socket, which Xelion's pings end after about 40 s."""
+        if oldest.done():
+            # Committed already, but its done-callback (``_committed``, which takes it off the
+            # waiting list) is still queued: let it run. Returning at once had the caller's loop
+            # find the same future first again and spin for ever without yielding, the loop
+            # frozen (a burst of more than max_uncommitted events with no flow control).
+            await asyncio.sleep(0)
+            return
         waited = 0.0
         while not oldest.done():
             done, _ = await asyncio.wait({oldest}, timeout=STALL_WARNING)

@@ -7,6 +7,7 @@ back instead of opening another (a review of the first version found each of the
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -64,6 +65,47 @@ async def test_one_failed_batch_is_told_once_and_the_next_failure_after_a_commit
     pipeline.fail_all()
     await asyncio.sleep(0)
     assert len(told) == 2  # a new failure after a successful commit is told
+
+
+def test_a_full_queue_whose_oldest_commit_is_done_but_not_yet_taken_off_does_not_spin() -> None:
+    """More than max_uncommitted events waiting, the oldest committed with its done-callback still
+    queued: on_event found it done, returned from the wait without yielding, found the same oldest
+    first again, and spun for ever with the loop frozen (an independent event source's burst with no
+    flow control: SIGTERM unanswered, only SIGKILL). Run in a thread of its own, so that the spin of
+    the old code fails this test instead of hanging the suite."""
+    returned: list[bool] = []
+
+    async def scenario() -> None:
+        pipeline = FailingBatch()
+        store_hooks = StoreSourceHooks(None, None, pipeline, _Metrics(), max_uncommitted=2)  # type: ignore[arg-type]
+        await store_hooks.on_event(1, "newCallEvent", {"callId": "c0"})
+        await store_hooks.on_event(1, "newCallEvent", {"callId": "c1"})
+        # Committed; its done-callback is queued behind this coroutine, not run yet.
+        pipeline.futures.pop(0).set_result(IngestResult(None, ()))
+        await store_hooks.on_event(1, "newCallEvent", {"callId": "c2"})  # three waiting: over the bound
+        returned.append(True)
+        # The bound still holds: with two uncommitted, a fourth event waits for the oldest's commit.
+        fourth = asyncio.ensure_future(store_hooks.on_event(1, "newCallEvent", {"callId": "c3"}))
+        await asyncio.sleep(0.05)
+        assert not fourth.done()
+        pipeline.commit_all()
+        await asyncio.wait_for(fourth, 5)
+        returned.append(True)
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(scenario())
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "on_event spun without yielding: the event loop is frozen"
+    assert not errors, errors
+    assert returned == [True, True]
 
 
 async def test_a_source_that_cannot_act_says_so_and_one_without_a_socket_moves_its_gap_back(
