@@ -176,7 +176,7 @@ class XelionSession:
         self._renewal_token: str | None = None
         self._valid_until: datetime | None = None
         self._renew_due: float | None = None  # monotonic time at which to renew
-        self._warned: set[str] = set()  # what was said about validUntil (once each)
+        self._warned: set[str] = set()  # what was said about validUntil (once each kind)
         self._lock = asyncio.Lock()
         self.active_user_space: str | None = None
 
@@ -210,9 +210,11 @@ class XelionSession:
     def valid_until(self) -> datetime | None:
         return self._valid_until
 
-    def _warn_once(self, what: str, every: float) -> None:
-        if what not in self._warned:
-            self._warned.add(what)
+    def _warn_once(self, kind: str, what: str, every: float) -> None:
+        # Keyed by the kind, not the text: a server whose unreadable value changes with every
+        # answer would otherwise add an entry and a warning per renewal.
+        if kind not in self._warned:
+            self._warned.add(kind)
             logger.warning("Xelion at %s %s; renewing the session every %.0f s", self.where, what, every)
 
     def renew_delay(self) -> float | None:
@@ -295,7 +297,8 @@ class XelionSession:
         # said once per session; a session that did end meanwhile is logged in again on its 401.
         renew_in = UNKNOWN_EXPIRY_RENEW
         if self._valid_until is None:
-            self._warn_once(f"sent no readable validUntil ({str(valid_until)[:40]!r})", renew_in)
+            what = f"sent no readable validUntil ({str(valid_until)[:40]!r})"
+            self._warn_once("unreadable", what, renew_in)
         else:
             now = self._clock.now()
             if now.tzinfo is None:  # a clock that keeps naive UTC
@@ -305,7 +308,7 @@ class XelionSession:
                 renew_in = max(1.0, RENEW_AT * remaining)
             else:
                 renew_in = PAST_EXPIRY_RENEW
-                self._warn_once("sent a validUntil in the past (do the clocks differ?)", renew_in)
+                self._warn_once("past", "sent a validUntil in the past (do the clocks differ?)", renew_in)
         self._renew_due = self._clock.monotonic() + renew_in
         if self._on_token is not None:
             await self._on_token(token)

@@ -325,6 +325,7 @@ async def test_secrets_never_logged(
         (None, 600.0),  # left out
         ("2026-11-24 11:08:51 UTC", 600.0),  # a shape no parser here reads
         ("2001-01-01 00:00:00", 60.0),  # in the past: the clocks differ
+        ("changing", 600.0),  # unreadable, and different in every answer: still said once
     ],
 )
 async def test_a_valid_until_that_tells_nothing_renews_unhurried_and_says_so_once(
@@ -341,7 +342,9 @@ async def test_a_valid_until_that_tells_nothing_renews_unhurried_and_says_so_onc
         calls[kind] += 1
         n = sum(calls.values())
         body: dict[str, str] = {"authentication": f"token-{n}", "renewalToken": f"renewal-{n}"}
-        if valid_until is not None:
+        if valid_until == "changing":
+            body["validUntil"] = f"not a date ({n})"
+        elif valid_until is not None:
             body["validUntil"] = valid_until
         return httpx.Response(200, json=body)
 
