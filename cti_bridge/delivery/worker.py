@@ -33,10 +33,11 @@ import random
 import time
 from collections import Counter
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
 
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from cti_bridge.clock import Clock, SystemClock, xelion_time
@@ -112,6 +113,11 @@ class _Result:
     request_body: bytes | None = None
     response_body: bytes | None = None
     secrets: tuple[str, ...] = ()
+
+
+#: An outcome waiting for its group commit: the completion, the future its task waits on, and the
+#: delivery's ordering key.
+_Queued = tuple[Completion, "asyncio.Future[str | None]", str]
 
 
 def _write_completions(
@@ -196,7 +202,7 @@ class DeliveryWorker:
         self._running_keys: Counter[str] = Counter()
         self._key_of: dict[tuple[str, str], str] = {}  # (delivery id, claim) -> ordering key
         self._waiting_keys: set[str] = set()
-        self._completions: list[tuple[Completion, asyncio.Future[str | None], str]] = []
+        self._completions: list[_Queued] = []
         self._flusher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         # No hand-off before run() has released a predecessor's leases (sole owner): that release
@@ -554,31 +560,75 @@ class DeliveryWorker:
                 await asyncio.sleep(FLUSH_DELAY)
             batch = self._completions[:FLUSH_MAX]
             del self._completions[:FLUSH_MAX]
-            now = self.clock.now()
-            completions = [c for c, _, _ in batch]
-            try:
-                # A database briefly away: these requests were answered, and left unrecorded they
-                # would be sent again once their lease ends. Writing them again is safe: each
-                # outcome applies only while its claim holds (_write_completions' ``again``).
-                written, successors = await retry_transient(
-                    partial(self._record, completions=completions, keys=[k for _, _, k in batch], now=now),
-                    f"recording {len(batch)} delivery outcomes",
+            await self._flush(batch)
+
+    async def _flush(self, batch: list[_Queued], *, bare: bool = False) -> None:
+        """Write one batch of outcomes and answer their waiting tasks. ``bare``: the attempt's
+        details were left out of this one, after it failed with them."""
+        now = self.clock.now()
+        completions = [c for c, _, _ in batch]
+        try:
+            # A database briefly away: these requests were answered, and left unrecorded they
+            # would be sent again once their lease ends. Writing them again is safe: each
+            # outcome applies only while its claim holds (_write_completions' ``again``).
+            written, successors = await retry_transient(
+                partial(self._record, completions=completions, keys=[k for _, _, k in batch], now=now),
+                f"recording {len(batch)} delivery outcomes",
+            )
+        except OperationalError as exc:
+            self._flush_failed(batch, exc)  # the database is away: nothing to single out
+            return
+        except Exception as exc:
+            # Not transient: most likely one outcome's fault (a value the database refuses). Left
+            # so, the whole batch went back to the queue at its leases' end, was sent again, met
+            # the same outcome in one batch again, for ever, and the calls' next deliveries waited
+            # behind it. One by one, only that outcome is affected; it is written once more
+            # without the attempt's details, since its state matters more than its excerpt.
+            if len(batch) > 1:
+                log.warning(
+                    "recording %d delivery outcomes failed (%s); writing them one by one", len(batch), exc
                 )
-            except Exception as exc:
-                # The deliveries stay leased and go back to the queue when their lease ends.
-                log.error("recording %d delivery outcomes failed: %s", len(batch), exc)
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            wake = bool(successors)
-            for c in completions:
-                wake = self._key_done(c.delivery_id, c.claim) or wake
-            if wake:
-                self.wake()  # the next delivery of a call is claimable now that this one is stored
-            for (_, future, _), state in zip(batch, written, strict=True):
-                if not future.done():
-                    future.set_result(state)
+                for item in batch:
+                    await self._flush([item])
+                return
+            (completion, future, key) = batch[0]
+            if bare:
+                self._flush_failed(batch, exc)
+                return
+            log.error(
+                "delivery %s: its outcome (%s) could not be recorded (%s); "
+                "recording it without the attempt's details",
+                completion.delivery_id,
+                completion.state,
+                exc,
+            )
+            attempt = replace(
+                completion.attempt,
+                error=f"the attempt's details could not be stored ({type(exc).__name__})",
+                request_url="",
+                request_excerpt=None,
+                response_excerpt=None,
+            )
+            reason = "re-authorisation required" if completion.park_reason else ""
+            bare_completion = replace(completion, attempt=attempt, park_reason=reason)
+            await self._flush([(bare_completion, future, key)], bare=True)
+            return
+        wake = bool(successors)
+        for c in completions:
+            wake = self._key_done(c.delivery_id, c.claim) or wake
+        if wake:
+            self.wake()  # the next delivery of a call is claimable now that this one is stored
+        for (_, future, _), state in zip(batch, written, strict=True):
+            if not future.done():
+                future.set_result(state)
+
+    @staticmethod
+    def _flush_failed(batch: list[_Queued], exc: Exception) -> None:
+        """The deliveries stay leased and go back to the queue when their lease ends."""
+        log.error("recording %d delivery outcomes failed: %s", len(batch), exc)
+        for _, future, _ in batch:
+            if not future.done():
+                future.set_exception(exc)
 
     # -- one delivery ------------------------------------------------------------------------
 

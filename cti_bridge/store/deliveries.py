@@ -112,7 +112,7 @@ def delivery_row(
         "next_attempt_at": now,
         "lease_owner": lease_owner,
         "lease_expires_at": lease_until if lease_owner else None,
-        "last_error": d.last_error,
+        "last_error": None if d.last_error is None else storable(d.last_error, MAX_ERROR),
         "created_at": now,
         "updated_at": now,
     }
@@ -301,6 +301,43 @@ def claim_due(
     ]
 
 
+#: The length of ``delivery.last_error`` and ``delivery_attempt.error`` (VARCHAR(2000)).
+MAX_ERROR = 2000
+#: The length of ``delivery_attempt.request_method`` (VARCHAR(8)).
+MAX_METHOD = 8
+
+
+def storable(value: str, limit: int | None = None) -> str:
+    """``value`` as both databases keep it. PostgreSQL refuses a NUL character in text and enforces
+    a VARCHAR's length, failing the whole transaction; SQLite does neither. A CRM's answer may hold
+    NUL bytes (a binary or UTF-16 body), and an error may quote anything: NUL becomes U+FFFD, as an
+    undecodable byte of an excerpt does, and a text longer than ``limit`` is cut there."""
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    return value if limit is None or len(value) <= limit else value[:limit]
+
+
+def _storable_attempt(a: AttemptRecord) -> AttemptRecord:
+    """``a`` with every text ``storable``: ``a`` itself when it is already (nearly always)."""
+    if (
+        (a.error is not None and (len(a.error) > MAX_ERROR or "\x00" in a.error))
+        or len(a.request_method) > MAX_METHOD
+        or "\x00" in a.request_method
+        or "\x00" in a.request_url
+        or (a.request_excerpt is not None and "\x00" in a.request_excerpt)
+        or (a.response_excerpt is not None and "\x00" in a.response_excerpt)
+    ):
+        return replace(
+            a,
+            error=None if a.error is None else storable(a.error, MAX_ERROR),
+            request_method=storable(a.request_method, MAX_METHOD),
+            request_url=storable(a.request_url),
+            request_excerpt=None if a.request_excerpt is None else storable(a.request_excerpt),
+            response_excerpt=None if a.response_excerpt is None else storable(a.response_excerpt),
+        )
+    return a
+
+
 # Slotted, not frozen: see NewDelivery.
 @dataclass(slots=True)
 class AttemptRecord:
@@ -379,7 +416,13 @@ def park_credential(session: Session, *, credential_id: int, reason: str, now: d
             text(UNDELIVERED_SQL),
             col(Delivery.state) == "pending",
         )
-        .values(state="parked", lease_owner=None, lease_expires_at=None, last_error=reason, updated_at=now)
+        .values(
+            state="parked",
+            lease_owner=None,
+            lease_expires_at=None,
+            last_error=storable(reason, MAX_ERROR),
+            updated_at=now,
+        )
     )
     return int(result.rowcount)
 
@@ -1001,6 +1044,11 @@ def complete_many(session: Session, completions: Sequence[Completion], *, now: d
     """
     if not completions:
         return []
+    # Texts either database keeps (one refused value failed the batch, and every outcome in it was
+    # sent again at its lease's end, for ever: a CRM answering with a NUL byte on PostgreSQL).
+    completions = [
+        c if (a := _storable_attempt(c.attempt)) is c.attempt else replace(c, attempt=a) for c in completions
+    ]
     parking = [c.credential_id for c in completions if c.state == "parked" and c.credential_id is not None]
     still: set[int] = set()  # the credentials this transaction parks
     if parking:

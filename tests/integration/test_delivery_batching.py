@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlmodel import Session, col
 
 from cti_bridge.app import StoreSourceHooks
@@ -632,3 +632,110 @@ async def test_a_failed_completion_commit_ends_the_delivery_task_quietly_and_lea
     ]
     (row,) = rows(database)
     assert row.state == "sending" and row.lease_owner is not None
+
+
+async def _finish_together(
+    database: Database, results: list[_Result]
+) -> tuple[DeliveryWorker, list[Delivery]]:
+    """One delivery per result, claimed together and finished in one completion batch."""
+    w = make_world(database)
+    p = pipeline(database)
+    await asyncio.gather(*(p.submit(w.xelion_context_id, KIND, fields(f"t{i}")) for i in range(len(results))))
+    now = utcnow() + timedelta(seconds=1)
+    items = database.run_sync(lambda s: claim_due(s, now=now, limit=len(results), lease_seconds=LEASE))
+    assert len(items) == len(results)
+    worker = finishing_worker(database)
+    tasks = [
+        asyncio.create_task(worker._finish(item, result, utcnow(), 1))
+        for item, result in zip(items, results, strict=True)
+    ]
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    by_id = {d.id: d for d in rows(database)}
+    return worker, [by_id[item.id] for item in items]
+
+
+def _attempts(database: Database, delivery_id: str) -> list[DeliveryAttempt]:
+    return database.run_sync(
+        lambda s: list(
+            s.execute(select(DeliveryAttempt).where(col(DeliveryAttempt.delivery_id) == delivery_id))
+            .scalars()
+            .all()
+        )
+    )
+
+
+async def test_an_answer_with_nul_bytes_and_an_endless_error_are_recorded_on_both_databases(
+    database: Database,
+) -> None:
+    """PostgreSQL refuses a NUL character in text and enforces VARCHAR(2000); SQLite does neither.
+    A CRM answering with a NUL byte (a binary or UTF-16 body) failed the whole completion batch on
+    PostgreSQL, for ever: every outcome in it went back to the queue at its lease's end, was sent
+    again and failed again together (an independent CRM's finding). Now NUL is stored as U+FFFD,
+    as an undecodable byte is, and an error is cut at the column's length, on both databases."""
+    long_error = "the CRM said: " + "x" * 3000
+    _, stored = await _finish_together(
+        database,
+        [
+            _Result(state="delivered", outcome="delivered", status=200, response_body=b'{"id":"a\x00b"}'),
+            _Result(state="dead", outcome="dead", status=422, error=long_error),
+            _Result(state="delivered", outcome="delivered", status=201, request_body=b"body\x00"),
+        ],
+    )
+    assert [(d.state, d.attempts) for d in stored] == [("delivered", 1), ("dead", 1), ("delivered", 1)]
+    (first,) = _attempts(database, stored[0].id)
+    assert first.response_excerpt == '{"id":"a\ufffdb"}'
+    (second,) = _attempts(database, stored[1].id)
+    assert second.error == long_error[:2000] and stored[1].last_error == long_error[:2000]
+    (third,) = _attempts(database, stored[2].id)
+    assert third.request_excerpt == "body\ufffd"
+
+
+def _refuse_poisoned_attempts(database: Database) -> None:
+    """A rule of the database itself that refuses one attempt record (whatever a future value the
+    database cannot take may be): the test's stand-in for an outcome that cannot be written."""
+    if database.url.startswith("sqlite"):
+        statements = [
+            "CREATE TRIGGER poison BEFORE INSERT ON delivery_attempt "
+            "WHEN NEW.response_excerpt LIKE '%poison%' BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+        ]
+    else:
+        statements = [
+            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.response_excerpt LIKE '%poison%' THEN "
+            "RAISE EXCEPTION 'poisoned' USING ERRCODE = 'check_violation'; END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER poison BEFORE INSERT ON delivery_attempt FOR EACH ROW EXECUTE FUNCTION poison()",
+        ]
+
+    def install(s: Session) -> None:
+        for sql in statements:
+            s.execute(text(sql))
+
+    database.run_sync(install)
+
+
+async def test_an_outcome_the_database_refuses_fails_alone_and_is_recorded_without_its_details(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One outcome the database will not take made the whole batch fail for ever (every outcome in
+    it sent again at each lease's end, the calls' next deliveries waiting behind them). The others
+    of its batch are recorded; the refused one is recorded without the attempt's details, so that
+    its delivery ends as it did instead of being sent again."""
+    _refuse_poisoned_attempts(database)
+    _, stored = await _finish_together(
+        database,
+        [
+            _Result(state="delivered", outcome="delivered", status=201, response_body=b"ok"),
+            _Result(state="delivered", outcome="delivered", status=201, response_body=b"poison"),
+            _Result(state="dead", outcome="dead", status=404, error="HTTP 404", response_body=b"gone"),
+        ],
+    )
+    states = [(d.state, d.lease_owner) for d in stored]
+    assert states == [("delivered", None), ("delivered", None), ("dead", None)]
+    (kept,) = _attempts(database, stored[0].id)
+    assert kept.response_excerpt == "ok"
+    (bare,) = _attempts(database, stored[1].id)
+    assert bare.outcome == "delivered" and bare.http_status == 201 and bare.response_excerpt is None
+    assert bare.error is not None and "could not be stored" in bare.error
+    (dead,) = _attempts(database, stored[2].id)
+    assert dead.response_excerpt == "gone"
+    assert any("writing them one by one" in r.getMessage() for r in caplog.records)
