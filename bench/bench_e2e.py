@@ -17,9 +17,10 @@ Measured:
   5,000) requests) and the daemon's own CRM client (``crm_client.CrmClient``: http1.py behind the
   outbound guard) as many, and, for reference, httpx with its default transport, 2,000 requests
   (it manages ~300-600/s here). Best of two rounds after a warm-up.
-- bridge: the Xelion simulator pushes N call events as fast as one websocket takes them, staying at
-  most ``--window`` (500) events ahead of what reached the CRM (see sim_xelion.py for why); the
-  daemon commits each (event + delivery, one transaction) before delivering it with the user's
+- bridge: the Xelion simulator pushes N call events as fast as one websocket takes them, as a
+  Xelion server does (no flow control; ``--window W`` keeps the pusher at most W events ahead of
+  what reached the CRM, as runs before 2026-12-06 did: see sim_xelion.py); the daemon commits
+  each (event + delivery, one transaction) before delivering it with the user's
   OAuth2 token to the same CRM simulator, its per-host cap set to C like the floor's. Timed from
   the first event sent to the last CRM request received (the simulator's arrival clock; same
   machine, same wall clock). One event = one delivery = one CRM request (one user with credentials,
@@ -46,7 +47,7 @@ Measured:
   it, and the two take turns for ``--scale-rounds`` (5) rounds; the medians are compared.
 
     .venv/bin/python bench/bench_e2e.py [--events N] [--db sqlite|postgresql|both] [--quick]
-                                        [--concurrency 32] [--window 500] [--keep]
+                                        [--concurrency 32] [--window 0] [--keep]
                                         [--profile DIR [--profile-mode cpu|gil|wall]]
                                         [--scale-users 1000] [--scale-rounds 5]
 
@@ -862,8 +863,12 @@ def report(results: dict[str, Any]) -> str:
             else ""
         ),
         f"N = {a['events']:,} events; one event = 1 delivery = 1 CRM request (1 user with credentials, "
-        f"1 mapping per event type); {a['concurrency']} concurrent requests to the CRM host; the pusher "
-        f"stays at most {a['window']} events ahead of the CRM",
+        f"1 mapping per event type); {a['concurrency']} concurrent requests to the CRM host; "
+        + (
+            f"the pusher stays at most {a['window']} events ahead of the CRM"
+            if a["window"]
+            else "the pusher sends as fast as the websocket takes the events (no flow control)"
+        ),
         "",
     ]
     fl = results["floor"]
@@ -1135,8 +1140,9 @@ def main() -> None:
     parser.add_argument(
         "--window",
         type=int,
-        default=500,
-        help="the pusher stays at most this many events ahead of the CRM (0: unbounded, see sim_xelion.py)",
+        default=0,
+        help="the pusher stays at most this many events ahead of the CRM (0, the default: unbounded, "
+        "as a Xelion server; see sim_xelion.py)",
     )
     parser.add_argument(
         "--crm-cmd",
