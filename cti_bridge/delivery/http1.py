@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import select
 import socket
 import ssl
 from collections.abc import Mapping
@@ -190,6 +191,14 @@ class _Connection(asyncio.Protocol):
                 error = httpx.RemoteProtocolError("the CRM sent an answer nobody asked for")
             else:
                 error = httpx.RemoteProtocolError(f"the CRM's answer is not valid HTTP: {exc!r}")
+                status = self._parser.get_status_code()
+                if not ex.status and status >= 200 and not isinstance(exc, httptools.HttpParserUpgrade):
+                    # The status line arrived and the flaw is in the headers (a Content-Length
+                    # twice, Transfer-Encoding with Content-Length, a folded line): the CRM has
+                    # acted and said so, and that decides, as any status that arrived does. Taken
+                    # as an error, a 201 was a retry: the call posted again at every step of the
+                    # schedule. The connection is closed below, so nothing can be smuggled.
+                    ex.status = status
             self._fail_exchange(ex, error)
             self.abort()
             return
@@ -202,6 +211,18 @@ class _Connection(asyncio.Protocol):
         ):
             self._fail_exchange(ex, httpx.RemoteProtocolError("the CRM's answer headers are too large"))
             self.abort()
+
+    def dropped(self) -> bool:
+        """Whether the idle connection has something to read: the server's close (or bytes nobody
+        asked for) still waiting in the kernel, while the loop was busy and ``eof_received`` has
+        not run yet. One ``select`` without waiting, as httpcore and urllib3 check before reuse."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return True
+        try:
+            return bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):  # closed meanwhile
+            return True
 
     def eof_received(self) -> bool | None:
         # The server is done with this connection: out of the pool at once, not a loop turn later
@@ -445,7 +466,10 @@ class Http1Client:
         oldest = asyncio.get_running_loop().time() - self._keepalive
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to have been timed out
-            if not conn.closed and conn.idle_since >= oldest:
+            # A server's idle timeout (uvicorn 5 s, gunicorn 2 s, nginx's keepalive_timeout) may
+            # have closed it while the loop was busy: written into, the request failed unanswered,
+            # a retry and an attempt lost though nothing reached the CRM.
+            if not conn.closed and conn.idle_since >= oldest and not conn.dropped():
                 return conn
             conn.abort()
         return None
