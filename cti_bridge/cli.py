@@ -68,8 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     except StoreLockedError as exc:
         print(f"cti-bridge: {exc}", file=sys.stderr)
         return ExitCode.DATABASE
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _StopDuringStart):
         return ExitCode.OK
+
+
+class _StopDuringStart(BaseException):
+    """SIGTERM during the start. A BaseException, so that no ``except Exception`` on the way takes
+    it, and not KeyboardInterrupt itself: CPython marks a KeyboardInterrupt that leaves any
+    ``eval`` of a string as unhandled and then ends the process with SIGINT at its exit, even after
+    ``main`` caught it and returned 0 (FastAPI evaluates annotations while the admin API's modules
+    are imported: one SIGTERM in about ten during the start exited -2 instead of 0)."""
 
 
 def _stop_on_sigterm_until_running() -> None:
@@ -80,7 +88,7 @@ def _stop_on_sigterm_until_running() -> None:
     lock is released. ``serve`` replaces the handler once it runs."""
 
     def stop(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
+        raise _StopDuringStart
 
     signal.signal(signal.SIGTERM, stop)
 
