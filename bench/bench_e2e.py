@@ -416,6 +416,11 @@ class Stack:
         return int(n), _epoch(last)
 
 
+def _iso(epoch: float) -> str:
+    """An epoch time as the admin API takes it (ISO 8601, UTC): ``_epoch``'s inverse."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
 def _epoch(value: Any) -> float | None:
     if value is None:
         return None
@@ -674,13 +679,12 @@ async def replay(
     before = stack.sample()
     sims = (crm.child.pid, stack.xelion.pid)
     sims_before = sum(process_cpu_seconds(p) for p in sims)
-    iso = lambda t: datetime.fromtimestamp(t, UTC).isoformat()  # noqa: E731
     profiler = Profiler(stack.daemon.pid, profile, 200, profile_mode) if profile is not None else None
     if profiler is not None:
         await asyncio.sleep(1.0)  # py-spy attaches
     t0 = time.time()
     status, body = await stack.api(
-        "POST", "/api/deliveries/replay", {"state": "delivered", "since": iso(since), "until": iso(until)}
+        "POST", "/api/deliveries/replay", {"state": "delivered", "since": _iso(since), "until": _iso(until)}
     )
     answered = time.time()
     if status != 200 or body.get("replayed") != n:

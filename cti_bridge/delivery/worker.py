@@ -117,7 +117,7 @@ class _Result:
 
 #: An outcome waiting for its group commit: the completion, the future its task waits on, and the
 #: delivery's ordering key.
-_Queued = tuple[Completion, "asyncio.Future[str | None]", str]
+_Queued = tuple[Completion, asyncio.Future[str | None], str]
 
 
 def _write_completions(

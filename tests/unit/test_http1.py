@@ -14,6 +14,7 @@ import datetime
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -683,8 +684,6 @@ async def test_a_switching_protocols_answer_is_a_protocol_error(
 def _idle_closing_server(idle_timeout: float) -> tuple[socket.socket, list[int]]:
     """A server in a thread of its own (it must act while the client's loop is blocked): answers
     each request of a connection and closes the connection after ``idle_timeout`` s without one."""
-    import threading
-
     listener = socket.create_server(("127.0.0.1", 0))
     connections: list[int] = []
 
