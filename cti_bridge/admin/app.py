@@ -239,6 +239,11 @@ class PathMiddleware:
 
     ``HEAD`` is ``GET`` without the body (RFC 9110 §9.3.2; FastAPI's routes take only the methods
     they name).
+
+    A query parameter left empty (``?limit=&offset=``, ``?xelionContextId=``) is as if it were left
+    out, for every parameter: a script that fills in a URL template sends the ones it has no value
+    for empty. The text filters already read an empty value so (``common.query_filter``); a number
+    left empty was a 422, and a cursor left empty one too.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -267,6 +272,11 @@ class PathMiddleware:
             raw: bytes | None = scope.get("raw_path")
             if raw:
                 scope["raw_path"] = raw.rstrip(b"/") or b"/"
+        query: bytes = scope.get("query_string", b"")
+        if query:
+            kept = _without_empty(query)
+            if kept != query:
+                scope = {**scope, "query_string": kept}
         if scope["method"] == "HEAD":
             scope = {**scope, "method": "GET"}
             await self.app(scope, receive, _without_body(send))
@@ -276,6 +286,12 @@ class PathMiddleware:
 
 _SLASHES = re.compile("/{2,}")
 _RAW_SLASHES = re.compile(b"/{2,}")
+
+
+def _without_empty(query: bytes) -> bytes:
+    """``query`` without its empty parameters (``name=``, a bare ``name``, an empty piece between
+    two ``&``); every other piece stays byte for byte as it came."""
+    return b"&".join(p for p in query.split(b"&") if p.partition(b"=")[2])
 
 
 def _without_body(send: Send) -> Send:

@@ -56,6 +56,30 @@ async def test_an_empty_filter_filters_nothing(api: httpx.AsyncClient) -> None:
     assert r.json()["total"] == 0
 
 
+async def test_an_empty_number_or_cursor_counts_as_left_out(api: httpx.AsyncClient) -> None:
+    """A script filling in a URL template sends ``?limit=&offset=``: the defaults, not a 422."""
+    a = await make_integration(api, "a", users=["anne", "bob"])
+    r = await api.get(f"{creds_url(a.xelion_id, a.crm_id)}?limit=&offset=&username=", headers=auth(a.token))
+    assert r.status_code == 200, r.text
+    assert [u["xelionUsername"] for u in r.json()] == ["anne", "bob"]
+    r = await api.get("/api/deliveries?xelionContextId=&limit=&offset=&cursor=&state", headers=OPERATOR)
+    assert r.status_code == 200, r.text
+    assert r.json()["total"] == 0
+    # Both left empty: no query, so the operator's list of every integration.
+    r = await api.get("/api/crm-integrations?xelionHost=&xelionTenant=", headers=OPERATOR)
+    assert r.status_code == 200, r.text
+    assert [i["xelionContext"]["id"] for i in r.json()] == [a.xelion_id]
+    # One left empty: the other alone is still a 422 naming the one missing.
+    err = assert_error(
+        await api.get("/api/crm-integrations?xelionHost=&xelionTenant=t", headers=OPERATOR), 422, 10201
+    )
+    assert "xelionHost" in err["message"]
+    # A value made of '=' is not empty; a filled-in number still counts and is still checked.
+    r = await api.get("/api/deliveries?callId===&limit=1", headers=OPERATOR)
+    assert r.status_code == 200, r.text
+    assert_error(await api.get("/api/deliveries?limit=0", headers=OPERATOR), 422, 10201)
+
+
 async def test_a_number_where_the_manual_quotes_a_string_is_its_text(api: httpx.AsyncClient) -> None:
     a = await make_integration(api, "a", users=["anne"])
     r = await api.post(
