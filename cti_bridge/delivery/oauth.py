@@ -81,8 +81,10 @@ _REQUEST_GENERATION: ContextVar[int | None] = ContextVar("token_request_generati
 
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 AUTH_METHODS = frozenset({"client_secret_post", "client_secret_basic"})
-# Answers that mean the grant itself is dead: only an operator (a new refresh token or device
-# code) can fix it (reliability.md §13). invalid_code is Zoho's invalid_grant (answered with 200).
+# Answers that mean the grant or the client is dead: only an operator can fix it (reliability.md
+# §13): a new refresh token or device code, or for the client's own (invalid_client,
+# unauthorized_client) a new client id or secret (store.integrations.update_secret).
+# invalid_code is Zoho's invalid_grant (answered with 200).
 REAUTH_ERRORS = frozenset(
     {
         "invalid_grant",

@@ -555,6 +555,13 @@ def update_secret(
     dropped. A new device code also drops the refresh token: the token manager uses a device code
     only when there is no refresh token (RFC 8628 then yields a new one), so keeping a dead refresh
     token would leave the new code unused.
+
+    A new client id or secret is a repair too: ``reauth_required`` also comes from the client
+    (``invalid_client``, ``unauthorized_client``, no client id set), which the grant cannot mend,
+    and with a rotating grant the operator may hold no refresh token that still works: the user
+    stayed parked for good, however the client was put right. So the user becomes ``active`` and
+    its deliveries resume; if the grant itself is what the server refuses, the next token request
+    says so once and parks them again.
     """
     if kind not in SECRET_KINDS:
         raise ValueError(f"unknown credential type {kind}")
@@ -578,14 +585,15 @@ def update_secret(
         row.refresh_token_enc = None
         row.access_token_enc = None
         row.access_token_expires_at = None
-    if kind in ("refreshtoken", "devicecode"):
+    repaired = kind in ("refreshtoken", "devicecode") or row.state == "reauth_required"
+    if repaired:
         row.state = "active"
         row.state_reason = None
     row.version += 1
     row.updated_at = now
     session.add(row)
     session.flush()
-    if kind in ("refreshtoken", "devicecode"):
+    if repaired:
         # The user's parked deliveries resume in the same transaction as the repair: done in a
         # task after the commit (as it was), a crash or a failing statement in between left them
         # parked behind an active credential, and nothing ever looked at them again (§13).

@@ -224,6 +224,44 @@ async def test_dead_grant_parks_that_user_until_a_new_refresh_token(db_url: str)
         assert _gauge(metrics, "cti_bridge_deliveries", 'state="parked"') == 0
 
 
+async def test_a_client_refused_parks_the_user_until_its_client_secret_is_put_right(db_url: str) -> None:
+    """``invalid_client`` (a wrong or expired client secret) parks the user as a dead grant does;
+    the repair is a new client secret, not a refresh token (which the operator may no longer hold
+    once the grant has rotated): it makes the user active and delivers what was parked, in call
+    order, with the refresh token the daemon already has."""
+    async with running_stack(db_url) as st:
+        await st.configure(users=("anne", "bob"))
+        anne_id = await st.credential_id("anne")
+        update = f"/api/users/{anne_id}/clientsecret/update"
+        assert (await st.api.post(update, json={"value": "expired-secret"})).status_code == 200
+        first = await st.xelion.place_call("incoming", callee="anne")
+        await st.xelion.place_call("incoming", callee="bob")
+        items = await st.wait_settled(6)
+        assert sorted((d["xelionUsername"], d["state"]) for d in items) == [
+            *[("anne", "parked")] * 3,
+            *[("bob", "delivered")] * 3,
+        ]
+        assert [t.status for t in st.crm.token_requests if t.status != 200] == [401]  # one, then parked
+        users_url = (
+            f"/api/crm-integrations/{st.xelion_context_id}/crm-contexts/{st.crm_context_id}/user-credentials"
+        )
+        users = (await st.api.get(users_url, params={"username": "anne"})).json()
+        assert users[0]["state"] == "reauth_required"
+
+        resp = await st.api.post(update, json={"value": CLIENT_SECRET})
+        assert resp.status_code == 200, resp.text
+
+        async def all_delivered() -> bool:
+            return {d["state"] for d in await st.deliveries()} == {"delivered"}
+
+        await st.wait_until(all_delivered, what="the parked deliveries to be delivered")
+        events = [json.loads(r.body)["event"] for r in st.crm.received if _call_id(r) == first.call_id]
+        assert events == ["newCallEvent", "callConnectedEvent", "callHungUpEvent"]
+        users = (await st.api.get(users_url, params={"username": "anne"})).json()
+        assert users[0]["state"] == "active"
+        assert len([t for t in st.crm.token_requests if t.status != 200]) == 1
+
+
 @pytest.mark.parametrize("how", ["user", "integration"])
 async def test_a_deleted_credentials_token_never_reaches_the_next_credential_of_its_id(
     db_url: str, how: str

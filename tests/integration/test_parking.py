@@ -110,6 +110,45 @@ async def test_the_repair_resumes_parked_deliveries_in_its_own_transaction(
     assert states(database) == {r.delivery_ids[0]: "pending" for r in results}
 
 
+@pytest.mark.parametrize("kind", ["clientid", "clientsecret"])
+async def test_a_new_client_id_or_secret_resumes_a_parked_user_too(
+    database: Database, secret_box: SecretBox, kind: str
+) -> None:
+    """``reauth_required`` also comes from the client (no client id, ``invalid_client``): a new
+    client id or secret makes the user active and its parked deliveries due, in one transaction."""
+    w = make_world(database)
+    results = await three_calls(database, w)
+    mark_reauth_required(database, w.credential_id)
+    database.run_sync(
+        lambda s: park_credential(
+            s, credential_id=w.credential_id, reason="no client id is set", now=utcnow()
+        )
+    )
+    assert set(states(database).values()) == {"parked"}
+    view = database.run_sync(
+        lambda s: update_secret(s, secret_box, w.credential_id, kind, "new", now=utcnow())
+    )
+    assert view is not None
+    assert states(database) == {r.delivery_ids[0]: "pending" for r in results}
+    row = database.run_sync(lambda s: s.get(UserCredentials, w.credential_id))
+    assert row is not None and (row.state, row.state_reason) == ("active", None)
+
+
+async def test_a_new_client_secret_leaves_an_active_user_as_it_was(
+    database: Database, secret_box: SecretBox
+) -> None:
+    w = make_world(database)
+    results = await three_calls(database, w)
+    assert set(states(database).values()) == {"pending"}
+    view = database.run_sync(
+        lambda s: update_secret(s, secret_box, w.credential_id, "clientsecret", "rotated", now=utcnow())
+    )
+    assert view is not None
+    assert states(database) == {r.delivery_ids[0]: "pending" for r in results}
+    row = database.run_sync(lambda s: s.get(UserCredentials, w.credential_id))
+    assert row is not None and (row.state, row.state_reason) == ("active", None)
+
+
 async def test_a_parked_outcome_written_after_the_repair_leaves_the_delivery_due(
     database: Database, secret_box: SecretBox
 ) -> None:

@@ -125,8 +125,8 @@ async def update_credential(
     )
     if view is None:
         raise not_found("user", userId)
-    if kind in ("refreshtoken", "devicecode"):
-        # The operator's answer to reauth_required: un-park this user's deliveries.
-        deps.supervisor.credentials_changed(userId)
+    # Every kind: the cached token belongs to the old grant or the old client, and the change may
+    # have repaired a reauth_required user (store.update_secret): its deliveries are due again.
+    deps.supervisor.credentials_changed(userId)
     log.info("user %d: a new %s set by %s", userId, kind, principal.describe())  # the kind, never the value
     return JSONResponse({})
