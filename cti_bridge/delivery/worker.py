@@ -368,7 +368,14 @@ class DeliveryWorker:
             self._reserved += limit  # a hand-off meanwhile must not take the same places
             try:
                 claimed = await self.db.run(
-                    partial(claim_due, now=now, limit=limit, lease_seconds=lease, skip_mappings=full),
+                    partial(
+                        claim_due,
+                        now=now,
+                        limit=limit,
+                        lease_seconds=lease,
+                        skip_mappings=full,
+                        skip_ids=list(self._inflight),  # a copy: PostgreSQL runs it in a thread
+                    ),
                     quick=True,
                 )
             finally:

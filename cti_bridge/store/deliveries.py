@@ -17,7 +17,7 @@ import functools
 import json
 import operator
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -232,6 +232,7 @@ def claim_due(
     limit: int,
     lease_seconds: float,
     skip_mappings: Sequence[int] = (),
+    skip_ids: Collection[str] = (),
 ) -> list[Claimed]:
     """Lease up to ``limit`` due deliveries, respecting per-ordering-key order.
 
@@ -242,16 +243,26 @@ def claim_due(
 
     ``skip_mappings``: mappings the caller has no room for now (their CRM host is at the worker's
     fairness bound, reliability.md §9); their deliveries stay in the queue for others.
+
+    ``skip_ids``: deliveries the caller is still running under its own lease. Their lease in the
+    database ends by the wall clock, the caller's by its monotonic clock; when the wall clock steps
+    forward (a VM resumed, an NTP step) the stored lease has ended while the request is still under
+    way, and claiming it again made this very process send it a second time. Left out of the
+    expired leases here (filtered after the SELECT, which asks for as many more), they come back to
+    the queue the usual way once their task ends.
     """
     if limit <= 0:
         return []
     conn, drv = _driver(session)
     at = drv.dt(now)
     skip = sorted(set(skip_mappings))
+    running = set(skip_ids)
     ids: list[str] = []
     for state, due in _CLAIMABLE:
-        rows = conn.rows(_due_sql(drv, due, len(skip)), (state, at, *skip, limit - len(ids)))
-        ids += [str(row[0]) for row in rows]
+        want = limit - len(ids)
+        more = len(running) if state == "sending" else 0  # only a lease can be one of ours
+        rows = conn.rows(_due_sql(drv, due, len(skip)), (state, at, *skip, want + more))
+        ids += [i for i in (str(row[0]) for row in rows) if i not in running][:want]
         if len(ids) >= limit:
             break
     if not ids:

@@ -17,6 +17,7 @@ import httpx
 from aiohttp import web
 
 from cti_bridge.app import Daemon, build, serve
+from cti_bridge.clock import Clock
 from cti_bridge.config import load_settings
 from cti_bridge.sim.crm import TOKEN_PATH, CrmSimulator
 from cti_bridge.sim.xelion import XelionSimulator, add_demo_tenant
@@ -276,12 +277,13 @@ async def simulators() -> AsyncIterator[tuple[XelionSimulator, TrackingCrmSimula
 
 
 @asynccontextmanager
-async def running_stack(db_url: str, **overrides: Any) -> AsyncIterator[Stack]:
-    """Start the simulators and the daemon on ``db_url``; stop everything afterwards."""
+async def running_stack(db_url: str, *, clock: Clock | None = None, **overrides: Any) -> AsyncIterator[Stack]:
+    """Start the simulators and the daemon on ``db_url`` (with ``clock``, the system's by
+    default); stop everything afterwards."""
     async with simulators() as (xelion, crm):
         admin_token = secrets.token_urlsafe(24)
         settings = load_settings(None, **settings_for(db_url, xelion, admin_token, **overrides))
-        daemon = build(settings)
+        daemon = build(settings, clock=clock)
         stop = asyncio.Event()
         port_future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(serve(daemon, stop, on_started=port_future.set_result))

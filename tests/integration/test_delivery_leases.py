@@ -218,6 +218,35 @@ def test_per_call_order_holds_across_reclaim_and_retry(database: Database) -> No
     assert got == a3
 
 
+def test_a_claim_leaves_out_the_expired_leases_its_caller_is_still_running(database: Database) -> None:
+    """After the wall clock steps forward past a lease, the worker that holds it (by its monotonic
+    clock) is still sending it: its own claim must not take it again (``skip_ids``); the others'
+    expired leases, and pending deliveries, it still takes, up to its limit."""
+    w = make_world(database)
+    running, stale = w.event("call-1"), w.event("call-2")
+    fresh = [w.event(f"call-{n}") for n in (3, 4)]
+    held = dict(
+        (c.id, c.claim)
+        for c in database.run_sync(lambda s: claim_due(s, now=T0, limit=2, lease_seconds=LEASE))
+    )
+    assert set(held) == {running, stale}
+    later = at(LEASE + 3600)  # the step
+
+    def claim(limit: int) -> list[str]:
+        got = database.run_sync(
+            lambda s: claim_due(s, now=later, limit=limit, lease_seconds=LEASE, skip_ids=[running, "x"])
+        )
+        return [c.id for c in got]
+
+    assert claim(1) == [stale]  # the expired lease another worker left, first
+    assert w.row(running).lease_owner == held[running]  # still the running claim's
+    assert claim(10) == fresh  # then what is due; never the one still running here
+    assert w.row(running).lease_owner == held[running]
+    # Without skip_ids the expired lease is taken like any other (a crashed worker's).
+    ((again, other),) = w.claim(later)
+    assert again == running and other != held[running]
+
+
 def test_claims_skip_mappings_without_room(database: Database) -> None:
     w = make_world(database)
     d1 = w.event("call-1")
