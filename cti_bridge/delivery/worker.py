@@ -78,6 +78,7 @@ from cti_bridge.store.deliveries import (
     release,
     release_all_leases,
 )
+from cti_bridge.store.integrations import CREDENTIALS_DELETED
 
 log = logging.getLogger(__name__)
 
@@ -690,7 +691,7 @@ class DeliveryWorker:
     async def _attempt(self, item: Claimed, lease_end: float | None = None) -> _Result:
         if item.credential_id is None:
             self._not_sent("credentials")
-            return _Result(state="dead", outcome="dead", error="the user's credentials were deleted")
+            return _Result(state="dead", outcome="dead", error=CREDENTIALS_DELETED)
         # The caches answer nearly every delivery: a coroutine only when they do not.
         compiled = self.mappings.peek(item.mapping_id)
         if compiled is None:

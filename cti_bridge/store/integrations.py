@@ -26,7 +26,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
 from cti_bridge.store.crypto import SecretBox
-from cti_bridge.store.deliveries import unpark_credential
+from cti_bridge.store.deliveries import bury_parked, unpark_credential
 from cti_bridge.store.models import (
     AdminSession,
     CrmContext,
@@ -534,9 +534,18 @@ def update_identity(
     return _credview(row, xid)
 
 
-def delete_credential(session: Session, credential_id: int) -> bool:
+#: Why a deleted user's parked deliveries are dead (as the worker says of its pending ones).
+CREDENTIALS_DELETED = "the user's credentials were deleted"
+
+
+def delete_credential(session: Session, credential_id: int, *, now: datetime) -> bool:
+    """Delete a user's credentials. Its parked deliveries become ``dead`` in the same transaction:
+    left parked (their ``credential_id`` set to NULL by the foreign key) nothing could ever resume
+    them, and retention never deletes unfinished work. Pending ones go dead when the worker meets
+    them with no credentials; one in flight keeps its outcome."""
     if not valid_id(credential_id):
         return False
+    bury_parked(session, credential_id=credential_id, reason=CREDENTIALS_DELETED, now=now)
     result = session.execute(delete(UserCredentials).where(col(UserCredentials.id) == credential_id))
     return bool(getattr(result, "rowcount", 0))
 

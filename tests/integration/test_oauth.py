@@ -710,7 +710,7 @@ async def test_a_cached_token_is_dropped_once_another_replica_changed_its_creden
     assert await b.drop_changed() == []
 
     # The user is deleted through a: b forgets its token as well.
-    await database.run(lambda s: delete_credential(s, cred.id))
+    await database.run(lambda s: delete_credential(s, cred.id, now=utcnow()))
     assert await b.drop_changed() == [cred.id]
     assert b.peek(cred.id) is None
 
@@ -799,7 +799,7 @@ async def test_a_token_request_in_flight_for_a_deleted_credential_serves_nothing
     await asyncio.wait_for(entered.wait(), 5)
     # The operator deletes A's user (DaemonSupervisor.credentials_deleted forgets it), and B's
     # user is created with the same id (SQLite: max(id) + 1).
-    await database.run(lambda s: delete_credential(s, a_user.id))
+    await database.run(lambda s: delete_credential(s, a_user.id, now=utcnow()))
     tokens.forget(a_user.id)  # what DaemonSupervisor.credentials_deleted does
     b_refresh = sim.issue_refresh_token(CLIENT_ID)
     b_user = await add_credential(

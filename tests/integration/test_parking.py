@@ -39,7 +39,7 @@ from cti_bridge.store.deliveries import (
     inactive_credentials,
     park_credential,
 )
-from cti_bridge.store.integrations import update_secret
+from cti_bridge.store.integrations import delete_credential, update_secret
 from cti_bridge.store.models import CrmContext, Delivery, EventUriMapping, UserCredentials, XelionContext
 from tests.integration.test_delivery_batching import (
     KIND,
@@ -147,6 +147,21 @@ async def test_a_new_client_secret_leaves_an_active_user_as_it_was(
     assert states(database) == {r.delivery_ids[0]: "pending" for r in results}
     row = database.run_sync(lambda s: s.get(UserCredentials, w.credential_id))
     assert row is not None and (row.state, row.state_reason) == ("active", None)
+
+
+async def test_deleting_a_user_ends_its_parked_deliveries_as_dead(database: Database) -> None:
+    """Parked behind a user that no longer exists (the foreign key sets their credential to NULL),
+    nothing could resume them and retention keeps unfinished work: they stayed parked for ever.
+    They end ``dead`` with the reason in the deletion's transaction; other users' are untouched."""
+    w = make_world(database)
+    results = await three_calls(database, w)
+    mark_reauth_required(database, w.credential_id)
+    database.run_sync(
+        lambda s: park_credential(s, credential_id=w.credential_id, reason="dead", now=utcnow())
+    )
+    assert database.run_sync(lambda s: delete_credential(s, w.credential_id, now=utcnow()))
+    rows = database.run_sync(lambda s: s.execute(select(Delivery.state, Delivery.last_error)).all())  # type: ignore[arg-type]
+    assert sorted(tuple(r) for r in rows) == [("dead", "the user's credentials were deleted")] * len(results)
 
 
 async def test_a_parked_outcome_written_after_the_repair_leaves_the_delivery_due(

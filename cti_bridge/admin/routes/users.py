@@ -91,7 +91,8 @@ async def put_user(userId: int, request: Request, deps: Deps, principal: Auth) -
 @router.delete("/{userId}", summary="Delete a user", responses={404: {"model": schemas.ErrorOut}})
 async def delete_user(userId: int, deps: Deps, principal: Auth) -> JSONResponse:
     current = await reachable_user(deps, principal, userId)
-    if not await deps.database.run(lambda s: store.delete_credential(s, userId)):
+    now = deps.clock.now()
+    if not await deps.database.run(lambda s: store.delete_credential(s, userId, now=now)):
         raise not_found("user", userId)
     deps.supervisor.integration_changed(current.xelion_context_id)
     # Its cached token must go, and a token request in flight for it must save nothing.
