@@ -332,3 +332,51 @@ def test_on_postgresql_one_replica_prunes_at_a_time(database: Database) -> None:
         lambda s: prune_batch(s, delivered_before=cutoff, dead_before=None, limit=10)
     )
     assert pruned == Pruned(deliveries=1, attempts=1, events=1)
+
+
+def test_a_batch_deletes_a_bounded_number_of_attempt_records(database: Database) -> None:
+    """Deliveries with many attempts (retried through the schedule, replayed again and again) no
+    longer make a batch of thousands of rows: one limit of deliveries for every state together,
+    and at most ATTEMPTS_PER_DELIVERY x limit attempt records, except a first delivery, which goes
+    whatever it has. Everything still goes, batch after batch."""
+    world = make_world(database)
+    delivered = [_finished(world, f"c-ok-{n}", "delivered", T0) for n in range(4)]
+    dead = [_finished(world, f"c-dead-{n}", "dead", T0) for n in range(4)]
+    heavy = _finished(world, "c-heavy", "dead", T0 - DAY)  # the oldest dead one: first in line
+
+    def more_attempts(delivery_id: str, n: int) -> None:
+        def write(s: Session) -> None:
+            for k in range(n):
+                s.add(
+                    DeliveryAttempt(
+                        delivery_id=delivery_id, attempt_no=k + 2, started_at=T0, outcome="retry",
+                        request_method="POST", request_url="https://crm.example/calls",
+                    )
+                )  # fmt: skip
+
+        database.run_sync(write)
+
+    for d in dead:
+        more_attempts(d, 2)  # three each
+    more_attempts(heavy, 20)  # twenty-one: more than a whole batch's budget
+    limit = 4  # a budget of 8 attempt records
+    batches: list[Pruned] = []
+    after = None
+    while True:
+        batch, after, more = database.run_sync(
+            lambda s, a=after: prune_batch(
+                s, delivered_before=T0 + DAY, dead_before=T0 + DAY, limit=limit, events_after=a
+            )
+        )
+        batches.append(batch)
+        if not more and batch.deliveries < limit:
+            break
+        assert len(batches) < 20
+    assert [(b.deliveries, b.attempts) for b in batches if b.deliveries] == [
+        (4, 4),  # the delivered ones: the limit is shared, so no dead one joins them
+        (1, 21),  # alone, whatever it has; the next (3 more) would exceed the budget
+        (2, 6),  # two dead ones (3 + 3); a third would make 9 > 8
+        (2, 6),
+    ]
+    assert _count(database, Delivery) == 0 and _count(database, DeliveryAttempt) == 0
+    assert set(delivered + dead + [heavy]).isdisjoint(_ids(database, Delivery, "id"))
