@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -46,6 +47,21 @@ RENEW_AT = 0.8
 #: When Xelion's validUntil tells nothing usable: renew this often (seconds) rather than every few.
 UNKNOWN_EXPIRY_RENEW = 600.0
 PAST_EXPIRY_RENEW = 60.0
+#: A difference between Xelion's clock and this host's that is worth a warning (seconds).
+CLOCK_SKEW_WARNING = 60.0
+
+
+def _server_time(response: httpx.Response) -> datetime | None:
+    """When the server answered, by its ``Date`` header; None without one that reads."""
+    text = response.headers.get("date")
+    if not text:
+        return None
+    try:
+        at = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
 
 _KIND_BY_CODE = {
     NOT_AUTHENTICATED: "not_authenticated",
@@ -215,7 +231,10 @@ class XelionSession:
         # answer would otherwise add an entry and a warning per renewal.
         if kind not in self._warned:
             self._warned.add(kind)
-            logger.warning("Xelion at %s %s; renewing the session every %.0f s", self.where, what, every)
+            if every > 0:
+                logger.warning("Xelion at %s %s; renewing the session every %.0f s", self.where, what, every)
+            else:
+                logger.warning("Xelion at %s %s; its session is timed by Xelion's clock", self.where, what)
 
     def renew_delay(self) -> float | None:
         """Seconds until the session should be renewed (80 % of its life, §2), None if logged out."""
@@ -300,9 +319,18 @@ class XelionSession:
             what = f"sent no readable validUntil ({str(valid_until)[:40]!r})"
             self._warn_once("unreadable", what, renew_in)
         else:
-            now = self._clock.now()
-            if now.tzinfo is None:  # a clock that keeps naive UTC
-                now = now.replace(tzinfo=UTC)
+            local = self._clock.now()
+            if local.tzinfo is None:  # a clock that keeps naive UTC
+                local = local.replace(tzinfo=UTC)
+            # validUntil is on Xelion's clock: measured against this host's, a host an hour behind
+            # renewed a one-hour session after 48 minutes of its own plus the hour, long after
+            # Xelion had ended it, and every session ended in a gap (a clock-step review's
+            # finding). The answer's Date header (RFC 9110 §6.6.1) tells Xelion's time.
+            now = _server_time(response) or local
+            if abs((now - local).total_seconds()) > CLOCK_SKEW_WARNING:
+                skew = (now - local).total_seconds()
+                side = "ahead of" if skew > 0 else "behind"
+                self._warn_once("skew", f"is {abs(skew):.0f} s {side} this host's clock (its Date header)", 0)
             remaining = (self._valid_until - now).total_seconds()
             if remaining > 0:
                 renew_in = max(1.0, RENEW_AT * remaining)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ from cti_bridge.sim.xelion import XelionSimulator
 from cti_bridge.xelion.directory import HttpXelionDirectory
 from cti_bridge.xelion.rest import XelionApiError, XelionSession, XelionUnreachable
 from cti_bridge.xelion.source import SourceManager
+from tests.integration.oauth_helpers import FakeClock
 
 __all__ = ["client", "hooks", "sim"]  # fixtures
 
@@ -391,3 +393,40 @@ async def test_a_crash_in_a_suffixed_user_space_does_not_take_another_suffix(
         stored = run.token  # what save_session_token persisted; then the run is killed
     assert spaces == ["cti-bridge-1-1"] * 7
     assert sim.sessions_by_user_space() == {"cti-bridge-1": 1, "cti-bridge-1-1": 1}
+
+
+@pytest.mark.parametrize(
+    ("date_header", "expected"),
+    [
+        ("Sun, 06 Dec 2026 12:00:00 GMT", 80.0),  # Xelion's own time: 80 % of its 100 s
+        (None, 0.8 * 3700),  # none sent: this host's clock, as before
+        ("not a date", 0.8 * 3700),
+    ],
+)
+async def test_the_session_is_timed_by_xelions_clock(
+    date_header: str | None, expected: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """validUntil is Xelion's time: a host whose clock is an hour behind measured 100 s of session
+    against its own clock as an hour and 100 s, renewed long after Xelion had ended it, and every
+    session ended in a gap (a clock-step review's finding). The answer's Date header says when
+    Xelion answered; a difference of more than a minute is said once."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"Date": date_header} if date_header else {}
+        body = {"authentication": "token-1", "renewalToken": "renewal-1", "validUntil": "2026-12-06 12:01:40"}
+        return httpx.Response(200, json=body, headers=headers)
+
+    caplog.set_level(logging.WARNING, logger="cti_bridge.xelion.rest")
+    behind = FakeClock(datetime(2026, 12, 6, 11, 0, 0, tzinfo=UTC))  # this host: an hour behind
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
+        target = XelionTarget(protocol="http", host="pbx.example", tenant="master")
+        session = XelionSession(c, target, "admin", "pw", "cti-bridge-1", clock=behind)
+        await session.login()
+        await session.renew()
+        delay = session.renew_delay()
+        assert delay is not None and abs(delay - expected) < 1.0, delay
+    skew = [r.getMessage() for r in caplog.records if "this host's clock" in r.getMessage()]
+    if date_header == "Sun, 06 Dec 2026 12:00:00 GMT":
+        assert len(skew) == 1 and "is 3600 s ahead of this host's clock" in skew[0], skew
+    else:
+        assert skew == []
