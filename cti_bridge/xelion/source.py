@@ -27,7 +27,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import httpx
@@ -172,6 +172,7 @@ class XelionSource:
         self._reconnects = 0
         self._connected_since: datetime | None = None
         self._gap_open = False
+        self._gap_started: tuple[datetime, float] = (datetime.min.replace(tzinfo=UTC), 0.0)
         self._ws: ClientConnection | None = None
         self._session: XelionSession | None = None
         self._renewer: asyncio.Task[None] | None = None
@@ -576,13 +577,20 @@ class XelionSource:
         self._gap_open = True
         now = self._clock.now()
         start = now if since is None or since > now else since
+        self._gap_started = (start, self._clock.monotonic())
         await self._call_hook("gap_opened", self._hooks.gap_opened(self._id, start, reason))
 
     async def _close_gap(self) -> None:
         if not self._gap_open:
             return
         self._gap_open = False
-        await self._call_hook("gap_closed", self._hooks.gap_closed(self._id, self._clock.now()))
+        end = self._clock.now()
+        start, opened = self._gap_started
+        # At least as long as it lasted by the monotonic clock: a wall clock stepped back while
+        # the gap was open stored it ending an hour before it started (a clock-step review's
+        # finding), its real length lost. A step forward makes it longer, never shorter.
+        end = max(end, start + timedelta(seconds=self._clock.monotonic() - opened))
+        await self._call_hook("gap_closed", self._hooks.gap_closed(self._id, end))
 
     async def _call_hook(self, name: str, awaitable: Awaitable[Any]) -> Any:
         """Await a reporting hook; a failing one is logged, never fatal to the source."""

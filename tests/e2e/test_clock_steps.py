@@ -5,27 +5,10 @@ by the monotonic clock, which a step leaves alone (a review of the daemon under 
 from __future__ import annotations
 
 import asyncio
-import time
-from datetime import UTC, datetime, timedelta
 
 from cti_bridge.sim.crm import Failure
 from tests.e2e.stack import running_stack
-
-
-class SteppedClock:
-    """The system's clocks, with the wall clock moved by ``step`` (the monotonic one is not)."""
-
-    def __init__(self) -> None:
-        self.offset = timedelta(0)
-
-    def now(self) -> datetime:
-        return datetime.now(UTC) + self.offset
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def step(self, seconds: float) -> None:
-        self.offset += timedelta(seconds=seconds)
+from tests.integration.oauth_helpers import SteppedClock
 
 
 async def test_a_forward_step_does_not_send_an_inflight_delivery_again(db_url: str) -> None:

@@ -34,6 +34,23 @@ class FakeClock:
         self._mono += seconds
 
 
+class SteppedClock:
+    """The system's clocks, with the wall clock moved by ``step`` (the monotonic one is not, as a
+    wall-clock step leaves CLOCK_MONOTONIC alone)."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def step(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+
 @dataclass
 class CredentialRow:
     id: int

@@ -18,6 +18,7 @@ from cti_bridge.ports import EventsNotRecorded, SourceState
 from cti_bridge.sim.xelion import XelionSimulator, add_demo_tenant
 from cti_bridge.xelion.rest import XelionSession
 from cti_bridge.xelion.source import SourceManager, SourceOptions, XelionSource
+from tests.integration.oauth_helpers import SteppedClock
 
 __all__ = ["client", "hooks", "sim"]  # fixtures
 
@@ -311,6 +312,28 @@ async def test_gaps_are_recorded_and_resubscribed_after_reconnect(
     states = [state for _, state, _ in hooks.states]
     assert states[:2] == [SourceState.CONNECTING, SourceState.SUBSCRIBED]
     assert SourceState.BACKOFF in states
+    await manager.stop_all()
+
+
+async def test_a_gap_the_wall_clock_stepped_back_in_ends_after_it_started(
+    sim: XelionSimulator, client: httpx.AsyncClient, hooks: RecordingHooks
+) -> None:
+    """A gap open while the wall clock steps back an hour was stored ending an hour before it
+    started (a clock-step review's finding): it ends no earlier than its start plus how long it
+    lasted by the monotonic clock."""
+    clock = SteppedClock()
+    manager = await started(sim, client, hooks, fast_options(clock=clock))
+    sim.refuse_connections(1.0)
+    await sim.drop_all_sockets(1011)
+    await wait_for(lambda: len(hooks.gaps) == 3, what="the gap to open")
+    opened = time.monotonic()
+    clock.step(-3600)
+    await wait_for(lambda: len(hooks.gaps) == 4, timeout=10, what="the gap to close")
+    lasted = time.monotonic() - opened
+    (_, _, start, reason), (kind, _, end, _) = hooks.gaps[2:]
+    assert reason is not None and kind == "close"
+    # It lasted about the second of refused connections; the step does not count, either way.
+    assert timedelta(seconds=0.5) <= end - start <= timedelta(seconds=lasted + 1.0)
     await manager.stop_all()
 
 
