@@ -422,7 +422,9 @@ class DeliveryWorker:
         ):
             self._due_dirty = False
             self._due_checked, self._due_skip = now, skip
-            due = self._due_at = await self.db.run(partial(next_due_at, skip_mappings=skip), quick=True)
+            due = self._due_at = await self.db.run(
+                partial(next_due_at, skip_mappings=skip, skip_ids=list(self._inflight)), quick=True
+            )
         return due
 
     def _start(self, item: Claimed, leased_at: float | None = None) -> None:

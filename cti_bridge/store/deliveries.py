@@ -479,24 +479,39 @@ def _next_due_statements(dialect: str) -> tuple[Any, Any, Any, Any]:
         .order_by(d.c.next_attempt_at, d.c.event_id, d.c.mapping_id)
         .limit(1)
     )
-    lease = select(func.min(d.c.lease_expires_at)).where(d.c.state == "sending")
+    # The earliest leases with their ids (as many as the caller runs, and one): the caller's own
+    # are left out after the query, as ``claim_due`` leaves them out.
+    lease = (
+        select(d.c.id, d.c.lease_expires_at)
+        .where(d.c.state == "sending", d.c.lease_expires_at.is_not(None))
+        .order_by(d.c.lease_expires_at)
+        .limit(bindparam("n"))
+    )
     return pending, pending.where(skip), lease, lease.where(skip)
 
 
-def next_due_at(session: Session, *, skip_mappings: Sequence[int] = ()) -> datetime | None:
+def next_due_at(
+    session: Session, *, skip_mappings: Sequence[int] = (), skip_ids: Collection[str] = ()
+) -> datetime | None:
     """When the earliest claimable pending delivery or lease comes due (the worker sleeps until
     then). A delivery waiting behind an earlier one of its call (§3) is left out: it becomes
     claimable when that one finishes, not at its own time, which has passed (counting it made the
-    worker poll the database 20 times a second for as long as the earlier one was retrying)."""
+    worker poll the database 20 times a second for as long as the earlier one was retrying).
+    ``skip_ids``: the caller's running deliveries, whose leases ``claim_due`` leaves out too: after
+    a wall-clock step forward their stored leases lie in the past, and counting them made the
+    worker claim and ask again 15 times a second for as long as those requests ran."""
     conn = session.connection()
     pending_q, pending_skip, lease_q, lease_skip = _next_due_statements(conn.dialect.name)
+    running = set(skip_ids)
+    params: dict[str, object] = {"n": len(running) + 1}
     if skip_mappings:
-        params = {"skip": list(skip_mappings)}
+        params["skip"] = list(skip_mappings)
         pending = conn.execute(pending_skip, params).scalar_one_or_none()
-        lease = conn.execute(lease_skip, params).scalar_one_or_none()
+        leases = conn.execute(lease_skip, params).all()
     else:
         pending = conn.execute(pending_q).scalar_one_or_none()
-        lease = conn.execute(lease_q).scalar_one_or_none()
+        leases = conn.execute(lease_q, params).all()
+    lease = next((at for lease_id, at in leases if lease_id not in running), None)
     candidates = [t for t in (pending, lease) if t is not None]
     return min(candidates) if candidates else None
 

@@ -545,6 +545,11 @@ def delete_credential(session: Session, credential_id: int, *, now: datetime) ->
     them with no credentials; one in flight keeps its outcome."""
     if not valid_id(credential_id):
         return False
+    # Locked first (PostgreSQL): a completion or an ingest parking this user's deliveries holds
+    # the row (``reauth_required``) until it commits; buried before it committed, its parked rows
+    # then lost their credential to the DELETE and stayed parked for ever (a review's finding).
+    if session.get(UserCredentials, credential_id, with_for_update=True) is None:
+        return False
     bury_parked(session, credential_id=credential_id, reason=CREDENTIALS_DELETED, now=now)
     result = session.execute(delete(UserCredentials).where(col(UserCredentials.id) == credential_id))
     return bool(getattr(result, "rowcount", 0))

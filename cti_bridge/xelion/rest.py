@@ -234,7 +234,11 @@ class XelionSession:
             if every > 0:
                 logger.warning("Xelion at %s %s; renewing the session every %.0f s", self.where, what, every)
             else:
-                logger.warning("Xelion at %s %s; its session is timed by Xelion's clock", self.where, what)
+                logger.warning(
+                    "Xelion at %s %s; the session is renewed by whichever clock says it ends sooner",
+                    self.where,
+                    what,
+                )
 
     def renew_delay(self) -> float | None:
         """Seconds until the session should be renewed (80 % of its life, §2), None if logged out."""
@@ -322,16 +326,23 @@ class XelionSession:
             local = self._clock.now()
             if local.tzinfo is None:  # a clock that keeps naive UTC
                 local = local.replace(tzinfo=UTC)
-            # validUntil is on Xelion's clock: measured against this host's, a host an hour behind
-            # renewed a one-hour session after 48 minutes of its own plus the hour, long after
-            # Xelion had ended it, and every session ended in a gap (a clock-step review's
-            # finding). The answer's Date header (RFC 9110 §6.6.1) tells Xelion's time.
-            now = _server_time(response) or local
-            if abs((now - local).total_seconds()) > CLOCK_SKEW_WARNING:
-                skew = (now - local).total_seconds()
-                side = "ahead of" if skew > 0 else "behind"
-                self._warn_once("skew", f"is {abs(skew):.0f} s {side} this host's clock (its Date header)", 0)
-            remaining = (self._valid_until - now).total_seconds()
+            # validUntil is on Xelion's clock: measured against this host's alone, a host an hour
+            # behind renewed a session of minutes an hour late, long after Xelion had ended it,
+            # and every session ended in a gap (a clock-step review's finding). The answer's Date
+            # header (RFC 9110 §6.6.1) tells the server's time; but a proxy in front of Xelion may
+            # write its own, so neither is trusted to postpone: the renewal comes by the sooner.
+            remaining = (self._valid_until - local).total_seconds()
+            server = _server_time(response)
+            if server is not None:
+                skew = (server - local).total_seconds()
+                if abs(skew) > CLOCK_SKEW_WARNING:
+                    side = "ahead of" if skew > 0 else "behind"
+                    self._warn_once(
+                        "skew", f"answers with a Date {abs(skew):.0f} s {side} this host's clock", 0
+                    )
+                by_server = (self._valid_until - server).total_seconds()
+                if by_server > 0 and (remaining <= 0 or by_server < remaining):
+                    remaining = by_server
             if remaining > 0:
                 renew_in = max(1.0, RENEW_AT * remaining)
             else:

@@ -242,6 +242,10 @@ def test_a_claim_leaves_out_the_expired_leases_its_caller_is_still_running(datab
     assert w.row(running).lease_owner == held[running]  # still the running claim's
     assert claim(10) == fresh  # then what is due; never the one still running here
     assert w.row(running).lease_owner == held[running]
+    # Nor does its lease count for when the worker should claim next: long past after the step,
+    # it made the worker claim and ask again 15 times a second while the request ran.
+    assert database.run_sync(lambda s: next_due_at(s, skip_ids=[running])) == at(LEASE + 3600 + LEASE)
+    assert database.run_sync(next_due_at) == at(LEASE)  # without: the running one's, long past
     # Without skip_ids the expired lease is taken like any other (a crashed worker's).
     ((again, other),) = w.claim(later)
     assert again == running and other != held[running]

@@ -164,6 +164,34 @@ async def test_deleting_a_user_ends_its_parked_deliveries_as_dead(database: Data
     assert sorted(tuple(r) for r in rows) == [("dead", "the user's credentials were deleted")] * len(results)
 
 
+async def test_deleting_a_user_while_its_deliveries_are_being_parked_leaves_none_parked(
+    database: Database,
+) -> None:
+    """The worker's completion parks a delivery (its grant is dead) and holds the user's row until
+    it commits; the operator deletes the user meanwhile. The deletion buried the parked ones it
+    found, before the completion's were committed, which then lost their credential and stayed
+    parked for ever on PostgreSQL (a second reading's finding). It locks the user first."""
+    w = make_world(database)
+    await three_calls(database, w)
+    now, claimed = lease(database, 1)
+    mark_reauth_required(database, w.credential_id)
+    deleted = threading.Event()
+
+    def delete() -> None:
+        assert database.run_sync(lambda s: delete_credential(s, w.credential_id, now=utcnow()))
+        deleted.set()
+
+    with Session(database.engine) as completing:
+        assert complete_many(completing, [parked_outcome(claimed[0], w.credential_id)], now=now) == ["parked"]
+        operator = threading.Thread(target=delete)
+        operator.start()
+        await asyncio.sleep(0.5)  # the deletion waits for the completion's lock (or SQLite's writer)
+        completing.commit()
+    operator.join(30)
+    assert deleted.is_set()
+    assert set(states(database).values()) == {"dead"}
+
+
 async def test_a_parked_outcome_written_after_the_repair_leaves_the_delivery_due(
     database: Database, secret_box: SecretBox
 ) -> None:

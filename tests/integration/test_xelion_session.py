@@ -396,20 +396,23 @@ async def test_a_crash_in_a_suffixed_user_space_does_not_take_another_suffix(
 
 
 @pytest.mark.parametrize(
-    ("date_header", "expected"),
+    ("host_hour", "date_header", "expected", "skewed"),
     [
-        ("Sun, 06 Dec 2026 12:00:00 GMT", 80.0),  # Xelion's own time: 80 % of its 100 s
-        (None, 0.8 * 3700),  # none sent: this host's clock, as before
-        ("not a date", 0.8 * 3700),
+        (11, "Sun, 06 Dec 2026 12:00:00 GMT", 80.0, True),  # host an hour behind: Xelion's Date
+        (11, None, 0.8 * 3700, False),  # no Date: this host's clock, as before
+        (11, "not a date", 0.8 * 3700, False),
+        (12, "Sat, 05 Dec 2026 12:00:00 GMT", 80.0, True),  # a proxy's Date a day behind: not later
+        (13, "Sun, 06 Dec 2026 12:00:00 GMT", 80.0, True),  # host an hour ahead: not "in the past"
     ],
 )
-async def test_the_session_is_timed_by_xelions_clock(
-    date_header: str | None, expected: float, caplog: pytest.LogCaptureFixture
+async def test_the_session_is_renewed_by_the_clock_that_says_it_ends_sooner(
+    host_hour: int, date_header: str | None, expected: float, skewed: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """validUntil is Xelion's time: a host whose clock is an hour behind measured 100 s of session
     against its own clock as an hour and 100 s, renewed long after Xelion had ended it, and every
-    session ended in a gap (a clock-step review's finding). The answer's Date header says when
-    Xelion answered; a difference of more than a minute is said once."""
+    session ended in a gap (a clock-step review's finding). The answer's Date header says when the
+    server answered; a proxy's own Date must not postpone the renewal either (a second reading's
+    finding), so the sooner of the two ends counts. A difference over a minute is said once."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         headers = {"Date": date_header} if date_header else {}
@@ -417,16 +420,15 @@ async def test_the_session_is_timed_by_xelions_clock(
         return httpx.Response(200, json=body, headers=headers)
 
     caplog.set_level(logging.WARNING, logger="cti_bridge.xelion.rest")
-    behind = FakeClock(datetime(2026, 12, 6, 11, 0, 0, tzinfo=UTC))  # this host: an hour behind
+    host = FakeClock(datetime(2026, 12, 6, host_hour, 0, 0, tzinfo=UTC))
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
         target = XelionTarget(protocol="http", host="pbx.example", tenant="master")
-        session = XelionSession(c, target, "admin", "pw", "cti-bridge-1", clock=behind)
+        session = XelionSession(c, target, "admin", "pw", "cti-bridge-1", clock=host)
         await session.login()
         await session.renew()
         delay = session.renew_delay()
         assert delay is not None and abs(delay - expected) < 1.0, delay
-    skew = [r.getMessage() for r in caplog.records if "this host's clock" in r.getMessage()]
-    if date_header == "Sun, 06 Dec 2026 12:00:00 GMT":
-        assert len(skew) == 1 and "is 3600 s ahead of this host's clock" in skew[0], skew
-    else:
-        assert skew == []
+    messages = [r.getMessage() for r in caplog.records]
+    skew = [m for m in messages if "this host's clock" in m]
+    assert len(skew) == (1 if skewed else 0), messages
+    assert not [m for m in messages if "in the past" in m]
