@@ -438,17 +438,20 @@ def park_credential(session: Session, *, credential_id: int, reason: str, now: d
     return int(result.rowcount)
 
 
+def _parked_of(credential_id: int) -> Any:
+    """An UPDATE of a credential's parked deliveries, through ``ix_delivery_credential_undelivered``
+    like ``park_credential`` (its condition repeated word for word, as SQLite needs)."""
+    return update(Delivery).where(
+        col(Delivery.credential_id) == credential_id,
+        text(UNDELIVERED_SQL),
+        col(Delivery.state) == "parked",
+    )
+
+
 def unpark_credential(session: Session, *, credential_id: int, now: datetime) -> int:
-    """Make a credential's parked deliveries due again (a new refresh token or device code was set).
-    Through ``ix_delivery_credential_undelivered``, like ``park_credential``."""
+    """Make a credential's parked deliveries due again (the operator repaired the credential)."""
     result: Any = session.execute(
-        update(Delivery)
-        .where(
-            col(Delivery.credential_id) == credential_id,
-            text(UNDELIVERED_SQL),
-            col(Delivery.state) == "parked",
-        )
-        .values(state="pending", next_attempt_at=now, updated_at=now)
+        _parked_of(credential_id).values(state="pending", next_attempt_at=now, updated_at=now)
     )
     return int(result.rowcount)
 
@@ -456,15 +459,9 @@ def unpark_credential(session: Session, *, credential_id: int, now: datetime) ->
 def bury_parked(session: Session, *, credential_id: int, reason: str, now: datetime) -> int:
     """End a credential's parked deliveries as ``dead`` with ``reason`` (its user is being deleted:
     nothing could resume them, and ``ON DELETE SET NULL`` would leave them parked behind no user,
-    for ever, as retention keeps unfinished work). Through the same index as ``park_credential``."""
+    for ever, as retention keeps unfinished work)."""
     result: Any = session.execute(
-        update(Delivery)
-        .where(
-            col(Delivery.credential_id) == credential_id,
-            text(UNDELIVERED_SQL),
-            col(Delivery.state) == "parked",
-        )
-        .values(state="dead", last_error=reason, updated_at=now)
+        _parked_of(credential_id).values(state="dead", last_error=reason, updated_at=now)
     )
     return int(result.rowcount)
 
