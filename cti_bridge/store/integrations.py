@@ -618,23 +618,47 @@ def update_secret(
 # --- event uri mappings --------------------------------------------------------------------------
 
 
+#: The stored columns of a mapping, in the order ``_stored`` gives them.
+_MAPPING_COLUMNS = (
+    "xelion_event",
+    "crm_resource_uri",
+    "crm_resource_payload",
+    "method",
+    "headers",
+    "content_type",
+    "condition",
+)
+
+
+def _stored(m: MappingInput) -> tuple[str, str, str | None, str, str | None, str | None, str | None]:
+    """What a mapping's row holds, in ``_MAPPING_COLUMNS`` order."""
+    return (
+        m.xelion_event,
+        m.crm_resource_uri,
+        # null stays NULL: "no body" (the manual's zoho example), not the JSON text "null".
+        None if m.crm_resource_payload is None else json.dumps(m.crm_resource_payload, ensure_ascii=False),
+        m.method or "POST",
+        None if m.headers is None else json.dumps(m.headers, ensure_ascii=False),
+        m.content_type,
+        m.condition,
+    )
+
+
 def _insert_mappings(
     session: Session, crm_context_id: int, mappings: Sequence[MappingInput], now: datetime
 ) -> list[EventUriMapping]:
     rows = []
     for position, m in enumerate(mappings):
+        event, uri, payload, method, headers, content_type, condition = _stored(m)
         row = EventUriMapping(
             crm_context_id=crm_context_id,
-            xelion_event=m.xelion_event,
-            crm_resource_uri=m.crm_resource_uri,
-            # null stays NULL: "no body" (the manual's zoho example), not the JSON text "null".
-            crm_resource_payload=None
-            if m.crm_resource_payload is None
-            else json.dumps(m.crm_resource_payload, ensure_ascii=False),
-            method=m.method or "POST",
-            headers=None if m.headers is None else json.dumps(m.headers, ensure_ascii=False),
-            content_type=m.content_type,
-            condition=m.condition,
+            xelion_event=event,
+            crm_resource_uri=uri,
+            crm_resource_payload=payload,
+            method=method,
+            headers=headers,
+            content_type=content_type,
+            condition=condition,
             position=position,
             created_at=now,
         )
@@ -670,7 +694,25 @@ def replace_mappings(
 
     Rows are never rewritten in place: a delivery created before the change still renders the
     mapping it was made for (it references the mapping's id).
+
+    The same set again (every mapping as stored, in the same order) changes nothing and answers
+    the current rows: a provisioning script that PUTs its configuration every few minutes retired
+    and re-inserted every mapping each time, rows that nothing ever deletes (a retention review's
+    finding: 50 PUTs, 50 sets of retired rows for good). Locked, so a PUT meanwhile waits.
     """
+    current = list(
+        session.exec(
+            select(EventUriMapping)
+            .where(
+                col(EventUriMapping.crm_context_id) == crm_context_id, col(EventUriMapping.retired).is_(False)
+            )
+            .order_by(col(EventUriMapping.position), col(EventUriMapping.id))
+            .with_for_update()
+        )
+    )
+    stored = [tuple(getattr(row, c) for c in _MAPPING_COLUMNS) for row in current]
+    if current and stored == [_stored(m) for m in mappings]:
+        return [_mview(r) for r in current]
     session.execute(
         update(EventUriMapping)
         .where(col(EventUriMapping.crm_context_id) == crm_context_id, col(EventUriMapping.retired).is_(False))

@@ -176,6 +176,35 @@ async def test_manual_zoho_mappings_put_verbatim_then_get(
     assert [m["id"] for m in r.json()] == [items[1]["id"], items[2]["id"]]
 
 
+async def test_putting_the_same_mappings_again_changes_nothing(client: httpx.AsyncClient, database) -> None:
+    """A provisioning script that PUTs its configuration every few minutes retired and re-inserted
+    every mapping each time: rows nothing ever deletes (a retention review's finding). The same
+    set again (here the GET's answer, PUT back untouched) keeps the rows and their ids; a change
+    still retires them and stores the new set."""
+    a = await make_integration(client, "a")
+    url = maps_url(a.xelion_id, a.crm_id)
+    r = await client.put(url, **raw_json(MANUAL_ZOHO_PUT_RAW, auth(a.token)))
+    assert r.status_code == 200, r.text
+    first = r.json()
+    count = len(rows(database, EventUriMapping))
+    for _ in range(3):
+        current = (await client.get(url, headers=auth(a.token))).json()
+        r = await client.put(url, json=current, headers=auth(a.token))
+        assert r.status_code == 200, r.text
+        assert r.json() == first
+    again = await client.put(url, **raw_json(MANUAL_ZOHO_PUT_RAW, auth(a.token)))
+    assert again.json() == first
+    assert len(rows(database, EventUriMapping)) == count
+
+    reordered = [first[1], first[0], *first[2:]]  # the order is part of the set
+    r = await client.put(url, json=reordered, headers=auth(a.token))
+    assert r.status_code == 200, r.text
+    assert not ({m["id"] for m in r.json()} & {m["id"] for m in first})
+    stored = {m.id: m for m in rows(database, EventUriMapping)}
+    assert all(stored[m["id"]].retired for m in first)
+    assert len(stored) == count + len(first)
+
+
 async def test_a_list_without_limit_is_whole_so_a_get_edit_put_round_trip_keeps_every_mapping(
     client: httpx.AsyncClient,
 ) -> None:
