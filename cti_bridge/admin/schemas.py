@@ -106,6 +106,12 @@ def check_http_uri(value: str) -> str:
 IN_CONFIG = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
 
 
+#: The start of an ``Authorization`` header: visible ASCII and spaces only (RFC 9110 §5.5), so a
+#: CR/LF or a non-ASCII letter is refused where it is given, not met by every request later as a
+#: header that cannot be sent.
+HeaderPrefix = Annotated[str, StringConstraints(max_length=255, pattern=r"^[\x20-\x7e]*$")]
+
+
 class _In(BaseModel):
     model_config = IN_CONFIG
 
@@ -131,7 +137,7 @@ class XelionContextIn(_In):
 class CrmContextIn(_In):
     authorizationServerUri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
     # May end in a space ("Bearer "): the manual says the caller sets it explicitly when wanted.
-    authorizationHeaderPrefix: Annotated[str, StringConstraints(max_length=255)] = "Bearer "
+    authorizationHeaderPrefix: HeaderPrefix = "Bearer "
     # Extension: how the token endpoint authenticates the client (RFC 6749 §2.3.1).
     tokenEndpointAuthMethod: Literal["client_secret_post", "client_secret_basic"] = "client_secret_post"
     # Extension: more form parameters of every token request (``scope`` for Entra ID's v2

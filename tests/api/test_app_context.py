@@ -1011,3 +1011,40 @@ async def test_no_secret_in_logs_or_errors(hs: Harness, caplog: pytest.LogCaptur
     for secret in (stale, fresh, refresh, rotated, CLIENT_SECRET, user):
         assert secret not in caplog.text
         assert all(secret not in r.text for r in answers[1:])
+
+
+@pytest.mark.parametrize("prefix", ["Bearér ", "Bearer\r\nX-Injected: 1\r\n"])
+async def test_a_prefix_that_cannot_be_a_header_is_refused_where_it_is_given(
+    hs: Harness, prefix: str
+) -> None:
+    """Stored, it failed every call later as a 422 blaming endpointContext.endpointUri (a review's
+    finding). Refused at the POST, naming the field; the same for a CRM context's prefix."""
+    token = await user_token(hs, "anne")
+    body = app_body(hs, "anne", access="a", refresh="r", prefix=prefix)
+    r = await hs.client.post("/api/cti-app-context", json=body, headers={"Authorization": f"xelion {token}"})
+    err = assert_error(r, 422, 10201)
+    assert "authorizationHeaderPrefix" in err["message"]
+
+
+async def test_an_access_token_that_cannot_be_a_header_is_the_authorization_servers_fault(
+    hs: Harness,
+) -> None:
+    """A token no header can carry (from the token endpoint, or as posted) is a 502 naming the
+    authorization server, not a 422 about the caller's endpointUri; nothing reaches the service."""
+    access, _ = await register(hs, access="fresh\r\nX-Injected: 1")
+    r = await call(hs, access)
+    err = assert_error(r, 502, 10501)
+    assert "authorization server" in err["message"].lower()
+    assert not [x for x in hs.crm.received if x.path != "/oauth2/token"]
+
+
+async def test_a_key_too_long_for_the_unique_index_is_a_422_not_a_503(h: Harness) -> None:
+    """Host, tenant, user name and authorization server URI make one unique index entry: on
+    PostgreSQL one over 2,704 bytes failed as a 503 'try again' that no retry could mend."""
+    uri = h.token_uri + "?" + "x" * 1500 + "&" + "é" * 500  # 2,048 characters, over 2,500 bytes
+    assert len(uri) <= 2048
+    token = await user_token(h, "anne")
+    body = app_body(h, "anne", access="a", refresh="r", token_uri=uri)
+    r = await h.client.post("/api/cti-app-context", json=body, headers={"Authorization": f"xelion {token}"})
+    err = assert_error(r, 422, 10201)
+    assert "appExternalApiContext.authorizationServerUri: too long with the host" in err["message"]

@@ -348,6 +348,8 @@ async def test_a_lone_surrogate_in_a_key_is_a_422_that_names_it(client: httpx.As
         ("authorizationServerUri", "https://" + "a" * 64 + ".example.org/token"),
         ("authorizationServerUri", "https://a:-1/token"),
         ("authorizationServerUri", "https://crm.example.org/to\x01ken"),
+        ("authorizationHeaderPrefix", "Bearer\r\nX-Injected: 1\r\n"),  # no header can carry these
+        ("authorizationHeaderPrefix", "Bearér "),
     ],
 )
 async def test_hosts_and_uris_no_client_can_send_are_422_not_stored(

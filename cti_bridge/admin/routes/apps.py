@@ -137,13 +137,16 @@ class _In(BaseModel):
 
 
 Uri2048 = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+#: The app context's key (host, tenant, user name, authorization server URI) in UTF-8 at most:
+#: under PostgreSQL's 2,704 bytes for one entry of the unique index on them.
+APP_CONTEXT_KEY_BYTES = 2400
 OptionalSecret = Annotated[str, StringConstraints(max_length=schemas.SECRET_MAX)] | None
 
 
 class AppExternalApiContextIn(_In):
     authorizationServerUri: Uri2048
     # Used exactly as given: the caller puts in the trailing space when the service wants one.
-    authorizationHeaderPrefix: Annotated[str, StringConstraints(max_length=255)] = "Bearer "
+    authorizationHeaderPrefix: schemas.HeaderPrefix = "Bearer "
     # Extension (the manual has none): the client authentication at the token endpoint.
     tokenEndpointAuthMethod: Literal["client_secret_post", "client_secret_basic"] = "client_secret_post"
 
@@ -277,6 +280,17 @@ async def post_app_context(
             "This Xelion host may not be used",
             f"appXelionContext.host: {xc.host} is not in CTI_BRIDGE_ALLOWED_XELION_HOSTS",
         )
+    key_bytes = sum(
+        len(part.encode()) for part in (xc.host, xc.tenant, uc.xelionUsername, ec.authorizationServerUri)
+    )
+    if key_bytes > APP_CONTEXT_KEY_BYTES:
+        # One unique index holds the four (store/app_contexts.py): PostgreSQL refuses an entry over
+        # 2,704 bytes, which came back as a 503 "try again" that no retry could mend.
+        raise invalid_request(
+            "Invalid request: appExternalApiContext.authorizationServerUri: too long with the host, "
+            f"tenant and user name (at most {APP_CONTEXT_KEY_BYTES} bytes together in UTF-8)",
+            "appExternalApiContext.authorizationServerUri",
+        )
     target = XelionTarget(protocol=xc.protocol, host=xc.host, tenant=xc.tenant)
     await _check_xelion_user(deps, target, token, uc.xelionUsername)
     data = AppContextInput(
@@ -337,6 +351,11 @@ def _cause(exc: BaseException) -> str:
     """The innermost exception's type name: its text may carry the URL, whose query may carry a
     token, so only the type is told."""
     return type(_chain(exc)[-1]).__name__
+
+
+def _sendable(value: str) -> bool:
+    """Whether ``value`` can be a header value: visible ASCII, spaces and tabs (RFC 9110 §5.5)."""
+    return all(c == "\t" or " " <= c <= "~" for c in value)
 
 
 async def _send(
@@ -490,7 +509,17 @@ async def call_external_api(
     who = store.describe(match.id)
 
     async def attempt(token: AccessToken) -> _ServiceAnswer:
-        sent = {**headers, "Authorization": match.authorization_header_prefix + token.access_token}
+        authorization = match.authorization_header_prefix + token.access_token
+        if not _sendable(authorization):
+            # The authorization server's token (or a prefix stored before it was checked) cannot
+            # be a header: its fault, not the caller's URL (the 422 that named endpointUri).
+            raise ApiError(
+                502,
+                ErrorCode.UPSTREAM_FAILED,
+                "The authorization server failed",
+                f"{who}: its access token cannot be sent in an Authorization header",
+            )
+        sent = {**headers, "Authorization": authorization}
         return await _send(http, ep.method, ep.endpointUri, sent, content, settings.max_response_bytes)
 
     token = await _token(tokens, match.id)
