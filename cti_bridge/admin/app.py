@@ -185,7 +185,10 @@ def _database_away(exc: OperationalError) -> bool:
         return True
     orig = exc.orig
     if type(orig).__module__.startswith("psycopg"):
-        return True  # psycopg's OperationalError: the connection or the server, never the SQL
+        # psycopg's OperationalError: the connection or the server, never the SQL; but for class
+        # 54, a limit of the statement itself (an index entry too large, too many arguments),
+        # which no retry mends: the 503 "try again" answered for ever.
+        return not str(getattr(orig, "sqlstate", None) or "").startswith("54")
     text = str(orig).lower()
     return "database is locked" in text or "database is busy" in text or "unable to open" in text
 
