@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from cti_bridge.events import CALL_EVENT_TYPES
 from cti_bridge.ports import RESERVED_TOKEN_PARAMETERS
@@ -106,10 +106,21 @@ def check_http_uri(value: str) -> str:
 IN_CONFIG = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
 
 
-#: The start of an ``Authorization`` header: visible ASCII and spaces only (RFC 9110 §5.5), so a
-#: CR/LF or a non-ASCII letter is refused where it is given, not met by every request later as a
-#: header that cannot be sent.
-HeaderPrefix = Annotated[str, StringConstraints(max_length=255, pattern=r"^[\x20-\x7e]*$")]
+def sendable_header(value: str) -> bool:
+    """Whether ``value`` can be an HTTP header value: visible ASCII, spaces and tabs (RFC 9110
+    §5.5); a CR, an LF or a non-ASCII letter cannot be sent."""
+    return all(c == "\t" or " " <= c <= "~" for c in value)
+
+
+def _check_header_prefix(value: str) -> str:
+    if not sendable_header(value):
+        raise ValueError("must be visible ASCII, spaces and tabs: it starts an Authorization header")
+    return value
+
+
+#: The start of an ``Authorization`` header, refused where it is given when no header can carry
+#: it, not met by every request later as a header that cannot be sent.
+HeaderPrefix = Annotated[str, StringConstraints(max_length=255), AfterValidator(_check_header_prefix)]
 
 
 class _In(BaseModel):

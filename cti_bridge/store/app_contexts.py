@@ -61,6 +61,11 @@ _NO_TOKEN = "\x01" * 32
 _MAX_REASON = 1000  # the width of app_context.state_reason
 
 
+#: An app context's key in UTF-8 at most (``AppContextKey.too_large``): under PostgreSQL's 2,704
+#: bytes for one entry of ``uq_app_context_key``.
+KEY_MAX_BYTES = 2400
+
+
 @dataclass(frozen=True, slots=True)
 class AppContextKey:
     """What identifies an app context: the manual's lookup is an exact match on all four.
@@ -77,6 +82,12 @@ class AppContextKey:
         return AppContextKey(
             self.host.strip().lower(), self.tenant, self.xelion_username, self.authorization_server_uri
         )
+
+    def too_large(self) -> bool:
+        """Whether the four together exceed ``KEY_MAX_BYTES`` in UTF-8: one entry of the unique
+        index on them, which PostgreSQL refuses over 2,704 bytes."""
+        parts = (self.host, self.tenant, self.xelion_username, self.authorization_server_uri)
+        return sum(len(part.encode()) for part in parts) > KEY_MAX_BYTES
 
 
 @dataclass(frozen=True, slots=True)

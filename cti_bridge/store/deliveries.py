@@ -461,7 +461,7 @@ def bury_parked(session: Session, *, credential_id: int, reason: str, now: datet
     nothing could resume them, and ``ON DELETE SET NULL`` would leave them parked behind no user,
     for ever, as retention keeps unfinished work)."""
     result: Any = session.execute(
-        _parked_of(credential_id).values(state="dead", last_error=reason, updated_at=now)
+        _parked_of(credential_id).values(state="dead", last_error=storable(reason, MAX_ERROR), updated_at=now)
     )
     return int(result.rowcount)
 

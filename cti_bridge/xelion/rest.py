@@ -226,19 +226,12 @@ class XelionSession:
     def valid_until(self) -> datetime | None:
         return self._valid_until
 
-    def _warn_once(self, kind: str, what: str, every: float) -> None:
+    def _warn_once(self, kind: str, what: str) -> None:
         # Keyed by the kind, not the text: a server whose unreadable value changes with every
         # answer would otherwise add an entry and a warning per renewal.
         if kind not in self._warned:
             self._warned.add(kind)
-            if every > 0:
-                logger.warning("Xelion at %s %s; renewing the session every %.0f s", self.where, what, every)
-            else:
-                logger.warning(
-                    "Xelion at %s %s; the session is renewed by whichever clock says it ends sooner",
-                    self.where,
-                    what,
-                )
+            logger.warning("Xelion at %s %s", self.where, what)
 
     def renew_delay(self) -> float | None:
         """Seconds until the session should be renewed (80 % of its life, §2), None if logged out."""
@@ -321,7 +314,7 @@ class XelionSession:
         renew_in = UNKNOWN_EXPIRY_RENEW
         if self._valid_until is None:
             what = f"sent no readable validUntil ({str(valid_until)[:40]!r})"
-            self._warn_once("unreadable", what, renew_in)
+            self._warn_once("unreadable", f"{what}; renewing the session every {renew_in:.0f} s")
         else:
             local = self._clock.now()
             if local.tzinfo is None:  # a clock that keeps naive UTC
@@ -338,7 +331,9 @@ class XelionSession:
                 if abs(skew) > CLOCK_SKEW_WARNING:
                     side = "ahead of" if skew > 0 else "behind"
                     self._warn_once(
-                        "skew", f"answers with a Date {abs(skew):.0f} s {side} this host's clock", 0
+                        "skew",
+                        f"answers with a Date {abs(skew):.0f} s {side} this host's clock; "
+                        "the session is renewed by whichever clock says it ends sooner",
                     )
                 by_server = (self._valid_until - server).total_seconds()
                 if by_server > 0 and (remaining <= 0 or by_server < remaining):
@@ -347,7 +342,11 @@ class XelionSession:
                 renew_in = max(1.0, RENEW_AT * remaining)
             else:
                 renew_in = PAST_EXPIRY_RENEW
-                self._warn_once("past", "sent a validUntil in the past (do the clocks differ?)", renew_in)
+                self._warn_once(
+                    "past",
+                    f"sent a validUntil in the past (do the clocks differ?); renewing the session every "
+                    f"{renew_in:.0f} s",
+                )
         self._renew_due = self._clock.monotonic() + renew_in
         if self._on_token is not None:
             await self._on_token(token)

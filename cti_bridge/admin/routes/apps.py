@@ -100,7 +100,7 @@ from cti_bridge.delivery.oauth import (
 )
 from cti_bridge.errors import ApiError, ErrorCode, invalid_request, not_authenticated, not_found
 from cti_bridge.ports import XelionCheckError, XelionTarget
-from cti_bridge.store.app_contexts import AppContextInput, AppContextKey, AppContextTokenStore
+from cti_bridge.store.app_contexts import KEY_MAX_BYTES, AppContextInput, AppContextKey, AppContextTokenStore
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,6 @@ class _In(BaseModel):
 
 
 Uri2048 = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
-#: The app context's key (host, tenant, user name, authorization server URI) in UTF-8 at most:
-#: under PostgreSQL's 2,704 bytes for one entry of the unique index on them.
-APP_CONTEXT_KEY_BYTES = 2400
 OptionalSecret = Annotated[str, StringConstraints(max_length=schemas.SECRET_MAX)] | None
 
 
@@ -280,21 +277,18 @@ async def post_app_context(
             "This Xelion host may not be used",
             f"appXelionContext.host: {xc.host} is not in CTI_BRIDGE_ALLOWED_XELION_HOSTS",
         )
-    key_bytes = sum(
-        len(part.encode()) for part in (xc.host, xc.tenant, uc.xelionUsername, ec.authorizationServerUri)
-    )
-    if key_bytes > APP_CONTEXT_KEY_BYTES:
-        # One unique index holds the four (store/app_contexts.py): PostgreSQL refuses an entry over
-        # 2,704 bytes, which came back as a 503 "try again" that no retry could mend.
+    key = AppContextKey(xc.host, xc.tenant, uc.xelionUsername, ec.authorizationServerUri)
+    if key.too_large():
+        # PostgreSQL refused the index entry, which came back as a 503 "try again" no retry mends.
         raise invalid_request(
             "Invalid request: appExternalApiContext.authorizationServerUri: too long with the host, "
-            f"tenant and user name (at most {APP_CONTEXT_KEY_BYTES} bytes together in UTF-8)",
+            f"tenant and user name (at most {KEY_MAX_BYTES} bytes together in UTF-8)",
             "appExternalApiContext.authorizationServerUri",
         )
     target = XelionTarget(protocol=xc.protocol, host=xc.host, tenant=xc.tenant)
     await _check_xelion_user(deps, target, token, uc.xelionUsername)
     data = AppContextInput(
-        key=AppContextKey(xc.host, xc.tenant, uc.xelionUsername, ec.authorizationServerUri),
+        key=key,
         authorization_header_prefix=ec.authorizationHeaderPrefix,
         client_id=uc.clientId,
         client_secret=uc.clientSecret or None,  # "" from a client that fills every field: none
@@ -351,11 +345,6 @@ def _cause(exc: BaseException) -> str:
     """The innermost exception's type name: its text may carry the URL, whose query may carry a
     token, so only the type is told."""
     return type(_chain(exc)[-1]).__name__
-
-
-def _sendable(value: str) -> bool:
-    """Whether ``value`` can be a header value: visible ASCII, spaces and tabs (RFC 9110 §5.5)."""
-    return all(c == "\t" or " " <= c <= "~" for c in value)
 
 
 async def _send(
@@ -510,7 +499,7 @@ async def call_external_api(
 
     async def attempt(token: AccessToken) -> _ServiceAnswer:
         authorization = match.authorization_header_prefix + token.access_token
-        if not _sendable(authorization):
+        if not schemas.sendable_header(authorization):
             # The authorization server's token (or a prefix stored before it was checked) cannot
             # be a header: its fault, not the caller's URL (the 422 that named endpointUri).
             raise ApiError(
