@@ -1035,6 +1035,7 @@ async def test_an_access_token_that_cannot_be_a_header_is_the_authorization_serv
     r = await call(hs, access)
     err = assert_error(r, 502, 10501)
     assert "authorization server" in err["message"].lower()
+    assert "fresh" not in r.text  # reliability.md §14: the token is named by its context, never shown
     assert not [x for x in hs.crm.received if x.path != "/oauth2/token"]
 
 
