@@ -805,9 +805,17 @@ async def test_service_errors_are_answered_as_they_came(hs: Harness) -> None:
     r = await call(hs, access)
     assert (r.status_code, r.content, r.headers["Retry-After"]) == (503, b"down for maintenance", "7")
 
+    # A passed-through body keeps the service's Content-Type; a browser must not sniff it into HTML,
+    # and an answer that may carry a token is not for any cache.
+    hs.crm.script(Failure(status=400, body=b"<script>x()</script>"))
+    r = await call(hs, access)
+    assert (r.status_code, r.content) == (400, b"<script>x()</script>")
+    assert (r.headers["X-Content-Type-Options"], r.headers["Cache-Control"]) == ("nosniff", "no-store")
+
     hs.crm.script(Failure(status=204, body=b""))
     r = await call(hs, access)
     assert (r.status_code, r.json()) == (200, {"accessToken": access, "payload": None})
+    assert r.headers["Cache-Control"] == "no-store"  # it carries the access token (RFC 6749 §5.1)
 
     hs.crm.script(Failure(status=200, body=b"plain words"))
     assert (await call(hs, access)).json() == {"accessToken": access, "payload": "plain words"}

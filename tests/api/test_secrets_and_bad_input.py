@@ -289,6 +289,33 @@ async def test_a_bug_is_500_11000_with_no_trace_and_logged(deps: AdminDeps, capl
     assert len(logged) == 1 and logged[0].levelname == "ERROR"
 
 
+async def test_every_answer_is_nosniff_and_no_store(deps: AdminDeps) -> None:
+    """A success, an error a route raises, an unknown path, a bad query, a bug's catch-all answer and
+    a HEAD: none may be cached (they hold tokens and a tenant's configuration) or sniffed."""
+    boom = APIRouter()
+
+    @boom.get("/api/boom")
+    async def _boom() -> None:
+        raise RuntimeError("bug")
+
+    deps.extra_routers = [boom]
+    transport = httpx.ASGITransport(app=create_admin_app(deps))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        answers = [
+            await c.get("/api/health"),
+            await c.head("/api/health"),
+            await c.get("/api/crm-integrations", headers=OPERATOR),
+            await c.get("/api/users/999999", headers=OPERATOR),
+            await c.get("/api/nothing-here", headers=OPERATOR),
+            await c.get("/api/crm-integrations?limit=x", headers=OPERATOR),
+            await c.get("/api/boom"),
+        ]
+    assert [r.status_code for r in answers] == [200, 200, 200, 404, 404, 422, 500]
+    for r in answers:
+        assert r.headers.get_list("X-Content-Type-Options") == ["nosniff"], r.request.url
+        assert r.headers.get_list("Cache-Control") == ["no-store"], r.request.url
+
+
 async def test_health_ready_and_openapi(client: httpx.AsyncClient, deps: AdminDeps) -> None:
     r = await client.get("/api/health")
     assert r.status_code == 200 and r.json() == {"status": "ok"}
