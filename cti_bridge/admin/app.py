@@ -15,7 +15,7 @@ The last one is a plain ASGI middleware rather than an ``Exception`` handler: St
 after running such a handler, so the server would log the error a second time.
 
 Every answer, errors and passed-through external bodies included, carries
-``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-store`` (``ResponseHeadersMiddleware``).
+``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-store`` (``CatchAllMiddleware``).
 
 OpenAPI: FastAPI's own ``/docs`` and ``/openapi.json``. The routes read their bodies themselves
 (``admin.body``, for line/column errors), so the request models are added to the schema components
@@ -128,8 +128,17 @@ def _allowed_methods(request: Request) -> list[str]:
 _METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
 
 
+#: What every answer of the admin API carries (``CatchAllMiddleware`` adds them). ``no-store``:
+#: answers hold access tokens (the external call's; RFC 6749 §5.1 asks it of any answer with a
+#: token), session tokens and a tenant's configuration, which no proxy or browser cache should keep.
+#: ``nosniff``: a body passed through from an external service keeps that service's Content-Type,
+#: and a browser must not take it for something else (a page served from the admin port).
+_RESPONSE_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"))
+
+
 class CatchAllMiddleware:
-    """Answer 500/11000 for any exception no handler took, and log it once (see module docstring)."""
+    """Answer 500/11000 for any exception no handler took, and log it once (see module docstring);
+    put ``_RESPONSE_HEADERS`` on every answer (unless a route set its own value of one)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -144,6 +153,10 @@ class CatchAllMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                headers += [h for h in _RESPONSE_HEADERS if h[0] not in present]
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
@@ -177,7 +190,7 @@ class CatchAllMiddleware:
             if started:
                 raise  # too late for an error body: let the server drop the connection
             retry = [(b"retry-after", b"1")] if status == 503 else None
-            await _send_error(send, status, code, message, retry)
+            await _send_error(send_wrapper, status, code, message, retry)
 
 
 def _database_away(exc: OperationalError) -> bool:
@@ -290,36 +303,6 @@ class PathMiddleware:
         await self.app(scope, receive, send)
 
 
-#: What every answer of the admin API carries. ``no-store``: answers hold access tokens (the external
-#: call's, RFC 6749 §5.1 asks it of any answer with a token), session tokens and a tenant's
-#: configuration, which no proxy or browser cache should keep. ``nosniff``: a body passed through
-#: from an external service keeps that service's Content-Type, and a browser must not take it for
-#: something else (an HTML page served from the admin port).
-_RESPONSE_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"))
-
-
-class ResponseHeadersMiddleware:
-    """``_RESPONSE_HEADERS`` on every HTTP answer, unless a route set its own value of one."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", ()))
-                present = {name.lower() for name, _ in headers}
-                headers += [h for h in _RESPONSE_HEADERS if h[0] not in present]
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, with_headers)
-
-
 _SLASHES = re.compile("/{2,}")
 _RAW_SLASHES = re.compile(b"/{2,}")
 
@@ -369,7 +352,6 @@ def create_admin_app(deps: AdminDeps) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(PathMiddleware)
-    app.add_middleware(ResponseHeadersMiddleware)  # outermost: the catch-all's answers get them too
     for module in (integrations, users, environment, session, health, apps):
         app.include_router(module.router)
     for router in deps.extra_routers:

@@ -271,7 +271,8 @@ async def test_a_trailing_slash_reaches_the_route_without_a_redirect(client: htt
     assert_error(await client.get("/api/nothing-here/", headers=OPERATOR), 404, 10100)
 
 
-async def test_a_bug_is_500_11000_with_no_trace_and_logged(deps: AdminDeps, caplog) -> None:
+def _with_a_bug(deps: AdminDeps) -> httpx.AsyncClient:
+    """A client of the admin API with one more route, ``GET /api/boom``, that raises."""
     boom = APIRouter()
 
     @boom.get("/api/boom")
@@ -279,8 +280,11 @@ async def test_a_bug_is_500_11000_with_no_trace_and_logged(deps: AdminDeps, capl
         raise RuntimeError("secret-in-exception-text traceback material")
 
     deps.extra_routers = [boom]
-    transport = httpx.ASGITransport(app=create_admin_app(deps))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_admin_app(deps)), base_url="http://t")
+
+
+async def test_a_bug_is_500_11000_with_no_trace_and_logged(deps: AdminDeps, caplog) -> None:
+    async with _with_a_bug(deps) as c:
         r = await c.get("/api/boom")
     body = assert_error(r, 500, 11000)
     assert "secret-in-exception-text" not in r.text and "Traceback" not in r.text
@@ -292,15 +296,7 @@ async def test_a_bug_is_500_11000_with_no_trace_and_logged(deps: AdminDeps, capl
 async def test_every_answer_is_nosniff_and_no_store(deps: AdminDeps) -> None:
     """A success, an error a route raises, an unknown path, a bad query, a bug's catch-all answer and
     a HEAD: none may be cached (they hold tokens and a tenant's configuration) or sniffed."""
-    boom = APIRouter()
-
-    @boom.get("/api/boom")
-    async def _boom() -> None:
-        raise RuntimeError("bug")
-
-    deps.extra_routers = [boom]
-    transport = httpx.ASGITransport(app=create_admin_app(deps))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+    async with _with_a_bug(deps) as c:
         answers = [
             await c.get("/api/health"),
             await c.head("/api/health"),
