@@ -27,6 +27,8 @@ they must know, and the worker uses them too.
 from __future__ import annotations
 
 import contextlib
+import functools
+import html
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -234,6 +236,25 @@ def token_secrets(token: Mapping[str, object] | None) -> tuple[str, ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=1024)
+def echo_forms(raw: str) -> tuple[str, ...]:
+    """``raw`` (an access token) and the forms a server may quote it back in, as a CRM's error page
+    or answer does: a request's (``_request_forms``), percent-encoded with ``/`` kept
+    (``quote``'s default, as most URL builders), a JSON string with ``/`` escaped (PHP's
+    ``json_encode``) and HTML-escaped. Cached: one token serves many deliveries, and the set is
+    bounded like the tokens themselves."""
+    json_form = json.dumps(raw, ensure_ascii=False)[1:-1]
+    forms = (
+        raw,
+        *_request_forms(raw, twice=True),
+        quote(raw),
+        json_form.replace("/", "\\/"),
+        json.dumps(raw)[1:-1],
+        html.escape(raw),
+    )
+    return tuple(dict.fromkeys(f for f in forms if len(f) >= MIN_SECRET))
+
+
 def mask_order(secrets: Iterable[str]) -> tuple[str, ...]:
     """The secret values worth masking, longest first (so no secret is half-masked)."""
     return tuple(sorted({s for s in secrets if len(s) >= MIN_SECRET}, key=len, reverse=True))
@@ -245,6 +266,16 @@ def mask_ordered(text: str, ordered: tuple[str, ...]) -> str:
         if secret in text:
             text = text.replace(secret, MASK)
     return text
+
+
+def mask_excerpt(text: str, ordered: tuple[str, ...]) -> str:
+    """``mask_ordered``, for a text cut at a length (an excerpt): the start of a secret that the cut
+    left at its end (``MIN_SECRET`` characters or more) is masked too, as the whole secret no
+    longer matches there."""
+    text = mask_ordered(text, ordered)
+    end = len(text)
+    cut = min((_head_at(text, 0, end, secret) for secret in ordered), default=end)
+    return text[:cut] + MASK if end - cut >= MIN_SECRET else text
 
 
 def mask(text: str, secrets: Iterable[str]) -> str:

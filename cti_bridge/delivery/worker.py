@@ -27,6 +27,7 @@ period, cancel the rest and return their deliveries to the queue.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import logging
 import random
@@ -63,7 +64,16 @@ from cti_bridge.el import TemplateError
 from cti_bridge.logs import FailureStreak
 from cti_bridge.metrics import Metrics
 from cti_bridge.pipeline import HandoffRoom
-from cti_bridge.render import CompiledMapping, RenderContext, RenderedRequest, mask, mask_order, mask_ordered
+from cti_bridge.render import (
+    CompiledMapping,
+    RenderContext,
+    RenderedRequest,
+    echo_forms,
+    mask,
+    mask_excerpt,
+    mask_order,
+    mask_ordered,
+)
 from cti_bridge.routing import MappingCache
 from cti_bridge.store.db import Database, retry_transient
 from cti_bridge.store.deliveries import (
@@ -94,9 +104,15 @@ CLAIM_GATHER = 0.005
 
 
 def _excerpt(data: bytes | None, ordered: tuple[str, ...]) -> str | None:
+    """The first EXCERPT_BYTES of a body as stored, secrets masked, a secret the cut goes through
+    included (``mask_excerpt``; a character cut in two is left out, so that the end still matches
+    the start of a secret)."""
     if data is None:
         return None
-    return mask_ordered(data[:EXCERPT_BYTES].decode("utf-8", errors="replace"), ordered)
+    return mask_excerpt(_UTF8(errors="replace").decode(data[:EXCERPT_BYTES], final=False), ordered)
+
+
+_UTF8 = codecs.getincrementaldecoder("utf-8")
 
 
 @dataclass
@@ -784,7 +800,8 @@ class DeliveryWorker:
         second_try: bool = False,
         lease_end: float | None = None,
     ) -> _Result:
-        secrets: tuple[str, ...] = (token.access_token,)
+        # The token as it is sent, and as a CRM may quote it back (encoded, escaped) in its answer.
+        secrets: tuple[str, ...] = echo_forms(token.access_token)
         try:
             req: RenderedRequest = compiled.render(self._context(item, token))
         except TemplateError as exc:
@@ -792,7 +809,7 @@ class DeliveryWorker:
             # forms it can take there, cut short ones too), so what is stored and logged is masked.
             self._not_sent("render")
             return _Result(state="dead", outcome="dead", error=f"render: {exc}", secrets=secrets)
-        secrets = (token.access_token, *req.secret_values)
+        secrets = (*secrets, *req.secret_values)
         base = _Result(
             state="dead",
             outcome="dead",

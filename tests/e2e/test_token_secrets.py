@@ -15,11 +15,13 @@ import json
 import logging
 import secrets
 from collections.abc import Iterable
+from html import escape
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
+from cti_bridge.sim.crm import Failure
 from tests.e2e.stack import Stack, running_stack
 
 URL_ERROR = "newCallEvent: crmResourceUri: the URI must be an absolute http or https URL, not "
@@ -138,3 +140,45 @@ async def test_the_preview_masks_a_token_value_in_a_render_error(
         # it does not hold, and the preview says why; nothing of the token shows (checked above).
         assert shown["condition"] is False and "error" not in shown, shown
         assert any("conditions are evaluated when the event arrives" in w for w in shown["warnings"])
+
+
+async def test_a_crm_answer_quoting_the_token_shows_none_of_it(
+    db_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CRM's error answer may quote the request back: its Authorization header, a URL with the
+    token in it (percent-encoded, as a redirect page), a JSON string as PHP writes it (``\\/``), an
+    HTML page. And a body is stored only to 4 KiB: a token that the cut goes through used to
+    keep its first characters in both excerpts. None of it may show in the attempt record."""
+    caplog.set_level(logging.INFO)
+    access = "AT/" + secrets.token_urlsafe(18) + "+x!" + secrets.token_hex(4)  # '/', '+', '!' encode
+    async with running_stack(db_url) as st:
+        issue = st.crm.issue_access_token
+
+        def fixed_access_token(client_id: str = "", expires_in: float | None = None) -> str:
+            issue(client_id, expires_in)
+            st.crm.issued_tokens.append(access)
+            return access
+
+        monkeypatch.setattr(st.crm, "issue_access_token", fixed_access_token)
+        # The request body: the token starts 11 (compact JSON) or 8 (with spaces) bytes before 4 KiB.
+        mapping = st.mapping("newCallEvent", payload={"pad": "x" * 4068, "tok": "${token.accessToken}"})
+        quoted = [
+            quote(access, safe=""),
+            quote(access),
+            json.dumps(access)[1:-1].replace("/", "\\/"),
+            escape(access),
+        ]
+        echo = " ".join(quoted).encode()
+        echo += b" " + b"p" * (4096 - 12 - len(echo) - 14) + b" auth=Bearer " + access.encode()
+        assert echo.index(access.encode(), 4000) == 4096 - 12  # 12 characters before the cut
+        st.crm.script(Failure.http(400, echo))
+        await st.configure(users=("anne",), mappings=[mapping])
+        await st.xelion.place_call("incoming", callee="anne")
+        [item] = await st.wait_settled(1)
+        assert item["state"] == "dead" and item["lastError"] == "HTTP 400", item
+        [attempt] = (await st.delivery(item["id"]))["attemptLog"]
+        request, response = attempt["request"]["bodyExcerpt"], attempt["responseExcerpt"]
+        assert request.startswith('{"pad"') and response.startswith("***")
+        forms = [access, *quoted]
+        assert not _leaks([request, response], forms), (request[-40:], response)
+        assert not _leaks([r.getMessage() for r in caplog.records], forms)
