@@ -73,6 +73,7 @@ from cti_bridge.ports import RESERVED_TOKEN_PARAMETERS
 from cti_bridge.ports import STATE_ACTIVE as STATE_ACTIVE
 from cti_bridge.ports import STATE_REAUTH_REQUIRED as STATE_REAUTH_REQUIRED
 from cti_bridge.ports import CredentialSnapshot as CredentialSnapshot
+from cti_bridge.render import MASK
 
 log = logging.getLogger(__name__)
 
@@ -588,14 +589,15 @@ class TokenManager(Generic[KeyT]):
         retry_after: float | None = None,
     ) -> _Granted | None:
         device = grant == "device_code"
+        shown = _shown_code(error, snap)  # what logs and messages say; ``error`` decides
         # Waiting for the user is the normal course of a device grant, not a warning.
         level = logging.INFO if device and error in DEVICE_WAIT_ERRORS else logging.WARNING
         log.log(
-            level, "token %s grant for %s at %s: HTTP %d, error %s", grant, who, host, status, error or "-"
+            level, "token %s grant for %s at %s: HTTP %d, error %s", grant, who, host, status, shown or "-"
         )
         if error in REAUTH_ERRORS or (device and error in DEVICE_REAUTH_ERRORS):
             self._report("reauth_required")
-            await self._reauth(key, snap, f"the token endpoint answered {error}")
+            await self._reauth(key, snap, f"the token endpoint answered {shown}")
             return None
         if device and error in DEVICE_WAIT_ERRORS:
             self._report("pending")
@@ -617,7 +619,7 @@ class TokenManager(Generic[KeyT]):
         if throttled and retry_after is None and error == "AccessDenied":
             retry_after = THROTTLE_PAUSE
         raise TokenEndpointError(
-            f"{who}: token endpoint {host} answered HTTP {status}" + (f" ({error})" if error else ""),
+            f"{who}: token endpoint {host} answered HTTP {status}" + (f" ({shown})" if shown else ""),
             retryable=retryable,
             status=status,
             retry_after=retry_after if retryable else None,
@@ -708,6 +710,41 @@ def _error_code(doc: Mapping[str, Any] | None) -> str | None:
     if error is None and isinstance(status, str) and status in VENDOR_ERROR_STATUSES:
         error = _safe_code(status)
     return error
+
+
+#: The shortest run of a secret's characters that ``_shown_code`` masks in an error code.
+_SECRET_RUN = 8
+
+
+def _shown_code(error: str | None, snap: CredentialSnapshot) -> str | None:
+    """``error`` as logs, stored errors and answers show it: every run of ``_SECRET_RUN`` or more of
+    its characters that one of the credential's secrets holds (as ``_safe_code`` leaves a secret)
+    is masked. A provider may quote what it was sent in ``error`` itself (seen:
+    ``invalid_refresh_token:<the token>``); the code still decides what happens, unmasked."""
+    if error is None:
+        return None
+    secrets = [
+        kept
+        for secret in (snap.refresh_token, snap.client_secret, snap.device_code, snap.access_token)
+        if secret and len(kept := _SAFE_CODE.sub("", secret)) >= _SECRET_RUN
+    ]
+    shown: list[str] = []
+    at = 0
+    while at < len(error):
+        run = 0
+        for secret in secrets:
+            end = at + _SECRET_RUN
+            if end <= len(error) and error[at:end] in secret:
+                while end < len(error) and error[at : end + 1] in secret:
+                    end += 1
+                run = max(run, end - at)
+        if run:
+            shown.append(MASK)
+            at += run
+        else:
+            shown.append(error[at])
+            at += 1
+    return "".join(shown)
 
 
 def _safe_code(value: object) -> str | None:

@@ -562,6 +562,34 @@ async def test_secrets_never_logged_nor_in_exception_texts(
         assert secret not in texts  # ...never a secret
 
 
+async def test_a_token_endpoint_quoting_the_refresh_token_in_its_error_code_shows_none_of_it(
+    database: Database,
+    secret_box: SecretBox,
+    sim: CrmSimulator,
+    http: httpx.AsyncClient,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Some providers put what they were sent in ``error`` itself. The code keeps only safe
+    characters (``_safe_code``), so the token shows there without its ``:``: masked all the same,
+    in the log, in the error's text (lastError, the external call's 502) and in the park reason;
+    the code still decides (an unknown code: permanent, an ``invalid_grant`` one: parked)."""
+    caplog.set_level(logging.DEBUG)
+    refresh = "rt:carol-" + "c9def7ad791b731336c3"
+    cred = await add_credential(database, secret_box, sim.token_url, refresh_token=refresh)
+    tokens = manager(database, secret_box, http, clock)
+    sim.token_failures.append(
+        Failure.http(400, json.dumps({"error": f"invalid_refresh_token:{refresh}"}).encode())
+    )
+    with pytest.raises(TokenEndpointError) as info:
+        await tokens.get(cred.id)
+    assert "(invalid_refresh_token***)" in str(info.value) and info.value.retryable is False
+    stripped = refresh.replace(":", "")
+    texts = caplog.text + str(info.value)
+    assert "invalid_refresh_token***" in caplog.text
+    assert not any(stripped[i : i + 8] in texts for i in range(len(stripped) - 7)), texts
+
+
 async def test_a_failed_token_request_answers_for_the_next_ones_during_the_pause(
     database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
