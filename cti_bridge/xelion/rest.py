@@ -17,7 +17,7 @@ import contextlib
 import email.utils
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +26,7 @@ import httpx
 from cti_bridge.clock import Clock, SystemClock
 from cti_bridge.events import parse_xelion_time
 from cti_bridge.ports import XelionTarget, XelionUser
+from cti_bridge.render import mask
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +120,10 @@ class XelionProtocolError(XelionError):
         super().__init__("protocol", message, status=status)
 
 
-def error_from_response(response: httpx.Response, what: str) -> XelionApiError:
-    """Turn an error response into a :class:`XelionApiError`, reading the Xelion error shape (§1)."""
+def error_from_response(response: httpx.Response, what: str, secrets: Iterable[str] = ()) -> XelionApiError:
+    """Turn an error response into a :class:`XelionApiError`, reading the Xelion error shape (§1).
+    ``secrets`` (what the request carried: a password, tokens) are masked out of Xelion's message,
+    which the error's text, its log lines and the admin API's answers quote."""
     code: int | None = None
     server_message = ""
     try:
@@ -134,8 +137,10 @@ def error_from_response(response: httpx.Response, what: str) -> XelionApiError:
         elif isinstance(raw_code, str) and raw_code.isdigit():
             code = int(raw_code)
         if isinstance(body.get("message"), str):
-            # Xelion's messages are fixed texts ("Wrong user name, password or tenant"): no secrets.
-            server_message = body["message"][:200]
+            # Xelion's own messages are fixed texts ("Wrong user name, password or tenant"), but a
+            # server or a proxy in front of it may quote the request it could not process: masked
+            # whole before it is cut, so that no piece of a secret stays.
+            server_message = mask(body["message"], _quoted_forms(secrets))[:200]
     status = response.status_code
     kind = _KIND_BY_CODE.get(code or 0) or _KIND_BY_STATUS.get(status)
     if kind is None:
@@ -146,6 +151,11 @@ def error_from_response(response: httpx.Response, what: str) -> XelionApiError:
     if server_message:
         text += f" ({server_message})"
     return XelionApiError(kind, text, status=status, error_code=code)
+
+
+def _quoted_forms(secrets: Iterable[str]) -> list[str]:
+    """Each secret as itself and as a JSON string's inside (the forms a login body quotes it in)."""
+    return [f for s in secrets for f in (s, json.dumps(s)[1:-1], json.dumps(s, ensure_ascii=False)[1:-1])]
 
 
 def _auth_header(token: str | None) -> dict[str, str]:
@@ -396,7 +406,7 @@ class XelionSession:
                     )
                 logger.info("logged in to Xelion at %s", self.where)
                 return
-            error = error_from_response(response, "login")
+            error = error_from_response(response, "login", self._secrets())
             if error.error_code != ALREADY_LOGGED_IN:
                 logger.info("login to Xelion at %s refused: %s", self.where, error.kind)
                 raise error
@@ -423,11 +433,16 @@ class XelionSession:
                 await self._apply_login(response, "renew")
                 logger.debug("renewed the Xelion session on %s", self.where)
                 return
-            error = error_from_response(response, "renew")
+            error = error_from_response(response, "renew", self._secrets())
             if error.status != 401:
                 raise error
             logger.info("Xelion at %s refused the renewal (%s); logging in again", self.where, error.kind)
             await self._login_locked()
+
+    def _secrets(self) -> list[str]:
+        """What this session's requests carry and an error answer may quote: the password, the
+        session's token, its renewal token and the stored one it presents."""
+        return [s for s in (self._password, self._token, self._renewal_token, self._stored_token) if s]
 
     async def logout(self) -> None:
         """Log out (§2) and forget the tokens. Errors are logged, not raised: the session ends anyway."""
@@ -486,7 +501,7 @@ class XelionSession:
             await self.login()
             response = await self._send(method, path, token=self._token, params=params)
         if response.status_code != 200:
-            raise error_from_response(response, f"{method} {path}")
+            raise error_from_response(response, f"{method} {path}", self._secrets())
         return response
 
     async def me_info(self) -> dict[str, Any]:

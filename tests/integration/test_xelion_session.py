@@ -432,3 +432,25 @@ async def test_the_session_is_renewed_by_the_clock_that_says_it_ends_sooner(
     skew = [m for m in messages if "this host's clock" in m]
     assert len(skew) == (1 if skewed else 0), messages
     assert not [m for m in messages if "in the past" in m]
+
+
+async def test_a_xelion_answer_quoting_the_login_request_shows_no_password() -> None:
+    """Xelion's own messages are fixed texts, but a server or a proxy before it may quote the
+    request it could not process; the error (its text is logged, stored as the source's error and
+    answered by the admin API) masks the password in it, raw or as a JSON string holds it, and
+    whole before the message is cut to 200 characters."""
+    password = 'Xel"Pw-' + "fc353ccc06e90c65" * 12  # a quote: JSON escapes it; longer than 200
+
+    def xelion(request: httpx.Request) -> httpx.Response:
+        message = "could not process login request " + request.content.decode()
+        return httpx.Response(500, json={"errorCode": 11000, "message": message})
+
+    transport = httpx.MockTransport(xelion)
+    async with httpx.AsyncClient(transport=transport) as mock:
+        session = XelionSession(mock, XelionTarget("http", "127.0.0.1:9", "master"), "admin", password, "s-1")
+        with pytest.raises(XelionApiError) as caught:
+            await session.login()
+    text = caught.value.message
+    assert text.startswith("login: Xelion answered 500/11000 (could not process login request {")
+    assert '"password": "***"' in text or '"password":"***"' in text, text
+    assert not any(password[i : i + 8] in text for i in range(len(password) - 7)), text
