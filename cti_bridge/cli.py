@@ -123,7 +123,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         # SecretStr settings print as stars already; a password in the database URL did not.
         from sqlalchemy.engine import make_url
 
-        shown["database_url"] = make_url(settings.database_url).render_as_string(hide_password=True)
+        url = make_url(settings.database_url)
+        # libpq takes a password in the query too (``?password=...``, ``sslpassword``).
+        url = url.update_query_dict({k: "***" for k in url.query if "password" in k.lower()})
+        shown["database_url"] = url.render_as_string(hide_password=True)
         print(json.dumps(shown, indent=2))
         return ExitCode.OK
 

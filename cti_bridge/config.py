@@ -136,6 +136,12 @@ class Settings(BaseSettings):
         if value.startswith("postgresql://"):
             # One driver for PostgreSQL: psycopg 3.
             value = "postgresql+psycopg://" + value[len("postgresql://") :]
+        if value.startswith("postgresql") and value.partition("://")[2].split("/", 1)[0].count("@") > 1:
+            # The password ends at its first '@', so the rest of it became part of the host name,
+            # which every connection error then printed. The value is not quoted here either.
+            raise ValueError(
+                "holds more than one '@' before the host: percent-encode an '@' of the password as %40"
+            )
         return value
 
     @model_validator(mode="after")

@@ -200,6 +200,34 @@ def test_check_config_masks_the_password_in_the_database_url(tmp_path: Path) -> 
     assert '"database_url": "postgresql+psycopg://cti:***@127.0.0.1:5432/cti"' in proc.stdout
 
 
+def test_check_config_masks_a_password_given_in_the_database_urls_query(tmp_path: Path) -> None:
+    """libpq takes ``?password=`` (and ``sslpassword``) too, and check-config printed them."""
+    env = _clean_env()
+    env["CTI_BRIDGE_DATABASE_URL"] = (
+        "postgresql://cti@127.0.0.1/cti?password=query-password-S3CR3T&sslpassword=ssl-S3CR3T&sslmode=require"
+    )
+    env["CTI_BRIDGE_SECRET_KEY"] = "k" * 44
+    proc = _check_config(env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "S3CR3T" not in proc.stdout + proc.stderr
+    assert "sslmode=require" in proc.stdout
+
+
+def test_a_database_url_whose_password_holds_an_unencoded_at_is_refused_unquoted(tmp_path: Path) -> None:
+    """The password ended at its first '@' and the rest joined the host name, which check-config,
+    migrate and run then printed ("failed to resolve host 'TAILSECRET@127.0.0.1'")."""
+    env = _clean_env()
+    env["CTI_BRIDGE_DATABASE_URL"] = "postgresql://cti:Hunter2@TAILSECRET@127.0.0.1:5432/cti"
+    env["CTI_BRIDGE_SECRET_KEY"] = "k" * 44
+    for command in ("check-config", "migrate", "run"):
+        proc = _cli(env, tmp_path, command)
+        assert proc.returncode == 3, (command, proc.stdout, proc.stderr)
+        assert "CTI_BRIDGE_DATABASE_URL" in proc.stderr and "%40" in proc.stderr
+        assert "TAILSECRET" not in proc.stdout + proc.stderr and "Hunter2" not in proc.stdout + proc.stderr
+    env["CTI_BRIDGE_DATABASE_URL"] = "postgresql://cti:Hunter2%40TAILSECRET@127.0.0.1:5432/cti"
+    assert _check_config(env, tmp_path).returncode == 0  # encoded, as the error says
+
+
 def test_config_is_taken_before_or_after_the_command(tmp_path: Path) -> None:
     """``cti-bridge run --config FILE`` was 'unrecognized arguments' (exit 2): only the form with
     the option before the command worked (a README walkthrough's finding). Given in both places,
