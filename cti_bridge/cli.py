@@ -19,7 +19,7 @@ import threading
 import time
 
 from cti_bridge import __version__
-from cti_bridge.errors import ConfigError, ExitCode, StoreLockedError
+from cti_bridge.errors import ConfigError, ExitCode, SchemaTooNewError, StoreLockedError
 
 log = logging.getLogger("cti_bridge")
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cti-bridge: invalid setting: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
-    except StoreLockedError as exc:
+    except (StoreLockedError, SchemaTooNewError) as exc:
         print(f"cti-bridge: {exc}", file=sys.stderr)
         return ExitCode.DATABASE
     except (KeyboardInterrupt, _StopDuringStart):
@@ -132,16 +132,26 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "migrate":
         from cti_bridge.store import migrate
-        from cti_bridge.store.db import make_engine
+        from cti_bridge.store.db import InstanceLock, make_engine
 
+        # An SQLite file belongs to one process: migrating it under a running daemon (of an
+        # older release, say) changed the schema beneath that daemon's code.
+        lock = InstanceLock(settings.sqlite_path.resolve()) if settings.sqlite_path is not None else None
+        if lock is not None:
+            lock.acquire()  # StoreLockedError: exit 4, naming the lock
         try:
             engine = make_engine(settings.database_url)
             migrate.upgrade(engine)
             engine.dispose()
+        except SchemaTooNewError:
+            raise
         except Exception as exc:
             log.error("migration failed: %s", type(exc).__name__)
             print(f"cti-bridge: migration failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             return ExitCode.DATABASE
+        finally:
+            if lock is not None:
+                lock.release()
         print("database is at the newest schema")
         return ExitCode.OK
 
@@ -150,7 +160,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     try:
         daemon = build(settings)
-    except StoreLockedError:
+    except (StoreLockedError, SchemaTooNewError):
         raise
     except Exception as exc:
         from sqlalchemy.exc import SQLAlchemyError

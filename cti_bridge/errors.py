@@ -76,6 +76,11 @@ class StoreLockedError(CtiBridgeError):
     """Another cti-bridge process already runs on this SQLite database."""
 
 
+class SchemaTooNewError(CtiBridgeError):
+    """The database's schema is at a revision this release does not know: a newer release migrated
+    it. Nothing is changed; the CLI exits with ``ExitCode.DATABASE``."""
+
+
 class ExitCode(IntEnum):
     """Process exit codes of ``cti-bridge``; README.md documents them."""
 
@@ -83,7 +88,7 @@ class ExitCode(IntEnum):
     FAILURE = 1  # an unexpected error (details in the log)
     USAGE = 2  # bad command line (argparse)
     CONFIG = 3  # an invalid setting (one line names it)
-    DATABASE = 4  # the database cannot be opened, is locked by another instance, or migration failed
+    DATABASE = 4  # cannot be opened, locked by another instance, a newer schema, or migration failed
 
 
 # --- the token manager's (delivery/oauth.py) --------------------------------------------------

@@ -2,6 +2,13 @@
 
 ``cti-bridge run`` and ``cti-bridge migrate`` call ``upgrade``; the tests call ``check`` to prove the
 models and the migrations agree.
+
+On PostgreSQL, replicas starting together would each run the same migration: one wins and the
+others failed on the tables it had just made (exit 4, "database unavailable", a crash loop until
+all were at the newest schema). ``upgrade`` takes a transaction-level advisory lock first, so the
+others wait for the first and then find nothing to do. A database already at a revision this
+release does not know (a newer release migrated it: a rollback, or an old replica restarting
+during a rolling upgrade) is refused with ``SchemaTooNewError`` before anything runs.
 """
 
 from __future__ import annotations
@@ -9,9 +16,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from alembic.config import Config
-from sqlalchemy.engine import Engine
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine
 
 from alembic import command
+from cti_bridge.errors import SchemaTooNewError
+
+#: Serialises migrations on one PostgreSQL database (apart from the daemon's other advisory locks).
+_ONE_MIGRATION = text("SELECT pg_advisory_xact_lock(hashtext('cti-bridge migration'))")
 
 
 def script_location() -> Path:
@@ -33,11 +47,27 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Migrate to ``revision`` (default: the newest). Idempotent."""
+    """Migrate to ``revision`` (default: the newest). Idempotent; one at a time per PostgreSQL
+    database; refuses a schema newer than this release's (``SchemaTooNewError``)."""
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(_ONE_MIGRATION)  # held until this transaction, the migration's, ends
+        _refuse_a_newer_schema(conn, cfg)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+def _refuse_a_newer_schema(conn: Connection, cfg: Config) -> None:
+    script = ScriptDirectory.from_config(cfg)
+    known = {s.revision for s in script.walk_revisions()}
+    unknown = [rev for rev in MigrationContext.configure(conn).get_current_heads() if rev not in known]
+    if unknown:
+        raise SchemaTooNewError(
+            f"the database's schema is at revision {', '.join(unknown)}, which this release does not "
+            f"know (its newest is {script.get_current_head()}): a newer release migrated it. Run that "
+            "release or a newer one; nothing was changed"
+        )
 
 
 def downgrade(engine: Engine, revision: str = "base") -> None:

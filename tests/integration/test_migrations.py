@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
+import threading
 from datetime import UTC, datetime
+from pathlib import Path
 
+import pytest
 from sqlalchemy import event, inspect, text
 from sqlmodel import Session
 
+from cti_bridge.errors import SchemaTooNewError
 from cti_bridge.events import dedupe_key
 from cti_bridge.store import migrate
-from cti_bridge.store.db import make_engine
+from cti_bridge.store.db import InstanceLock, make_engine
 from cti_bridge.store.deliveries import UNDELIVERED, park_credential, unpark_credential
 from cti_bridge.store.models import UNDELIVERED_SQL, XelionContext
 
@@ -168,3 +175,86 @@ def test_ids_go_on_from_the_largest_stored_one_after_the_upgrade(db_url: str) ->
         assert "id_high_water" not in inspect(engine).get_table_names()
     finally:
         engine.dispose()
+
+
+def _cli(db_url: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``cti-bridge ARGS`` on ``db_url`` in a process of its own (no other setting of ours)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTI_BRIDGE_")}
+    env |= {"CTI_BRIDGE_DATABASE_URL": db_url, "CTI_BRIDGE_SECRET_KEY": "k" * 44}
+    return subprocess.run(
+        [sys.executable, "-m", "cti_bridge", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_schema_newer_than_this_release_is_refused_and_left_alone(db_url: str, tmp_path: Path) -> None:
+    """A newer release migrated the database (a rollback; an old replica restarting during a
+    rolling upgrade): ``run`` ended with exit 1 and Alembic's traceback, ``migrate`` with exit 4
+    and "Can't locate revision". Both exit 4 now, saying what happened, and change nothing."""
+    engine = make_engine(db_url)
+    try:
+        migrate.upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '0999'"))
+        with pytest.raises(SchemaTooNewError, match="revision 0999, which this release does not know"):
+            migrate.upgrade(engine)
+        for command in ("migrate", "run"):
+            proc = _cli(db_url, tmp_path, command)
+            assert proc.returncode == 4, (command, proc.stdout, proc.stderr)
+            assert "schema is at revision 0999" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0999"
+        assert TABLES <= set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_replicas_migrating_at_once_wait_for_each_other(db_url: str) -> None:
+    """Three replicas starting together on an empty PostgreSQL database: one migrated and the
+    others failed on what it had just made (exit 4, a crash loop). They take turns now."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("an SQLite file has one process (its instance lock), which migrates alone")
+    engines = [make_engine(db_url) for _ in range(3)]
+    start = threading.Barrier(len(engines))
+    errors: list[BaseException] = []
+
+    def replica(engine: object) -> None:
+        start.wait()
+        try:
+            migrate.upgrade(engine)  # type: ignore[arg-type]
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica, args=(e,), daemon=True) for e in engines]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a migration still runs after a minute"
+        assert errors == []
+        migrate.check(engines[0])
+    finally:
+        for e in engines:
+            e.dispose()
+
+
+def test_migrate_does_not_change_an_sqlite_file_a_running_daemon_holds(tmp_path: Path) -> None:
+    """``cti-bridge migrate`` moved the schema beneath a running daemon (of an older release, say);
+    it takes the instance lock, as ``run`` does, and exits 4 naming it."""
+    path = tmp_path / "cti-bridge.db"
+    lock = InstanceLock(path.resolve())
+    lock.acquire()
+    try:
+        proc = _cli(f"sqlite:///{path}", tmp_path, "migrate")
+    finally:
+        lock.release()
+    assert proc.returncode == 4 and "another cti-bridge process is already running" in proc.stderr, (
+        proc.stderr
+    )
+    assert not path.exists()  # nothing was made
+    assert _cli(f"sqlite:///{path}", tmp_path, "migrate").returncode == 0
