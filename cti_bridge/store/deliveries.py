@@ -215,7 +215,7 @@ def _due_sql(drv: _DriverSql, due: str, skip: int) -> str:
     claim order, stopping at its LIMIT; ``ix_delivery_due`` (state, next_attempt_at, event_id,
     mapping_id) follows that order, so the database walks the index instead of sorting the
     backlog. On PostgreSQL the rows are locked, skipping those another replica holds. Built once
-    per dialect and number of skipped mappings."""
+    per dialect and number of skipped mappings (a power of two: ``claim_due`` pads the list)."""
     not_in = f" AND delivery.mapping_id NOT IN ({drv.marks(skip)})" if skip else ""
     lock = " FOR UPDATE OF delivery SKIP LOCKED" if drv.postgresql else ""
     return drv.sql(
@@ -256,6 +256,10 @@ def claim_due(
     conn, drv = _driver(session)
     at = drv.dt(now)
     skip = sorted(set(skip_mappings))
+    # Padded to a power of two with its last id (``NOT IN (a, b, b)`` is ``NOT IN (a, b)``): a
+    # statement text per list length, cached for the process's life, grew to thousands of texts
+    # (tens of MB) with a slow CRM and many mappings, each prepared anew.
+    skip += skip[-1:] * (_bucket(len(skip)) - len(skip)) if skip else []
     running = set(skip_ids)
     ids: list[str] = []
     for state, due in _CLAIMABLE:
