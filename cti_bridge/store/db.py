@@ -94,6 +94,10 @@ CHECKPOINT_INTERVAL = 0.1
 INLINE_AUTOCHECKPOINT_PAGES = 4000
 
 
+#: The size (bytes) an SQLite WAL file is cut back to after a large transaction.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+
 def make_engine(url: str) -> Engine:
     """An engine with the pragmas and pool this daemon needs for ``url``."""
     if url.startswith("sqlite"):
@@ -114,6 +118,10 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            # A WAL file keeps the size of the largest transaction it held (deleting an integration
+            # with a month of history cascades in one) unless limited: truncated back to this once
+            # a checkpoint let the WAL start over.
+            cur.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             cur.close()
 
         @event.listens_for(engine, "begin")

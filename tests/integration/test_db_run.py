@@ -304,3 +304,39 @@ async def test_the_wal_stays_bounded_under_steady_writes(sqlite_database: Databa
     page = 4096 + 24  # a WAL frame: the page and its header
     assert os.path.getsize(path + "-wal") < (INLINE_AUTOCHECKPOINT_PAGES + 1000) * page
     assert db.checkpoints > 0
+
+
+async def test_a_large_transaction_does_not_leave_a_large_wal(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The WAL file kept the size of the largest transaction it ever held (deleting an integration
+    with a month of history cascades in one: a review measured 62 MB left after a 60 MB
+    transaction, for the process's life). Limited now (``WAL_SIZE_LIMIT``, small here): cut back
+    once a checkpoint has let the WAL start over."""
+    import os
+
+    from cti_bridge.store import db as db_module
+    from cti_bridge.store.db import CHECKPOINT_INTERVAL, make_engine
+
+    limit = 256 * 1024
+    monkeypatch.setattr(db_module, "WAL_SIZE_LIMIT", limit, raising=False)
+    url = f"sqlite:///{tmp_path / 'wal.db'}"
+    db = Database(url, engine=make_engine(url))
+    try:
+        await db.run(lambda s: s.exec(text("CREATE TABLE t_big (v BLOB)")), quick=True)  # type: ignore[call-overload]
+
+        def big(s: Session) -> None:
+            rows = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000) "
+            s.exec(text(f"INSERT INTO t_big (v) {rows}SELECT randomblob(6000) FROM n"))  # type: ignore[call-overload]
+
+        def small(s: Session) -> None:
+            s.exec(text("INSERT INTO t_big (v) VALUES (randomblob(10))"))  # type: ignore[call-overload]
+
+        await db.run(big, quick=True)
+        wal = url.split(":///", 1)[1] + "-wal"
+        assert os.path.getsize(wal) > 4 * 1024 * 1024
+        deadline = asyncio.get_running_loop().time() + 200 * CHECKPOINT_INTERVAL
+        while os.path.getsize(wal) > limit:
+            assert asyncio.get_running_loop().time() < deadline, os.path.getsize(wal)
+            await db.run(small, quick=True)
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+    finally:
+        db.dispose()
