@@ -644,6 +644,23 @@ def _stored(m: MappingInput) -> tuple[str, str, str | None, str, str | None, str
     )
 
 
+#: Where ``_stored`` puts the JSON texts (payload, headers).
+_JSON_COLUMNS = frozenset(_MAPPING_COLUMNS.index(c) for c in ("crm_resource_payload", "headers"))
+
+
+def _canonical(values: tuple[str | None, ...]) -> tuple[str | None, ...]:
+    """A ``_stored`` tuple with its JSON texts (payload, headers) in one form: members sorted.
+    JSON objects are unordered (RFC 8259 §4), and compared as texts a PUT whose tool reorders
+    keys retired every mapping each time (a review's finding: 10 PUTs, 10 rows). As texts, not as
+    Python objects, so that 1, 1.0 and true stay three values."""
+    return tuple(
+        json.dumps(json.loads(v), sort_keys=True, ensure_ascii=False)
+        if i in _JSON_COLUMNS and v is not None
+        else v
+        for i, v in enumerate(values)
+    )
+
+
 def _insert_mappings(
     session: Session, crm_context_id: int, mappings: Sequence[MappingInput], now: datetime
 ) -> list[EventUriMapping]:
@@ -698,7 +715,9 @@ def replace_mappings(
     The same set again (every mapping as stored, in the same order) changes nothing and answers
     the current rows: a provisioning script that PUTs its configuration every few minutes retired
     and re-inserted every mapping each time, rows that nothing ever deletes (a retention review's
-    finding: 50 PUTs, 50 sets of retired rows for good). Locked, so a PUT meanwhile waits.
+    finding: 50 PUTs, 50 sets of retired rows for good). The payload's and headers' members may
+    come in another order (a tool that does not keep JSON key order, `_canonical`): the same set,
+    kept in its stored order. Locked, so a PUT meanwhile waits.
     """
     current = list(
         session.exec(
@@ -710,8 +729,8 @@ def replace_mappings(
             .with_for_update()
         )
     )
-    stored = [tuple(getattr(row, c) for c in _MAPPING_COLUMNS) for row in current]
-    if current and stored == [_stored(m) for m in mappings]:
+    stored = [_canonical(tuple(getattr(row, c) for c in _MAPPING_COLUMNS)) for row in current]
+    if current and stored == [_canonical(_stored(m)) for m in mappings]:
         return [_mview(r) for r in current]
     session.execute(
         update(EventUriMapping)

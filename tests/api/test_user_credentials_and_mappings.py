@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -195,6 +196,29 @@ async def test_putting_the_same_mappings_again_changes_nothing(client: httpx.Asy
     again = await client.put(url, **raw_json(MANUAL_ZOHO_PUT_RAW, auth(a.token)))
     assert again.json() == first
     assert len(rows(database, EventUriMapping)) == count
+    # A tool that does not keep JSON key order: the payloads' members (nested too) reversed.
+    def reversed_keys(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: reversed_keys(value[k]) for k in reversed(list(value))}
+        return value
+
+    shuffled = [{**m, "crmResourcePayload": reversed_keys(m["crmResourcePayload"])} for m in first]
+    assert json.dumps(shuffled) != json.dumps(first)  # equal as dicts, not as JSON texts
+    r = await client.put(url, json=shuffled, headers=auth(a.token))
+    assert r.status_code == 200, r.text
+    assert r.json() == first  # the same set, kept as stored
+    assert len(rows(database, EventUriMapping)) == count
+    # A value of another JSON type is a change: 1, 1.0 and true are three values.
+    changed = [dict(m) for m in first]
+    changed[1] = {**changed[1], "crmResourcePayload": {**changed[1]["crmResourcePayload"], "n": 1}}
+    r = await client.put(url, json=changed, headers=auth(a.token))
+    count += len(first)
+    assert len(rows(database, EventUriMapping)) == count
+    changed[1]["crmResourcePayload"]["n"] = True
+    r = await client.put(url, json=changed, headers=auth(a.token))
+    count += len(first)
+    assert len(rows(database, EventUriMapping)) == count
+    first = r.json()
 
     reordered = [first[1], first[0], *first[2:]]  # the order is part of the set
     r = await client.put(url, json=reordered, headers=auth(a.token))
