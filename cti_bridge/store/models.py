@@ -172,8 +172,11 @@ class AppContext(SQLModel, table=True):
     access_token_expires_at: datetime | None = None
     # The rest of the token endpoint's answer, encrypted JSON (as for user credentials).
     token_extra_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    token_auth_method: str = Field(default="client_secret_post", max_length=32)
-    state: str = Field(default="active", max_length=32)  # active | reauth_required
+    # The server defaults are migration 0002's, which gave the rows already there these values.
+    token_auth_method: str = Field(
+        default="client_secret_post", max_length=32, sa_column_kwargs={"server_default": "client_secret_post"}
+    )
+    state: str = Field(default="active", max_length=32, sa_column_kwargs={"server_default": "active"})
     state_reason: str | None = Field(default=None, max_length=1000)
     version: int = Field(default=1)
     created_at: datetime = Field(default_factory=utcnow)
