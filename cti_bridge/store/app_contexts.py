@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -187,6 +187,20 @@ class AppContextTokenStore:
         except IntegrityError:
             # Two first POSTs for one key at once: the other one inserted; this one replaces it.
             return await self._db.run(write)
+
+    async def delete(self, key: AppContextKey) -> int | None:
+        """Delete the context stored under ``key`` with its secrets; its id, or None if there was
+        none. Cancellation: as ``Database.run``."""
+        wanted = key.normalized()
+
+        def write(session: Session) -> int | None:
+            found = session.exec(select(AppContext.id).where(*_key_clauses(wanted))).first()
+            if found is None:
+                return None
+            session.exec(delete(AppContext).where(col(AppContext.id) == found))
+            return int(found)
+
+        return await self._db.run(write)
 
     async def find(self, key: AppContextKey, presented: str) -> AppContextMatch | None:
         """The context stored under ``key`` (None if there is none), and whether ``presented`` is

@@ -425,6 +425,35 @@ async def test_manual_app_context_body_is_stored_with_its_secrets_encrypted(h: H
         assert secret not in r.text
 
 
+async def test_a_user_deletes_their_own_app_context_and_its_secrets_go(h: Harness) -> None:
+    """Extension: the manual never lets an app context go, so a user who stopped using the service
+    (or left) kept a refresh token here for good. ``DELETE api/cti-app-context`` with the POST's key
+    parts (a whole POST body works too) and the user's own Xelion token, checked as the POST."""
+    access, refresh = await register(h, "anne")
+    await register(h, "bob")
+    key_only = {
+        "appExternalApiContext": {"authorizationServerUri": h.token_uri},
+        "appUserContext": {"xelionUsername": "anne"},
+        "appXelionContext": {"host": HOST, "tenant": TENANT},
+    }
+
+    async def delete_as(user: str | None, body: dict[str, Any]) -> httpx.Response:
+        headers = {} if user is None else {"Authorization": f"xelion {await user_token(h, user)}"}
+        return await h.client.request("DELETE", "/api/cti-app-context", json=body, headers=headers)
+
+    assert_error(await delete_as(None, key_only), 401, 10000)
+    assert_error(await delete_as("bob", key_only), 403, 10101)  # bob's token, anne's context
+    assert len(contexts(h.database)) == 2
+    assert (await call(h, access)).status_code == 201  # still there, still working (the service: 201)
+
+    r = await delete_as("anne", app_body(h, "anne", access="x" * 8, refresh="y" * 8))  # a POST body
+    assert (r.status_code, r.json()) == (200, {})
+    assert [c.xelion_username for c in contexts(h.database)] == ["bob"]
+    assert_error(await call(h, access), 404, 10100)  # nothing to call with any more
+    assert_error(await delete_as("anne", key_only), 404, 10100)
+    assert access not in r.text and refresh not in r.text
+
+
 async def test_manual_call_body_reaches_the_service_as_the_manual_says(
     make_sqlite: MakeHarness, crm: CrmSimulator
 ) -> None:

@@ -1,4 +1,5 @@
-"""``POST api/cti-app-context`` and ``POST api/external-api-endpoint/call`` (the manual's app resources).
+"""``POST api/cti-app-context`` and ``POST api/external-api-endpoint/call`` (the manual's app resources),
+and ``DELETE api/cti-app-context`` (an extension: the user's own way to let a context go).
 
 A Xelion app user registers OAuth2 credentials for an external service (Microsoft Exchange, say)
 once, then calls that service's endpoints through cti-bridge, which keeps the tokens fresh. Both
@@ -33,6 +34,10 @@ that keeps it is 400/10200 with its line and column, like any malformed body).
 - A POST also revives a context whose grant the authorization server refused (below): the context
   is ``active`` again, and the next call uses the new credentials.
 - Answer: 200 with ``{}``; never a secret.
+
+``DELETE api/cti-app-context``: the POST's key parts (a whole POST body works too), checked as
+the POST (allowed host, the user's own Xelion token); the context and its secrets are deleted and
+the token manager forgets it (a refresh in flight saves nothing). 200 ``{}``, or 404/10100.
 
 ``POST api/external-api-endpoint/call`` with ``Authorization: xelion_cti <access token>``:
 
@@ -207,8 +212,25 @@ class ExternalApiCallOut(BaseModel):
     payload: Any
 
 
+class AppExternalApiKeyIn(_In):
+    authorizationServerUri: Uri2048
+
+
+class AppUserKeyIn(_In):
+    xelionUsername: schemas.Str255
+
+
+class CtiAppContextKeyIn(_In):
+    """What ``DELETE api/cti-app-context`` names: the key parts of the POST's body (a whole POST
+    body works too: the rest is ignored)."""
+
+    appExternalApiContext: AppExternalApiKeyIn
+    appUserContext: AppUserKeyIn
+    appXelionContext: AppXelionContextIn
+
+
 # Added to the OpenAPI components by admin/app.py, like schemas.REQUEST_MODELS.
-REQUEST_MODELS: tuple[type[BaseModel], ...] = (CtiAppContextIn, ExternalApiCallIn)
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (CtiAppContextIn, CtiAppContextKeyIn, ExternalApiCallIn)
 
 
 def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
@@ -249,6 +271,34 @@ async def _check_xelion_user(deps: AdminDeps, target: XelionTarget, token: str, 
         )
 
 
+async def _users_own_key(
+    deps: AdminDeps, authorization: str | None, xc: AppXelionContextIn, user_name: str, server_uri: str
+) -> AppContextKey:
+    """The app context's key named by a request of ``user_name`` itself: the Xelion host allowed,
+    the key not too large, and the caller's ``xelion`` token that user's on that host and tenant."""
+    token = bearer_token(authorization)  # the "xelion" scheme, as for the rest of the admin API
+    if token is None:
+        raise not_authenticated('an "Authorization: xelion <Xelion user token>" header is required')
+    if not deps.settings.host_allowed(xc.host):
+        raise ApiError(
+            403,
+            ErrorCode.HOST_NOT_ALLOWED,
+            "This Xelion host may not be used",
+            f"appXelionContext.host: {xc.host} is not in CTI_BRIDGE_ALLOWED_XELION_HOSTS",
+        )
+    key = AppContextKey(xc.host, xc.tenant, user_name, server_uri)
+    if key.too_large():
+        # PostgreSQL refused the index entry, which came back as a 503 "try again" no retry mends.
+        raise invalid_request(
+            "Invalid request: appExternalApiContext.authorizationServerUri: too long with the host, "
+            f"tenant and user name (at most {KEY_MAX_BYTES} bytes together in UTF-8)",
+            "appExternalApiContext.authorizationServerUri",
+        )
+    target = XelionTarget(protocol=xc.protocol, host=xc.host, tenant=xc.tenant)
+    await _check_xelion_user(deps, target, token, user_name)
+    return key
+
+
 @router.post(
     "/cti-app-context",
     summary="Store a Xelion app user's OAuth2 credentials for an external service",
@@ -265,28 +315,9 @@ async def _check_xelion_user(deps: AdminDeps, target: XelionTarget, token: str, 
 async def post_app_context(
     request: Request, deps: Deps, authorization: Annotated[str | None, Security(xelion_user_header)]
 ) -> JSONResponse:
-    token = bearer_token(authorization)  # the "xelion" scheme, as for the rest of the admin API
-    if token is None:
-        raise not_authenticated('an "Authorization: xelion <Xelion user token>" header is required')
     body = await read_model(request, CtiAppContextIn)
     xc, uc, ec = body.appXelionContext, body.appUserContext, body.appExternalApiContext
-    if not deps.settings.host_allowed(xc.host):
-        raise ApiError(
-            403,
-            ErrorCode.HOST_NOT_ALLOWED,
-            "This Xelion host may not be used",
-            f"appXelionContext.host: {xc.host} is not in CTI_BRIDGE_ALLOWED_XELION_HOSTS",
-        )
-    key = AppContextKey(xc.host, xc.tenant, uc.xelionUsername, ec.authorizationServerUri)
-    if key.too_large():
-        # PostgreSQL refused the index entry, which came back as a 503 "try again" no retry mends.
-        raise invalid_request(
-            "Invalid request: appExternalApiContext.authorizationServerUri: too long with the host, "
-            f"tenant and user name (at most {KEY_MAX_BYTES} bytes together in UTF-8)",
-            "appExternalApiContext.authorizationServerUri",
-        )
-    target = XelionTarget(protocol=xc.protocol, host=xc.host, tenant=xc.tenant)
-    await _check_xelion_user(deps, target, token, uc.xelionUsername)
+    key = await _users_own_key(deps, authorization, xc, uc.xelionUsername, ec.authorizationServerUri)
     data = AppContextInput(
         key=key,
         authorization_header_prefix=ec.authorizationHeaderPrefix,
@@ -308,6 +339,41 @@ async def post_app_context(
         xc.host,
         xc.tenant,
     )
+    return JSONResponse({})
+
+
+@router.delete(
+    "/cti-app-context",
+    summary="Delete a Xelion app user's credentials for an external service (extension)",
+    openapi_extra=_body_doc(CtiAppContextKeyIn),
+    responses={
+        200: {"description": "deleted (an empty object)"},
+        400: {"model": schemas.ErrorOut},
+        401: {"model": schemas.ErrorOut},
+        403: {"model": schemas.ErrorOut},
+        404: {"model": schemas.ErrorOut},
+        422: {"model": schemas.ErrorOut},
+        502: {"model": schemas.ErrorOut},
+    },
+)
+async def delete_app_context(
+    request: Request, deps: Deps, authorization: Annotated[str | None, Security(xelion_user_header)]
+) -> JSONResponse:
+    """Extension: the manual stores an app user's credentials and never lets them go, so a user
+    who stops using the service (or leaves) kept a refresh token here for good. Checked exactly as
+    the POST (the user's own Xelion token); the context and its secrets are deleted, and a token
+    request in flight for it saves nothing."""
+    body = await read_model(request, CtiAppContextKeyIn)
+    xc = body.appXelionContext
+    server_uri = body.appExternalApiContext.authorizationServerUri
+    key = await _users_own_key(deps, authorization, xc, body.appUserContext.xelionUsername, server_uri)
+    store = AppContextTokenStore(deps.database, deps.secret_box)
+    context_id = await store.delete(key)
+    if context_id is None:
+        raise not_found("app context", f"of {key.xelion_username} for that authorizationServerUri")
+    if deps.app_tokens is not None:
+        deps.app_tokens.forget(context_id)
+    log.info("%s deleted for %s tenant %s", store.describe(context_id), xc.host, xc.tenant)
     return JSONResponse({})
 
 
