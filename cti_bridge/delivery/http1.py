@@ -23,10 +23,12 @@ The rules (reliability.md §8, §15), the same the aiohttp path kept:
   the guard's refusal as itself; once the status line arrived, the status decides and a body that
   breaks off afterwards is reported beside it (``body_error``), never instead of it.
 
-Connections idle for more than ``keepalive`` seconds are closed rather than reused, and a connection
-the server closed while it was idle leaves the pool as soon as the loop hears of it. A request that
-a connection drops without an answer is never sent again here: it may have reached the CRM, so it
-is an attempt like any other, and the worker's schedule retries it (reliability.md §6).
+A connection idle for ``keepalive`` seconds is closed by the client (its own timer, the one that
+times its requests, does it), and one the server closed while it was idle leaves the pool as soon
+as the loop hears of it; neither is reused, and an origin with no idle connection left has no entry
+in the pool. A request that a connection drops without an answer is never sent again here: it may
+have reached the CRM, so it is an attempt like any other, and the worker's schedule retries it
+(reliability.md §6).
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._exchange: _Exchange | None = None
-        # One deadline timer per connection, not per request (see ``_watch``).
+        # One timer per connection, not per request, for its deadlines and its idle time (``_watch``).
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
@@ -340,25 +342,49 @@ class _Connection(asyncio.Protocol):
         A timer per request (``call_at`` and ``cancel``) was a heap push and a cancelled handle per
         request, tens of thousands of them waiting in the loop's heap under load. Requests on one
         connection go one at a time with deadlines that only grow, so the connection keeps one
-        timer: armed for the first request's deadline and, when it fires, re-armed for the
-        deadline of whatever request is running then (``_timed_out``). It is re-armed earlier
-        only for an earlier deadline.
+        timer, armed when it opens and, each time it fires, again for what is due next
+        (``_timed_out``): the running request's deadline, or the end of the idle time. It is
+        re-armed earlier only for an earlier deadline, which a request's never is (``_arm``).
         """
         if self._timer is None or deadline < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            loop = asyncio.get_running_loop()
-            self._timer, self._timer_at = loop.call_at(deadline, self._timed_out), deadline
+            self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        """Arm the timer for ``when``, or sooner: never further ahead than the keep-alive time or
+        the request timeout, whichever is shorter (``Http1Client._tick``, at least 10 ms).
+
+        Not past the keep-alive, so that a connection that goes idle finds its timer due within the
+        keep-alive and is closed on time without arming anything when its answer comes in. Not
+        past the request timeout, so that a new request's deadline (request timeout from its start)
+        is never earlier than the timer and sending it arms nothing. Under load that is one wake-up
+        per connection every ``_tick`` seconds, and no timer work per request.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        when = min(when, loop.time() + self._pool._tick)
+        self._timer, self._timer_at = loop.call_at(when, self._timed_out), when
 
     def _timed_out(self) -> None:
         self._timer = None
+        if self.closed:
+            return
+        # The loop may run a timer a clock tick early: the time it was armed for counts as come.
+        now = max(asyncio.get_running_loop().time(), self._timer_at)
         ex = self._exchange
-        if ex is None:
-            return  # idle: the next request arms the timer again
-        if asyncio.get_running_loop().time() >= ex.deadline:
-            self.expire(ex)
+        if ex is not None:
+            if now >= ex.deadline:
+                self.expire(ex)
+            else:
+                self._arm(ex.deadline)  # this request started after the timer was armed
+            return
+        closes_at = self.idle_since + self._pool._keepalive
+        if now >= closes_at:
+            # Idle for the keep-alive: closed here, not when its origin is next used (which may be
+            # never: a mapping's CRM host changed, a per-user instance URL), and out of the pool.
+            self.abort()
         else:
-            self._watch(ex.deadline)  # this request started after the timer was armed
+            self._arm(closes_at)
 
     def expire(self, ex: _Exchange) -> None:
         """The whole-request deadline passed: once the status arrived it decides, with the body's
@@ -429,6 +455,9 @@ class Http1Client:
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
         self._keepalive = keepalive
+        # How far ahead a connection's timer is armed at most (``_Connection._arm``); not 0, or a
+        # busy connection's timer would fire at every turn of the loop.
+        self._tick = max(min(keepalive, request_timeout), 0.01)
         self._resolver = resolver  # made on first use: aiohttp's resolver wants a running loop
         self._ssl = ssl_context
         self._defaults = {name.lower(): (name, value) for name, value in default_headers.items()}
@@ -444,35 +473,44 @@ class Http1Client:
         if self._closed:
             conn.abort()
             return
-        now = asyncio.get_running_loop().time()
-        conn.idle_since = now
-        idle = self._idle.setdefault(conn.origin, [])
-        # The oldest idle connections are at the front, reused last (_pooled takes the newest):
-        # close those past the keep-alive here, or after a burst they would stay open for good.
-        while idle and idle[0].idle_since < now - self._keepalive:
-            idle.pop(0).abort()
-        idle.append(conn)
+        conn.idle_since = asyncio.get_running_loop().time()
+        # Those past the keep-alive (after a burst, the oldest, at the front: _pooled takes the
+        # newest) are closed by their own timers (``_Connection._timed_out``), not here.
+        idle = self._idle.get(conn.origin)
+        if idle is None:
+            self._idle[conn.origin] = [conn]
+        else:
+            idle.append(conn)
 
     def _forget(self, conn: _Connection) -> None:
         self._all.discard(conn)
         idle = self._idle.get(conn.origin)
         if idle is not None and conn in idle:
             idle.remove(conn)
+            if not idle:
+                # An empty list per origin ever used would grow with every CRM host a mapping
+                # pointed to and every per-user instance URL.
+                del self._idle[conn.origin]
 
     def _pooled(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
-        if not idle:
+        if idle is None:
             return None
+        # Past the keep-alive though its timer has not run yet (a busy loop): not reused either.
         oldest = asyncio.get_running_loop().time() - self._keepalive
+        found = None
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to have been timed out
             # A server's idle timeout (uvicorn 5 s, gunicorn 2 s, nginx's keepalive_timeout) may
             # have closed it while the loop was busy: written into, the request failed unanswered,
             # a retry and an attempt lost though nothing reached the CRM.
             if not conn.closed and conn.idle_since >= oldest and not conn.dropped():
-                return conn
+                found = conn
+                break
             conn.abort()
-        return None
+        if not idle:
+            self._idle.pop(origin, None)  # no key without an idle connection (see _forget)
+        return found
 
     def idle_connections(self) -> int:
         """Pooled connections, all origins (for tests)."""

@@ -75,6 +75,8 @@ class RawServer:
     replies: list[Reply] = field(default_factory=lambda: [ok()])
     requests: list[Request] = field(default_factory=list)
     connections: int = 0
+    #: (connection, loop time) of each connection the client closed (its EOF read here).
+    eofs: list[tuple[int, float]] = field(default_factory=list)
     port: int = 0
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -91,7 +93,11 @@ class RawServer:
             while True:
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
+                except asyncio.IncompleteReadError as exc:
+                    if not exc.partial:
+                        self.eofs.append((number, asyncio.get_running_loop().time()))
+                    return
+                except ConnectionError:
                     return
                 line, *rest = head.decode("utf-8").split("\r\n")
                 headers = [tuple(x.split(": ", 1)) for x in rest if x]
@@ -226,6 +232,104 @@ async def test_an_idle_connection_older_than_the_keepalive_is_not_reused(server:
     finally:
         await c.aclose()
     assert [r.connection for r in server.requests] == [1, 2]
+
+
+async def _until(done: Callable[[], bool], within: float) -> None:
+    """Wait until ``done()`` holds, ``within`` seconds at most (then the caller's asserts fail)."""
+    for _ in range(int(within / 0.01)):
+        if done():
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_an_idle_connection_is_closed_by_the_client_after_the_keepalive(server: RawServer) -> None:
+    """Idle connections are closed on their own once idle for the keep-alive, and their origins
+    leave the pool: before, one was only closed when its origin was used again, so every origin
+    used once (a mapping's old CRM host, a per-user instance URL) and every connection of a burst
+    kept a socket and a pool key for as long as the server kept the connection open. A request
+    timeout far longer than the keep-alive: the close is the idle time's, not a deadline's. Fails on
+    the old code."""
+
+    async def slow(req: Request, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(0.05)  # the burst's requests overlap: a connection each
+        return await ok()(req, writer)
+
+    server.replies = [slow]
+    loop = asyncio.get_running_loop()
+    async with serving(RawServer()) as other:
+        c = Http1Client(
+            allow_private=True, connect_timeout=0.5, request_timeout=30.0, default_headers={}, keepalive=0.2
+        )
+        try:
+            started = loop.time()
+            burst = [post(c, server.url()) for _ in range(3)]
+            assert await asyncio.gather(*burst, post(c, other.url())) == [200] * 4
+            assert c.idle_connections() == 4
+            await _until(lambda: len(server.eofs) == 3 and len(other.eofs) == 1, within=3.0)
+            assert sorted(n for n, _ in server.eofs) == [1, 2, 3]
+            assert [n for n, _ in other.eofs] == [1]
+            assert min(t for _, t in server.eofs + other.eofs) - started >= 0.2  # not before
+            assert c.idle_connections() == 0
+            assert c._idle == {}  # no key left for either origin
+            assert not c._all
+            assert await post(c, server.url()) == 200  # the origin is still served: a new connection
+            assert server.requests[-1].connection == 4
+        finally:
+            await c.aclose()
+
+
+async def test_a_connection_in_use_or_used_again_within_the_keepalive_is_not_closed(
+    server: RawServer,
+) -> None:
+    """The idle close counts from the end of the last answer: an answer slower than the keep-alive
+    and requests more often than it keep the one connection, and only once left idle for the
+    keep-alive is it closed (which fails on the old code)."""
+
+    async def slow(req: Request, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(0.6)  # twice the keep-alive, the connection in use all along
+        return await ok()(req, writer)
+
+    server.replies = [slow, ok()]
+    loop = asyncio.get_running_loop()
+    c = Http1Client(
+        allow_private=True, connect_timeout=0.5, request_timeout=5.0, default_headers={}, keepalive=0.3
+    )
+    try:
+        assert await post(c, server.url()) == 200
+        for _ in range(4):  # 0.6 s in all, never 0.3 s idle
+            await asyncio.sleep(0.15)
+            assert await post(c, server.url()) == 200
+        last = loop.time()
+        assert [r.connection for r in server.requests] == [1] * 5
+        assert server.eofs == []
+        assert c.idle_connections() == 1
+        await _until(lambda: bool(server.eofs), within=3.0)
+        assert [n for n, _ in server.eofs] == [1]
+        assert server.eofs[0][1] - last >= 0.29  # idle for the keep-alive first
+        assert c._idle == {}
+    finally:
+        await c.aclose()
+
+
+async def test_a_busy_connection_arms_its_timer_once_not_per_request(
+    server: RawServer, client: Http1Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle close rides on the connection's deadline timer: a call_at and a cancel per request
+    would be a heap push and a cancelled handle per request (``_Connection._watch``)."""
+    loop = asyncio.get_running_loop()
+    armed: list[float] = []
+    call_at = loop.call_at
+
+    def counting(when: float, callback: Callable[..., object], *args: object, **kwargs: object) -> object:
+        if getattr(callback, "__name__", "") == "_timed_out":
+            armed.append(when)
+        return call_at(when, callback, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "call_at", counting)
+    for _ in range(200):
+        assert await post(client, server.url()) == 200
+    assert {r.connection for r in server.requests} == {1}
+    assert len(armed) == 1
 
 
 async def test_concurrent_requests_each_get_a_connection(server: RawServer, client: Http1Client) -> None:
