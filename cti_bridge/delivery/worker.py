@@ -104,11 +104,13 @@ CLAIM_GATHER = 0.005
 
 
 def _excerpt(data: bytes | None, ordered: tuple[str, ...]) -> str | None:
-    """The first EXCERPT_BYTES of a body as stored, secrets masked, a secret the cut goes through
-    included (``mask_excerpt``; a character cut in two is left out, so that the end still matches
-    the start of a secret)."""
+    """The first EXCERPT_BYTES of a body as stored, secrets masked. A body cut there may end in
+    the start of a secret, masked too (``mask_excerpt``; a character cut in two is left out, so
+    that the end still matches the start of a secret); the rest, nearly every body, is whole."""
     if data is None:
         return None
+    if len(data) <= EXCERPT_BYTES:
+        return mask_ordered(data.decode("utf-8", errors="replace"), ordered)
     return mask_excerpt(_UTF8(errors="replace").decode(data[:EXCERPT_BYTES], final=False), ordered)
 
 
