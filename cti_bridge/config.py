@@ -37,6 +37,17 @@ def _split_csv(value: object) -> object:
     return value
 
 
+def _url_host(url: str) -> str | None:
+    """The host of a database URL as SQLAlchemy reads it (None when it reads none)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).host
+    except ArgumentError:
+        raise ValueError("is not a database URL") from None
+
+
 class Settings(BaseSettings):
     """Every setting of the daemon. Field ``foo`` is ``CTI_BRIDGE_FOO`` in the environment."""
 
@@ -136,9 +147,10 @@ class Settings(BaseSettings):
         if value.startswith("postgresql://"):
             # One driver for PostgreSQL: psycopg 3.
             value = "postgresql+psycopg://" + value[len("postgresql://") :]
-        if value.startswith("postgresql") and value.partition("://")[2].split("/", 1)[0].count("@") > 1:
-            # The password ends at its first '@', so the rest of it became part of the host name,
-            # which every connection error then printed. The value is not quoted here either.
+        if value.startswith("postgresql") and "@" in (_url_host(value) or ""):
+            # The password ends at its first '@' (a '/' in it does not end it), so the rest of it
+            # became part of the host name, which every connection error then printed. Judged on
+            # the host SQLAlchemy reads, as the connection would be; the value is not quoted here.
             raise ValueError(
                 "holds more than one '@' before the host: percent-encode an '@' of the password as %40"
             )

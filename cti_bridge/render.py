@@ -236,23 +236,28 @@ def token_secrets(token: Mapping[str, object] | None) -> tuple[str, ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)
 def echo_forms(raw: str) -> tuple[str, ...]:
     """``raw`` (an access token) and the forms a server may quote it back in, as a CRM's error page
     or answer does: a request's (``_request_forms``), percent-encoded with ``/`` kept
-    (``quote``'s default, as most URL builders), a JSON string with ``/`` escaped (PHP's
-    ``json_encode``) and HTML-escaped. Cached: one token serves many deliveries, and the set is
-    bounded like the tokens themselves."""
+    (``quote``'s default, as most URL builders) and with lower-case hex digits (.NET's
+    ``UrlEncode``), a JSON string with ``/`` escaped (PHP's ``json_encode``) and HTML-escaped.
+    Cached: one token serves many deliveries (the tokens in use at once; older ones fall out)."""
     json_form = json.dumps(raw, ensure_ascii=False)[1:-1]
+    encoded = (quote(raw, safe=""), quote(raw))
     forms = (
         raw,
         *_request_forms(raw, twice=True),
-        quote(raw),
+        *encoded,
+        *(_PERCENT_HEX.sub(lambda m: m.group(0).lower(), form) for form in encoded),
         json_form.replace("/", "\\/"),
         json.dumps(raw)[1:-1],
         html.escape(raw),
     )
     return tuple(dict.fromkeys(f for f in forms if len(f) >= MIN_SECRET))
+
+
+_PERCENT_HEX: Final = re.compile("%[0-9A-F]{2}")
 
 
 def mask_order(secrets: Iterable[str]) -> tuple[str, ...]:

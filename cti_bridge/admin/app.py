@@ -14,7 +14,7 @@ with the status and code of ``cti_bridge.errors``:
 The last one is a plain ASGI middleware rather than an ``Exception`` handler: Starlette re-raises
 after running such a handler, so the server would log the error a second time.
 
-Every answer, errors and passed-through external bodies included, carries
+Every answer of the application, errors and passed-through external bodies included, carries
 ``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-store`` (``CatchAllMiddleware``).
 
 OpenAPI: FastAPI's own ``/docs`` and ``/openapi.json``. The routes read their bodies themselves

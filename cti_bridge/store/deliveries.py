@@ -255,11 +255,10 @@ def claim_due(
         return []
     conn, drv = _driver(session)
     at = drv.dt(now)
-    skip = sorted(set(skip_mappings))
-    # Padded to a power of two with its last id (``NOT IN (a, b, b)`` is ``NOT IN (a, b)``): a
-    # statement text per list length, cached for the process's life, grew to thousands of texts
-    # (tens of MB) with a slow CRM and many mappings, each prepared anew.
-    skip += skip[-1:] * (_bucket(len(skip)) - len(skip)) if skip else []
+    # Padded (``NOT IN (a, b, b)`` is ``NOT IN (a, b)``): a statement text per list length, cached
+    # for the process's life, grew to thousands of texts (tens of MB) with a slow CRM and many
+    # mappings, each prepared anew.
+    skip = _padded(sorted(set(skip_mappings)))
     running = set(skip_ids)
     ids: list[str] = []
     for state, due in _CLAIMABLE:
@@ -744,11 +743,14 @@ def _in_lists(values: Sequence[T]) -> list[list[T]]:
     """``values`` in IN lists of at most IN_LIST_MAX, each padded to a power of two with its last
     value (``x IN (a, b, b)`` is ``x IN (a, b)``): the one mechanism by which every statement with
     an IN list keeps a few texts (see ``_DriverSql.rows_in``)."""
-    lists = []
-    for start in range(0, len(values), IN_LIST_MAX):
-        chunk = list(values[start : start + IN_LIST_MAX])
-        lists.append(chunk + [chunk[-1]] * (_bucket(len(chunk)) - len(chunk)))
-    return lists
+    return [
+        _padded(list(values[start : start + IN_LIST_MAX])) for start in range(0, len(values), IN_LIST_MAX)
+    ]
+
+
+def _padded(values: list[T]) -> list[T]:
+    """``values`` padded to a power of two with its last value (an empty list stays empty)."""
+    return values + values[-1:] * (_bucket(len(values)) - len(values)) if values else values
 
 
 @functools.cache

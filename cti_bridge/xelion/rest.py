@@ -26,7 +26,7 @@ import httpx
 from cti_bridge.clock import Clock, SystemClock
 from cti_bridge.events import parse_xelion_time
 from cti_bridge.ports import XelionTarget, XelionUser
-from cti_bridge.render import mask
+from cti_bridge.render import mask_message
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +139,9 @@ def error_from_response(response: httpx.Response, what: str, secrets: Iterable[s
         if isinstance(body.get("message"), str):
             # Xelion's own messages are fixed texts ("Wrong user name, password or tenant"), but a
             # server or a proxy in front of it may quote the request it could not process: masked
-            # whole before it is cut, so that no piece of a secret stays.
-            server_message = mask(body["message"], _quoted_forms(secrets))[:200]
+            # whole before it is cut, so that no piece of a secret stays, and a secret it quoted
+            # cut short as well (``mask_message``).
+            server_message = mask_message(body["message"], _quoted_forms(secrets))[:200]
     status = response.status_code
     kind = _KIND_BY_CODE.get(code or 0) or _KIND_BY_STATUS.get(status)
     if kind is None:

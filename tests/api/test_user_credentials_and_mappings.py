@@ -214,10 +214,11 @@ async def test_putting_the_same_mappings_again_changes_nothing(client: httpx.Asy
     r = await client.put(url, json=changed, headers=auth(a.token))
     count += len(first)
     assert len(rows(database, EventUriMapping)) == count
-    changed[1]["crmResourcePayload"]["n"] = True
-    r = await client.put(url, json=changed, headers=auth(a.token))
-    count += len(first)
-    assert len(rows(database, EventUriMapping)) == count
+    for other in (True, 1.0):
+        changed[1]["crmResourcePayload"]["n"] = other
+        r = await client.put(url, json=changed, headers=auth(a.token))
+        count += len(first)
+        assert len(rows(database, EventUriMapping)) == count, other
     first = r.json()
 
     reordered = [first[1], first[0], *first[2:]]  # the order is part of the set

@@ -454,3 +454,15 @@ async def test_a_xelion_answer_quoting_the_login_request_shows_no_password() -> 
     assert text.startswith("login: Xelion answered 500/11000 (could not process login request {")
     assert '"password": "***"' in text or '"password":"***"' in text, text
     assert not any(password[i : i + 8] in text for i in range(len(password) - 7)), text
+
+    # A message that quotes the password cut short, as error texts do ("...").
+    password = "Correct-Horse-Battery-Staple-0123456789"
+
+    def cut_short(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"errorCode": 10004, "message": f'bad login ("{password[:18]}...")'})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(cut_short)) as mock:
+        session = XelionSession(mock, XelionTarget("http", "127.0.0.1:9", "master"), "admin", password, "s-1")
+        with pytest.raises(XelionApiError) as caught:
+            await session.login()
+    assert caught.value.message.endswith('(bad login ("***..."))'), caught.value.message

@@ -217,13 +217,19 @@ def test_a_database_url_whose_password_holds_an_unencoded_at_is_refused_unquoted
     """The password ended at its first '@' and the rest joined the host name, which check-config,
     migrate and run then printed ("failed to resolve host 'TAILSECRET@127.0.0.1'")."""
     env = _clean_env()
-    env["CTI_BRIDGE_DATABASE_URL"] = "postgresql://cti:Hunter2@TAILSECRET@127.0.0.1:5432/cti"
     env["CTI_BRIDGE_SECRET_KEY"] = "k" * 44
-    for command in ("check-config", "migrate", "run"):
+    for url, command in [
+        ("postgresql://cti:Hunter2@TAILSECRET@127.0.0.1:5432/cti", "check-config"),
+        ("postgresql://cti:Hunter2@TAILSECRET@127.0.0.1:5432/cti", "migrate"),
+        ("postgresql://cti:Hunter2@TAILSECRET@127.0.0.1:5432/cti", "run"),
+        ("postgresql://cti:Hun/ter2@TAILSECRET@127.0.0.1:5432/cti", "check-config"),  # a '/' too
+        ("postgresql://cti:Hun/ter2@TAILSECRET@127.0.0.1:5432/cti", "migrate"),
+    ]:
+        env["CTI_BRIDGE_DATABASE_URL"] = url
         proc = _cli(env, tmp_path, command)
         assert proc.returncode == 3, (command, proc.stdout, proc.stderr)
         assert "CTI_BRIDGE_DATABASE_URL" in proc.stderr and "%40" in proc.stderr
-        assert "TAILSECRET" not in proc.stdout + proc.stderr and "Hunter2" not in proc.stdout + proc.stderr
+        assert "TAILSECRET" not in proc.stdout + proc.stderr and "ter2" not in proc.stdout + proc.stderr
     env["CTI_BRIDGE_DATABASE_URL"] = "postgresql://cti:Hunter2%40TAILSECRET@127.0.0.1:5432/cti"
     assert _check_config(env, tmp_path).returncode == 0  # encoded, as the error says
 
