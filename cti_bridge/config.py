@@ -106,8 +106,8 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=30.0, ge=0, le=36500)
     dead_retention_days: float = Field(default=0.0, ge=0, le=36500)
     retention_interval_seconds: float = Field(default=3600.0, gt=0)
-    # PostgreSQL upkeep (store/vacuum.py): VACUUM the delivery table at this many dead row
-    # versions (0: never), checked this often
+    # PostgreSQL upkeep (store/vacuum.py): VACUUM delivery, delivery_attempt or call_event at this
+    # many dead row versions in it (0: never), checked this often
     pg_vacuum_dead_rows: int = Field(default=10000, ge=0)
     pg_vacuum_check_seconds: float = Field(default=2.0, gt=0)
     # PostgreSQL replicas (xelion/ownership.py): how often a standby tries to take an integration's
