@@ -17,6 +17,7 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -40,6 +41,20 @@ SECRET_KEY = "process-test-secret-key-0123456789-abcdefgh"
 USER_SPACE_PREFIX = "cti-bridge-"
 #: How long the daemon may take to start answering api/health (Python start-up, migrations).
 BOOT_TIMEOUT = 30.0
+
+
+def cli(
+    args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``cti-bridge <args>`` in a process of its own, to its end, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "cti_bridge", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cti_bridge.errors import ExitCode
+from tests.e2e.process_helpers import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,18 +54,6 @@ def wait_healthy(port: int, proc: subprocess.Popen[str], timeout: float = 30.0) 
         except OSError:
             time.sleep(0.1)
     raise AssertionError("api/health never answered")
-
-
-def cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    """``cti-bridge <args>`` to its end, its output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "cti_bridge", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 RUN = [sys.executable, "-m", "cti_bridge", "run"]

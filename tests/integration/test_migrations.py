@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +20,7 @@ from cti_bridge.store import migrate
 from cti_bridge.store.db import InstanceLock, make_engine
 from cti_bridge.store.deliveries import UNDELIVERED, park_credential, unpark_credential
 from cti_bridge.store.models import UNDELIVERED_SQL, XelionContext
+from tests.e2e.process_helpers import cli
 
 TABLES = {
     "xelion_context",
@@ -180,15 +180,7 @@ def test_ids_go_on_from_the_largest_stored_one_after_the_upgrade(db_url: str) ->
 def _cli(db_url: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``cti-bridge ARGS`` on ``db_url`` in a process of its own (no other setting of ours)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CTI_BRIDGE_")}
-    env |= {"CTI_BRIDGE_DATABASE_URL": db_url, "CTI_BRIDGE_SECRET_KEY": "k" * 44}
-    return subprocess.run(
-        [sys.executable, "-m", "cti_bridge", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return cli(list(args), env | {"CTI_BRIDGE_DATABASE_URL": db_url, "CTI_BRIDGE_SECRET_KEY": "k" * 44}, cwd)
 
 
 def test_a_schema_newer_than_this_release_is_refused_and_left_alone(db_url: str, tmp_path: Path) -> None:

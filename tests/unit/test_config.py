@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cti_bridge.config import load_settings
 from cti_bridge.errors import ConfigError, ExitCode
+from tests.e2e.process_helpers import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -160,14 +160,7 @@ def _check_config(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess
 
 def _cli(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``cti-bridge ARGS`` in a process of its own, its output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "cti_bridge", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return cli(list(args), env, cwd)
 
 
 def test_cli_exits_3_with_one_line(tmp_path: Path) -> None:
