@@ -442,6 +442,10 @@ async def test_a_user_deletes_their_own_app_context_and_its_secrets_go(h: Harnes
         return await h.client.request("DELETE", "/api/cti-app-context", json=body, headers=headers)
 
     assert_error(await delete_as(None, key_only), 401, 10000)
+    # Who calls is asked before the body is read: without a token, a bad body is a 401 too.
+    for method in ("POST", "DELETE"):
+        r = await h.client.request(method, "/api/cti-app-context", json={"appUserContext": {}})
+        assert_error(r, 401, 10000)
     assert_error(await delete_as("bob", key_only), 403, 10101)  # bob's token, anne's context
     assert len(contexts(h.database)) == 2
     assert (await call(h, access)).status_code == 201  # still there, still working (the service: 201)

@@ -271,14 +271,20 @@ async def _check_xelion_user(deps: AdminDeps, target: XelionTarget, token: str, 
         )
 
 
-async def _users_own_key(
-    deps: AdminDeps, authorization: str | None, xc: AppXelionContextIn, user_name: str, server_uri: str
-) -> AppContextKey:
-    """The app context's key named by a request of ``user_name`` itself: the Xelion host allowed,
-    the key not too large, and the caller's ``xelion`` token that user's on that host and tenant."""
-    token = bearer_token(authorization)  # the "xelion" scheme, as for the rest of the admin API
+def _xelion_user_token(authorization: str | None) -> str:
+    """The caller's Xelion user token (the ``xelion`` scheme, as for the rest of the admin API),
+    asked for before the body is read: a caller who shows none learns nothing of the body's checks."""
+    token = bearer_token(authorization)
     if token is None:
         raise not_authenticated('an "Authorization: xelion <Xelion user token>" header is required')
+    return token
+
+
+async def _users_own_key(
+    deps: AdminDeps, token: str, xc: AppXelionContextIn, user_name: str, server_uri: str
+) -> AppContextKey:
+    """The app context's key named by a request of ``user_name`` itself: the Xelion host allowed,
+    the key not too large, and the caller's ``token`` that user's on that host and tenant."""
     if not deps.settings.host_allowed(xc.host):
         raise ApiError(
             403,
@@ -315,9 +321,10 @@ async def _users_own_key(
 async def post_app_context(
     request: Request, deps: Deps, authorization: Annotated[str | None, Security(xelion_user_header)]
 ) -> JSONResponse:
+    token = _xelion_user_token(authorization)
     body = await read_model(request, CtiAppContextIn)
     xc, uc, ec = body.appXelionContext, body.appUserContext, body.appExternalApiContext
-    key = await _users_own_key(deps, authorization, xc, uc.xelionUsername, ec.authorizationServerUri)
+    key = await _users_own_key(deps, token, xc, uc.xelionUsername, ec.authorizationServerUri)
     data = AppContextInput(
         key=key,
         authorization_header_prefix=ec.authorizationHeaderPrefix,
@@ -363,10 +370,11 @@ async def delete_app_context(
     who stops using the service (or leaves) kept a refresh token here for good. Checked exactly as
     the POST (the user's own Xelion token); the context and its secrets are deleted, and a token
     request in flight for it saves nothing."""
+    token = _xelion_user_token(authorization)
     body = await read_model(request, CtiAppContextKeyIn)
     xc = body.appXelionContext
     server_uri = body.appExternalApiContext.authorizationServerUri
-    key = await _users_own_key(deps, authorization, xc, body.appUserContext.xelionUsername, server_uri)
+    key = await _users_own_key(deps, token, xc, body.appUserContext.xelionUsername, server_uri)
     store = AppContextTokenStore(deps.database, deps.secret_box)
     context_id = await store.delete(key)
     if context_id is None:
