@@ -237,8 +237,8 @@ def token_secrets(token: Mapping[str, object] | None) -> tuple[str, ...]:
 
 
 def echo_forms(raw: str) -> tuple[str, ...]:
-    """``raw`` (an access token) and the forms a server may quote it back in, as a CRM's error page
-    or answer does: a request's (``_request_forms``), percent-encoded with ``/`` kept
+    """``raw`` (an access token, a password) and the forms a server may quote it back in, as a
+    CRM's error page or answer does: a request's (``_request_forms``), percent-encoded with ``/`` kept
     (``quote``'s default, as most URL builders) and with lower-case hex digits (.NET's
     ``UrlEncode``), a JSON string with ``/`` escaped (PHP's ``json_encode``) and HTML-escaped.
 

@@ -26,7 +26,7 @@ import httpx
 from cti_bridge.clock import Clock, SystemClock
 from cti_bridge.events import parse_xelion_time
 from cti_bridge.ports import XelionTarget, XelionUser
-from cti_bridge.render import mask_message
+from cti_bridge.render import echo_forms, mask_message
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,9 @@ def error_from_response(response: httpx.Response, what: str, secrets: Iterable[s
             # server or a proxy in front of it may quote the request it could not process: masked
             # whole before it is cut, so that no piece of a secret stays, and a secret it quoted
             # cut short as well (``mask_message``).
-            server_message = mask_message(body["message"], _quoted_forms(secrets))[:200]
+            # The forms a server quotes a value in (a JSON string's among them): render's, one list.
+            forms = [form for secret in secrets for form in echo_forms(secret)]
+            server_message = mask_message(body["message"], forms)[:200]
     status = response.status_code
     kind = _KIND_BY_CODE.get(code or 0) or _KIND_BY_STATUS.get(status)
     if kind is None:
@@ -152,11 +154,6 @@ def error_from_response(response: httpx.Response, what: str, secrets: Iterable[s
     if server_message:
         text += f" ({server_message})"
     return XelionApiError(kind, text, status=status, error_code=code)
-
-
-def _quoted_forms(secrets: Iterable[str]) -> list[str]:
-    """Each secret as itself and as a JSON string's inside (the forms a login body quotes it in)."""
-    return [f for s in secrets for f in (s, json.dumps(s)[1:-1], json.dumps(s, ensure_ascii=False)[1:-1])]
 
 
 def _auth_header(token: str | None) -> dict[str, str]:
