@@ -295,8 +295,12 @@ class TokenManager(Generic[KeyT]):
         for it neither cache, save nor hand out anything more (it raises to its callers), and no
         new caller join it. SQLite gives a deleted credential's id to the next one, whose first
         ``get`` joined the old request and was handed, and cached, the deleted credential's token,
-        and whose row the old request could save into at the same version (a review's finding)."""
-        self._generation[key] = self._generation.get(key, 0) + 1
+        and whose row the old request could save into at the same version (a review's finding).
+        Only a request in flight can hold an older generation (each reads it when it starts), so
+        with none the count is left alone, and it goes once the last such request has ended
+        (``_finished``): kept for every credential ever deleted, it grew for the process's life."""
+        if key in self._inflight:
+            self._generation[key] = self._generation.get(key, 0) + 1
         self._inflight.pop(key, None)
         self.invalidate(key)
 
@@ -349,6 +353,9 @@ class TokenManager(Generic[KeyT]):
     def _finished(self, key: KeyT, task: asyncio.Task[AccessToken]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
+        if key not in self._inflight:
+            # No request left that began before a ``forget``: none compares the count any more.
+            self._generation.pop(key, None)
         if not task.cancelled():
             task.exception()  # retrieved: no "never retrieved" warning when every caller left
 

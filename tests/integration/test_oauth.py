@@ -850,6 +850,40 @@ async def test_a_token_request_in_flight_for_a_deleted_credential_serves_nothing
     assert len(issued) == 2 and b.access_token in issued
 
 
+async def test_deleted_credentials_leave_no_count_behind_once_no_request_is_in_flight(
+    database: Database, secret_box: SecretBox, sim: CrmSimulator, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """``forget`` kept a count per credential ever deleted, for the process's life (a year of
+    provisioning scripts deleting users: 8 MB per 100,000). The count only matters to a token
+    request that began before the delete; it stands while that request runs, and goes after."""
+    tokens = manager(database, secret_box, http, clock)
+    for key in range(1, 5001):
+        tokens.forget(key)  # nothing in flight: nothing to keep
+    assert tokens._generation == {}
+
+    user = await add_credential(
+        database, secret_box, sim.token_url, refresh_token=sim.issue_refresh_token(CLIENT_ID)
+    )
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def held(grant_type: str) -> None:
+        entered.set()
+        await release.wait()
+
+    sim.token_hook = held
+    waiting = asyncio.create_task(tokens.get(user.id))
+    await asyncio.wait_for(entered.wait(), 5)
+    await database.run(lambda s: delete_credential(s, user.id, now=utcnow()))
+    tokens.forget(user.id)
+    assert tokens._generation == {user.id: 1}  # the request in flight must see the delete
+    release.set()
+    (result,) = await asyncio.gather(waiting, return_exceptions=True)
+    assert isinstance(result, TokenEndpointError)
+    await asyncio.sleep(0)  # the request's done-callback
+    assert tokens._generation == {}
+    assert tokens.peek(user.id) is None
+
+
 # --- providers' own answers (a review of the token handling against each CRM's documentation) ---
 
 
