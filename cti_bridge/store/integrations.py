@@ -565,10 +565,10 @@ def update_secret(
 
     Every change bumps ``version``, so a token refresh that began before it cannot overwrite it.
     A new refresh token or device code is the operator's answer to ``reauth_required``: the user
-    becomes ``active`` again and the cached access token, which belonged to the old grant, is
-    dropped. A new device code also drops the refresh token: the token manager uses a device code
-    only when there is no refresh token (RFC 8628 then yields a new one), so keeping a dead refresh
-    token would leave the new code unused.
+    becomes ``active`` again. Every kind drops the stored access token (below). A new device code
+    also drops the refresh token: the token manager uses a device code only when there is no
+    refresh token (RFC 8628 then yields a new one), so keeping a dead refresh token would leave the
+    new code unused.
 
     A new client id or secret is a repair too: ``reauth_required`` also comes from the client
     (``invalid_client``, ``unauthorized_client``, no client id set), which the grant cannot mend,
@@ -592,13 +592,16 @@ def update_secret(
         row.client_secret_enc = box.encrypt(value)
     elif kind == "refreshtoken":
         row.refresh_token_enc = box.encrypt(value)
-        row.access_token_enc = None
-        row.access_token_expires_at = None
     else:
         row.device_code_enc = box.encrypt(value)
         row.refresh_token_enc = None
-        row.access_token_enc = None
-        row.access_token_expires_at = None
+    # Every kind drops the stored access token (README, the admin API). A new client id or secret
+    # kept the old client's, which the daemon went on sending until it expired (an hour, or for
+    # good with a CRM that gives no expiry): a client rotated after a leak, or revoked, still
+    # worked for the daemon, and whether the new one does was only found out then (an operator
+    # walkthrough's finding). The next delivery now asks for a token with the new client.
+    row.access_token_enc = None
+    row.access_token_expires_at = None
     repaired = kind in ("refreshtoken", "devicecode") or row.state == "reauth_required"
     if repaired:
         row.state = "active"

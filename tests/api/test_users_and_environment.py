@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 import httpx
 import pytest
 
+from cti_bridge.clock import utcnow
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.models import UserCredentials, XelionContext
 from tests.api.conftest import (
@@ -131,6 +133,26 @@ async def test_credential_updates_encrypt_and_reactivate(
         404,
         10100,
     )
+
+
+@pytest.mark.parametrize("kind", ["clientid", "clientsecret"])
+async def test_a_new_client_drops_the_stored_access_token_of_the_old_one(
+    client: httpx.AsyncClient, database, secret_box: SecretBox, kind: str
+) -> None:
+    """README: every kind drops the user's access token. A new client id or secret kept the old
+    client's stored token, which the daemon then sent until it expired."""
+    a = await make_integration(client, "a", users=["anne"])
+    uid = (await user_ids(client, a.xelion_id, a.crm_id))["anne"]
+    with database.session() as s:
+        row = s.get(UserCredentials, uid)
+        row.access_token_enc = secret_box.encrypt("old-client-access-token")
+        row.access_token_expires_at = utcnow() + timedelta(hours=1)
+        s.add(row)
+    r = await client.post(f"/api/users/{uid}/{kind}/update", json={"value": "new"}, headers=auth(a.token))
+    assert r.status_code == 200, r.text
+    (row,) = rows(database, UserCredentials)
+    assert (row.access_token_enc, row.access_token_expires_at) == (None, None)
+    assert secret_box.decrypt(row.refresh_token_enc)  # the grant stays: the new client refreshes it
 
 
 async def test_environment_get_and_put(client: httpx.AsyncClient, supervisor: RecordingSupervisor) -> None:

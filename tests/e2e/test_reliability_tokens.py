@@ -262,6 +262,31 @@ async def test_a_client_refused_parks_the_user_until_its_client_secret_is_put_ri
         assert len([t for t in st.crm.token_requests if t.status != 200]) == 1
 
 
+async def test_a_new_client_secret_is_used_at_the_next_delivery_not_when_the_old_token_expires(
+    db_url: str,
+) -> None:
+    """README: every kind of ``.../update`` drops the user's access token. A new client id or
+    secret kept the old client's access token, sent until it expired: a client secret the operator
+    rotated (after a leak, say) still worked for the daemon, and the new one was first tried an
+    hour later (an operator walkthrough's finding). Now the next delivery asks for a token with
+    the new secret, and sends what that gives."""
+    async with running_stack(db_url) as st:
+        await st.configure(users=("anne",), mappings=[st.mapping("callHungUpEvent")])
+        anne_id = await st.credential_id("anne")
+        await st.xelion.place_call("incoming", callee="anne")
+        await st.wait_settled(1)
+        [old_token] = {r.headers["Authorization"] for r in st.crm.received}
+        asked = len(st.crm.token_requests)
+        st.crm.add_client(CLIENT_ID, "rotated-secret")  # the CRM's side of the rotation
+        update = f"/api/users/{anne_id}/clientsecret/update"
+        assert (await st.api.post(update, json={"value": "rotated-secret"})).status_code == 200
+        await st.xelion.place_call("incoming", callee="anne")
+        items = await st.wait_settled(2)
+        assert {d["state"] for d in items} == {"delivered"}
+        assert [(t.client_id, t.status) for t in st.crm.token_requests[asked:]] == [(CLIENT_ID, 200)]
+        assert st.crm.received[-1].headers["Authorization"] != old_token
+
+
 @pytest.mark.parametrize("how", ["user", "integration"])
 async def test_a_deleted_credentials_token_never_reaches_the_next_credential_of_its_id(
     db_url: str, how: str
