@@ -184,6 +184,24 @@ async def test_bulk_replay_still_replays_within_a_session_scope(
     assert r.json()["state"] == "pending"
 
 
+async def test_an_operator_naming_an_unknown_integration_gets_404_not_an_empty_answer(
+    api: httpx.AsyncClient, database: Database, clock: FakeClock
+) -> None:
+    """A mistyped ``xelionContextId`` was answered ``{"replayed": 0}`` (and an empty list), as if
+    the integration had nothing dead: the operator could not tell a typo from a clean slate (an
+    operator walkthrough's finding). The known one still replays and lists."""
+    delivery_id, a = await _one_dead_delivery(api, database, clock)
+    unknown = a.xelion_id + 1000
+    r = await api.post("/api/deliveries/replay", json={"xelionContextId": unknown}, headers=OPERATOR)
+    assert "integration" in assert_error(r, 404, 10100)["message"]
+    r = await api.get("/api/deliveries", params={"xelionContextId": str(unknown)}, headers=OPERATOR)
+    assert_error(r, 404, 10100)
+    r = await api.get("/api/deliveries", params={"xelionContextId": str(a.xelion_id)}, headers=OPERATOR)
+    assert [d["id"] for d in r.json()["items"]] == [delivery_id]
+    r = await api.post("/api/deliveries/replay", json={"xelionContextId": a.xelion_id}, headers=OPERATOR)
+    assert r.status_code == 200 and r.json() == {"replayed": 1}, r.text
+
+
 async def test_a_bulk_replay_of_delivered_deliveries_needs_since(
     api: httpx.AsyncClient, database: Database, clock: FakeClock
 ) -> None:

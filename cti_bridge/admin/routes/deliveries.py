@@ -24,6 +24,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
+from sqlmodel import Session
 
 from cti_bridge.admin.app import AdminDeps, get_deps
 from cti_bridge.admin.auth import Principal, require_principal
@@ -31,7 +32,7 @@ from cti_bridge.admin.body import read_model
 from cti_bridge.admin.common import MAX_ID, Offset, query_filter
 from cti_bridge.errors import ApiError, ErrorCode, invalid_request, not_found
 from cti_bridge.store import deliveries as store
-from cti_bridge.store.models import CallEvent, Delivery, DeliveryAttempt
+from cti_bridge.store.models import CallEvent, Delivery, DeliveryAttempt, XelionContext
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,18 @@ def _scope(principal: Principal, xelion_context_id: int | None) -> int | None:
     return xelion_context_id
 
 
+def _known(session: Session, principal: Principal, xelion_context_id: int | None) -> None:
+    """An integration the operator names must exist (404): a mistyped id was answered with an
+    empty list, or ``{"replayed": 0}``, as if it had nothing to show or replay (an operator
+    walkthrough's finding). A session token's own integration is known."""
+    if (
+        principal.xelion_context_id is None
+        and xelion_context_id is not None
+        and session.get(XelionContext, xelion_context_id) is None
+    ):
+        raise not_found("integration", xelion_context_id)
+
+
 Deps = Annotated[AdminDeps, Depends(get_deps)]
 Auth = Annotated[Principal, Depends(require_principal)]
 # Ids are UUIDs (``store.deliveries.new_delivery_id``); parsing the path as one keeps a NUL (which
@@ -152,9 +165,12 @@ async def list_deliveries(
         until=_parse_time("until", until),
     )
     after = _read_cursor(cursor) if cursor is not None else None
-    total, rows, more = await deps.database.run(
-        lambda s: store.list_deliveries(s, f, limit=limit, offset=offset, after=after)
-    )
+
+    def listed(s: Session) -> tuple[int, list[Delivery], bool]:
+        _known(s, principal, f.xelion_context_id)
+        return store.list_deliveries(s, f, limit=limit, offset=offset, after=after)
+
+    total, rows, more = await deps.database.run(listed)
     return {
         "total": total,
         "offset": offset,
@@ -281,7 +297,12 @@ async def replay_many(deps: Deps, principal: Auth, request: Request) -> dict[str
         state=body.state, xelion_context_id=_scope(principal, body.xelionContextId), since=since, until=until
     )
     now = deps.clock.now()
-    count = await deps.database.run(lambda s: store.replay_many(s, f, now))
+
+    def replayed(s: Session) -> int:
+        _known(s, principal, f.xelion_context_id)
+        return store.replay_many(s, f, now)
+
+    count = await deps.database.run(replayed)
     _wake(request)
     log.info(
         "%d %s deliveries replayed by %s (since %s, until %s, integration %s)",
