@@ -27,6 +27,8 @@ from pathlib import Path
 import httpx
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy import text
+from sqlmodel import Session
 
 from cti_bridge.admin.app import AdminDeps, create_admin_app
 from cti_bridge.admin.http import MAX_CONCURRENT, MAX_REQUEST_HEAD, AdminHttpProtocol
@@ -48,7 +50,7 @@ from cti_bridge.routing import MappingCache, RoutingCache
 from cti_bridge.store import migrate
 from cti_bridge.store import sources as source_store
 from cti_bridge.store.app_contexts import AppContextTokenStore
-from cti_bridge.store.crypto import SecretBox, load_or_create_key_file
+from cti_bridge.store.crypto import SecretBox, SecretDecryptError, load_or_create_key_file
 from cti_bridge.store.db import Database, InstanceLock, make_engine
 from cti_bridge.store.tokens import UserCredentialTokenStore
 from cti_bridge.store.vacuum import Vacuum
@@ -79,6 +81,61 @@ def secret_key_for(settings: Settings) -> str:
 
         return secrets.token_urlsafe(48)
     return load_or_create_key_file(db_path.with_name(db_path.name + ".key"))
+
+
+#: Secret columns read to check the key at start: every integration has its admin password; an
+#: app context (``api/cti-app-context``) may exist without one.
+_SAMPLE_SECRETS = (
+    "SELECT admin_password_enc FROM xelion_context LIMIT 1",
+    "SELECT COALESCE(refresh_token_enc, client_secret_enc, access_token_enc, token_extra_enc) "
+    "FROM app_context WHERE COALESCE(refresh_token_enc, client_secret_enc, access_token_enc, "
+    "token_extra_enc) IS NOT NULL LIMIT 1",
+)
+
+
+def _stored_secret(db: Database) -> str | None:
+    """One secret the database holds (its ciphertext), or None when it holds none."""
+
+    def read(session: Session) -> str | None:
+        for sql in _SAMPLE_SECRETS:
+            value = session.execute(text(sql)).scalar()
+            if value:
+                return str(value)
+        return None
+
+    return db.run_sync(read)
+
+
+def _secret_box(settings: Settings, db: Database) -> SecretBox:
+    """The SecretBox of the configured key, checked against a secret the database holds.
+
+    A key that does not decrypt them (a changed ``CTI_BRIDGE_SECRET_KEY``, a lost or swapped key
+    file) is an invalid setting, refused before anything starts. Found later, it was a traceback
+    and exit 1 once the first source read its password, in a loop under a container runtime; and
+    a lost key file beside the database was replaced by a new one first, which then had to be
+    deleted for the old one to go back (an operator walkthrough's finding).
+    """
+    sample = _stored_secret(db)
+    key_file = settings.key_file
+    if sample is not None and key_file is not None and not key_file.exists():
+        raise ConfigError(
+            f"CTI_BRIDGE_SECRET_KEY_FILE: the key file {key_file} does not exist, but the database "
+            "holds secrets encrypted with a key: put that file back (or give its key in "
+            "CTI_BRIDGE_SECRET_KEY); a new key could not read them"
+        )
+    box = SecretBox(secret_key_for(settings))
+    if sample is not None:
+        try:
+            box.decrypt(sample)
+        except SecretDecryptError:
+            where = (
+                "CTI_BRIDGE_SECRET_KEY" if key_file is None else f"CTI_BRIDGE_SECRET_KEY_FILE ({key_file})"
+            )
+            raise ConfigError(
+                f"{where}: the key does not decrypt the secrets stored in the database; give the "
+                "key they were stored with"
+            ) from None
+    return box
 
 
 #: How many events of one source may wait for their commit before ``on_event`` waits too.
@@ -454,7 +511,7 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
         engine = make_engine(settings.database_url)
         migrate.upgrade(engine)
         db = Database(settings.database_url, engine=engine)
-        box = SecretBox(secret_key_for(settings))
+        box = _secret_box(settings, db)
         # The worker's CrmClient: CRM requests over its own keep-alive pool (delivery/http1.py), token
         # refreshes (httpx) over the aiohttp session it holds.
         crm_client = CrmClient(settings)
