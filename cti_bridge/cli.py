@@ -22,6 +22,8 @@ from cti_bridge import __version__
 from cti_bridge.errors import ConfigError, ExitCode, SchemaTooNewError, StoreLockedError
 
 log = logging.getLogger("cti_bridge")
+#: How check-config shows a secret that is set (as pydantic shows a SecretStr).
+MASK = "**********"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,8 +121,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format)
 
     if args.command == "check-config":
+        from cti_bridge.store.crypto import read_key_file
+
+        # The key file as ``run`` will read it (a missing one it creates): a short one passed
+        # here and then stopped ``run`` with a traceback.
+        if settings.key_file is not None:
+            read_key_file(settings.key_file)  # ConfigError: exit 3, naming the setting
         shown = settings.model_dump(mode="json")
-        # SecretStr settings print as stars already; a password in the database URL did not.
+        # SecretStr settings print as stars already; the Xelion app key (a str: the sources take
+        # it as one) and a password in the database URL did not.
+        if settings.xelion_app_key is not None:
+            shown["xelion_app_key"] = MASK
         from sqlalchemy.engine import make_url
 
         url = make_url(settings.database_url)
@@ -138,7 +149,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         # older release, say) changed the schema beneath that daemon's code.
         lock = InstanceLock(settings.sqlite_path.resolve()) if settings.sqlite_path is not None else None
         if lock is not None:
-            lock.acquire()  # StoreLockedError: exit 4, naming the lock
+            try:
+                lock.acquire()  # StoreLockedError: exit 4, naming the lock
+            except OSError as exc:
+                # Its folder cannot be made or written (a file in the path, no permission): as
+                # ``run`` says it, not a traceback and exit 1.
+                return _database_unavailable(exc)
         try:
             engine = make_engine(settings.database_url)
             migrate.upgrade(engine)
@@ -166,12 +182,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from sqlalchemy.exc import SQLAlchemyError
 
         if isinstance(exc, SQLAlchemyError | OSError):
-            # The driver's first line says why (refused, unknown database or role, timeout); libpq
-            # and sqlite3 messages name the host, port, user or file, never a password.
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-            detail = f": {reason[0][:300]}" if reason else ""
-            print(f"cti-bridge: database unavailable: {type(exc).__name__}{detail}", file=sys.stderr)
-            return ExitCode.DATABASE
+            return _database_unavailable(exc)
         raise
 
     # Python's GIL switch interval (5 ms) is left as it is. It was 1 ms while SQLite's transactions
@@ -191,6 +202,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     asyncio.run(_main())
     _exit_if_a_thread_hangs(ExitCode.OK)
     return ExitCode.OK
+
+
+def _database_unavailable(exc: Exception) -> int:
+    """Say in one line why the database cannot be opened; ``ExitCode.DATABASE``."""
+    # The driver's first line says why (refused, unknown database or role, timeout); libpq and
+    # sqlite3 messages name the host, port, user or file, never a password.
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    detail = f": {reason[0][:300]}" if reason else ""
+    print(f"cti-bridge: database unavailable: {type(exc).__name__}{detail}", file=sys.stderr)
+    return ExitCode.DATABASE
 
 
 #: How long the process waits at its exit for database threads still running (seconds).

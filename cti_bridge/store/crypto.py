@@ -20,9 +20,13 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from cti_bridge.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MIN_KEY_LENGTH = 32
+#: The setting a faulty key file is reported under (the default file beside the database too).
+KEY_FILE_SETTING = "CTI_BRIDGE_SECRET_KEY_FILE"
 _HKDF_INFO = b"cti-bridge secrets at rest v1"
 
 
@@ -67,18 +71,40 @@ def constant_time_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
+def read_key_file(path: Path) -> str | None:
+    """The key in a key file, None when there is none (``load_or_create_key_file`` creates it).
+
+    A file that cannot serve (too short, a directory, unreadable, not text) is ``ConfigError``
+    naming ``CTI_BRIDGE_SECRET_KEY_FILE``: an invalid setting (exit 3, one line), found by
+    ``check-config`` as by ``run``, not a traceback or "database unavailable".
+    """
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # ValueError: UnicodeDecodeError, bytes that are not text
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{KEY_FILE_SETTING}: cannot read the key file {path}: {reason}") from None
+    if len(key) < MIN_KEY_LENGTH:
+        raise ConfigError(
+            f"{KEY_FILE_SETTING}: the key file {path} holds fewer than {MIN_KEY_LENGTH} characters"
+        )
+    return key
+
+
 def load_or_create_key_file(path: Path) -> str:
     """Read the generated key beside an embedded database, creating it (mode 0600) on first use."""
-    if path.exists():
-        key = path.read_text().strip()
-        if len(key) < MIN_KEY_LENGTH:
-            raise ValueError(f"the key file {path} holds fewer than {MIN_KEY_LENGTH} characters")
+    key = read_key_file(path)
+    if key is not None:
         return key
     key = secrets.token_urlsafe(48)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key + "\n")
+    except OSError as exc:
+        raise ConfigError(f"{KEY_FILE_SETTING}: cannot create the key file {path}: {exc}") from None
     log.warning(
         "CTI_BRIDGE_SECRET_KEY is not set: generated a key file %s (mode 0600). Keep it with the "
         "database, or set CTI_BRIDGE_SECRET_KEY; without it the stored secrets cannot be read.",

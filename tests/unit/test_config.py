@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -120,10 +121,11 @@ def test_a_lease_not_longer_than_an_attempt_is_refused_naming_both_settings(
 def test_a_short_lease_in_the_toml_file_is_refused_too(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text("request_timeout = 10.0\nlease_seconds = 20.0\n")
-    with pytest.raises(
-        ConfigError, match=r"^CTI_BRIDGE_LEASE_SECONDS: .*CTI_BRIDGE_REQUEST_TIMEOUT \(2 x 10 s"
-    ):
+    # Named as the file's key: the lease came from the file, not from CTI_BRIDGE_LEASE_SECONDS.
+    with pytest.raises(ConfigError) as info:
         load_settings(str(cfg))
+    assert str(info.value).startswith(f"lease_seconds in {cfg}: must be longer than 2 x ")
+    assert "(2 x 10 s = 20 s)" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -243,3 +245,165 @@ def test_config_is_taken_before_or_after_the_command(tmp_path: Path) -> None:
         proc = _cli(env, tmp_path, *args)
         assert proc.returncode == 0, (args, proc.stderr)
         assert f'"admin_port": {port}' in proc.stdout, args
+
+
+# --- non-finite and huge numbers ------------------------------------------------------------------
+
+
+def _float_settings() -> list[str]:
+    """Every setting that holds seconds, days or another float, as a number or a list of them."""
+    from cti_bridge.config import Settings
+
+    return sorted(
+        name
+        for name, field in Settings.model_fields.items()
+        if field.annotation is float or field.annotation == list[float] or name == "retry_schedule"
+    )
+
+
+def test_the_float_settings_are_found() -> None:
+    """The test below covers every float setting (the reviewer counted 15 that took ``inf``)."""
+    names = _float_settings()
+    assert len(names) >= 20
+    for name in ("lease_seconds", "retry_schedule", "login_lockout_seconds", "connect_timeout"):
+        assert name in names
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e15", "1e300"])
+def test_every_float_setting_refuses_non_finite_and_huge_values(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``inf`` passed and then broke the daemon (a lease of ``inf`` failed every commit,
+    ``0,inf`` as the retry schedule an OverflowError in a task, a lockout of ``inf`` a 500), and so
+    did values past what datetime and timedelta arithmetic can take (a lease of 1e15 s)."""
+    for name in _float_settings():
+        variable = "CTI_BRIDGE_" + name.upper()
+        monkeypatch.setenv(variable, f"0,{value}" if name == "retry_schedule" else value)
+        with pytest.raises(ConfigError) as info:
+            load_settings()
+        assert str(info.value).startswith(variable + ":"), (name, str(info.value))
+        monkeypatch.delenv(variable)
+
+
+def test_a_huge_session_lifetime_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An integer duration too: a session's ``validUntil`` is now + this (a timedelta)."""
+    monkeypatch.setenv("CTI_BRIDGE_SESSION_TTL_SECONDS", str(10**15))
+    with pytest.raises(ConfigError, match=r"^CTI_BRIDGE_SESSION_TTL_SECONDS: .*\(ten years\)$"):
+        load_settings()
+
+
+def test_every_duration_at_its_bound_loads_and_stays_computable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bounds are far beyond any real setting and still inside what the daemon computes with
+    them: a datetime now + the longest (and + the longest retry delay with its full jitter), a
+    thread's or socket's timeout, libpq's int connect_timeout, PostgreSQL's idle_session_timeout
+    in milliseconds (3 x the replica poll)."""
+    import socket
+    import threading
+    from datetime import UTC, datetime, timedelta
+
+    from cti_bridge.config import MAX_REPLICA_POLL_SECONDS, MAX_SECONDS
+
+    for name in _float_settings():
+        if name not in ("retry_jitter", "retention_days", "dead_retention_days", "replica_poll_seconds"):
+            monkeypatch.setenv("CTI_BRIDGE_" + name.upper(), str(MAX_SECONDS))
+    monkeypatch.setenv("CTI_BRIDGE_REQUEST_TIMEOUT", "1")  # the lease must outlast 2 of them
+    monkeypatch.setenv("CTI_BRIDGE_SESSION_TTL_SECONDS", str(MAX_SECONDS))
+    monkeypatch.setenv("CTI_BRIDGE_REPLICA_POLL_SECONDS", str(MAX_REPLICA_POLL_SECONDS))
+    monkeypatch.setenv("CTI_BRIDGE_RETRY_JITTER", "1")
+    s = load_settings()
+    assert s.lease_seconds == s.retry_schedule[-1] == s.session_ttl_seconds == MAX_SECONDS
+    assert datetime.now(UTC) + timedelta(seconds=2 * MAX_SECONDS) < datetime.max.replace(tzinfo=UTC)
+    assert MAX_SECONDS < threading.TIMEOUT_MAX and MAX_SECONDS < 2**31
+    with socket.socket() as sock:
+        sock.settimeout(MAX_SECONDS)
+    assert 3 * MAX_REPLICA_POLL_SECONDS * 1000 < 2**31
+    for too_long in (MAX_SECONDS + 1, 1e15):
+        monkeypatch.setenv("CTI_BRIDGE_LEASE_SECONDS", str(too_long))
+        with pytest.raises(ConfigError, match=r"^CTI_BRIDGE_LEASE_SECONDS: .*\(ten years\)$"):
+            load_settings()
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e15"])
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "CTI_BRIDGE_LEASE_SECONDS",
+        "CTI_BRIDGE_RETRY_SCHEDULE",
+        "CTI_BRIDGE_LOGIN_LOCKOUT_SECONDS",
+        "CTI_BRIDGE_CONNECT_TIMEOUT",
+        "CTI_BRIDGE_XELION_PING_INTERVAL",
+    ],
+)
+def test_check_config_refuses_non_finite_and_huge_numbers(variable: str, value: str, tmp_path: Path) -> None:
+    env = _clean_env()
+    env[variable] = f"0,5,{value}" if variable == "CTI_BRIDGE_RETRY_SCHEDULE" else value
+    proc = _check_config(env, tmp_path)
+    assert proc.returncode == ExitCode.CONFIG, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"cti-bridge: invalid setting: {variable}: ")
+    if variable == "CTI_BRIDGE_RETRY_SCHEDULE":
+        assert ": value 3: " in lines[0]  # which of the values
+
+
+def test_a_non_finite_number_in_the_toml_file_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("retry_schedule = [0, 5, inf]\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(str(cfg))
+    assert str(info.value) == f"retry_schedule in {cfg}: value 3: Input should be a finite number"
+
+
+# --- check-config masks the Xelion app key ---------------------------------------------------------
+
+
+def test_check_config_masks_the_xelion_app_key(tmp_path: Path) -> None:
+    """It printed ``"xelion_app_key": "<the value>"`` while the other secrets were masked."""
+    env = _clean_env()
+    env["CTI_BRIDGE_XELION_APP_KEY"] = "xelion-app-key-S3CR3T"
+    env["CTI_BRIDGE_SECRET_KEY"] = "k" * 44
+    proc = _check_config(env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "S3CR3T" not in proc.stdout + proc.stderr
+    assert '"xelion_app_key": "**********"' in proc.stdout
+    assert '"secret_key": "**********"' in proc.stdout  # as the other secrets show
+    del env["CTI_BRIDGE_XELION_APP_KEY"]
+    assert '"xelion_app_key": null' in _check_config(env, tmp_path).stdout  # not set: shown so
+
+
+# --- a faulty TOML key or value is named as the file's key -----------------------------------------
+
+
+def test_a_misspelt_key_of_the_toml_file_is_named_as_the_files_key(tmp_path: Path) -> None:
+    """It was reported as ``CTI_BRIDGE_ADMN_PORT: Extra inputs are not permitted``, a variable
+    that does not exist."""
+    cfg = tmp_path / "file.toml"
+    cfg.write_text("admn_port = 9000\n")
+    proc = _cli(_clean_env(), tmp_path, "check-config", "--config", str(cfg))
+    assert proc.returncode == ExitCode.CONFIG, proc.stdout
+    assert proc.stderr.strip() == (
+        f"cti-bridge: invalid setting: admn_port in {cfg}: unknown setting (see the README's Settings)"
+    )
+    assert "CTI_BRIDGE_ADMN_PORT" not in proc.stderr
+
+
+def test_a_bad_value_is_named_where_it_was_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file's key when the file gave it, the variable when the environment did (it wins)."""
+    cfg = tmp_path / "file.toml"
+    cfg.write_text('admin_port = "http"\nlog_level = "INFO"\n')
+    monkeypatch.setenv("CTI_BRIDGE_CONFIG", str(cfg))
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith(f"admin_port in {cfg}: Input should be a valid integer")
+    monkeypatch.setenv("CTI_BRIDGE_ADMIN_PORT", "also-not-a-port")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith("CTI_BRIDGE_ADMIN_PORT: Input should be a valid integer")
+    monkeypatch.setenv("CTI_BRIDGE_ADMIN_PORT", "9000")  # the environment's good value wins
+    monkeypatch.setenv("CTI_BRIDGE_LOG_LEVEL", "LOUD")
+    with pytest.raises(ConfigError, match=r"^CTI_BRIDGE_LOG_LEVEL: "):
+        load_settings()
+    cfg.write_text('admin_port = 9000\nlog_level = "LOUD"\n')
+    monkeypatch.delenv("CTI_BRIDGE_LOG_LEVEL")
+    with pytest.raises(ConfigError, match="^" + re.escape(f"log_level in {cfg}: ")):
+        load_settings()
