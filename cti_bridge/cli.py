@@ -116,9 +116,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_demo(calls=args.calls, rate=args.rate, database_url=args.database, config_file=args.config)
 
     settings = load_settings(args.config)
+    from cti_bridge.config import overridden_by_environment
     from cti_bridge.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
+    for key, variable in overridden_by_environment(args.config):
+        log.warning("the setting file's %s is not used: the environment's %s wins over it", key, variable)
 
     if args.command == "check-config":
         from cti_bridge.store.crypto import read_key_file

@@ -316,6 +316,17 @@ def _given_as(field: str, path: str | None, overrides: Mapping[str, Any]) -> str
     return variable
 
 
+def overridden_by_environment(config_file: str | None = None) -> list[tuple[str, str]]:
+    """The TOML file's keys that an environment variable also sets, with that variable: the file's
+    value is not used (the environment wins). The Docker image sets three such variables itself
+    (the database URL, the admin host and port), so a file that set them was silently passed over,
+    and a PostgreSQL URL in it left each container on an SQLite file of its own (an operator
+    walkthrough's finding); ``run`` and ``check-config`` now log a warning for each."""
+    path = config_file or os.environ.get(ENV_PREFIX + "CONFIG")
+    names = {k.upper() for k in os.environ}
+    return [(key, ENV_PREFIX + key.upper()) for key in _file_keys(path) if ENV_PREFIX + key.upper() in names]
+
+
 def _file_keys(path: str | None) -> list[str]:
     """The top-level keys of the TOML file (none without one, or if it cannot be read)."""
     if not path:

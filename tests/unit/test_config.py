@@ -165,6 +165,25 @@ def _cli(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProc
     return cli(list(args), env, cwd)
 
 
+def test_a_file_setting_that_the_environment_overrides_is_named_in_a_warning(tmp_path: Path) -> None:
+    """The Docker image sets CTI_BRIDGE_DATABASE_URL, _ADMIN_HOST and _ADMIN_PORT, which win over
+    a TOML file: a PostgreSQL URL or a port put in the file was passed over without a word (an
+    operator walkthrough's finding). The value used is the environment's, as documented; each
+    such key is named in a warning."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('admin_port = 9000\ndatabase_url = "sqlite:///./from-the-file.db"\nlog_level = "INFO"\n')
+    env = _clean_env()
+    env.update(CTI_BRIDGE_CONFIG=str(cfg), CTI_BRIDGE_ADMIN_PORT="8080", CTI_BRIDGE_LOG_LEVEL="INFO")
+    proc = _check_config(env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert '"admin_port": 8080' in proc.stdout
+    warned = [line for line in proc.stderr.splitlines() if "is not used" in line]
+    assert len(warned) == 2, proc.stderr
+    assert "admin_port" in warned[0] and "CTI_BRIDGE_ADMIN_PORT" in warned[0]
+    assert "log_level" in warned[1] and "CTI_BRIDGE_LOG_LEVEL" in warned[1]
+    assert "database_url" not in proc.stderr  # the file's own value is used: nothing to say
+
+
 def test_cli_exits_3_with_one_line(tmp_path: Path) -> None:
     env = _clean_env()
     env["CTI_BRIDGE_ADMIN_PORT"] = "not-a-port"
