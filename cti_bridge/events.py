@@ -69,6 +69,12 @@ class Party:
     common_name: str | None
 
 
+def read_json(text: str) -> object:
+    """JSON text read as the websocket's frames are: a number beyond a double kept as its text,
+    ``NaN`` and ``Infinity`` as text too (``_finite_or_text``). ``ValueError`` if not JSON."""
+    return json.loads(text, parse_float=_finite_or_text, parse_constant=str)
+
+
 def _finite_or_text(text: str) -> float | str:
     """A JSON number as a float, or its text when it is beyond a double (``1e400``): infinities and
     NaN (``NaN``, ``Infinity``, which Python's json reads too) would reach the templates, where no
@@ -92,7 +98,7 @@ def parse_notification(frame: str | bytes) -> ParsedNotification | None:
             logger.debug("ignored a binary frame that is not UTF-8 (%d bytes)", len(frame))
             return None
     try:
-        data = json.loads(frame, parse_float=_finite_or_text, parse_constant=str)
+        data = read_json(frame)
     except ValueError:
         logger.debug("ignored a frame that is not JSON (%d characters)", len(frame))
         return None

@@ -51,6 +51,7 @@ from cti_bridge.el.compiler import _SLIPS, Engine, slipped
 from cti_bridge.el.parser import Binary, Literal, Name
 from cti_bridge.el.semantics import to_str
 from cti_bridge.el.template import MIN_SECRET
+from cti_bridge.events import read_json
 
 __all__ = [
     "CompiledMapping",
@@ -77,6 +78,19 @@ METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 JSON_TYPE: Final = "application/json"
 FORM_TYPE: Final = "application/x-www-form-urlencoded"
 MAX_RENDERED_BYTES: Final = 65536
+#: The whole rendered request's strings (header values and the payload's) and its encoded body, at
+#: most. Each string's own bound let a mapping of 7,000 leaves, each within it, build a 459 MB body
+#: (an integrator review's finding: 1.4 GB of memory, and the event loop held for seconds, in a
+#: preview or a delivery alike). A CRM call log is a few KB.
+MAX_REQUEST_BYTES: Final = 1024 * 1024
+#: Where a render keeps what is left of MAX_REQUEST_BYTES: a key of its names that no identifier
+#: can spell.
+_BUDGET: Final = "\x00request budget"
+#: Headers cti-bridge writes itself (the token, the delivery's key, and the connection's own): a
+#: mapping's were dropped at the request without a word, while the preview showed both.
+RESERVED_HEADERS: Final = frozenset(
+    {"authorization", "idempotency-key", "host", "content-length", "transfer-encoding", "connection"}
+)
 # Below this many characters a string cannot exceed 64 KiB in UTF-8 (at most 4 bytes a character),
 # so the common case skips encoding it.
 _CHEAP_LENGTH: Final = MAX_RENDERED_BYTES // 4
@@ -144,6 +158,25 @@ def _check_size(text: str, where: str) -> str:
     if len(text) > _CHEAP_LENGTH and len(text.encode("utf-8", "surrogatepass")) > MAX_RENDERED_BYTES:
         raise RenderError("rendered string longer than 64 KiB", where=where)
     return text
+
+
+def _spend(names: Names, text: str, where: str) -> str:
+    """Take ``text``'s length from the render's budget (``_BUDGET``, set by ``render``): a
+    RenderError at ``where`` once the request's strings together pass MAX_REQUEST_BYTES. (The
+    payload's string leaves do the same inline: a call per leaf was a tenth of a render.)"""
+    left: int = names[_BUDGET] - len(text)  # type: ignore[operator]
+    if left < 0:
+        raise _over_budget(where)
+    names[_BUDGET] = left
+    return text
+
+
+def _over_budget(where: str) -> RenderError:
+    return RenderError(
+        f"the rendered request is larger than {MAX_REQUEST_BYTES // 1048576} MiB (header values and "
+        "payload together)",
+        where=where,
+    )
 
 
 def _pointer(parent: str, key: str | int) -> str:
@@ -535,6 +568,7 @@ class CompiledMapping:
             else:
                 steps.append(_encoded_step(part))
         first = template.parts[0] if template.parts else ""
+        self._uri_start = first if isinstance(first, str) else None
         if template.is_constant:
             url = "".join(p for p in template.parts if isinstance(p, str))
             try:
@@ -543,8 +577,15 @@ class CompiledMapping:
                 raise TemplateSyntaxError(err.message, where=where) from None
         # When the literal start already fixes scheme and host, encoded substitutions cannot make the
         # URL relative: skip the runtime parse.
-        static = isinstance(first, str) and _STATIC_BASE_RE.match(first) is not None
-        check = self._check_size_only if static else self._check_url
+        base = _STATIC_BASE_RE.match(first) if isinstance(first, str) else None
+        if base is not None:
+            try:
+                urlsplit(base.group()).port  # noqa: B018 (the check is the access)
+            except ValueError:
+                raise TemplateSyntaxError(
+                    f"the URI's port is not a port: {base.group()[:80]!r}", column=1, where=where
+                ) from None
+        check = self._check_size_only if base is not None else self._check_url
 
         def render_uri(names: Names) -> str:
             try:
@@ -577,11 +618,48 @@ class CompiledMapping:
         except ValueError:
             host = None
             parts = None
+        try:
+            if parts is not None:
+                parts.port  # noqa: B018 (ValueError for a port out of range, found only on access)
+        except ValueError:
+            raise RenderError(f"the URI's port is not a port: {url[:80]!r}", where="crmResourceUri") from None
         if parts is None or parts.scheme.lower() not in ("http", "https") or not host:
             raise RenderError(
                 f"the URI must be an absolute http or https URL, not {url[:80]!r}", where="crmResourceUri"
             )
         return url
+
+    def names_by_place(self) -> tuple[tuple[str, str], ...]:
+        """Each top-level name the templates read, with the place that reads it."""
+        return tuple(self._places)
+
+    def check_for_saving(self) -> None:
+        """What the admin API also refuses when a mapping is saved (or previewed before saving),
+        beyond compiling: mistakes that could only end each delivery dead, found at once instead (an
+        integrator review's findings). A stored mapping is not held to this when it is loaded: one
+        saved by an earlier release renders as it did. Raises ``TemplateSyntaxError``, located."""
+        start = self._uri_start
+        if start is not None:
+            lower = start.lower()
+            if not lower.startswith(("http://", "https://")) and not any(
+                scheme.startswith(lower) for scheme in ("http://", "https://")
+            ):
+                raise TemplateSyntaxError(
+                    "the URI must start with http:// or https:// (or with an expression that gives "
+                    f"the base URL), not {start[:40]!r}",
+                    column=1,
+                    where="crmResourceUri",
+                )
+        for name, where, template in self._headers:
+            if name.lower() in RESERVED_HEADERS:
+                raise TemplateSyntaxError(
+                    f"{name} is a header cti-bridge writes itself (the user's token, the delivery id, "
+                    "the connection's own); a mapping cannot set it",
+                    where=where,
+                )
+            for part in template.parts:
+                if isinstance(part, str) and ("\r" in part or "\n" in part or "\0" in part):
+                    raise TemplateSyntaxError("a header value may not contain CR, LF or NUL", where=where)
 
     # headers -----------------------------------------------------------------------------------------
     def _compile_headers(self, headers: Mapping[str, str] | None) -> list[tuple[str, str, Template]]:
@@ -627,7 +705,9 @@ class CompiledMapping:
         if isinstance(value, dict):
             items = [(k, self._node(v, _pointer(where, k), depth + 1)) for k, v in value.items()]
             if all(c for _, (c, _) in items):
-                return True, value
+                # The leaves as rendered: a literal "\${" is "${" (the stored text was sent as it
+                # was, backslash and all, when no sibling held an expression).
+                return True, {k: v for k, (_, v) in items}
             keys = tuple(k for k, _ in items)
             fns: tuple[PayloadFn, ...] = tuple(
                 _const(v) if c else v  # type: ignore[misc]
@@ -641,7 +721,7 @@ class CompiledMapping:
         if isinstance(value, list):
             elems = [self._node(v, _pointer(where, i), depth + 1) for i, v in enumerate(value)]
             if all(c for c, _ in elems):
-                return True, value
+                return True, [v for _, v in elems]
             efns: tuple[PayloadFn, ...] = tuple(
                 _const(v) if c else v  # type: ignore[misc]
                 for c, v in elems
@@ -671,8 +751,21 @@ class CompiledMapping:
                     raise
                 t = type(value)
                 if t is str:
-                    return _check_size(value, where)  # type: ignore[arg-type]
-                if t in _PLAIN or t is list or t is dict:
+                    text: str = _check_size(value, where)  # type: ignore[arg-type]
+                    left: int = names[_BUDGET] - len(text)  # type: ignore[operator]
+                    if left < 0:
+                        raise _over_budget(where)
+                    names[_BUDGET] = left
+                    return text
+                if t in _PLAIN:
+                    return value
+                if t is list or t is dict:
+                    # A list or map (an event's, a split's): counted as the JSON it becomes.
+                    try:
+                        text = _ENCODER.encode(value)
+                    except (TypeError, ValueError):
+                        return value  # not JSON: the body's encoding says so, as it did
+                    _spend(names, text, where)
                     return value
                 return _jsonable(value)
 
@@ -681,10 +774,15 @@ class CompiledMapping:
 
         def string_leaf(names: Names) -> object:
             try:
-                return _check_size(render(names), where)
+                text = _check_size(render(names), where)
             except TemplateError as err:
                 err.locate(where=where)
                 raise
+            left: int = names[_BUDGET] - len(text)  # type: ignore[operator]
+            if left < 0:
+                raise _over_budget(where)
+            names[_BUDGET] = left
+            return text
 
         return False, string_leaf
 
@@ -728,6 +826,7 @@ class CompiledMapping:
         """The request for this event. Raises ``TemplateEvalError`` or ``RenderError``, located."""
         seen: list[str] | None = [] if self._uses_token else None
         names = self.context_names(ctx, seen)
+        names[_BUDGET] = MAX_REQUEST_BYTES
         try:
             url = self.uri(names)
             headers: dict[str, str] = {}
@@ -739,7 +838,7 @@ class CompiledMapping:
                     raise
                 if "\r" in value or "\n" in value or "\0" in value:
                     raise RenderError("a header value may not contain CR, LF or NUL", where=where)
-                headers[name] = _check_size(value, where)
+                headers[name] = _spend(names, _check_size(value, where), where)
             body: bytes | None = None
             if self._payload is not None:
                 tree = self._payload(names)
@@ -758,6 +857,11 @@ class CompiledMapping:
                         body = _ASCII_ENCODER.encode(tree).encode("ascii")
                 else:
                     body = self._form(tree).encode("utf-8")
+                if len(body) > MAX_REQUEST_BYTES:  # the constants, and characters of several bytes
+                    raise RenderError(
+                        f"the rendered payload is larger than {MAX_REQUEST_BYTES // 1048576} MiB",
+                        where="crmResourcePayload",
+                    )
                 headers["Content-Type"] = self.content_type
         except TemplateError as err:
             err.locate(xelion_event=self.xelion_event)
@@ -856,7 +960,10 @@ def request_preview(req: RenderedRequest) -> dict[str, object]:
     }
 
 
-def _load_json(path: str, what: str) -> object:
+def _load_json(path: str, what: str, *, as_event: bool = False) -> object:
+    """A JSON file's content; ``as_event``: read as the daemon reads an event (``events.read_json``:
+    ``1e400`` kept as text, as the README promises; read as a float it was refused here, so the
+    command and the daemon rendered the same event differently)."""
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
@@ -865,7 +972,7 @@ def _load_json(path: str, what: str) -> object:
     except UnicodeDecodeError:
         raise MappingFileError(f"{what} file {path}: not UTF-8 text") from None
     try:
-        return json.loads(text)
+        return read_json(text) if as_event else json.loads(text)
     except json.JSONDecodeError as exc:
         raise MappingFileError(
             f"{what} file {path}: line {exc.lineno}, column {exc.colno}: {exc.msg}"
@@ -931,7 +1038,7 @@ def render_command(
         raise
     except ValueError as exc:
         raise MappingFileError(f"mapping file {mapping_path}: {exc}") from None
-    raw_event = _load_json(event_path, "event")
+    raw_event = _load_json(event_path, "event", as_event=True)
     if not isinstance(raw_event, dict):
         raise MappingFileError(f"event file {event_path}: not a JSON object")
     extra_warnings: list[str] = []

@@ -68,6 +68,46 @@ def mapping_spec_from_json(value: object, where: str) -> MappingSpec:
     return to_spec(mapping_input(parsed))
 
 
+#: The names a template can count on (el-templates.md §4): the call event's known fields
+#: (xelion-protocol.md §4) and cti-bridge's own.
+KNOWN_NAMES = frozenset(
+    {
+        "callId",
+        "initiation",
+        "date",
+        "callerPhoneNumber",
+        "calleePhoneNumber",
+        "callerUser",
+        "calleeUser",
+        "callerFlowId",
+        "calleeFlowId",
+        "duration",
+        "xelionEvent",
+        "now",
+        "user",
+        "token",
+        "deliveryId",
+    }
+)
+
+
+def _warn_unknown_names(index: int, xelion_event: str, places: Sequence[tuple[str, str]]) -> None:
+    """Log a warning for each name no call event is known to carry (el-templates.md §3: reported by
+    validation and by the preview). Not refused: Xelion may send fields no document lists, and a
+    template may name any of them; but a misspelt ``${calleNumber}`` rendered "" for ever while the
+    PUT answered 200 without a word (an integrator review's finding)."""
+    for name, where in places:
+        if name not in KNOWN_NAMES:
+            log.warning(
+                "mapping %d (%s): %s names %r, which no call event is known to carry: it renders as "
+                "null unless Xelion sends such a field (the preview shows it with an event)",
+                index,
+                xelion_event,
+                where,
+                name,
+            )
+
+
 def validate_mappings(mappings: Sequence[MappingInput]) -> None:
     """Compile every mapping's templates; raise 422/10202 for the first that does not compile."""
     from cti_bridge.el.errors import TemplateError
@@ -75,7 +115,9 @@ def validate_mappings(mappings: Sequence[MappingInput]) -> None:
 
     for index, m in enumerate(mappings):
         try:
-            compile_mapping(to_spec(m))
+            compiled = compile_mapping(to_spec(m))
+            compiled.check_for_saving()
+            _warn_unknown_names(index, m.xelion_event, compiled.names_by_place())
         except TemplateError as exc:
             exc.locate(xelion_event=m.xelion_event)
             place = exc.where or "template"

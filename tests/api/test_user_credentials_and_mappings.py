@@ -325,3 +325,31 @@ async def test_a_template_that_does_not_compile_is_422_naming_mapping_place_and_
     err = assert_error(await client.post("/api/crm-integrations", json=post), 422, 10202)
     assert "crmResourceUri" in err["message"]
     assert "column" in err["message"]
+
+
+async def test_saving_refuses_headers_cti_bridge_writes_and_uris_that_cannot_become_urls(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An integrator review: an ``Authorization`` or ``Idempotency-Key`` header of a mapping was
+    dropped at the request without a word (the preview showed both), and a URI whose literal
+    start can never be an absolute URL, or a fixed header value with CR/LF, was saved and ended
+    each delivery dead. Each is a 422 naming the place now; a misspelt name is saved with a
+    warning in the log (Xelion may send fields no document lists)."""
+    a = await make_integration(client, "a")
+    url = maps_url(a.xelion_id, a.crm_id)
+    ok = {"xelionEvent": "callHungUpEvent", "crmResourceUri": "https://crm.example.org/b"}
+    for bad, place in (
+        ({**ok, "headers": {"authorization": "Custom abc"}}, "headers/authorization"),
+        ({**ok, "headers": {"Idempotency-Key": "${callId}"}}, "headers/Idempotency-Key"),
+        ({**ok, "headers": {"X-A": "a\r\nInjected: 1"}}, "headers/X-A"),
+        ({**ok, "crmResourceUri": "crm.example.org/x?to=${calleePhoneNumber}"}, "crmResourceUri"),
+        ({**ok, "crmResourceUri": "http://127.0.0.1:99999/m6"}, "crmResourceUri"),
+    ):
+        err = assert_error(await client.put(url, json=[ok, bad], headers=OPERATOR), 422, 10202)
+        assert place in err["message"] and "eventUriMappings[1]" in err["info"], err
+    with caplog.at_level("WARNING", logger="cti_bridge.admin.mappings"):
+        typo = {**ok, "crmResourcePayload": {"a": "${duraton}", "to": "${calleePhoneNumber}"}}
+        r = await client.put(url, json=[typo], headers=OPERATOR)
+    assert r.status_code == 200, r.text
+    warned = [rec.getMessage() for rec in caplog.records if "no call event is known" in rec.getMessage()]
+    assert len(warned) == 1 and "'duraton'" in warned[0] and "crmResourcePayload/a" in warned[0]

@@ -159,3 +159,39 @@ async def test_deliveries_are_scoped_to_the_session_token(db_url: str) -> None:
         # no token at all: 401 in the Xelion shape
         resp = await st.api.get("/api/deliveries", headers={"Authorization": ""})
         assert resp.status_code == 401 and resp.json()["errorCode"] == 10000
+
+
+async def test_a_stored_mappings_own_authorization_header_is_shown_as_it_is_sent(db_url: str) -> None:
+    """Saving now refuses a mapping's Authorization or Idempotency-Key header; one stored by an
+    earlier release still renders, and the CRM gets the daemon's own values (delivery/http1.py
+    merges names case-insensitively). The preview showed the mapping's value beside them, two
+    Authorization headers for the one that is sent (an integrator review's finding)."""
+    from sqlmodel import Session, select
+
+    from cti_bridge.store.models import EventUriMapping
+
+    async with running_stack(db_url) as st:
+        await st.configure(users=("anne",), mappings=[st.mapping("callHungUpEvent")])
+
+        def legacy(session: Session) -> None:
+            row = session.exec(select(EventUriMapping)).one()
+            row.headers = json.dumps({"authorization": "Custom abc", "idempotency-key": "mine", "X-A": "1"})
+            session.add(row)
+
+        await st.daemon.db.run(legacy)
+        # The row was changed behind the caches' back (a PUT makes new rows instead).
+        st.daemon.routing.mappings._compiled.clear()
+        st.daemon.routing.invalidate()
+        resp = await st.api.post(
+            preview_path(st), json={"xelionEvent": "callHungUpEvent", "event": FRAME["notification"]}
+        )
+        assert resp.status_code == 200, resp.text
+        (shown,) = resp.json()["requests"]
+        names = sorted(n.lower() for n in shown["headers"])
+        assert names == ["authorization", "content-type", "idempotency-key", "x-a"], shown["headers"]
+        assert shown["headers"]["Authorization"] == "Bearer ***"
+        await st.xelion.place_call("outgoing", caller="anne")
+        await st.wait_settled(1)
+        (sent,) = st.crm.received
+        assert sent.headers["Authorization"].startswith("Bearer ") and sent.headers["X-A"] == "1"
+        assert sent.headers["Idempotency-Key"] != "mine"

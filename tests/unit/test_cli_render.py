@@ -63,3 +63,21 @@ def test_render_reports_a_malformed_file_with_line_and_column(tmp_path: Path) ->
     assert proc.returncode == 1
     assert "m.json" in proc.stderr and "line 3" in proc.stderr and "column" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_render_reads_the_event_as_the_daemon_does(tmp_path: Path) -> None:
+    """A number beyond a double is kept as the text Xelion sent (README, Templates); the command
+    read the event file as floats and refused ``1e400`` ("not a finite number") that the daemon
+    renders (an integrator review's finding)."""
+    mapping = {
+        "xelionEvent": "callHungUpEvent",
+        "crmResourceUri": "https://x.example/a?b=${big}",
+        "crmResourcePayload": {"big": "${big}", "nan": "${odd}"},
+    }
+    (tmp_path / "m.json").write_text(json.dumps(mapping))
+    (tmp_path / "e.json").write_text('{"callId": "1", "big": 1e400, "odd": NaN}')
+    proc = run("--mapping", "m.json", "--event", "e.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["url"] == "https://x.example/a?b=1e400"
+    assert out["body"] == {"big": "1e400", "nan": "NaN"}

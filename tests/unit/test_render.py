@@ -589,3 +589,81 @@ def test_a_lone_surrogate_in_a_form_payload_is_a_render_error_naming_the_field()
     assert "crmResourcePayload/callId" in str(caught.value) and "lone surrogate" in str(caught.value)
     ok = mapping.render(RenderContext(event={"callId": "c-1"}, xelion_event="newCallEvent"))
     assert ok.body == b"callId=c-1&name=%C3%A9"
+
+
+# --- an integrator review's findings ---------------------------------------------------------------
+
+BIG_LEAF = (
+    "${fn:replace(fn:replace(fn:replace('aaaaaaaaaaaaaaaa','a','aaaaaaaaaaaaaaaa'),"
+    "'a','aaaaaaaaaaaaaaaa'),'a','aaaaaaaaaaaaaaaa')}"
+)
+
+
+def test_a_request_is_bounded_as_a_whole_not_only_string_by_string() -> None:
+    """Each leaf within its 64 KiB made a 459 MB body from a 1 MB mapping (7,000 leaves): the
+    strings of a request together are held to 1 MiB, refused at the leaf that passes it."""
+    one = compile_mapping(spec(payload={"a": BIG_LEAF})).render(ctx())
+    assert one.body is not None and len(one.body) > 65536  # a leaf of exactly 64 KiB renders
+    many = compile_mapping(spec(payload={f"k{i}": BIG_LEAF for i in range(40)}))
+    with pytest.raises(RenderError) as info:
+        many.render(ctx())
+    assert "larger than 1 MiB" in info.value.message and info.value.where == "crmResourcePayload/k16"
+    headers = compile_mapping(spec(headers={f"X-H{i}": BIG_LEAF for i in range(20)}, payload={"a": 1}))
+    with pytest.raises(RenderError) as info:
+        headers.render(ctx())
+    assert info.value.where == "headers/X-H16"  # 16 x 64 KiB is 1 MiB exactly
+    # A list an event carries, named whole by each of five leaves, counted as the JSON it becomes.
+    event = {**HUNG_UP, "items": ["x" * 60000] * 5}
+    lists = compile_mapping(spec(payload=["${items}"] * 5))
+    with pytest.raises(RenderError) as info:
+        lists.render(ctx(event))
+    assert info.value.where == "crmResourcePayload/3"
+
+
+def test_an_escaped_dollar_is_unescaped_in_a_payload_with_no_expression_too() -> None:
+    """``\\${`` stayed ``\\${`` (backslash sent) in a subtree of constants only."""
+    for payload in ({"m": "12", "e": "\\${literal}"}, ["\\#{x}"], {"a": {"b": ["\\${y}", 1]}}):
+        body = compile_mapping(spec(payload=payload)).render(ctx()).body
+        assert body is not None
+        text = body.decode()
+        assert "\\\\" not in text and ("${" in text or "#{" in text), text
+    assert json.loads(compile_mapping(spec(payload={"e": "\\${literal}"})).render(ctx()).body or b"") == {
+        "e": "${literal}"
+    }
+
+
+@pytest.mark.parametrize(
+    ("uri", "headers", "where"),
+    [
+        ("crm.example.org/x?to=${calleePhoneNumber}", None, "crmResourceUri"),
+        ("ftp://crm.example.org/${callId}", None, "crmResourceUri"),
+        ("https://crm.example.org/x", {"X-A": "a\r\nInjected: 1"}, "headers/X-A"),
+        ("https://crm.example.org/x", {"authorization": "Custom abc"}, "headers/authorization"),
+        ("https://crm.example.org/x", {"Idempotency-Key": "${callId}"}, "headers/Idempotency-Key"),
+        ("https://crm.example.org/x", {"Host": "evil.example"}, "headers/Host"),
+    ],
+)
+def test_mistakes_that_could_only_end_deliveries_dead_are_refused_when_saved(
+    uri: str, headers: dict[str, str] | None, where: str
+) -> None:
+    compiled = compile_mapping(spec(uri, payload={"a": 1}, headers=headers))  # a stored one loads
+    with pytest.raises(TemplateSyntaxError) as info:
+        compiled.check_for_saving()
+    assert info.value.where == where
+
+
+@pytest.mark.parametrize(
+    "uri", ["https://crm.example.org/${callId}", "${token.instance_url}/x", "http${'s'}://x.example/a"]
+)
+def test_a_uri_that_can_become_absolute_is_saved(uri: str) -> None:
+    compile_mapping(spec(uri, payload={"a": 1}, headers={"X-Call": "${callId}"})).check_for_saving()
+
+
+def test_a_port_out_of_range_is_found_when_compiling() -> None:
+    for uri in ("http://127.0.0.1:99999/m6", "http://127.0.0.1:99999/m6?c=${callId}"):
+        with pytest.raises(TemplateSyntaxError) as info:
+            compile_mapping(spec(uri))
+        assert info.value.where == "crmResourceUri" and "port" in info.value.message
+    runtime = compile_mapping(spec("${base}/x"))
+    with pytest.raises(RenderError):
+        runtime.render(ctx({**HUNG_UP, "base": "http://127.0.0.1:99999"}))

@@ -146,6 +146,8 @@ async def preview(
     for mapping_id, spec in specs:
         try:
             compiled = compile_mapping(spec)
+            if mapping_id is None:  # a mapping about to be saved: held to what saving it checks
+                compiled.check_for_saving()
         except TemplateError as exc:
             raise ApiError(422, ErrorCode.INVALID_TEMPLATE, "invalid template", str(exc)) from None
         try:
@@ -157,6 +159,10 @@ async def preview(
         shown = request_preview(rendered)
         headers = shown.get("headers")
         if isinstance(headers, dict):
+            # As the request goes out (delivery/http1.py merges names case-insensitively, the
+            # worker's last): a stored mapping's own Authorization or Idempotency-Key is not sent.
+            for name in [n for n in headers if n.lower() in ("authorization", "idempotency-key")]:
+                del headers[name]
             headers["Authorization"] = ctx.authorization_header_prefix + "***"
             headers["Idempotency-Key"] = "<delivery id>"
         shown["condition"] = holds
