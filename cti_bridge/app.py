@@ -311,7 +311,8 @@ class DaemonSupervisor:
 
     def integration_changed(self, xelion_context_id: int) -> None:
         self.daemon.routing.invalidate(xelion_context_id)
-        self._spawn(self.daemon.apply_integration(xelion_context_id))
+        # An operator's change through this API: a source that gave up (FAILED) tries again.
+        self._spawn(self.daemon.apply_integration(xelion_context_id, retry_failed=True))
 
     def integration_deleted(self, xelion_context_id: int) -> None:
         self.daemon.routing.invalidate(xelion_context_id)
@@ -371,11 +372,14 @@ class Daemon:
     # Per integration, the event types of its mappings that are not call events (last warned of).
     _unsupported: dict[int, frozenset[str]] = field(default_factory=dict)
 
-    async def apply_integration(self, xelion_context_id: int) -> None:
+    async def apply_integration(self, xelion_context_id: int, *, retry_failed: bool = False) -> None:
         """Bring the integration's source in line with the stored configuration (read and applied
-        under ``config_lock``, so an older read cannot be applied after a newer one)."""
+        under ``config_lock``, so an older read cannot be applied after a newer one).
+        ``retry_failed``: an operator changed it, and a source that gave up starts again (see
+        ``SourceManager.update``); the replicas' periodic pass does not, or a refused login would be
+        tried again every poll."""
         async with self.config_lock:
-            await self._apply_locked(xelion_context_id)
+            await self._apply_locked(xelion_context_id, retry_failed=retry_failed)
 
     async def remove_integration(self, xelion_context_id: int) -> None:
         """Stop a deleted integration's source (under ``config_lock``)."""
@@ -393,14 +397,14 @@ class Daemon:
             for ctx_id in self.sources.running() - set(ids):
                 await self.sources.stop(ctx_id)
 
-    async def _apply_locked(self, xelion_context_id: int) -> None:
+    async def _apply_locked(self, xelion_context_id: int, *, retry_failed: bool = False) -> None:
         config = await self.db.run(lambda s: source_store.load_source_config(s, self.box, xelion_context_id))
         if config is None:
             self._unsupported.pop(xelion_context_id, None)
             await self.sources.stop(xelion_context_id)
         else:
             self._warn_unsupported(xelion_context_id, config.event_types)
-            await self.sources.update(config)
+            await self.sources.update(config, retry_failed=retry_failed)
 
     def _warn_unsupported(self, xelion_context_id: int, event_types: frozenset[str]) -> None:
         """Say once (per change) that an integration has mappings for types that are not call events.

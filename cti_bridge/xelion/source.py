@@ -697,7 +697,7 @@ class SourceManager:
         async with self._lock:
             entry = self._entries.get(config.xelion_context_id)
             if entry is not None and entry.task is not None and not entry.task.done():
-                await self._update_locked(entry, config)
+                await self._update_locked(entry, config, retry_failed=False)
                 return
             self._start_locked(config)
 
@@ -717,12 +717,17 @@ class SourceManager:
             entry = self._entries.pop(config.xelion_context_id, None)
             await self._replace_locked(entry, config)
 
-    async def update(self, config: SourceConfig) -> None:
+    async def update(self, config: SourceConfig, *, retry_failed: bool = False) -> None:
         """Apply a configuration change without needless reconnects.
 
         Only the event types changed: re-subscribe on the live socket. Target or admin credentials
         changed: restart (so a ``FAILED`` source runs again once its credentials change, §3.6).
-        Nothing changed: no-op (a failed source stays failed). Not running: start.
+        With ``retry_failed`` (an operator's change through this replica's API) a ``FAILED``
+        source restarts, its credentials the same or not: an operator who put the password back at
+        Xelion and confirmed it here (``admin/password/update``, checked with Xelion first) found
+        the source still failed, and every call lost until the process restarted (an operations
+        review's finding). Otherwise nothing changed: no-op (the replicas' periodic pass must not
+        try a refused login again every poll). Not running: start.
         Cancellation: as :meth:`restart`.
         """
         async with self._lock:
@@ -730,7 +735,7 @@ class SourceManager:
             if entry is None:
                 self._start_locked(config)
                 return
-            await self._update_locked(entry, config)
+            await self._update_locked(entry, config, retry_failed=retry_failed)
 
     async def stop_all(self) -> None:
         """Stop every source at once and log each out (what SIGTERM triggers, reliability.md §20).
@@ -910,14 +915,15 @@ class SourceManager:
             return min(held.since, listened_at)
         return held.since - self._ownership.silent_loss
 
-    async def _update_locked(self, entry: _Entry, config: SourceConfig) -> None:
+    async def _update_locked(self, entry: _Entry, config: SourceConfig, *, retry_failed: bool) -> None:
         old = entry.config
         same_connection = (
             old.target == config.target
             and old.admin_username == config.admin_username
             and old.admin_password == config.admin_password
         )
-        if not same_connection:
+        ended = retry_failed and entry.task is not None and entry.task.done()  # FAILED: gave up
+        if not same_connection or ended:
             self._entries.pop(config.xelion_context_id, None)
             await self._replace_locked(entry, config)
             return

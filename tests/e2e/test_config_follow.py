@@ -47,12 +47,12 @@ class HeldPass:
         self.calls: list[tuple[int, frozenset[str]]] = []
         self.sources.update = self.update  # type: ignore[method-assign]
 
-    async def update(self, config: SourceConfig) -> None:
+    async def update(self, config: SourceConfig, *, retry_failed: bool = False) -> None:
         self.calls.append((config.xelion_context_id, config.event_types))
         if config.xelion_context_id == self.held_id and not self.reached.is_set():
             self.reached.set()
             await self.gate.wait()
-        await self.real_update(config)
+        await self.real_update(config, retry_failed=retry_failed)
 
     async def calls_beyond(self, n: int, within: float) -> bool:
         """Whether more than ``n`` updates happen within ``within`` seconds."""

@@ -72,3 +72,32 @@ async def test_bad_admin_credentials_show_as_failed(db_url: str) -> None:
         logins = st.xelion.stats.login_attempts
         await asyncio.sleep(1.0)
         assert st.xelion.stats.login_attempts == logins  # no hammering once failed
+
+
+async def test_a_failed_source_runs_again_when_the_operator_confirms_the_credentials(db_url: str) -> None:
+    """The admin's password changed at Xelion and was put back: the operator confirms it through
+    ``admin/password/update`` (checked with Xelion, answered 200), and the README says the source
+    restarts. It stayed failed, every call lost, until the process restarted (an operations
+    review's finding). The same for ``PUT api/xelion-environment`` with the same values."""
+    async with running_stack(db_url, xelion_backoff_min=0.05, xelion_backoff_max=0.2) as st:
+        await st.configure(users=("anne",))
+        admin = st.xelion.tenants["master"].users["admin"]
+        for how in ("password", "environment"):
+            admin.password = "changed-elsewhere"
+            await st.xelion.expire_all_sessions()
+            await st.xelion.drop_all_sockets()
+            await wait_for(st, lambda s: s["state"] == "failed")
+            admin.password = "admin-password"  # put back at Xelion
+            x = st.xelion_context_id
+            if how == "password":
+                resp = await st.api.post(
+                    f"/api/xelion-environment/{x}/admin/password/update",
+                    json={"oldPassword": "admin-password", "newPassword": "admin-password"},
+                )
+            else:
+                env = (await st.api.get(f"/api/xelion-environment/{x}")).json()
+                resp = await st.api.put(f"/api/xelion-environment/{x}", json=env)
+            assert resp.status_code == 200, resp.text
+            await wait_for(st, lambda s: s["state"] == "subscribed")
+            await st.xelion.place_call("incoming", callee="anne")
+        await st.wait_settled(6)

@@ -215,10 +215,16 @@ async def test_bad_admin_credentials_fail_without_hammering(
     assert status.last_error is not None and "10004" in status.last_error
     assert hooks.states[-1][1] is SourceState.FAILED and hooks.states[-1][2] == status.last_error
     assert "wrong" not in status.last_error
-    # The same configuration again changes nothing; new credentials start it (§3.6).
+    # The same configuration again changes nothing (the replicas' periodic pass); new credentials
+    # start it (§3.6); an operator's change through the API (``retry_failed``) tries once more.
     await manager.update(config_for(sim, admin_password="wrong"))
     await asyncio.sleep(0.1)
     assert sim.stats.login_attempts == 1
+    await manager.update(config_for(sim, admin_password="wrong"), retry_failed=True)
+    await wait_for(lambda: sim.stats.login_attempts == 2, what="one more login")
+    await wait_for(lambda: manager.status(1).state is SourceState.FAILED, what="FAILED again")
+    await asyncio.sleep(0.3)
+    assert sim.stats.login_attempts == 2  # once, not again and again
     await manager.update(config_for(sim))
     await wait_for(lambda: subscribed(manager), what="subscribed with the right password")
     await manager.stop_all()
