@@ -471,6 +471,11 @@ class Daemon:
             log.warning("readiness: the database does not answer (%s)", type(exc).__name__)
             ids, db_ok = [], False
         live = self.sources.statuses()
+        if not db_ok:
+            # The stored integrations are unknown; the running sources still say what they do
+            # (answered as "sources": {}, the operator lost the one detail the database's
+            # absence leaves: an operations review's finding).
+            ids = sorted(live)
         statuses = {str(i): str(live[i].state) if i in live else str(SourceState.STOPPED) for i in ids}
         # A replica standing by for another's websocket does its other work (API, deliveries).
         ok = db_ok and all(s in (SourceState.SUBSCRIBED, SourceState.STANDBY) for s in statuses.values())

@@ -218,6 +218,8 @@ async def test_ready_and_metrics_answer_while_the_database_is_locked(tmp_path: P
         finally:
             locker.close()
         assert ready.status_code == 503 and ready.json()["database"] == "unavailable", ready.text
+        # The running source is still shown (it was "sources": {}).
+        assert ready.json()["sources"] == {str(world.xelion_context_id): "subscribed"}, ready.text
         assert metrics.status_code == 200, metrics.text
         assert "cti_bridge_database_up 0.0" in metrics.text
         attempts = [
