@@ -96,6 +96,16 @@ class FailureStreak:
     The first failure of a streak, and one of a new kind (exception type and first line), is logged
     with its traceback at ``level``; the next ``QUIET_AFTER - 1`` as one line each; after that one
     line every ``EVERY`` seconds with the count. ``recovered`` says, once, that it works again.
+
+    Failures that are expected and handled, such as the requests to a CRM host that their
+    deliveries retry, are counted with ``noted`` instead, and told in at most one line every
+    ``EVERY`` seconds: the first of a streak in the caller's words (no traceback), then how many
+    more failed and the last one's kind, whatever the kinds, so that an outage of a thousand
+    deliveries is a few lines, not a thousand. ``tick``, called by the loop, writes that count when
+    it is due even if no failure comes after. A streak that was told ends with ``recovered``'s line;
+    one that began and ended within the interval after a line (a host failing one request in ten)
+    is only counted, in the next count's line: otherwise each failure and success of a flapping
+    host would be two lines.
     """
 
     QUIET_AFTER = 5
@@ -108,15 +118,25 @@ class FailureStreak:
         *,
         level: int = logging.ERROR,
         clock: Callable[[], float] = time.monotonic,
+        works_again: str = "works again",
     ) -> None:
         self.logger = logger
         self.what = what
         self.level = level
         self.clock = clock
+        self.works_again = works_again
         self.count = 0
         self._since = 0.0
         self._logged_at = 0.0
         self._kind: tuple[str, str] | None = None
+        self._told = False  # whether a line told of this streak (then its end is told too)
+        # ``noted``: when its last line was written, the failures no line has counted yet (of this
+        # streak: ``_streak_untold``), the last one's kind and what becomes of them.
+        self._told_at: float | None = None
+        self._untold = 0
+        self._streak_untold = 0
+        self._last = ""
+        self._then = ""
 
     def failed(self, exc: BaseException, then: str = "") -> None:
         """Count ``exc`` and log it as the rules above say; ``then``: what the loop does next."""
@@ -143,11 +163,80 @@ class FailureStreak:
         else:
             return
         self._logged_at = now
+        self._told = True
+
+    def noted(self, kind: str, first: Callable[[], str], then: str = "") -> None:
+        """Count a handled failure of ``kind`` (short: "HTTP 503", "ConnectTimeout"). The first of a
+        streak is logged at ``level`` as ``first()`` says, if no line was written in the last
+        ``EVERY`` seconds (``first`` is called only then: the caller's details are formatted once
+        per streak, not per failure); the others are counted (``tick``). ``then``: what becomes of
+        such failures, for the count's line."""
+        now = self.clock()
+        self.count += 1
+        self._last, self._then = kind, then
+        if self.count == 1:
+            self._since = now
+            self._told = False
+            if self._told_at is None or now - self._told_at >= self.EVERY:
+                self.tick(now)  # failures of streaks gone untold, if any: before this one's line
+                self.logger.log(self.level, "%s", first())
+                self._told_at = now
+                self._told = True
+                return
+        self._untold += 1
+        self._streak_untold += 1
+        self.tick(now)
+
+    def tick(self, now: float | None = None) -> None:
+        """Log how many ``noted`` failures came since the last line, if any did and ``EVERY``
+        seconds have passed since that line."""
+        if not self._untold:
+            return
+        if now is None:
+            now = self.clock()
+        if self._told_at is not None and now - self._told_at < self.EVERY:
+            return
+        self.logger.warning(
+            "%s: %d more %s in the last %.0f s (last: %s%s)%s",
+            self.what,
+            self._untold,
+            "failure" if self._untold == 1 else "failures",
+            now - (self._since if self._told_at is None else self._told_at),
+            self._last,
+            "" if self.count else f"; {self.works_again} since",
+            f"; {self._then}" if self._then else "",
+        )
+        self._untold = self._streak_untold = 0
+        self._told_at = now
+        self._told = self.count > 0
+
+    def idle(self) -> bool:
+        """Whether this streak's object may go (``noted``): no streak, nothing left to count, and
+        no line in the last ``EVERY`` seconds that a new streak's first line would have to wait for."""
+        return (
+            not self.count
+            and not self._untold
+            and (self._told_at is None or self.clock() - self._told_at >= self.EVERY)
+        )
 
     def recovered(self) -> None:
-        """The loop's step worked: end the streak (one line if there was one)."""
-        if self.count:
-            took = self.clock() - self._since
-            self.logger.info("%s works again after %d failures in %.0f s", self.what, self.count, took)
+        """The loop's step worked: end the streak (one line if a line told of it)."""
+        if not self.count:
+            return
+        if self._told:
+            now = self.clock()
+            self.logger.info(
+                "%s %s after %d %s in %.0f s",
+                self.what,
+                self.works_again,
+                self.count,
+                "failure" if self.count == 1 else "failures",
+                now - self._since,
+            )
+            # This line counts the streak's failures that no line counted yet.
+            self._untold -= self._streak_untold
+            self._told_at = now
+        self._streak_untold = 0
         self.count = 0
         self._kind = None
+        self._told = False

@@ -153,7 +153,9 @@ class TokenStore(Protocol[KeyT_contra]):
     """Where a kind of credential lives. Implementations encrypt the secrets at rest (§14)."""
 
     def describe(self, key: KeyT_contra) -> str:
-        """How log lines name the credential (an id, never a secret)."""
+        """How log lines and token errors name the credential: its id and, once ``load`` read it,
+        whose it is (the Xelion user, the integration), which the operator needs for the repair
+        and thinks in; never a secret."""
         ...
 
     async def load(self, key: KeyT_contra) -> CredentialSnapshot:

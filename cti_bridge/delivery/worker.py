@@ -101,6 +101,20 @@ FLUSH_DELAY = 0.002
 MAX_KNOWN_MAPPINGS = 4096
 #: Under a backlog, a claim for only a few places first waits this long for more to free.
 CLAIM_GATHER = 0.005
+#: CRM hosts whose failures the worker counts at most (``_host_failed``): one failing for ever and
+#: used no more is kept until then, so a bound; the oldest streak goes, without a line.
+MAX_FAILING_HOSTS = 1024
+
+
+def _about(item: Claimed) -> str:
+    """Whose delivery ``item`` is and of which call, for its log lines: the Xelion user, the
+    credential (``api/users/{id}``), the callId and the event. (The integration is not among what
+    a claim reads.)"""
+    call = item.payload.get("callId")
+    if call is None:
+        call = item.ordering_key.rpartition("|")[0]
+    credential = "" if item.credential_id is None else f", credential {item.credential_id}"
+    return f"user {item.xelion_username}{credential}, call {call}, {item.notification_type}"
 
 
 def _excerpt(data: bytes | None, ordered: tuple[str, ...]) -> str | None:
@@ -132,6 +146,8 @@ class _Result:
     request_body: bytes | None = None
     response_body: bytes | None = None
     secrets: tuple[str, ...] = ()
+    #: The CRM host (netloc, lower case) the request went to; None when none was sent.
+    host: str | None = None
 
 
 #: An outcome waiting for its group commit: the completion, the future its task waits on, and the
@@ -212,6 +228,12 @@ class DeliveryWorker:
         self._reserved = 0
         # A database outage fails every claim: one traceback per streak, not one per claim.
         self._claim_failures = FailureStreak(log, "the delivery worker's claim")
+        # The CRM hosts whose requests are failing, with their streak (``_host_failed``). A retried
+        # failure is stored with its delivery but was not logged: in a CRM outage the first line
+        # came when the first delivery went dead, ten hours in. A line per retried failure would be
+        # thousands a minute; a streak per host is its first failure, a count a minute, and one
+        # line when the host answers again.
+        self._host_failures: dict[str, FailureStreak] = {}
         # Whether pending deliveries may be claimable (``_backlog_gen`` counts the reasons given,
         # so that a claim that started before one does not clear it).
         self._backlog = False
@@ -363,6 +385,13 @@ class DeliveryWorker:
 
     async def _loop_once(self) -> None:
         """One claim, then a wait for a wake-up or the next due time (at most a second)."""
+        if self._host_failures:
+            # A failing host's count is logged on time even when no more of its requests fail
+            # (their deliveries all wait for a retry): the loop comes by at least once a second.
+            for host, streak in list(self._host_failures.items()):
+                streak.tick()
+                if streak.idle():
+                    del self._host_failures[host]
         concurrency = self.settings.worker_concurrency
         lease = self.settings.lease_seconds
         if self._stopping.is_set():
@@ -812,6 +841,8 @@ class DeliveryWorker:
             self._not_sent("render")
             return _Result(state="dead", outcome="dead", error=f"render: {exc}", secrets=secrets)
         secrets = (*secrets, *req.secret_values)
+        host = netloc_of(req.url)
+        lower = host.lower()
         base = _Result(
             state="dead",
             outcome="dead",
@@ -819,14 +850,14 @@ class DeliveryWorker:
             url=req.url,
             request_body=req.body,
             secrets=secrets,
+            host=lower,
         )
         # The outbound guard is CrmClient.send's first step (every request, a caller cannot forget
         # it); its refusal comes back as the error below and is reported as the guard's.
         headers = dict(req.headers)
         headers["Authorization"] = item.authorization_header_prefix + token.access_token
         headers["Idempotency-Key"] = item.id
-        host = netloc_of(req.url)
-        self._learn_host(item.mapping_id, host.lower(), asyncio.current_task())
+        self._learn_host(item.mapping_id, lower, asyncio.current_task())
         status: int | None = None
         error: Exception | None = None
         body: bytes | None = None
@@ -903,6 +934,16 @@ class DeliveryWorker:
         )
         next_at = now + timedelta(seconds=result.delay) if result.delay is not None else None
         state = result.state
+        if result.host is not None:
+            # Only the CRM's own answers count for its host: not a token endpoint's failure, nor a
+            # request not sent. Nothing but the check when no host is failing (the hot path).
+            if state == "pending":
+                if result.outcome == "retry":
+                    self._host_failed(item, result, next_at, ordered)
+            elif state == "delivered" and self._host_failures:
+                streak = self._host_failures.get(result.host)
+                if streak is not None:
+                    streak.recovered()  # kept until idle: a flapping host's next failure is counted
         completion = Completion(
             delivery_id=item.id,
             claim=item.claim,
@@ -940,11 +981,51 @@ class DeliveryWorker:
         if state == "delivered":
             log.debug("delivery %s delivered (HTTP %s) in %d ms", item.id, result.status, duration_ms)
         elif state != "pending" or result.outcome != "retry":
-            # Dead is for an operator to look at (replay, a mapping to mend): a warning.
+            # Dead is for an operator to look at (replay, a mapping to mend): a warning. The line
+            # says whose and which call it was, so that it can be acted on without a query first.
             log.log(
                 logging.WARNING if state == "dead" else logging.INFO,
-                "delivery %s %s: %s",
+                "delivery %s %s: %s (%s)",
                 item.id,
                 state,
                 result.error,
+                _about(item),
             )
+
+    def _host_failed(
+        self, item: Claimed, result: _Result, next_at: datetime | None, ordered: tuple[str, ...]
+    ) -> None:
+        """A request to ``result.host`` failed and its delivery will be retried: the first failure
+        of the host's streak is logged with the delivery's details, the rest counted
+        (``FailureStreak.noted``)."""
+        host = result.host
+        assert host is not None
+        streak = self._host_failures.get(host)
+        if streak is None:
+            if len(self._host_failures) >= MAX_FAILING_HOSTS:
+                del self._host_failures[next(iter(self._host_failures))]
+            # No user info (a password) in a log line; a host drawn from the token is masked as in
+            # the attempt record.
+            shown = mask_ordered(host.rpartition("@")[2], ordered)
+            streak = self._host_failures[host] = FailureStreak(
+                log,
+                f"CRM host {shown}",
+                level=logging.WARNING,
+                clock=self.clock.monotonic,
+                works_again="answers again",
+            )
+        if result.status is not None:
+            kind = f"HTTP {result.status}"
+        else:
+            kind = (result.error or "error").partition(":")[0]
+
+        def first() -> str:
+            delay = result.delay or 0.0
+            when = "" if next_at is None else f" at {next_at.isoformat(timespec='seconds')}"
+            return (
+                f"{streak.what}: {result.error} for delivery {item.id} ({_about(item)}); "
+                f"retried{when} (in {delay:.1f} s); more failures of this host are counted "
+                f"in a line every {streak.EVERY:.0f} s until it answers again"
+            )
+
+        streak.noted(kind, first, "their deliveries will be retried")

@@ -54,7 +54,7 @@ from cti_bridge.ports import STATE_ACTIVE, STATE_REAUTH_REQUIRED, CredentialSnap
 from cti_bridge.store.crypto import SecretBox, constant_time_equal, hash_token
 from cti_bridge.store.db import LOCK_REFRESH_APP, Database
 from cti_bridge.store.models import AppContext
-from cti_bridge.store.tokens import snapshot_of, versions_of
+from cti_bridge.store.tokens import remember_owner, snapshot_of, versions_of
 
 # Compared against when a row has no access token, so that the answer takes as long either way.
 _NO_TOKEN = "\x01" * 32
@@ -125,11 +125,15 @@ def _key_clauses(key: AppContextKey) -> tuple[Any, ...]:
 
 class AppContextTokenStore:
     """``TokenStore[int]`` over ``app_context`` (the key is the row id), plus the two routes' reads
-    and writes. Stateless beyond the database and the secret box: build it wherever needed."""
+    and writes. Stateless beyond the database, the secret box and whose each context loaded is
+    (``describe``): build it wherever needed."""
 
     def __init__(self, db: Database, box: SecretBox) -> None:
         self._db = db
         self._box = box
+        # Whose each context loaded is (the Xelion user, host and tenant), for ``describe``: noted
+        # by ``load``, which reads the row anyway, as store/tokens.py does for user credentials.
+        self._owners: dict[int, str] = {}
 
     # --- the routes ----------------------------------------------------------------------------------
 
@@ -224,26 +228,32 @@ class AppContextTokenStore:
     # --- TokenStore[int] -------------------------------------------------------------------------------
 
     def describe(self, key: int) -> str:
-        return f"app context {key}"
+        """``app context 5 (Xelion user anne, xelion.example.com tenant master)``; the id alone
+        until loaded by this store."""
+        owner = self._owners.get(key)
+        return f"app context {key}" if owner is None else f"app context {key} ({owner})"
 
     async def load(self, key: int) -> CredentialSnapshot:
         """The context as the token manager sees it, secrets decrypted. Cancellation: as
         ``Database.run`` (the read finishes in its thread; the caller stops waiting)."""
         box = self._box
 
-        def read(session: Session) -> CredentialSnapshot:
+        def read(session: Session) -> tuple[CredentialSnapshot, str]:
             row = session.get(AppContext, key)
             if row is None:
                 raise CredentialNotFound(key)
-            return snapshot_of(
+            snapshot = snapshot_of(
                 row,
                 box,
                 device_code=None,  # the manual's app contexts have no device grant
                 token_endpoint=row.authorization_server_uri,
                 auth_method=row.token_auth_method,
             )
+            return snapshot, f"Xelion user {row.xelion_username}, {row.host} tenant {row.tenant}"
 
-        return await self._db.run(read)
+        snapshot, owner = await self._db.run(read)
+        remember_owner(self._owners, key, owner)
+        return snapshot
 
     async def save_tokens(
         self,

@@ -26,6 +26,15 @@ from cti_bridge.store.integrations import token_parameters_of
 from cti_bridge.store.models import AppContext, CrmContext, UserCredentials
 
 _MAX_REASON = 1000  # the width of user_credentials.state_reason
+#: Credentials whose owner a store remembers at most (``describe``); all are forgotten when full.
+MAX_OWNERS = 65536
+
+
+def remember_owner(owners: dict[int, str], key: int, owner: str) -> None:
+    """Note whose credential ``key`` is (``describe``), within ``MAX_OWNERS``."""
+    if len(owners) >= MAX_OWNERS and key not in owners:
+        owners.clear()
+    owners[key] = owner
 
 
 def snapshot_of(
@@ -65,23 +74,29 @@ class UserCredentialTokenStore:
     def __init__(self, db: Database, box: SecretBox) -> None:
         self._db = db
         self._box = box
+        # Whose each credential loaded is: the Xelion user and the integration, which the operator
+        # needs for the repair (``api/users/{id}``) and thinks in. Noted by ``load``, which reads
+        # the row anyway; the token manager loads a credential before anything it logs of it.
+        self._owners: dict[int, str] = {}
 
     def describe(self, key: int) -> str:
-        return f"user credential {key}"
+        """``user credential 3 (Xelion user anne, integration 1)``; the id alone until loaded."""
+        owner = self._owners.get(key)
+        return f"user credential {key}" if owner is None else f"user credential {key} ({owner})"
 
     async def load(self, key: int) -> CredentialSnapshot:
         """The credential, secrets decrypted. Cancellation: as ``Database.run`` (the read finishes
         in its thread; the caller stops waiting)."""
         box = self._box
 
-        def read(session: Session) -> CredentialSnapshot:
+        def read(session: Session) -> tuple[CredentialSnapshot, str]:
             row = session.get(UserCredentials, key)
             if row is None:
                 raise CredentialNotFound(key)
             context = session.get(CrmContext, row.crm_context_id)
             if context is None:
                 raise CredentialNotFound(key)
-            return snapshot_of(
+            snapshot = snapshot_of(
                 row,
                 box,
                 device_code=box.decrypt_opt(row.device_code_enc),
@@ -89,8 +104,11 @@ class UserCredentialTokenStore:
                 auth_method=context.token_auth_method,
                 token_parameters=token_parameters_of(context),
             )
+            return snapshot, f"Xelion user {row.xelion_username}, integration {context.xelion_context_id}"
 
-        return await self._db.run(read)
+        snapshot, owner = await self._db.run(read)
+        remember_owner(self._owners, key, owner)
+        return snapshot
 
     async def save_tokens(
         self,
