@@ -309,10 +309,9 @@ class DaemonSupervisor:
         task.add_done_callback(self.daemon.background.discard)
         task.add_done_callback(_log_failure)
 
-    def integration_changed(self, xelion_context_id: int) -> None:
+    def integration_changed(self, xelion_context_id: int, *, retry_failed: bool = False) -> None:
         self.daemon.routing.invalidate(xelion_context_id)
-        # An operator's change through this API: a source that gave up (FAILED) tries again.
-        self._spawn(self.daemon.apply_integration(xelion_context_id, retry_failed=True))
+        self._spawn(self.daemon.apply_integration(xelion_context_id, retry_failed=retry_failed))
 
     def integration_deleted(self, xelion_context_id: int) -> None:
         self.daemon.routing.invalidate(xelion_context_id)
@@ -375,9 +374,9 @@ class Daemon:
     async def apply_integration(self, xelion_context_id: int, *, retry_failed: bool = False) -> None:
         """Bring the integration's source in line with the stored configuration (read and applied
         under ``config_lock``, so an older read cannot be applied after a newer one).
-        ``retry_failed``: an operator changed it, and a source that gave up starts again (see
-        ``SourceManager.update``); the replicas' periodic pass does not, or a refused login would be
-        tried again every poll."""
+        ``retry_failed``: an operator changed where or how it logs in, and a source that gave up
+        starts again (see ``SourceManager.update``); the replicas' periodic pass does not, or a
+        refused login would be tried again every poll."""
         async with self.config_lock:
             await self._apply_locked(xelion_context_id, retry_failed=retry_failed)
 

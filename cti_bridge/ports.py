@@ -74,8 +74,12 @@ class XelionDirectory(Protocol):
 class Supervisor(Protocol):
     """What the admin API tells the running daemon after it commits a configuration change."""
 
-    def integration_changed(self, xelion_context_id: int) -> None:
-        """Created, or its environment/admin credentials/mappings changed: (re)start or re-subscribe."""
+    def integration_changed(self, xelion_context_id: int, *, retry_failed: bool = False) -> None:
+        """Created, or its environment/admin credentials/mappings changed: (re)start or re-subscribe.
+        ``retry_failed``: the change was to where or how the source logs in (the environment, the
+        admin's user name or password), so a source that gave up on refused credentials tries again;
+        other changes (mappings, users) leave it failed, or a provisioning script's PUTs would each
+        cost a refused login at Xelion, which may lock the account."""
         ...
 
     def integration_deleted(self, xelion_context_id: int) -> None:
@@ -97,7 +101,7 @@ class Supervisor(Protocol):
 class NullSupervisor:
     """A supervisor that ignores every change; for tests of the admin API alone."""
 
-    def integration_changed(self, xelion_context_id: int) -> None:
+    def integration_changed(self, xelion_context_id: int, *, retry_failed: bool = False) -> None:
         return None
 
     def integration_deleted(self, xelion_context_id: int) -> None:

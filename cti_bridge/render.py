@@ -87,9 +87,10 @@ MAX_REQUEST_BYTES: Final = 1024 * 1024
 #: can spell.
 _BUDGET: Final = "\x00request budget"
 #: Headers cti-bridge writes itself (the token, the delivery's key, and the connection's own): a
-#: mapping's were dropped at the request without a word, while the preview showed both.
+#: mapping's were dropped at the request without a word, while the preview showed them. (``Host``
+#: is not among them: a mapping's replaces the URL's, which a CRM reached by address may need.)
 RESERVED_HEADERS: Final = frozenset(
-    {"authorization", "idempotency-key", "host", "content-length", "transfer-encoding", "connection"}
+    {"authorization", "idempotency-key", "content-length", "transfer-encoding", "connection"}
 )
 # Below this many characters a string cannot exceed 64 KiB in UTF-8 (at most 4 bytes a character),
 # so the common case skips encoding it.
@@ -578,13 +579,6 @@ class CompiledMapping:
         # When the literal start already fixes scheme and host, encoded substitutions cannot make the
         # URL relative: skip the runtime parse.
         base = _STATIC_BASE_RE.match(first) if isinstance(first, str) else None
-        if base is not None:
-            try:
-                urlsplit(base.group()).port  # noqa: B018 (the check is the access)
-            except ValueError:
-                raise TemplateSyntaxError(
-                    f"the URI's port is not a port: {base.group()[:80]!r}", column=1, where=where
-                ) from None
         check = self._check_size_only if base is not None else self._check_url
 
         def render_uri(names: Names) -> str:
@@ -618,11 +612,6 @@ class CompiledMapping:
         except ValueError:
             host = None
             parts = None
-        try:
-            if parts is not None:
-                parts.port  # noqa: B018 (ValueError for a port out of range, found only on access)
-        except ValueError:
-            raise RenderError(f"the URI's port is not a port: {url[:80]!r}", where="crmResourceUri") from None
         if parts is None or parts.scheme.lower() not in ("http", "https") or not host:
             raise RenderError(
                 f"the URI must be an absolute http or https URL, not {url[:80]!r}", where="crmResourceUri"
@@ -639,6 +628,20 @@ class CompiledMapping:
         integrator review's findings). A stored mapping is not held to this when it is loaded: one
         saved by an earlier release renders as it did. Raises ``TemplateSyntaxError``, located."""
         start = self._uri_start
+        base = _STATIC_BASE_RE.match(start) if start is not None else None
+        if base is not None:
+            # Only here, not when compiling: a stored mapping that does not compile fails the
+            # ingest of its integration's every event (routing compiles them all), where a port
+            # the transport cannot use only ends that mapping's deliveries dead (a second
+            # reading's finding about this check's first version).
+            try:
+                urlsplit(base.group()).port  # noqa: B018 (ValueError on access: out of range)
+            except ValueError:
+                raise TemplateSyntaxError(
+                    f"the URI's host or port is not valid: {base.group()[:80]!r}",
+                    column=1,
+                    where="crmResourceUri",
+                ) from None
         if start is not None:
             lower = start.lower()
             if not lower.startswith(("http://", "https://")) and not any(

@@ -91,21 +91,34 @@ KNOWN_NAMES = frozenset(
 )
 
 
+#: Names a mapping's save warns of one by one; the rest in one line.
+MAX_NAME_WARNINGS = 5
+
+
 def _warn_unknown_names(index: int, xelion_event: str, places: Sequence[tuple[str, str]]) -> None:
     """Log a warning for each name no call event is known to carry (el-templates.md §3: reported by
     validation and by the preview). Not refused: Xelion may send fields no document lists, and a
     template may name any of them; but a misspelt ``${calleNumber}`` rendered "" for ever while the
     PUT answered 200 without a word (an integrator review's finding)."""
-    for name, where in places:
-        if name not in KNOWN_NAMES:
-            log.warning(
-                "mapping %d (%s): %s names %r, which no call event is known to carry: it renders as "
-                "null unless Xelion sends such a field (the preview shows it with an event)",
-                index,
-                xelion_event,
-                where,
-                name,
-            )
+    unknown = list(dict.fromkeys((n, w) for n, w in places if n not in KNOWN_NAMES))
+    # A few lines per mapping at most: one PUT of 60,000 unknown names was 60,000 lines (a second
+    # reading's finding), and any session token may PUT.
+    for name, where in unknown[:MAX_NAME_WARNINGS]:
+        log.warning(
+            "mapping %d (%s): %s names %r, which no call event is known to carry: it renders as "
+            "null unless Xelion sends such a field (the preview shows it with an event)",
+            index,
+            xelion_event,
+            where,
+            name,
+        )
+    if len(unknown) > MAX_NAME_WARNINGS:
+        log.warning(
+            "mapping %d (%s): %d more names no call event is known to carry",
+            index,
+            xelion_event,
+            len(unknown) - MAX_NAME_WARNINGS,
+        )
 
 
 def validate_mappings(mappings: Sequence[MappingInput]) -> None:

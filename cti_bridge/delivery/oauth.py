@@ -238,6 +238,9 @@ class TokenManager(Generic[KeyT]):
         # Bumped by ``forget`` (a credential deleted): a token request that began before neither
         # caches, saves nor hands out what it got (``_obtain``).
         self._generation: dict[KeyT, int] = {}
+        # Token requests of each key that have not ended, those ``forget`` took out of ``_inflight``
+        # included: the generation count goes only when none is left.
+        self._running: dict[KeyT, int] = {}
         # Device-code polling: not before this monotonic time, and the current interval (§3.5).
         self._device_not_before: dict[KeyT, float] = {}
         self._device_interval: dict[KeyT, float] = {}
@@ -298,10 +301,12 @@ class TokenManager(Generic[KeyT]):
         new caller join it. SQLite gives a deleted credential's id to the next one, whose first
         ``get`` joined the old request and was handed, and cached, the deleted credential's token,
         and whose row the old request could save into at the same version (a review's finding).
-        Only a request in flight can hold an older generation (each reads it when it starts), so
-        with none the count is left alone, and it goes once the last such request has ended
-        (``_finished``): kept for every credential ever deleted, it grew for the process's life."""
-        if key in self._inflight:
+        Only a request still running can hold an older generation (each reads it when it
+        starts), so with none the count is left alone, and it goes once the last request of the
+        key has ended (``_finished``, by ``_running``: not by ``_inflight``, which this empties
+        while the request goes on): kept for every credential ever deleted, it grew for the
+        process's life."""
+        if self._running.get(key):
             self._generation[key] = self._generation.get(key, 0) + 1
         self._inflight.pop(key, None)
         self.invalidate(key)
@@ -349,14 +354,19 @@ class TokenManager(Generic[KeyT]):
         if task is None or task.done():
             task = asyncio.get_running_loop().create_task(self._obtain(key, rejected))
             self._inflight[key] = task
+            self._running[key] = self._running.get(key, 0) + 1
             task.add_done_callback(lambda t: self._finished(key, t))
         return await asyncio.shield(task)
 
     def _finished(self, key: KeyT, task: asyncio.Task[AccessToken]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
-        if key not in self._inflight:
-            # No request left that began before a ``forget``: none compares the count any more.
+        left = self._running.get(key, 1) - 1
+        if left > 0:
+            self._running[key] = left
+        else:
+            # No request of the key left running: none compares the count any more.
+            self._running.pop(key, None)
             self._generation.pop(key, None)
         if not task.cancelled():
             task.exception()  # retrieved: no "never retrieved" warning when every caller left

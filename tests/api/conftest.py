@@ -92,7 +92,7 @@ class RecordingSupervisor:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []
 
-    def integration_changed(self, xelion_context_id: int) -> None:
+    def integration_changed(self, xelion_context_id: int, *, retry_failed: bool = False) -> None:
         self.calls.append(("integration_changed", xelion_context_id))
 
     def integration_deleted(self, xelion_context_id: int) -> None:

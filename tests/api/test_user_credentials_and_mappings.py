@@ -196,6 +196,7 @@ async def test_putting_the_same_mappings_again_changes_nothing(client: httpx.Asy
     again = await client.put(url, **raw_json(MANUAL_ZOHO_PUT_RAW, auth(a.token)))
     assert again.json() == first
     assert len(rows(database, EventUriMapping)) == count
+
     # A tool that does not keep JSON key order: the payloads' members (nested too) reversed.
     def reversed_keys(value: Any) -> Any:
         if isinstance(value, dict):
@@ -353,3 +354,9 @@ async def test_saving_refuses_headers_cti_bridge_writes_and_uris_that_cannot_bec
     assert r.status_code == 200, r.text
     warned = [rec.getMessage() for rec in caplog.records if "no call event is known" in rec.getMessage()]
     assert len(warned) == 1 and "'duraton'" in warned[0] and "crmResourcePayload/a" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cti_bridge.admin.mappings"):
+        many = {**ok, "crmResourcePayload": {f"k{i}": f"${{nope{i}}}" for i in range(200)}}
+        assert (await client.put(url, json=[many], headers=OPERATOR)).status_code == 200
+    warned = [rec.getMessage() for rec in caplog.records if "no call event is known" in rec.getMessage()]
+    assert len(warned) == 6 and "195 more names" in warned[-1]  # not a line per name

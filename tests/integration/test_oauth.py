@@ -876,11 +876,18 @@ async def test_deleted_credentials_leave_no_count_behind_once_no_request_is_in_f
     await database.run(lambda s: delete_credential(s, user.id, now=utcnow()))
     tokens.forget(user.id)
     assert tokens._generation == {user.id: 1}  # the request in flight must see the delete
+    # A second caller meanwhile starts a request of its own, which ends first (the credential is
+    # gone): its end must not drop the count while the first request still runs (a second
+    # reading's finding about this cleanup's first version, which looked at ``_inflight``).
+    second = await asyncio.gather(tokens.get(user.id), return_exceptions=True)
+    assert isinstance(second[0], Exception)
+    await asyncio.sleep(0)
+    assert tokens._generation == {user.id: 1}
     release.set()
     (result,) = await asyncio.gather(waiting, return_exceptions=True)
     assert isinstance(result, TokenEndpointError)
     await asyncio.sleep(0)  # the request's done-callback
-    assert tokens._generation == {}
+    assert tokens._generation == {} and tokens._running == {}
     assert tokens.peek(user.id) is None
 
 

@@ -113,7 +113,8 @@ async def put_environment(
         raise conflict("Another integration uses this environment", str(exc)) from None
     if view is None:
         raise not_found("xelionContext", xelionContextId)
-    deps.supervisor.integration_changed(xelionContextId)
+    # Where the source logs in: one that gave up on refused credentials tries again.
+    deps.supervisor.integration_changed(xelionContextId, retry_failed=True)
     return JSONResponse(environment_json(view))
 
 
@@ -167,7 +168,8 @@ async def _change_admin(
     )
     if not changed:
         raise not_found("xelionContext", x)
-    deps.supervisor.integration_changed(x)
+    # How the source logs in (checked with Xelion above): one that gave up tries again.
+    deps.supervisor.integration_changed(x, retry_failed=True)
     # Its other sessions ended with the change (store.set_admin_credentials).
     log.info("integration %d: the Xelion admin %s changed by %s", x, what, principal.describe())
     return JSONResponse({})

@@ -25,7 +25,7 @@ from cti_bridge.clock import xelion_time
 from cti_bridge.el import TemplateError
 from cti_bridge.errors import ApiError, ErrorCode, invalid_request, not_found
 from cti_bridge.events import CALL_EVENT_TYPES
-from cti_bridge.render import MappingSpec, RenderContext, compile_mapping, request_preview
+from cti_bridge.render import RESERVED_HEADERS, MappingSpec, RenderContext, compile_mapping, request_preview
 from cti_bridge.routing import spec_of
 from cti_bridge.store.crypto import SecretBox
 from cti_bridge.store.models import CrmContext, EventUriMapping, UserCredentials
@@ -160,8 +160,9 @@ async def preview(
         headers = shown.get("headers")
         if isinstance(headers, dict):
             # As the request goes out (delivery/http1.py merges names case-insensitively, the
-            # worker's last): a stored mapping's own Authorization or Idempotency-Key is not sent.
-            for name in [n for n in headers if n.lower() in ("authorization", "idempotency-key")]:
+            # worker's last, and writes the connection's own): a stored mapping's own
+            # Authorization, Idempotency-Key, Content-Length, ... is not sent.
+            for name in [n for n in headers if n.lower() in RESERVED_HEADERS]:
                 del headers[name]
             headers["Authorization"] = ctx.authorization_header_prefix + "***"
             headers["Idempotency-Key"] = "<delivery id>"
