@@ -10,6 +10,7 @@ replica on a shared PostgreSQL database.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ from sqlmodel import Session, col, select
 from cti_bridge.el import TemplateError
 from cti_bridge.render import CompiledMapping, MappingSpec, compile_mapping
 from cti_bridge.store.models import CrmContext, EventUriMapping, UserCredentials
+
+log = logging.getLogger(__name__)
 
 
 def spec_of(row: EventUriMapping) -> MappingSpec:
@@ -215,10 +218,25 @@ class RoutingCache:
             if missing:
                 for row in session.exec(select(EventUriMapping).where(col(EventUriMapping.id).in_(missing))):
                     assert row.id is not None
-                    compiled[row.id] = self.mappings.put(row)
+                    try:
+                        compiled[row.id] = self.mappings.put(row)
+                    except TemplateError as exc:
+                        # Saved by an earlier release whose compiler took it (saving compiles
+                        # with this one): left out of routing, loudly, at every reload. Raised
+                        # here, it failed the ingest of every event of the integration, and the
+                        # calls of its other mappings and CRMs were lost with it.
+                        log.error(
+                            "integration %d: mapping %d (%s) does not compile with this release and "
+                            "is left out; its events make no delivery until it is saved again: %s",
+                            xelion_context_id,
+                            row.id,
+                            row.xelion_event,
+                            exc,
+                        )
             by_event: dict[str, list[MappingRoute]] = {}
             for mapping_id, xelion_event in listed:
-                by_event.setdefault(xelion_event, []).append(MappingRoute(mapping_id, compiled[mapping_id]))
+                if (one := compiled.get(mapping_id)) is not None:
+                    by_event.setdefault(xelion_event, []).append(MappingRoute(mapping_id, one))
             route.mappings = {event: EventMappings(ms) for event, ms in by_event.items()}
             # Three columns, not the rows: a tenant's thousand users are read at every reload, in
             # an ingest transaction, and whole ORM rows (with their encrypted tokens) cost ~10x.

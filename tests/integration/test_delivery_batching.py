@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 import time
 from collections.abc import Sequence
@@ -739,3 +740,33 @@ async def test_an_outcome_the_database_refuses_fails_alone_and_is_recorded_witho
     (dead,) = _attempts(database, stored[2].id)
     assert dead.response_excerpt == "gone"
     assert any("writing them one by one" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_stored_mapping_that_no_longer_compiles_is_left_out_and_the_rest_ingests(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mapping saved by an earlier release whose compiler took it (a later one may be stricter)
+    failed the routing of its integration, and with it the ingest of every event: the calls of its
+    other mappings were lost too (a second reading found a check of this session's first version
+    doing that). It is left out, with an error naming it, and the rest is stored."""
+    w = make_world(database)
+
+    def broken(session: Session) -> int:
+        row = session.get(EventUriMapping, w.mapping_id)
+        assert row is not None
+        bad = EventUriMapping(
+            crm_context_id=row.crm_context_id,
+            xelion_event=KIND,
+            crm_resource_uri="https://crm.example/other/${callId +}",  # cannot compile
+        )
+        session.add(bad)
+        session.flush()
+        assert bad.id is not None
+        return bad.id
+
+    bad_id = await database.run(broken)
+    with caplog.at_level(logging.ERROR, logger="cti_bridge.routing"):
+        result = await pipeline(database).ingest(w.xelion_context_id, KIND, fields("c-broken"))
+    assert not result.duplicate and len(result.delivery_ids) == 1
+    assert [d.mapping_id for d in rows(database)] == [w.mapping_id]
+    assert any(f"mapping {bad_id}" in r.getMessage() for r in caplog.records), caplog.text
