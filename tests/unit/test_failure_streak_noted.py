@@ -11,14 +11,7 @@ import logging
 import pytest
 
 from cti_bridge.logs import FailureStreak
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.test_failure_streak import Clock
 
 
 def _streak(caplog: pytest.LogCaptureFixture) -> tuple[FailureStreak, Clock]:
