@@ -28,6 +28,22 @@ CALL_EVENT_TYPES: frozenset[str] = frozenset(
     {"newCallEvent", "callConnectedEvent", "callHungUpEvent", "missedCallEvent", "channelHungUpEvent"}
 )
 
+#: The fields a call event is documented to carry (xelion-protocol.md §4); Xelion may send more.
+KNOWN_FIELDS: frozenset[str] = frozenset(
+    {
+        "callId",
+        "initiation",
+        "date",
+        "callerPhoneNumber",
+        "calleePhoneNumber",
+        "callerUser",
+        "calleeUser",
+        "callerFlowId",
+        "calleeFlowId",
+        "duration",
+    }
+)
+
 #: The fields of a call event that name an internal party, and the role each one gives.
 _PARTY_FIELDS: tuple[tuple[str, str], ...] = (("caller", "callerUser"), ("callee", "calleeUser"))
 

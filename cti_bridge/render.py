@@ -51,7 +51,7 @@ from cti_bridge.el.compiler import _SLIPS, Engine, slipped
 from cti_bridge.el.parser import Binary, Literal, Name
 from cti_bridge.el.semantics import to_str
 from cti_bridge.el.template import MIN_SECRET
-from cti_bridge.events import read_json
+from cti_bridge.events import KNOWN_FIELDS, read_json
 
 __all__ = [
     "CompiledMapping",
@@ -442,6 +442,10 @@ def _encoded_step(expr: Expression) -> Callable[[Names], str]:
     return lambda names: _quote_component(to_str(fn(names)))
 
 
+#: The names cti-bridge adds to an event's fields (``context_names``; el-templates.md §4).
+OWN_NAMES: Final = frozenset({"xelionEvent", "now", "user", "token", "deliveryId"})
+
+
 def context_names(ctx: RenderContext, seen: list[str] | None = None) -> Names:
     """The names a template sees: the event's fields, then cti-bridge's own names (which win)."""
     names: Names = dict(ctx.event)
@@ -618,9 +622,10 @@ class CompiledMapping:
             )
         return url
 
-    def names_by_place(self) -> tuple[tuple[str, str], ...]:
-        """Each top-level name the templates read, with the place that reads it."""
-        return tuple(self._places)
+    def unknown_names(self) -> list[tuple[str, str]]:
+        """(name, place) of each top-level name the templates read that no call event is known to
+        carry (``events.KNOWN_FIELDS``) and cti-bridge does not add (``OWN_NAMES``), once each."""
+        return list(dict.fromkeys((n, w) for n, w in self._places if n not in KNOWN_FIELDS | OWN_NAMES))
 
     def check_for_saving(self) -> None:
         """What the admin API also refuses when a mapping is saved (or previewed before saving),

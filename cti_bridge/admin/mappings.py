@@ -68,39 +68,15 @@ def mapping_spec_from_json(value: object, where: str) -> MappingSpec:
     return to_spec(mapping_input(parsed))
 
 
-#: The names a template can count on (el-templates.md §4): the call event's known fields
-#: (xelion-protocol.md §4) and cti-bridge's own.
-KNOWN_NAMES = frozenset(
-    {
-        "callId",
-        "initiation",
-        "date",
-        "callerPhoneNumber",
-        "calleePhoneNumber",
-        "callerUser",
-        "calleeUser",
-        "callerFlowId",
-        "calleeFlowId",
-        "duration",
-        "xelionEvent",
-        "now",
-        "user",
-        "token",
-        "deliveryId",
-    }
-)
-
-
 #: Names a mapping's save warns of one by one; the rest in one line.
 MAX_NAME_WARNINGS = 5
 
 
-def _warn_unknown_names(index: int, xelion_event: str, places: Sequence[tuple[str, str]]) -> None:
+def _warn_unknown_names(index: int, xelion_event: str, unknown: Sequence[tuple[str, str]]) -> None:
     """Log a warning for each name no call event is known to carry (el-templates.md §3: reported by
     validation and by the preview). Not refused: Xelion may send fields no document lists, and a
     template may name any of them; but a misspelt ``${calleNumber}`` rendered "" for ever while the
     PUT answered 200 without a word (an integrator review's finding)."""
-    unknown = list(dict.fromkeys((n, w) for n, w in places if n not in KNOWN_NAMES))
     # A few lines per mapping at most: one PUT of 60,000 unknown names was 60,000 lines (a second
     # reading's finding), and any session token may PUT.
     for name, where in unknown[:MAX_NAME_WARNINGS]:
@@ -130,7 +106,7 @@ def validate_mappings(mappings: Sequence[MappingInput]) -> None:
         try:
             compiled = compile_mapping(to_spec(m))
             compiled.check_for_saving()
-            _warn_unknown_names(index, m.xelion_event, compiled.names_by_place())
+            _warn_unknown_names(index, m.xelion_event, compiled.unknown_names())
         except TemplateError as exc:
             exc.locate(xelion_event=m.xelion_event)
             place = exc.where or "template"

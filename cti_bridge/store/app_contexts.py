@@ -54,7 +54,7 @@ from cti_bridge.ports import STATE_ACTIVE, STATE_REAUTH_REQUIRED, CredentialSnap
 from cti_bridge.store.crypto import SecretBox, constant_time_equal, hash_token
 from cti_bridge.store.db import LOCK_REFRESH_APP, Database
 from cti_bridge.store.models import AppContext
-from cti_bridge.store.tokens import remember_owner, snapshot_of, versions_of
+from cti_bridge.store.tokens import Owners, snapshot_of, versions_of
 
 # Compared against when a row has no access token, so that the answer takes as long either way.
 _NO_TOKEN = "\x01" * 32
@@ -131,9 +131,8 @@ class AppContextTokenStore:
     def __init__(self, db: Database, box: SecretBox) -> None:
         self._db = db
         self._box = box
-        # Whose each context loaded is (the Xelion user, host and tenant), for ``describe``: noted
-        # by ``load``, which reads the row anyway, as store/tokens.py does for user credentials.
-        self._owners: dict[int, str] = {}
+        # The Xelion user, host and tenant of each context loaded, for ``describe``.
+        self._owners = Owners("app context")
 
     # --- the routes ----------------------------------------------------------------------------------
 
@@ -230,8 +229,7 @@ class AppContextTokenStore:
     def describe(self, key: int) -> str:
         """``app context 5 (Xelion user anne, xelion.example.com tenant master)``; the id alone
         until loaded by this store."""
-        owner = self._owners.get(key)
-        return f"app context {key}" if owner is None else f"app context {key} ({owner})"
+        return self._owners.describe(key)
 
     async def load(self, key: int) -> CredentialSnapshot:
         """The context as the token manager sees it, secrets decrypted. Cancellation: as
@@ -252,7 +250,7 @@ class AppContextTokenStore:
             return snapshot, f"Xelion user {row.xelion_username}, {row.host} tenant {row.tenant}"
 
         snapshot, owner = await self._db.run(read)
-        remember_owner(self._owners, key, owner)
+        self._owners.note(key, owner)
         return snapshot
 
     async def save_tokens(

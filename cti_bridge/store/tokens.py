@@ -30,11 +30,23 @@ _MAX_REASON = 1000  # the width of user_credentials.state_reason
 MAX_OWNERS = 65536
 
 
-def remember_owner(owners: dict[int, str], key: int, owner: str) -> None:
-    """Note whose credential ``key`` is (``describe``), within ``MAX_OWNERS``."""
-    if len(owners) >= MAX_OWNERS and key not in owners:
-        owners.clear()
-    owners[key] = owner
+class Owners:
+    """Whose each credential a token store loaded is, for its ``describe``: noted by ``load``,
+    which reads the row anyway; at most ``MAX_OWNERS`` (all forgotten when full)."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._owners: dict[int, str] = {}
+
+    def note(self, key: int, owner: str) -> None:
+        if len(self._owners) >= MAX_OWNERS and key not in self._owners:
+            self._owners.clear()
+        self._owners[key] = owner
+
+    def describe(self, key: int) -> str:
+        """``<label> 3 (<owner>)``; the id alone until loaded."""
+        owner = self._owners.get(key)
+        return f"{self._label} {key}" if owner is None else f"{self._label} {key} ({owner})"
 
 
 def snapshot_of(
@@ -74,15 +86,14 @@ class UserCredentialTokenStore:
     def __init__(self, db: Database, box: SecretBox) -> None:
         self._db = db
         self._box = box
-        # Whose each credential loaded is: the Xelion user and the integration, which the operator
-        # needs for the repair (``api/users/{id}``) and thinks in. Noted by ``load``, which reads
-        # the row anyway; the token manager loads a credential before anything it logs of it.
-        self._owners: dict[int, str] = {}
+        # The Xelion user and the integration, which the operator needs for the repair
+        # (``api/users/{id}``) and thinks in; the token manager loads a credential before anything
+        # it logs of it.
+        self._owners = Owners("user credential")
 
     def describe(self, key: int) -> str:
         """``user credential 3 (Xelion user anne, integration 1)``; the id alone until loaded."""
-        owner = self._owners.get(key)
-        return f"user credential {key}" if owner is None else f"user credential {key} ({owner})"
+        return self._owners.describe(key)
 
     async def load(self, key: int) -> CredentialSnapshot:
         """The credential, secrets decrypted. Cancellation: as ``Database.run`` (the read finishes
@@ -107,7 +118,7 @@ class UserCredentialTokenStore:
             return snapshot, f"Xelion user {row.xelion_username}, integration {context.xelion_context_id}"
 
         snapshot, owner = await self._db.run(read)
-        remember_owner(self._owners, key, owner)
+        self._owners.note(key, owner)
         return snapshot
 
     async def save_tokens(
