@@ -160,12 +160,13 @@ class Handoff(Protocol):
         self,
         room: HandoffRoom | None,
         claimed: Sequence[Claimed],
-        queued_keys: Sequence[str],
+        queued_mappings: Sequence[int],
         blocked_keys: Sequence[str],
     ) -> None:
-        """After the commit: start ``claimed`` and give back the reservation. ``queued_keys``: ordering
-        keys of deliveries left ``pending`` that may be claimable now (no room); ``blocked_keys``:
-        those waiting behind an earlier undelivered delivery of their key."""
+        """After the commit: start ``claimed`` and give back the reservation. ``queued_mappings``:
+        the mappings of deliveries left ``pending`` that may be claimable now (no room), one entry
+        per delivery; ``blocked_keys``: the ordering keys of those waiting behind an earlier
+        undelivered delivery of their key."""
         ...
 
 
@@ -181,7 +182,7 @@ class _Queued:
 class _BatchOutcome:
     results: list[IngestResult]
     claimed: list[Claimed] = field(default_factory=list)
-    queued_keys: list[str] = field(default_factory=list)
+    queued_mappings: list[int] = field(default_factory=list)
     blocked_keys: list[str] = field(default_factory=list)
     touched: list[tuple[int, float]] = field(default_factory=list)  # (integration, monotonic time)
 
@@ -299,7 +300,7 @@ class Pipeline:
             if not q.future.done():
                 q.future.set_result(result)
         if self.handoff is not None:
-            self.handoff.accept(room, outcome.claimed, outcome.queued_keys, outcome.blocked_keys)
+            self.handoff.accept(room, outcome.claimed, outcome.queued_mappings, outcome.blocked_keys)
         if self.on_committed is not None:
             for result in outcome.results:
                 try:
@@ -403,7 +404,7 @@ class Pipeline:
                     elif blocked:
                         outcome.blocked_keys.append(key)
                     else:
-                        outcome.queued_keys.append(key)
+                        outcome.queued_mappings.append(d.mapping_id)
                 if d.state in ("pending", "parked"):
                     seen_keys.add(key)
                 delivery_id = new_delivery_id()

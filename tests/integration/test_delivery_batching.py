@@ -102,7 +102,7 @@ class FakeHandoff:
 
     slots: int | None = 10
     claimed: list[Claimed] = field(default_factory=list)
-    queued: list[str] = field(default_factory=list)
+    queued: list[int] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     outstanding: int = 0
 
@@ -119,13 +119,13 @@ class FakeHandoff:
         self,
         room: HandoffRoom | None,
         claimed: Sequence[Claimed],
-        queued_keys: Sequence[str],
+        queued_mappings: Sequence[int],
         blocked_keys: Sequence[str],
     ) -> None:
         if room is not None:
             self.outstanding -= room.reserved
         self.claimed.extend(claimed)
-        self.queued.extend(queued_keys)
+        self.queued.extend(queued_mappings)
         self.blocked.extend(blocked_keys)
 
 
@@ -497,6 +497,90 @@ async def test_the_next_due_time_is_asked_at_most_once_a_second_unless_a_retry_w
     await worker._next_due([7])
     await worker._next_due([7])
     assert len(asked) == 6
+
+
+def add_mapping(db: Database, world: World, kind: str, uri: str) -> int:
+    """A second mapping of the world's integration, for events of ``kind``."""
+
+    def write(session: Session) -> int:
+        first = session.get(EventUriMapping, world.mapping_id)
+        assert first is not None
+        mapping = EventUriMapping(crm_context_id=first.crm_context_id, xelion_event=kind, crm_resource_uri=uri)
+        session.add(mapping)
+        session.flush()
+        assert mapping.id is not None
+        return mapping.id
+
+    return db.run_sync(write)
+
+
+async def test_a_claim_that_found_nothing_beyond_a_full_host_waits_for_news_of_other_work(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a host at its bound (§9), a claim skips that host's mappings and walks the rest of the
+    queue: under a burst to one CRM, every ingest batch woke the worker into such a claim, which
+    walked the whole backlog past its NOT IN to find nothing (a tenth of the daemon's time in
+    ``bench_e2e.py``). Once one came back short, more work of those mappings claims nothing again
+    until work of another mapping is heard of, a place frees at the host, or IDLE_TRUST passes;
+    and what is heard of is claimed at once."""
+    w = make_world(database)
+    other_kind = "callHungUpEvent"
+    other = add_mapping(database, w, other_kind, "https://other.example/calls")
+    # Ahead of the wall clock, so that what the test stores is due by it.
+    clock = FakeClock(datetime.now(UTC) + timedelta(seconds=10))
+    # A host holds at most 4 places (twice its 2 connections), the other 4 are for other hosts.
+    worker = recording_worker(database, clock=clock, worker_concurrency=8, per_host_concurrency=2)
+    claims: list[dict[str, Any]] = []
+
+    def counting(session: Session, **kw: Any) -> Any:
+        claims.append(kw)
+        return claim_due(session, **kw)
+
+    monkeypatch.setattr("cti_bridge.delivery.worker.claim_due", counting)
+    p = pipeline(database, worker)
+    plain = pipeline(database)  # stores without telling the worker: the test tells it
+    ctx = w.xelion_context_id
+    results = await asyncio.gather(*(p.submit(ctx, KIND, fields(f"call-{n}")) for n in range(6)))
+    assert [r.handed_off for r in results] == [1, 1, 1, 1, 0, 0]
+
+    async def settled(claims_then: int) -> None:
+        """Let the loop act on what it was told; it claims at most once more per wake-up."""
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+        assert len(claims) == claims_then, claims
+
+    loop = asyncio.create_task(worker._loop())
+    try:
+        await settled(1)  # the first claim skips the full host's mapping and finds nothing
+        assert claims[0]["skip_mappings"] == [w.mapping_id] and worker.inflight == 4
+
+        # More of the full host's deliveries wait in the queue, the worker is told of each batch:
+        # no claim.
+        for n in range(5):
+            await p.ingest(ctx, KIND, fields(f"more-{n}"))
+        await settled(1)
+        assert worker._backlog  # still known: a place freed at the host claims them
+
+        # A delivery of another mapping is heard of: claimed at once, the full host still skipped.
+        await plain.ingest(ctx, other_kind, fields("other-call"))
+        worker.accept(None, (), [other], ())
+        await settled(2)
+        assert [c.mapping_id for c in worker.started[4:]] == [other]
+
+        # Work of unknown mappings (an operator's replay, a call's next event now claimable).
+        await settled(2)
+        worker.wake()
+        await settled(3)
+        worker.wake([w.mapping_id])  # found nothing again: this is the full host's only
+        await settled(3)
+
+        # What it found is trusted for IDLE_TRUST only: work nobody told it of is found then.
+        clock.advance(1.0)
+        worker.wake([w.mapping_id])
+        await settled(4)
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
 
 
 async def test_a_completion_batch_applies_exactly_the_completions_whose_claim_holds(
