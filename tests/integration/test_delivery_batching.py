@@ -505,7 +505,9 @@ def add_mapping(db: Database, world: World, kind: str, uri: str) -> int:
     def write(session: Session) -> int:
         first = session.get(EventUriMapping, world.mapping_id)
         assert first is not None
-        mapping = EventUriMapping(crm_context_id=first.crm_context_id, xelion_event=kind, crm_resource_uri=uri)
+        mapping = EventUriMapping(
+            crm_context_id=first.crm_context_id, xelion_event=kind, crm_resource_uri=uri
+        )
         session.add(mapping)
         session.flush()
         assert mapping.id is not None
@@ -581,6 +583,65 @@ async def test_a_claim_that_found_nothing_beyond_a_full_host_waits_for_news_of_o
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
+
+
+class HeldCommitWorker(DeliveryWorker):
+    """The real worker with every request answered at once (``_attempt``: no CRM) and the commits
+    of outcomes held until ``gate`` opens: a database slower than the CRM."""
+
+    gate: asyncio.Event
+    sent: list[str]
+
+    async def _attempt(self, item: Claimed, lease_end: float | None = None) -> _Result:
+        self.sent.append(item.id)
+        return _Result(state="delivered", outcome="delivered", status=201, host="crm.example")
+
+    async def _record(self, again: bool, **kw: Any) -> Any:
+        await self.gate.wait()
+        return await super()._record(again, **kw)
+
+
+async def test_a_delivery_waiting_for_its_outcome_commit_leaves_its_place_to_the_next(
+    database: Database,
+) -> None:
+    """A delivery whose request is answered holds no CRM connection while its outcome waits for
+    the group commit: counted as a place taken (at its host and in the worker), it left the CRM
+    idle while half the places waited for the flush. Past their request, deliveries count only
+    against a second ``worker_concurrency``, so a slow database still bounds what is held."""
+    w = make_world(database)
+    # Two places, one of them at a host (per-host 1, and one place is always left for others).
+    worker = HeldCommitWorker(
+        db=database,
+        mappings=MappingCache(),
+        tokens=cast(Any, None),
+        crm=cast(Any, None),
+        settings=Settings(worker_concurrency=2, per_host_concurrency=1),
+    )
+    worker.gate, worker.sent = asyncio.Event(), []
+    plain = pipeline(database)
+    for n in range(10):
+        await plain.ingest(w.xelion_context_id, KIND, fields(f"call-{n}"))
+    run = asyncio.create_task(worker.run())
+    try:
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if len(worker.sent) >= 4:
+                break
+        await asyncio.sleep(0.05)  # no more than the bound, however long the commits take
+        assert len(worker.sent) == worker.inflight == 4  # twice worker_concurrency, all answered
+        assert worker._host_load == {} and worker._free() == 0
+
+        worker.gate.set()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(worker.sent) == 10 and worker.inflight == 0:
+                break
+        assert sorted(worker.sent) == sorted({d.id for d in rows(database)})
+        assert [d.state for d in rows(database)] == ["delivered"] * 10
+    finally:
+        worker.gate.set()
+        await worker.stop(0)
+        await asyncio.gather(run, return_exceptions=True)
 
 
 async def test_a_completion_batch_applies_exactly_the_completions_whose_claim_holds(
