@@ -30,6 +30,7 @@ from sqlmodel import Session, col
 from cti_bridge.store.models import (
     UNDELIVERED,
     UNDELIVERED_SQL,
+    WAITING_SQL,
     CallEvent,
     Delivery,
     DeliveryAttempt,
@@ -417,7 +418,7 @@ def release_all_leases(session: Session, *, now: datetime) -> int:
 
 def park_credential(session: Session, *, credential_id: int, reason: str, now: datetime) -> int:
     """Park the credential's deliveries waiting to be sent (reliability.md §13). Through
-    ``ix_delivery_credential_undelivered``, whose condition the query repeats.
+    ``ix_delivery_credential_waiting``, whose condition the query repeats.
 
     Not those in flight (``sending``): their requests are out already, and parking them took their
     lease, so a delivered one's outcome was thrown away (the claim no longer held) and the delivery
@@ -427,7 +428,7 @@ def park_credential(session: Session, *, credential_id: int, reason: str, now: d
         update(Delivery)
         .where(
             col(Delivery.credential_id) == credential_id,
-            text(UNDELIVERED_SQL),
+            text(WAITING_SQL),
             col(Delivery.state) == "pending",
         )
         .values(
@@ -442,11 +443,11 @@ def park_credential(session: Session, *, credential_id: int, reason: str, now: d
 
 
 def _parked_of(credential_id: int) -> Any:
-    """An UPDATE of a credential's parked deliveries, through ``ix_delivery_credential_undelivered``
+    """An UPDATE of a credential's parked deliveries, through ``ix_delivery_credential_waiting``
     like ``park_credential`` (its condition repeated word for word, as SQLite needs)."""
     return update(Delivery).where(
         col(Delivery.credential_id) == credential_id,
-        text(UNDELIVERED_SQL),
+        text(WAITING_SQL),
         col(Delivery.state) == "parked",
     )
 
@@ -963,10 +964,10 @@ def keys_in_states_sql(drv: _DriverSql, states: int) -> str:
     Its state test is written so that no index on ``state`` can serve it: ``+state`` on SQLite,
     ``(state || '')`` on PostgreSQL. Both planners otherwise took the state index (SQLite, without
     statistics: ``ix_delivery_due``; PostgreSQL, from statistics taken while the backlog was small:
-    the partial ``ix_delivery_credential_undelivered``) and read every undelivered delivery for
-    each ingest batch: on SQLite 0.43 ms with 500 of them and 1.4 ms with 2,000, against 27 µs
-    through ``ix_delivery_order``, so ingest slowed down in step with the backlog (a CRM outage, a
-    replay), which is when it must not.
+    the partial credential index) and read every undelivered delivery for each ingest batch: on
+    SQLite 0.43 ms with 500 of them and 1.4 ms with 2,000, against 27 µs through
+    ``ix_delivery_order``, so ingest slowed down in step with the backlog (a CRM outage, a replay),
+    which is when it must not.
     """
     state = "(state || '')" if drv.postgresql else "+state"
     return (

@@ -40,6 +40,10 @@ UNDELIVERED = ("pending", "sending", "parked")
 #: that use it must repeat word for word (SQLite matches a partial index's condition as text, not as
 #: logic), and of the per-call order rule.
 UNDELIVERED_SQL = f"state IN ({', '.join(repr(s) for s in UNDELIVERED)})"
+#: The deliveries waiting to be sent (not in flight): the condition of the partial index parking
+#: reads (``ix_delivery_credential_waiting``), which its queries repeat word for word.
+WAITING = ("pending", "parked")
+WAITING_SQL = f"state IN ({', '.join(repr(s) for s in WAITING)})"
 
 
 class XelionContext(SQLModel, table=True):
@@ -210,13 +214,14 @@ class Delivery(SQLModel, table=True):
         # In claim order (store/deliveries.py ``claim_due``), so a claim stops at its LIMIT.
         Index("ix_delivery_due", "state", "next_attempt_at", "event_id", "mapping_id"),
         Index("ix_delivery_order", "ordering_key", "event_id"),
-        # Undelivered only (migration 0005): parking reads it, and it stays as small as the backlog.
+        # Waiting only (migrations 0005, 0009): parking reads it, it stays as small as the backlog,
+        # and a delivery's claim and completion do not move an entry of it.
         Index(
-            "ix_delivery_credential_undelivered",
+            "ix_delivery_credential_waiting",
             "credential_id",
             "state",
-            sqlite_where=text(UNDELIVERED_SQL),
-            postgresql_where=text(UNDELIVERED_SQL),
+            sqlite_where=text(WAITING_SQL),
+            postgresql_where=text(WAITING_SQL),
         ),
     )
 

@@ -19,7 +19,7 @@ from cti_bridge.events import dedupe_key
 from cti_bridge.store import migrate
 from cti_bridge.store.db import InstanceLock, make_engine
 from cti_bridge.store.deliveries import UNDELIVERED, park_credential, unpark_credential
-from cti_bridge.store.models import UNDELIVERED_SQL, XelionContext
+from cti_bridge.store.models import WAITING, WAITING_SQL, XelionContext
 from tests.e2e.process_helpers import cli
 
 TABLES = {
@@ -100,16 +100,19 @@ def test_stored_dedupe_keys_follow_the_new_form_both_ways(db_url: str) -> None:
 
 
 def test_parking_uses_the_partial_credential_index(db_url: str) -> None:
-    """Migration 0005: the credential index holds only undelivered deliveries (its condition is
-    the UNDELIVERED states, word for word), and parking and unparking a credential use it on
-    both databases (on PostgreSQL with sequential scans off: the tables are empty)."""
-    assert UNDELIVERED_SQL == f"state IN ({', '.join(repr(s) for s in UNDELIVERED)})"
+    """Migrations 0005 and 0009: the credential index holds only deliveries waiting to be sent
+    (its condition is the WAITING states, word for word: not those in flight, whose claim and
+    completion would move its entries), and parking and unparking a credential use it on both
+    databases (on PostgreSQL with sequential scans off: the tables are empty)."""
+    assert WAITING_SQL == f"state IN ({', '.join(repr(s) for s in WAITING)})"
+    assert "sending" not in WAITING and set(WAITING) < set(UNDELIVERED)
     engine = make_engine(db_url)
     try:
         migrate.upgrade(engine)
         indexes = {i["name"]: i for i in inspect(engine).get_indexes("delivery")}
         assert "ix_delivery_credential_state" not in indexes
-        assert indexes["ix_delivery_credential_undelivered"]["column_names"] == ["credential_id", "state"]
+        assert "ix_delivery_credential_undelivered" not in indexes
+        assert indexes["ix_delivery_credential_waiting"]["column_names"] == ["credential_id", "state"]
         captured: list[tuple[str, object]] = []
 
         def capture(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
@@ -131,7 +134,7 @@ def test_parking_uses_the_partial_credential_index(db_url: str) -> None:
             for statement, parameters in captured:
                 rows = conn.exec_driver_sql(explain + statement, parameters)  # type: ignore[arg-type]
                 plan = " ".join(str(r[-1]) for r in rows)
-                assert "ix_delivery_credential_undelivered" in plan, (statement, plan)
+                assert "ix_delivery_credential_waiting" in plan, (statement, plan)
             conn.rollback()
     finally:
         engine.dispose()
