@@ -830,8 +830,10 @@ class CompiledMapping:
         unknown = tuple(f"unknown name {n!r} in {where}" for n, where in self._places if n not in names)
         return unknown + self._condition_notes
 
-    def render(self, ctx: RenderContext) -> RenderedRequest:
-        """The request for this event. Raises ``TemplateEvalError`` or ``RenderError``, located."""
+    def render(self, ctx: RenderContext, *, warnings: bool = True) -> RenderedRequest:
+        """The request for this event. Raises ``TemplateEvalError`` or ``RenderError``, located.
+        ``warnings=False``: none are listed (the worker, which shows them nowhere; a mapping with an
+        unknown name built its lines for every delivery)."""
         seen: list[str] | None = [] if self._uses_token else None
         names = self.context_names(ctx, seen)
         names[_BUDGET] = MAX_REQUEST_BYTES
@@ -881,7 +883,8 @@ class CompiledMapping:
             _mask_error(err2, ctx.token)
             raise err2 from None
         secrets = _secret_values(seen, url, headers, body) if seen else ()
-        return RenderedRequest(self.method, url, headers, body, self._warnings(names), secrets)
+        notes = self._warnings(names) if warnings else ()
+        return RenderedRequest(self.method, url, headers, body, notes, secrets)
 
     @staticmethod
     def _form(tree: object) -> str:

@@ -20,7 +20,7 @@ those, and ``last_error`` reads the same on both paths), and the guard's refusal
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 
 import aiohttp
 
@@ -60,15 +60,16 @@ class CrmClient:
             self._session = self._factory()
         return self._session
 
-    async def send(
+    def send(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, *, max_bytes: int
-    ) -> CrmAnswer:
-        """Send one request and read at most ``max_bytes`` of the answer's body.
+    ) -> Coroutine[object, object, CrmAnswer]:
+        """Send one request and read at most ``max_bytes`` of the answer's body (to be awaited).
 
         Raises what ``Http1Client.request`` raises (``retry.SEND_ERRORS``). Cancellation propagates
-        as is; the connection is closed.
+        as is; the connection is closed. ``Http1Client.request``'s own coroutine, not one around it:
+        every resumption of a request passes through each frame of its chain.
         """
-        return await self.http.request(method, url, headers, body, max_bytes=max_bytes)
+        return self.http.request(method, url, headers, body, max_bytes=max_bytes)
 
     async def aclose(self) -> None:
         await self.http.aclose()

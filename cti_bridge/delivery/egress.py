@@ -28,7 +28,6 @@ import logging
 import socket
 import typing
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -430,6 +429,39 @@ class _HostSlots:
         self.active = 0
 
 
+class _Slot:
+    """``HostLimiter.slot``'s block: a class rather than an ``asynccontextmanager``, whose generator
+    and helper objects cost more than the semaphore itself, once per CRM request."""
+
+    __slots__ = ("_entry", "_key", "_limiter")
+
+    def __init__(self, limiter: HostLimiter, key: str) -> None:
+        self._limiter = limiter
+        self._key = key
+        self._entry: _HostSlots | None = None
+
+    async def __aenter__(self) -> None:
+        limiter, key = self._limiter, self._key
+        entry = limiter._slots.get(key)
+        if entry is None:
+            entry = limiter._slots[key] = _HostSlots(limiter.per_host)
+        entry.users += 1
+        try:
+            await entry.semaphore.acquire()
+        except BaseException:
+            limiter._leave(key, entry)
+            raise
+        entry.active += 1
+        self._entry = entry
+
+    async def __aexit__(self, *_exc: object) -> None:
+        entry = self._entry
+        assert entry is not None
+        entry.active -= 1
+        entry.semaphore.release()
+        self._limiter._leave(self._key, entry)
+
+
 class HostLimiter:
     """At most ``per_host`` concurrent requests per host (reliability.md §9, default 8), so that one
     slow CRM cannot take every worker. Semaphores are created on demand and dropped when idle."""
@@ -440,29 +472,18 @@ class HostLimiter:
         self.per_host = per_host
         self._slots: dict[str, _HostSlots] = {}
 
-    @asynccontextmanager
-    async def slot(self, host: str) -> AsyncIterator[None]:
-        """Hold one of ``host``'s slots for the block.
+    def slot(self, host: str) -> _Slot:
+        """Hold one of ``host``'s slots for an ``async with`` block.
 
         Cancellation: cancelled while waiting, no slot is taken; cancelled inside the block, the
         slot is released.
         """
-        key = host.lower()
-        entry = self._slots.get(key)
-        if entry is None:
-            entry = self._slots[key] = _HostSlots(self.per_host)
-        entry.users += 1
-        try:
-            async with entry.semaphore:
-                entry.active += 1
-                try:
-                    yield
-                finally:
-                    entry.active -= 1
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                self._slots.pop(key, None)
+        return _Slot(self, host.lower())
+
+    def _leave(self, key: str, entry: _HostSlots) -> None:
+        entry.users -= 1
+        if entry.users == 0:
+            self._slots.pop(key, None)
 
     def in_use(self, host: str) -> int:
         """How many slots of ``host`` are taken now (for metrics and tests)."""

@@ -604,9 +604,22 @@ class Http1Client:
         origin, target = self.origin_of(url)
         size = len(body) if body is not None else (0 if method in _BODY_METHODS else None)
         head = self._head(method, target, origin, headers, size)
-        deadline = asyncio.get_running_loop().time() + self._request_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._request_timeout
         conn = self._pooled(origin) or await self._connect(origin, deadline)
-        return await self._roundtrip(conn, head, body, max_bytes, deadline)
+        # Send and wait for the answer here, not in a coroutine of its own: each resumption of the
+        # request passes through every frame of its chain.
+        future: asyncio.Future[CrmAnswer] = loop.create_future()
+        ex = conn.send(head, body, future, max_bytes, deadline)
+        try:
+            return await future
+        except BaseException:
+            if conn._exchange is ex:
+                # Cancelled while the answer was still coming: it will not be read, so the
+                # connection cannot carry another request. (Once answered, the connection may
+                # already serve another request from the pool: it is not ours to close.)
+                conn.abort()
+            raise
 
     async def _connect(self, origin: Origin, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -640,23 +653,6 @@ class Http1Client:
                 raise httpx.TimeoutException("the whole-request timeout expired") from None
             raise httpx.ConnectTimeout(f"connecting to {origin.host_header} timed out") from None
         raise httpx.ConnectError(f"cannot connect to {origin.host_header}: {last}")
-
-    async def _roundtrip(
-        self, conn: _Connection, head: bytes, body: bytes | None, max_bytes: int, deadline: float
-    ) -> CrmAnswer:
-        """Send on ``conn`` and wait for the answer until ``deadline``."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[CrmAnswer] = loop.create_future()
-        ex = conn.send(head, body, future, max_bytes, deadline)
-        try:
-            return await future
-        except BaseException:
-            if conn._exchange is ex:
-                # Cancelled while the answer was still coming: it will not be read, so the
-                # connection cannot carry another request. (Once answered, the connection may
-                # already serve another request from the pool: it is not ours to close.)
-                conn.abort()
-            raise
 
     async def aclose(self) -> None:
         """Close every connection."""

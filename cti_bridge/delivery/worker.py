@@ -892,7 +892,7 @@ class DeliveryWorker:
         # The token as it is sent, and as a CRM may quote it back (encoded, escaped) in its answer.
         secrets: tuple[str, ...] = echo_forms(token.access_token)
         try:
-            req: RenderedRequest = compiled.render(self._context(item, token))
+            req: RenderedRequest = compiled.render(self._context(item, token), warnings=False)
         except TemplateError as exc:
             # The error's text comes masked from render.py (every string of the token view, in the
             # forms it can take there, cut short ones too), so what is stored and logged is masked.

@@ -412,6 +412,13 @@ def test_names_and_warnings() -> None:
     )
     request = compiled.render(ctx(user={"role": "callee"}, delivery_id="d-1"))
     assert request.warnings == ("unknown name 'foo' in crmResourceUri", "unknown name 'bar' in headers/X-Bar")
+    # The worker shows warnings nowhere and asks for none: the request is the same.
+    quiet = compiled.render(ctx(user={"role": "callee"}, delivery_id="d-1"), warnings=False)
+    assert quiet.warnings == () and (quiet.url, quiet.headers, quiet.body) == (
+        request.url,
+        request.headers,
+        request.body,
+    )
     assert json.loads(request.body or b"") == {
         "a": "1732443153.1021",
         "u": "callee",
