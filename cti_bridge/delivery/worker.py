@@ -453,7 +453,8 @@ class DeliveryWorker:
             self._wake.clear()
             full, limit = self._claim_window(self._free())
         claimed: list[Claimed] = []
-        if limit > 0 and full and self._idle(full):
+        idle = limit > 0 and bool(full) and self._idle(full)
+        if idle:
             pass  # nothing to claim beyond the full hosts: wait as after an empty claim
         elif limit > 0:
             now = self.clock.now()
@@ -498,6 +499,10 @@ class DeliveryWorker:
             due = await self._next_due(full)
             if due is not None:
                 timeout = min(1.0, max(0.05, (due - self.clock.now()).total_seconds()))
+        if idle:
+            # What the idle claim found is trusted until IDLE_TRUST ends, and no longer: the next
+            # claim comes then, not a full timeout after a wake-up just before it.
+            timeout = min(timeout, max(0.05, self._idle_until - self.clock.monotonic()))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 

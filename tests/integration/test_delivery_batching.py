@@ -580,6 +580,13 @@ async def test_a_claim_that_found_nothing_beyond_a_full_host_waits_for_news_of_o
         clock.advance(1.0)
         worker.wake([w.mapping_id])
         await settled(4)
+
+        # Nor does a wake-up just before the trust ends make it wait a whole second after.
+        clock.advance(0.95)
+        worker.wake([w.mapping_id])
+        await settled(4)
+        clock.advance(0.1)  # the trust ends; nobody wakes the worker
+        await settled(5)
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)

@@ -104,7 +104,6 @@ def test_parking_uses_the_partial_credential_index(db_url: str) -> None:
     (its condition is the WAITING states, word for word: not those in flight, whose claim and
     completion would move its entries), and parking and unparking a credential use it on both
     databases (on PostgreSQL with sequential scans off: the tables are empty)."""
-    assert WAITING_SQL == f"state IN ({', '.join(repr(s) for s in WAITING)})"
     assert "sending" not in WAITING and set(WAITING) < set(UNDELIVERED)
     engine = make_engine(db_url)
     try:
@@ -113,6 +112,19 @@ def test_parking_uses_the_partial_credential_index(db_url: str) -> None:
         assert "ix_delivery_credential_state" not in indexes
         assert "ix_delivery_credential_undelivered" not in indexes
         assert indexes["ix_delivery_credential_waiting"]["column_names"] == ["credential_id", "state"]
+        # The condition as the database keeps it: the waiting states, not those in flight.
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                definition = conn.exec_driver_sql(
+                    "SELECT sql FROM sqlite_master WHERE name = 'ix_delivery_credential_waiting'"
+                ).scalar_one()
+                assert definition.endswith(f"WHERE {WAITING_SQL}"), definition
+            else:
+                definition = conn.exec_driver_sql(
+                    "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_delivery_credential_waiting'"
+                ).scalar_one()
+            assert all(f"'{state}'" in definition for state in WAITING), definition
+            assert "'sending'" not in definition, definition
         captured: list[tuple[str, object]] = []
 
         def capture(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
