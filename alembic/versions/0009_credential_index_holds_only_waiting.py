@@ -31,25 +31,21 @@ WAITING = "state IN ('pending', 'parked')"
 # Plain DROP/CREATE INDEX, not a batch (see 0006): a batch's table copy would cascade on SQLite.
 
 
-def upgrade() -> None:
-    op.drop_index('ix_delivery_credential_undelivered', table_name='delivery')
+def _replace(old: str, new: str, condition: str) -> None:
+    op.drop_index(old, table_name='delivery')
     op.create_index(
-        'ix_delivery_credential_waiting',
+        new,
         'delivery',
         ['credential_id', 'state'],
         unique=False,
-        sqlite_where=sa.text(WAITING),
-        postgresql_where=sa.text(WAITING),
+        sqlite_where=sa.text(condition),
+        postgresql_where=sa.text(condition),
     )
+
+
+def upgrade() -> None:
+    _replace('ix_delivery_credential_undelivered', 'ix_delivery_credential_waiting', WAITING)
 
 
 def downgrade() -> None:
-    op.drop_index('ix_delivery_credential_waiting', table_name='delivery')
-    op.create_index(
-        'ix_delivery_credential_undelivered',
-        'delivery',
-        ['credential_id', 'state'],
-        unique=False,
-        sqlite_where=sa.text(UNDELIVERED),
-        postgresql_where=sa.text(UNDELIVERED),
-    )
+    _replace('ix_delivery_credential_waiting', 'ix_delivery_credential_undelivered', UNDELIVERED)

@@ -263,13 +263,12 @@ class DeliveryWorker:
         self._due_skip: list[int] = []
         self._due_dirty = True
         # A claim that skipped the mappings of full hosts and came back short found everything
-        # else claimed. Until work outside those mappings is heard of (``_heard``), another claim
-        # skipping them (or more) would find nothing again, at the price of walking the full
+        # else claimed. Until work outside those mappings is heard of (``_more_work``), another
+        # claim skipping them (or more) would find nothing again, at the price of walking the full
         # hosts' whole backlog past its NOT IN: 1.4 ms for 15,000 pending, and under a burst the
         # pipeline's every batch woke the worker into such a claim while its one host was full.
         self._idle_skip: frozenset[int] | None = None
         self._idle_until = 0.0
-        self._news = 0  # counts what ``_heard`` was told, so a claim under way can tell
 
     # -- control -----------------------------------------------------------------------------
 
@@ -277,23 +276,24 @@ class DeliveryWorker:
         """New claimable work may have been committed: claim now rather than at the next timer.
         ``mappings``: the mappings of that work, when known (an ingest batch's queued deliveries);
         None: any."""
-        self._backlog = True
-        self._backlog_gen += 1
-        self._heard(mappings)
+        self._more_work(mappings)
         self._wake.set()
 
-    def _heard(self, mappings: Collection[int] | None) -> None:
-        """Claimable work may have come for ``mappings`` (None: any): unless all of them are ones
-        the last idle claim skipped, the next claim must look."""
-        self._news += 1
+    def _more_work(self, mappings: Collection[int] | None) -> None:
+        """Pending deliveries of ``mappings`` (None: any) may be claimable: there is a backlog
+        (``_backlog_gen`` counts these, so that a claim under way can tell), and unless all of
+        them are ones the last idle claim skipped, the next claim must look."""
+        self._backlog = True
+        self._backlog_gen += 1
         if mappings is None or self._idle_skip is None or not self._idle_skip.issuperset(mappings):
             self._idle_skip = None
 
     def _idle(self, skip: list[int]) -> bool:
         """Whether a claim skipping ``skip`` would find nothing (see ``_idle_skip``): it skips at
-        least what the last idle claim skipped, nothing was heard of outside that since, and the
-        database's next due time for these skipped mappings has not come."""
-        if self._idle_skip is None or self.clock.monotonic() >= self._idle_until:
+        least what the last idle claim skipped, nothing was heard of outside that since, no retry
+        was scheduled since (``_due_dirty``), and the database's next due time for these skipped
+        mappings has not come."""
+        if self._idle_skip is None or self._due_dirty or self.clock.monotonic() >= self._idle_until:
             return False
         if not self._idle_skip.issubset(skip):
             return False
@@ -460,7 +460,6 @@ class DeliveryWorker:
             now = self.clock.now()
             leased_at = self.clock.monotonic()
             gen = self._backlog_gen
-            news = self._news
             self._reserved += limit  # a hand-off meanwhile must not take the same places
             try:
                 claimed = await self.db.run(
@@ -484,7 +483,7 @@ class DeliveryWorker:
                 return
             for item in claimed:
                 self._start(item, leased_at)
-            if full and len(claimed) < limit and news == self._news:
+            if full and len(claimed) < limit and gen == self._backlog_gen:
                 self._idle_skip, self._idle_until = frozenset(full), leased_at + IDLE_TRUST
             if len(claimed) == limit:
                 self._backlog = True  # there may be more: claim again when a place frees
@@ -620,9 +619,7 @@ class DeliveryWorker:
         del self._running_keys[key]
         if key in self._waiting_keys:
             self._waiting_keys.discard(key)
-            self._backlog = True
-            self._backlog_gen += 1
-            self._heard(None)
+            self._more_work(None)
             return True
         return False
 
@@ -1033,7 +1030,6 @@ class DeliveryWorker:
                 self.metrics.finished(written)
             if written == "pending":
                 self._due_dirty = True  # a retry is scheduled: let the loop take its time into account
-                self._heard(None)
                 self._wake.set()
         if written is not None and written != state:
             # Parked, but an operator repaired the credential before the outcome was stored: the

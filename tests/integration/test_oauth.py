@@ -9,7 +9,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -44,19 +44,6 @@ from cti_bridge.store.db import Database, make_engine
 from cti_bridge.store.integrations import delete_credential, update_secret
 from cti_bridge.store.models import UserCredentials
 from cti_bridge.store.tokens import UserCredentialTokenStore
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[CrmSimulator]:
-    async with CrmSimulator() as s:
-        s.add_client(CLIENT_ID, CLIENT_SECRET)
-        yield s
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with build_http_client(Settings(allow_private_targets=True)) as client:
-        yield client
 
 
 @pytest.fixture

@@ -6,14 +6,11 @@ loads the credential; what it read names the credential in every later line. Nev
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import httpx
 import pytest
 
-from cti_bridge.config import Settings
-from cti_bridge.delivery.egress import build_http_client
 from cti_bridge.delivery.oauth import ReauthRequired, TokenManager
 from cti_bridge.sim.crm import CrmSimulator
 from cti_bridge.store.app_contexts import AppContextInput, AppContextKey, AppContextTokenStore
@@ -26,19 +23,6 @@ from tests.integration.oauth_helpers import CLIENT_ID, CLIENT_SECRET, FakeClock,
 OAUTH = "cti_bridge.delivery.oauth"
 REVOKED = "rt-revoked-by-the-user-0123456789"
 ACCESS = "at-stored-access-token-0123456789"
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[CrmSimulator]:
-    async with CrmSimulator() as s:
-        s.add_client(CLIENT_ID, CLIENT_SECRET)
-        yield s
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with build_http_client(Settings(allow_private_targets=True)) as client:
-        yield client
 
 
 def _oauth_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
