@@ -21,6 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import orjson
+
+from cti_bridge.jsontext import canonical, has_long_number
+
 logger = logging.getLogger(__name__)
 
 #: The notification types that describe a call; all of them carry a ``callId`` (xelion-protocol.md §4).
@@ -87,7 +91,15 @@ class Party:
 
 def read_json(text: str) -> object:
     """JSON text read as the websocket's frames are: a number beyond a double kept as its text,
-    ``NaN`` and ``Infinity`` as text too (``_finite_or_text``). ``ValueError`` if not JSON."""
+    ``NaN`` and ``Infinity`` as text too (``_finite_or_text``). ``ValueError`` if not JSON.
+
+    orjson reads what it can read exactly as this (jsontext.py: nothing it reads is beyond a double,
+    and it refuses ``NaN``, ``Infinity`` and ``1e400``); the rest is read by ``json`` with the hooks."""
+    if not has_long_number(text):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
     return json.loads(text, parse_float=_finite_or_text, parse_constant=str)
 
 
@@ -176,11 +188,6 @@ def parties(fields: Mapping[str, object]) -> list[Party]:
 DEDUPE_CALL_PREFIX = 31
 
 
-#: ``dedupe_key``'s serialisation, exactly ``json.dumps`` with these options; one encoder for every
-#: event, as ``json.dumps`` builds a new one per call whenever an option differs from its defaults.
-_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True, default=str)
-
-
 def dedupe_key(xelion_context_id: int, notification_type: str, fields: Mapping[str, object]) -> str:
     """The deduplication key of an event (xelion-protocol.md §4, chosen): ``<callId>|<digest>``.
 
@@ -197,7 +204,9 @@ def dedupe_key(xelion_context_id: int, notification_type: str, fields: Mapping[s
     random page of that index: one page written per event, and once the index outgrows the cache,
     one page read. At most 31 + 1 + 32 = 64 characters, the column's width.
     """
-    canonical = _CANONICAL.encode(
+    # Exactly ``json.dumps(..., separators=(",", ":"), ensure_ascii=False, sort_keys=True,
+    # default=str)``, as every version wrote it (jsontext.py): the keys of stored events still match.
+    text = canonical(
         [
             xelion_context_id,
             notification_type,
@@ -206,7 +215,7 @@ def dedupe_key(xelion_context_id: int, notification_type: str, fields: Mapping[s
             fields.get("calleePhoneNumber"),
         ]
     )
-    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
     return f"{str(fields.get('callId') or '')[:DEDUPE_CALL_PREFIX]}|{digest}"
 
 

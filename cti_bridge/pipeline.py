@@ -30,7 +30,6 @@ event's transaction, see ``_park_if_reauth_required``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -42,6 +41,7 @@ from typing import Protocol
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
+from cti_bridge import jsontext
 from cti_bridge.clock import Clock, SystemClock, xelion_time
 from cti_bridge.events import dedupe_key, parties
 from cti_bridge.render import RenderContext, context_names
@@ -432,7 +432,7 @@ class Pipeline:
                             attempts=0,
                             event_id=event_id,
                             notification_type=kind,
-                            payload=json.loads(payloads[i]),  # exactly what a claim would read
+                            payload=jsontext.loads(payloads[i]),  # exactly what a claim would read
                             mapping_id=d.mapping_id,
                             credential_id=d.credential_id,
                             xelion_username=d.xelion_username,

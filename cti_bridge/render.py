@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Final
 from urllib.parse import quote, quote_plus, urlencode, urlsplit
 
+from cti_bridge import jsontext
 from cti_bridge.el import (
     Expression,
     RenderError,
@@ -854,7 +855,7 @@ class CompiledMapping:
                 tree = self._payload(names)
                 if self.content_type == JSON_TYPE:
                     try:
-                        text = _ENCODER.encode(tree)
+                        text = jsontext.compact(tree, allow_nan=False)  # exactly _ENCODER's text
                     except ValueError:
                         raise RenderError(
                             "the payload holds a value JSON cannot carry", where="crmResourcePayload"

@@ -14,7 +14,6 @@ expired and whose delivery was claimed again cannot overwrite the newer outcome.
 from __future__ import annotations
 
 import functools
-import json
 import operator
 import uuid
 from collections.abc import Callable, Collection, Sequence
@@ -27,6 +26,7 @@ from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, col
 
+from cti_bridge import jsontext
 from cti_bridge.store.models import (
     UNDELIVERED,
     UNDELIVERED_SQL,
@@ -69,14 +69,11 @@ class NewDelivery:
     xelion_oid: str | None = None  # for a delivery handed to the worker without a claim query
 
 
-#: How an event's payload is stored: compact JSON, UTF-8 as it is (one encoder for every event:
-#: ``json.dumps`` with options builds a new one per call).
-_PAYLOAD = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
 def payload_text(fields: dict[str, object]) -> str:
-    """The JSON text of an event's payload, as ``call_event.payload`` holds it."""
-    return _PAYLOAD.encode(fields)
+    """The JSON text of an event's payload, as ``call_event.payload`` holds it: compact, UTF-8 as it
+    is, exactly ``json.dumps(fields, separators=(",", ":"), ensure_ascii=False)`` (jsontext.py; the
+    fields are ``events.read_json``'s, which holds no NaN)."""
+    return jsontext.compact(fields)
 
 
 def ordering_key(call_id: str, credential_id: int) -> str:
@@ -303,7 +300,7 @@ def claim_due(
             attempts=r[1],
             event_id=r[2],
             notification_type=r[3],
-            payload=json.loads(r[4]),
+            payload=jsontext.loads(r[4]),
             mapping_id=r[5],
             credential_id=r[6],
             xelion_username=r[7],

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cti_bridge import events as events_module
+from cti_bridge import jsontext
 from cti_bridge.events import (
     CALL_EVENT_TYPES,
     Party,
@@ -277,7 +277,7 @@ def test_the_shared_encoders_write_what_json_dumps_wrote(fields: dict[str, objec
     match the same event received again), and stored payloads as they were: the encoders kept
     for every event write exactly what ``json.dumps`` with the same options did."""
     canonical = [7, "callHungUpEvent", fields.get("callId"), fields, None]
-    assert events_module._CANONICAL.encode(canonical) == json.dumps(
+    assert jsontext.canonical(canonical) == json.dumps(
         canonical, separators=(",", ":"), ensure_ascii=False, sort_keys=True, default=str
     )
     assert payload_text(fields) == json.dumps(fields, ensure_ascii=False, separators=(",", ":"))

@@ -1,8 +1,8 @@
 """The import direction of DESIGN.md §2, read from the source (every import statement, including
 those inside functions): ``store`` never imports ``xelion``, ``pipeline`` or ``delivery``; ``admin``
-never imports ``xelion.source``, ``pipeline`` or ``delivery.worker``; ``events``, ``el``, ``errors``
-and ``config`` import nothing of ours but each other's leaves (``el`` reads date-times with
-``events``' parser)."""
+never imports ``xelion.source``, ``pipeline`` or ``delivery.worker``; ``jsontext``, ``events``, ``el``,
+``errors`` and ``config`` import nothing of ours but each other's leaves (``el`` reads date-times
+with ``events``' parser, ``events`` reads and writes JSON with ``jsontext``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ FORBIDDEN = {
 }
 # The bottom layer: what each may import of ours.
 LEAVES = {
-    "events": set(),
+    "jsontext": set(),
+    "events": {"cti_bridge.jsontext"},
     "errors": set(),
     "config": {"cti_bridge.errors"},
     "el": {"cti_bridge.el", "cti_bridge.events"},

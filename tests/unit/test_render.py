@@ -189,6 +189,15 @@ def test_values_never_break_json() -> None:
     assert request.body == compact.encode()
 
 
+def test_a_value_json_cannot_carry_is_refused_not_sent_as_null() -> None:
+    # A token answer's extra field of NaN (json reads the literal): the body must not say null.
+    compiled = compile_mapping(spec(payload={"a": "${token.odd}", "b": "${token.small}", "c": None}))
+    with pytest.raises(RenderError, match="a value JSON cannot carry"):
+        compiled.render(ctx(token={"accessToken": "t", "odd": float("nan"), "small": 1.0}))
+    request = compiled.render(ctx(token={"accessToken": "t", "odd": 2.5, "small": 1e-05}))
+    assert request.body == b'{"a":2.5,"b":1e-05,"c":null}'  # json's own text of a small float
+
+
 def test_scalar_payload() -> None:
     request = compile_mapping(spec(payload="${duration}")).render(ctx())
     assert request.body == b"89"
