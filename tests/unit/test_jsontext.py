@@ -147,6 +147,17 @@ def test_floats_of_every_magnitude_are_written_as_json_writes_them() -> None:
     assert jsontext.compact({"a": 1e-05, "b": 1.5e-07}) == '{"a":1e-05,"b":1.5e-07}'
 
 
+def test_words_in_strings_keep_orjson_s_path() -> None:
+    # "large-5", "e-mail": no float, so orjson's text stands (the slower path only for a digit
+    # before "e-", as in 1.5e-7, or for 0.0000).
+    for text in (b'{"callId":"large-5","a":"e-mail","b":null}', b'["e-","x e-1"]'):
+        assert not jsontext._small_float(text)
+    for text in (b"[1.5e-7]", b'["5e-3"]', b"[0.00001]", b'{"a":0.0000}'):
+        assert jsontext._small_float(text)
+    assert jsontext._as_json_would(b'{"callId":"large-5","b":null}', {"callId": "large-5", "b": None})
+    assert not jsontext._as_json_would(b'{"b":null}', {"b": math.nan})
+
+
 def test_nan_and_infinities_are_written_as_json_writes_them() -> None:
     # orjson alone writes null for each, and the stored payload would say another thing.
     assert orjson.dumps([math.nan]) == b"[null]"
