@@ -94,13 +94,18 @@ def read_json(text: str) -> object:
     ``NaN`` and ``Infinity`` as text too (``_finite_or_text``). ``ValueError`` if not JSON.
 
     orjson reads what it can read exactly as this (jsontext.py: nothing it reads is beyond a double,
-    and it refuses ``NaN``, ``Infinity`` and ``1e400``); the rest is read by ``json`` with the hooks."""
+    and it refuses ``NaN``, ``Infinity`` and ``1e400``); the rest is read by ``json`` with the hooks.
+    Text nested deeper than either reads (1,024 levels) is not a notification anyone can use: a
+    ``ValueError`` as well, rather than the ``RecursionError`` that ended the websocket's session."""
     if not has_long_number(text):
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
             pass
-    return json.loads(text, parse_float=_finite_or_text, parse_constant=str)
+    try:
+        return json.loads(text, parse_float=_finite_or_text, parse_constant=str)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _finite_or_text(text: str) -> float | str:

@@ -15,15 +15,19 @@ path wherever orjson could differ:
 - writing: orjson prints a float below 1e-4 differently (``1e-05`` is ``0.00001``, ``1.5e-07`` is
   ``1.5e-7``); such text always holds a digit before ``e-``, or ``0.0000``, and then ``json``
   writes it (a string holding either costs only the slower path). What orjson refuses (a key
-  that is not a string, an integer beyond 64 bits, a lone surrogate, a date-time or dataclass) is
-  written by ``json``.
-  orjson writes NaN and infinities as ``null`` (``json`` writes ``NaN``): text with a ``null`` in
-  it is written by orjson only once a look through the value found no such float.
+  that is not a string, an integer beyond 64 bits, a lone surrogate) is written by ``json``, and so
+  is every value of a type other than the plain ones (``_OPTIONS``: a subclass, a date-time, a
+  dataclass). orjson writes NaN and infinities as ``null`` (``json`` writes ``NaN``): text with a
+  ``null`` in it is written by orjson only once a look through the value found no such float.
 
-The values are JSON's own types and their subclasses (dict, list, tuple, str, int, float, bool,
-None), as every caller's are; orjson would also write a UUID or an Enum, which ``json`` refuses.
+Two differences are left. orjson writes a UUID, and an Enum that is not also an int or a str, by
+itself, where ``json`` refuses them (or, with ``default=str``, writes their ``str()``): no caller
+passes either, since the values come from ``events.read_json`` and from templates. And nesting:
+orjson reads 1,024 levels, ``json`` as many as the stack allows (about 990), so text nested
+between the two is read where ``json`` raised ``RecursionError``; ``read_json`` raises
+``ValueError`` for text nested deeper than either reads.
 
-Both are pinned by tests/unit/test_jsontext.py against the standard library.
+tests/unit/test_jsontext.py holds every function here to the standard library's result.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def has_long_number(text: str) -> bool:
 
 
 def loads(text: str) -> Any:
-    """Exactly ``json.loads(text)``."""
+    """Exactly ``json.loads(text)`` (``text`` a ``str``)."""
     if not has_long_number(text):
         try:
             return orjson.loads(text)
@@ -60,8 +64,16 @@ def loads(text: str) -> Any:
     return json.loads(text)
 
 
-#: Date-times and dataclasses go to ``default`` (or fail), as with ``json``.
-_OPTIONS: Final = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+#: orjson writes only the plain types itself: a subclass (an OrderedDict, whose order orjson does
+#: not follow; a namedtuple, a float subclass, which it hands to ``default``), a date-time and a
+#: dataclass go to ``_not_plain``, and so to ``json``, which writes them as it always did.
+_OPTIONS: Final = (
+    orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
+def _not_plain(_obj: object) -> object:
+    raise TypeError("not a plain JSON type: json writes it")
 
 
 #: Types that hold no float: skipped by ``_finite`` without a call (an event's fields are mostly
@@ -106,19 +118,22 @@ def _as_json_would(out: bytes, obj: object) -> bool:
 def compact(obj: object, *, allow_nan: bool = True) -> str:
     """Exactly ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan)``
     (which raises ``ValueError`` for NaN or an infinity when ``allow_nan`` is false)."""
-    encoder = _COMPACT if allow_nan else _COMPACT_STRICT
     try:
-        out = orjson.dumps(obj, option=_OPTIONS)
+        out: bytes | None = orjson.dumps(obj, default=_not_plain, option=_OPTIONS)
     except orjson.JSONEncodeError:
-        return encoder.encode(obj)
-    return out.decode("utf-8") if _as_json_would(out, obj) else encoder.encode(obj)
+        out = None  # json decides, outside this block: its error is not chained to orjson's
+    if out is not None and _as_json_would(out, obj):
+        return out.decode("utf-8")
+    return (_COMPACT if allow_nan else _COMPACT_STRICT).encode(obj)
 
 
 def canonical(obj: object) -> str:
     """Exactly ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=True,
     default=str)``."""
     try:
-        out = orjson.dumps(obj, default=str, option=_OPTIONS | orjson.OPT_SORT_KEYS)
+        out: bytes | None = orjson.dumps(obj, default=_not_plain, option=_OPTIONS | orjson.OPT_SORT_KEYS)
     except orjson.JSONEncodeError:
-        return _CANONICAL.encode(obj)
-    return out.decode("utf-8") if _as_json_would(out, obj) else _CANONICAL.encode(obj)
+        out = None
+    if out is not None and _as_json_would(out, obj):
+        return out.decode("utf-8")
+    return _CANONICAL.encode(obj)  # default=str for what json does not know, as ever

@@ -4,11 +4,15 @@ not (integers beyond 64 bits, small floats, NaN, lone surrogates, keys that are 
 
 from __future__ import annotations
 
+import collections
+import enum
 import hashlib
 import json
 import math
 import random
 import struct
+from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -17,7 +21,7 @@ from hypothesis import settings as settings_h
 from hypothesis import strategies as st
 
 from cti_bridge import jsontext
-from cti_bridge.events import _finite_or_text, dedupe_key, read_json
+from cti_bridge.events import _finite_or_text, dedupe_key, parse_notification, read_json
 
 COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 STRICT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -176,15 +180,53 @@ class Float(float):
     pass
 
 
-def test_subclasses_and_other_types_are_written_as_json_writes_them() -> None:
-    from datetime import UTC, datetime
+class Number(enum.IntEnum):
+    ONE = 1
 
-    value = [Float(math.nan), Float(2.5), True, {"k": Float(1e-07)}]
-    assert jsontext.compact(value) == COMPACT.encode(value)
+
+class Word(enum.StrEnum):
+    A = "a"
+
+
+class Shown(list[int]):
+    def __iter__(self) -> Iterator[int]:
+        return iter([9])
+
+
+def test_subclasses_and_other_types_are_written_as_json_writes_them() -> None:
+    """A review's findings: orjson hands a float subclass and a namedtuple to ``default`` (str()
+    of it in a dedupe key), writes an OrderedDict in its storage order, not its own, and a list
+    subclass without its ``__iter__``: each now goes the standard library's way."""
+    moved = collections.OrderedDict(a=1, b=2)
+    moved.move_to_end("a")
+    point = collections.namedtuple("point", "x y")(1, 2)
+    values: list[object] = [
+        [Float(math.nan), Float(2.5), True, {"k": Float(1e-07)}],
+        Float(2.5),
+        point,
+        moved,
+        {"n": Number.ONE, "w": Word.A},
+        Shown([1, 2]),
+    ]
+    for value in values:
+        assert jsontext.compact(value) == COMPACT.encode(value), value
+        assert jsontext.canonical(value) == CANONICAL.encode(value), value
+    assert jsontext.canonical(Float(2.5)) == "2.5" and jsontext.canonical(point) == "[1,2]"
+    assert jsontext.compact(moved) == '{"b":2,"a":1}'
     at = datetime(2026, 12, 6, 13, 0, tzinfo=UTC)
     assert jsontext.canonical([at]) == CANONICAL.encode([at])  # str(at), not orjson's RFC 3339
     with pytest.raises(TypeError):
         jsontext.compact([at])
+
+
+def test_text_nested_deeper_than_json_reads_is_not_json_to_read_json() -> None:
+    # A frame nested 5,000 deep raised RecursionError out of parse_notification, which ended the
+    # websocket's session; now it is a frame that is not JSON, and ignored.
+    deep = "[" * 5000 + "]" * 5000
+    with pytest.raises(ValueError, match="nested too deeply"):
+        read_json(deep)
+    assert parse_notification('{"notificationType": "newCallEvent", "notification": ' + deep + "}") is None
+    assert read_json("[" * 500 + "]" * 500) == json.loads("[" * 500 + "]" * 500)
 
 
 def test_what_orjson_refuses_is_written_by_json() -> None:
@@ -204,4 +246,3 @@ def test_the_dedupe_key_is_the_one_every_version_made() -> None:
     assert dedupe_key(7, "newCallEvent", fields) == (
         "1732443153.1021|" + hashlib.sha256(text.encode()).hexdigest()[:32]
     )
-    assert "0.00001" not in text  # the standard library's text, not orjson's own
