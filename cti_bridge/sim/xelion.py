@@ -142,6 +142,8 @@ class SimStats:
     websocket_connects: int = 0
     subscription_frames: list[dict[str, Any]] = field(default_factory=list)
     pushed: int = 0
+    #: The close code of every websocket that ended (None: it ended without a close frame).
+    close_codes: list[int | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -716,6 +718,7 @@ class XelionSimulator:
         finally:
             self._sockets.discard(sock)
             session.sockets.discard(sock)
+            self.stats.close_codes.append(ws.close_code)
         return ws
 
     async def _on_text(self, sock: SimSocket, text: str) -> None:

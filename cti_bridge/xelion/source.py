@@ -33,6 +33,7 @@ from typing import Any, Literal
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.frames import CloseCode
 from websockets.protocol import State
 
 from cti_bridge.clock import Clock, SystemClock
@@ -425,9 +426,14 @@ class XelionSource:
                     raise
                 raise _NoEcho() from None
             except asyncio.CancelledError:
-                # Stopped: nothing is read from now on, though the close handshake (``connect``'s
-                # exit, up to the close timeout) and the logout come first. The stop's gap starts here.
+                # Stopped: nothing is read from now on, though the close handshake (up to the close
+                # timeout) and the logout come first. The stop's gap starts here.
                 self._reading_stopped_at = clock.now()
+                # A stop is not a failure: "going away" (1001), as RFC 6455 says for a client that
+                # leaves. ``connect``'s exit with the cancellation would close with 1011 (internal
+                # error), which the Xelion server logs as a client fault at every clean stop.
+                with contextlib.suppress(Exception):
+                    await ws.close(CloseCode.GOING_AWAY, "cti-bridge is stopping")
                 raise
             finally:
                 if beating is not None:

@@ -563,6 +563,10 @@ async def test_source_stop_and_cancellation(
     await wait_for(lambda: source2.state is SourceState.SUBSCRIBED)
     await source2.stop()
     assert task2.cancelled() and sim.stats.logouts == 2
+    # Each stop said "going away" (1001): it closed with 1011, an internal error, which the server
+    # logs as the client's fault (an independent simulator's finding).
+    await wait_for(lambda: len(sim.stats.close_codes) == 2)
+    assert sim.stats.close_codes == [1001, 1001]
 
 
 async def test_hundred_calls_arrive_with_the_right_dedupe_keys(
