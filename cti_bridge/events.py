@@ -21,9 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import orjson
-
-from cti_bridge.jsontext import canonical, has_long_number
+from cti_bridge.jsontext import canonical, loads
 
 logger = logging.getLogger(__name__)
 
@@ -93,19 +91,19 @@ def read_json(text: str) -> object:
     """JSON text read as the websocket's frames are: a number beyond a double kept as its text,
     ``NaN`` and ``Infinity`` as text too (``_finite_or_text``). ``ValueError`` if not JSON.
 
-    orjson reads what it can read exactly as this (jsontext.py: nothing it reads is beyond a double,
-    and it refuses ``NaN``, ``Infinity`` and ``1e400``); the rest is read by ``json`` with the hooks.
-    Text nested deeper than either reads (1,024 levels) is not a notification anyone can use: a
-    ``ValueError`` as well, rather than the ``RecursionError`` that ended the websocket's session."""
-    if not has_long_number(text):
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            pass
+    orjson reads what it can read exactly as this (``jsontext.loads``: nothing it reads is beyond a
+    double, and it refuses ``NaN``, ``Infinity`` and ``1e400``); the rest is read by ``json`` with
+    the hooks. Text nested deeper than either reads (1,024 levels) is not a notification anyone can
+    use: a ``ValueError`` as well, rather than the ``RecursionError`` that ended the websocket's
+    session."""
     try:
-        return json.loads(text, parse_float=_finite_or_text, parse_constant=str)
+        return loads(text, _read_with_hooks)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def _read_with_hooks(text: str) -> object:
+    return json.loads(text, parse_float=_finite_or_text, parse_constant=str)
 
 
 def _finite_or_text(text: str) -> float | str:

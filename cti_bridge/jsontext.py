@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import orjson
@@ -48,20 +48,21 @@ _COMPACT_STRICT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=Fa
 _CANONICAL: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True, default=str)
 
 
-def has_long_number(text: str) -> bool:
+def _has_long_number(text: str) -> bool:
     """Whether ``text`` holds a run of 19 or more ASCII digits (where orjson might read an integer
     as a float)."""
     return _LONG_RUN in text.encode("utf-8", "surrogatepass").translate(_DIGITS)
 
 
-def loads(text: str) -> Any:
-    """Exactly ``json.loads(text)`` (``text`` a ``str``)."""
-    if not has_long_number(text):
+def loads(text: str, fallback: Callable[[str], Any] = json.loads) -> Any:
+    """Exactly ``fallback(text)`` (``text`` a ``str``): ``json.loads``, or ``json.loads`` with hooks
+    that read every number orjson reads as the same float (``events.read_json``'s)."""
+    if not _has_long_number(text):
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
             pass  # json decides: it reads NaN, refuses what is not JSON with its own message
-    return json.loads(text)
+    return fallback(text)
 
 
 #: orjson writes only the plain types itself: a subclass (an OrderedDict, whose order orjson does
@@ -115,25 +116,24 @@ def _as_json_would(out: bytes, obj: object) -> bool:
     return not _small_float(out) and (b"null" not in out or _finite(obj))
 
 
-def compact(obj: object, *, allow_nan: bool = True) -> str:
-    """Exactly ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan)``
-    (which raises ``ValueError`` for NaN or an infinity when ``allow_nan`` is false)."""
+def _dumps(obj: object, option: int, encoder: json.JSONEncoder) -> str:
+    """Exactly ``encoder.encode(obj)``, through orjson (with ``option``) where that is the same."""
     try:
-        out: bytes | None = orjson.dumps(obj, default=_not_plain, option=_OPTIONS)
+        out: bytes | None = orjson.dumps(obj, default=_not_plain, option=option)
     except orjson.JSONEncodeError:
         out = None  # json decides, outside this block: its error is not chained to orjson's
     if out is not None and _as_json_would(out, obj):
         return out.decode("utf-8")
-    return (_COMPACT if allow_nan else _COMPACT_STRICT).encode(obj)
+    return encoder.encode(obj)
+
+
+def compact(obj: object, *, allow_nan: bool = True) -> str:
+    """Exactly ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan)``
+    (which raises ``ValueError`` for NaN or an infinity when ``allow_nan`` is false)."""
+    return _dumps(obj, _OPTIONS, _COMPACT if allow_nan else _COMPACT_STRICT)
 
 
 def canonical(obj: object) -> str:
     """Exactly ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=True,
-    default=str)``."""
-    try:
-        out: bytes | None = orjson.dumps(obj, default=_not_plain, option=_OPTIONS | orjson.OPT_SORT_KEYS)
-    except orjson.JSONEncodeError:
-        out = None
-    if out is not None and _as_json_would(out, obj):
-        return out.decode("utf-8")
-    return _CANONICAL.encode(obj)  # default=str for what json does not know, as ever
+    default=str)`` (``default=str`` for what json does not know, as ever)."""
+    return _dumps(obj, _OPTIONS | orjson.OPT_SORT_KEYS, _CANONICAL)

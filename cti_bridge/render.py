@@ -103,7 +103,6 @@ _URI_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
 _URI_LITERAL_RE: Final = re.compile(r"[^\x21-\x7e]")
 _NOT_IN_CONDITIONS: Final = frozenset({"token", "deliveryId"})
 _STATIC_BASE_RE: Final = re.compile(r"https?://[^/?#\s]+", re.IGNORECASE)
-_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _ASCII_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 Names = dict[str, object]
@@ -241,7 +240,7 @@ _QUOTE_END_RE: Final = re.compile(r"\.\.\.['\"]|['\"]")
 def _request_forms(raw: str, twice: bool) -> tuple[str, ...]:
     """The forms a secret takes in a rendered request, other than itself: a URI component
     (``_quote_component``; when ``twice``, also after ``fn:urlEncode``), a form field (``urlencode``)
-    and a JSON string (``_ENCODER``)."""
+    and a JSON string (``jsontext.compact``)."""
     once = quote(raw, safe="")
     forms = (once, quote_plus(raw), json.dumps(raw, ensure_ascii=False)[1:-1])
     return (*forms, quote(once, safe="")) if twice and once != raw else forms
@@ -771,7 +770,7 @@ class CompiledMapping:
                 if t is list or t is dict:
                     # A list or map (an event's, a split's): counted as the JSON it becomes.
                     try:
-                        text = _ENCODER.encode(value)
+                        text = jsontext.compact(value, allow_nan=False)
                     except (TypeError, ValueError):
                         return value  # not JSON: the body's encoding says so, as it did
                     _spend(names, text, where)
@@ -855,7 +854,7 @@ class CompiledMapping:
                 tree = self._payload(names)
                 if self.content_type == JSON_TYPE:
                     try:
-                        text = jsontext.compact(tree, allow_nan=False)  # exactly _ENCODER's text
+                        text = jsontext.compact(tree, allow_nan=False)
                     except ValueError:
                         raise RenderError(
                             "the payload holds a value JSON cannot carry", where="crmResourcePayload"

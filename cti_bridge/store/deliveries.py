@@ -71,8 +71,7 @@ class NewDelivery:
 
 def payload_text(fields: dict[str, object]) -> str:
     """The JSON text of an event's payload, as ``call_event.payload`` holds it: compact, UTF-8 as it
-    is, exactly ``json.dumps(fields, separators=(",", ":"), ensure_ascii=False)`` (jsontext.py; the
-    fields are ``events.read_json``'s, which holds no NaN)."""
+    is, exactly ``json.dumps(fields, separators=(",", ":"), ensure_ascii=False)`` (jsontext.py)."""
     return jsontext.compact(fields)
 
 
